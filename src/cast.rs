@@ -1,0 +1,395 @@
+//! Stage 3, the cast: source element bytes → output element bytes, with every
+//! floating-point cast checked.
+//!
+//! f32 → f16 goes through `half`'s slice conversion (F16C when the CPU has it); bf16 is
+//! widened to f32 exactly by a shift and then takes the same path, so the one rounding
+//! is f32 → f16, round-to-nearest-even. f64 → f16/bf16 rounds once, directly. Overflow
+//! (a finite source value that becomes ±inf) is found by scanning the output for
+//! infinities, which costs one cheap pass; only when there are some is the source
+//! consulted to tell overflow from an infinity that was already there.
+
+use half::slice::HalfFloatSliceExt;
+use half::{bf16, f16};
+use rayon::prelude::*;
+
+use crate::dtype::Dtype;
+
+/// Elements converted per step, through stack-sized scratch buffers.
+const CHUNK: usize = 8192;
+/// Rows larger than this are cast by several rayon tasks.
+const PAR_BYTES: usize = 8 << 20;
+
+/// What a cast saw.
+#[derive(Debug, Clone, Copy, Default, PartialEq)]
+pub struct CastStats {
+    /// NaN values (in the source, kept as NaN).
+    pub nan: u64,
+    /// Infinities already present in the source (kept).
+    pub inf: u64,
+    /// Finite source values that became ±inf.
+    pub overflow: u64,
+    /// The largest magnitude among the overflowing values (0 when none).
+    pub max_overflow: f64,
+}
+
+impl CastStats {
+    /// Adds another part's counts.
+    pub fn merge(&mut self, o: &CastStats) {
+        self.nan += o.nan;
+        self.inf += o.inf;
+        self.overflow += o.overflow;
+        self.max_overflow = self.max_overflow.max(o.max_overflow);
+    }
+}
+
+/// Reads element `i` of a float source as f64 (exact for every castable type).
+fn src_value(dtype: Dtype, src: &[u8], i: usize) -> f64 {
+    let s = dtype.size();
+    let Some(b) = src.get(i * s..i * s + s) else {
+        return 0.0;
+    };
+    match dtype {
+        Dtype::F16 => f16::from_le_bytes([b[0], b[1]]).to_f64(),
+        Dtype::Bf16 => bf16::from_le_bytes([b[0], b[1]]).to_f64(),
+        Dtype::F32 => f32::from_le_bytes([b[0], b[1], b[2], b[3]]) as f64,
+        Dtype::F64 => f64::from_le_bytes([b[0], b[1], b[2], b[3], b[4], b[5], b[6], b[7]]),
+        _ => 0.0,
+    }
+}
+
+/// f32 → bf16 bits, round-to-nearest-even, NaN kept quiet (as `half::bf16::from_f32`).
+#[inline(always)]
+fn f32_to_bf16_bits(x: u32) -> u16 {
+    if x & 0x7fff_ffff > 0x7f80_0000 {
+        ((x >> 16) | 0x0040) as u16
+    } else {
+        (x.wrapping_add(0x7fff + ((x >> 16) & 1)) >> 16) as u16
+    }
+}
+
+/// Loads `n` elements of a float source into `out` as f32 (exact for f16/bf16/f32).
+fn load_f32(dtype: Dtype, src: &[u8], out: &mut [f32]) {
+    match dtype {
+        Dtype::F32 => {
+            for (o, b) in out.iter_mut().zip(src.chunks_exact(4)) {
+                *o = f32::from_le_bytes([b[0], b[1], b[2], b[3]]);
+            }
+        }
+        Dtype::Bf16 => {
+            for (o, b) in out.iter_mut().zip(src.chunks_exact(2)) {
+                *o = f32::from_bits((u16::from_le_bytes([b[0], b[1]]) as u32) << 16);
+            }
+        }
+        Dtype::F16 => {
+            let mut h = [f16::ZERO; CHUNK];
+            let h = &mut h[..out.len()];
+            for (o, b) in h.iter_mut().zip(src.chunks_exact(2)) {
+                *o = f16::from_le_bytes([b[0], b[1]]);
+            }
+            h.convert_to_f32_slice(out);
+        }
+        Dtype::F64 => {
+            for (o, b) in out.iter_mut().zip(src.chunks_exact(8)) {
+                *o = f64::from_le_bytes([b[0], b[1], b[2], b[3], b[4], b[5], b[6], b[7]]) as f32;
+            }
+        }
+        _ => {}
+    }
+}
+
+/// Counts infinities and NaNs in output bytes of `dtype`.
+fn scan_special(dtype: Dtype, out: &[u8]) -> (u64, u64) {
+    let (mut inf, mut nan) = (0u64, 0u64);
+    match dtype {
+        Dtype::F16 | Dtype::Bf16 => {
+            let (exp, man) = if dtype == Dtype::F16 {
+                (0x7c00u16, 0x03ffu16)
+            } else {
+                (0x7f80, 0x007f)
+            };
+            for b in out.chunks_exact(2) {
+                let v = u16::from_le_bytes([b[0], b[1]]);
+                let special = (v & exp) == exp;
+                let m = (v & man) != 0;
+                inf += (special & !m) as u64;
+                nan += (special & m) as u64;
+            }
+        }
+        Dtype::F32 => {
+            for b in out.chunks_exact(4) {
+                let v = u32::from_le_bytes([b[0], b[1], b[2], b[3]]);
+                let special = (v & 0x7f80_0000) == 0x7f80_0000;
+                let m = (v & 0x007f_ffff) != 0;
+                inf += (special & !m) as u64;
+                nan += (special & m) as u64;
+            }
+        }
+        Dtype::F64 => {
+            for b in out.chunks_exact(8) {
+                let v = f64::from_le_bytes([b[0], b[1], b[2], b[3], b[4], b[5], b[6], b[7]]);
+                inf += v.is_infinite() as u64;
+                nan += v.is_nan() as u64;
+            }
+        }
+        _ => {}
+    }
+    (inf, nan)
+}
+
+/// Tells source infinities from overflow among the infinities of `out`.
+fn classify_inf(from: Dtype, to: Dtype, src: &[u8], out: &[u8], stats: &mut CastStats) {
+    let s = to.size();
+    for (i, b) in out.chunks_exact(s).enumerate() {
+        let is_inf = match to {
+            Dtype::F16 => (u16::from_le_bytes([b[0], b[1]]) & 0x7fff) == 0x7c00,
+            Dtype::Bf16 => (u16::from_le_bytes([b[0], b[1]]) & 0x7fff) == 0x7f80,
+            Dtype::F32 => {
+                (u32::from_le_bytes([b[0], b[1], b[2], b[3]]) & 0x7fff_ffff) == 0x7f80_0000
+            }
+            _ => false,
+        };
+        if is_inf {
+            let v = src_value(from, src, i);
+            if v.is_finite() {
+                stats.overflow += 1;
+                stats.max_overflow = stats.max_overflow.max(v.abs());
+            } else {
+                stats.inf += 1;
+            }
+        }
+    }
+}
+
+/// Casts one piece sequentially. `src.len() / from.size() == dst.len() / to.size()`.
+fn cast_piece(from: Dtype, to: Dtype, src: &[u8], dst: &mut [u8]) -> CastStats {
+    let mut stats = CastStats::default();
+    if from == to || !from.is_castable_float() || !to.is_castable_float() {
+        dst.copy_from_slice(src);
+        let (inf, nan) = scan_special(to, dst);
+        stats.inf = inf;
+        stats.nan = nan;
+        return stats;
+    }
+    let (fs, ts) = (from.size(), to.size());
+    let mut f = [0f32; CHUNK];
+    let mut h = [f16::ZERO; CHUNK];
+    for (s, d) in src.chunks(CHUNK * fs).zip(dst.chunks_mut(CHUNK * ts)) {
+        let n = s.len() / fs;
+        match (from, to) {
+            (Dtype::F64, Dtype::F16) => {
+                for (o, b) in d.chunks_exact_mut(2).zip(s.chunks_exact(8)) {
+                    let v = f64::from_le_bytes([b[0], b[1], b[2], b[3], b[4], b[5], b[6], b[7]]);
+                    o.copy_from_slice(&f16::from_f64(v).to_le_bytes());
+                }
+            }
+            (Dtype::F64, Dtype::Bf16) => {
+                for (o, b) in d.chunks_exact_mut(2).zip(s.chunks_exact(8)) {
+                    let v = f64::from_le_bytes([b[0], b[1], b[2], b[3], b[4], b[5], b[6], b[7]]);
+                    o.copy_from_slice(&bf16::from_f64(v).to_le_bytes());
+                }
+            }
+            (_, Dtype::F16) => {
+                let f = &mut f[..n];
+                load_f32(from, s, f);
+                match bytemuck::try_cast_slice_mut::<u8, f16>(d) {
+                    Ok(out) => out.convert_from_f32_slice(f),
+                    Err(_) => {
+                        // Odd output offset (after an odd-length value in the row group).
+                        let h = &mut h[..n];
+                        h.convert_from_f32_slice(f);
+                        d.copy_from_slice(bytemuck::cast_slice(h));
+                    }
+                }
+            }
+            (_, Dtype::Bf16) => {
+                let f = &mut f[..n];
+                load_f32(from, s, f);
+                for (o, v) in d.chunks_exact_mut(2).zip(f.iter()) {
+                    o.copy_from_slice(&f32_to_bf16_bits(v.to_bits()).to_le_bytes());
+                }
+            }
+            (_, Dtype::F32) => {
+                let f = &mut f[..n];
+                load_f32(from, s, f);
+                for (o, v) in d.chunks_exact_mut(4).zip(f.iter()) {
+                    o.copy_from_slice(&v.to_le_bytes());
+                }
+            }
+            (_, Dtype::F64) => {
+                for (i, o) in d.chunks_exact_mut(8).enumerate() {
+                    o.copy_from_slice(&src_value(from, s, i).to_le_bytes());
+                }
+            }
+            _ => d.copy_from_slice(s),
+        }
+        let (inf, nan) = scan_special(to, d);
+        stats.nan += nan;
+        if inf > 0 {
+            classify_inf(from, to, s, d, &mut stats);
+        }
+    }
+    stats
+}
+
+/// Casts `src` (elements of `from`) into `dst` (elements of `to`), splitting large
+/// inputs over rayon tasks.
+///
+/// Returns `None` when the lengths do not describe the same number of elements.
+pub fn cast_into(from: Dtype, to: Dtype, src: &[u8], dst: &mut [u8]) -> Option<CastStats> {
+    let (fs, ts) = (from.size(), to.size());
+    if !src.len().is_multiple_of(fs)
+        || !dst.len().is_multiple_of(ts)
+        || src.len() / fs != dst.len() / ts
+    {
+        return None;
+    }
+    if src.len() < PAR_BYTES {
+        return Some(cast_piece(from, to, src, dst));
+    }
+    let per = (PAR_BYTES / 2 / fs).max(1);
+    let stats = src
+        .par_chunks(per * fs)
+        .zip(dst.par_chunks_mut(per * ts))
+        .map(|(s, d)| cast_piece(from, to, s, d))
+        .reduce(CastStats::default, |mut a, b| {
+            a.merge(&b);
+            a
+        });
+    Some(stats)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn bytes_f32(v: &[f32]) -> Vec<u8> {
+        v.iter().flat_map(|x| x.to_le_bytes()).collect()
+    }
+
+    #[test]
+    fn f32_to_f16_matches_half_bit_for_bit() {
+        let mut v: Vec<f32> = (0..100_000)
+            .map(|i| ((i as f32) * 0.7431).sin() * 70000.0 / (1.0 + i as f32 % 97.0))
+            .collect();
+        v.extend([
+            0.0,
+            -0.0,
+            1e-8,
+            -1e-8,
+            65504.0,
+            65519.99,
+            6.1e-5,
+            5.96e-8,
+            f32::MIN_POSITIVE,
+        ]);
+        let src = bytes_f32(&v);
+        let mut dst = vec![0u8; v.len() * 2];
+        let st = cast_into(Dtype::F32, Dtype::F16, &src, &mut dst).unwrap();
+        for (i, x) in v.iter().enumerate() {
+            let got = u16::from_le_bytes([dst[2 * i], dst[2 * i + 1]]);
+            assert_eq!(got, f16::from_f32(*x).to_bits(), "element {i} = {x}");
+        }
+        let expected = v.iter().filter(|x| x.abs() >= 65520.0).count() as u64;
+        assert!(expected > 0);
+        assert_eq!(st.overflow, expected);
+    }
+
+    #[test]
+    fn overflow_nan_inf_counted() {
+        let v = [
+            1.0f32,
+            65520.0,
+            -1e5,
+            f32::INFINITY,
+            f32::NAN,
+            f32::NEG_INFINITY,
+            65519.0,
+        ];
+        let src = bytes_f32(&v);
+        let mut dst = vec![0u8; v.len() * 2];
+        let st = cast_into(Dtype::F32, Dtype::F16, &src, &mut dst).unwrap();
+        assert_eq!(
+            st,
+            CastStats {
+                nan: 1,
+                inf: 2,
+                overflow: 2,
+                max_overflow: 1e5
+            }
+        );
+    }
+
+    #[test]
+    fn bf16_to_f16_widens_then_rounds_once() {
+        let all: Vec<u16> = (0..=u16::MAX).collect();
+        let src: Vec<u8> = all.iter().flat_map(|b| b.to_le_bytes()).collect();
+        let mut dst = vec![0u8; src.len()];
+        let st = cast_into(Dtype::Bf16, Dtype::F16, &src, &mut dst).unwrap();
+        let mut overflow = 0;
+        for (i, b) in all.iter().enumerate() {
+            let x = bf16::from_bits(*b);
+            let want = f16::from_f32(x.to_f32());
+            let got = f16::from_bits(u16::from_le_bytes([dst[2 * i], dst[2 * i + 1]]));
+            if x.is_nan() {
+                assert!(got.is_nan());
+            } else {
+                assert_eq!(got.to_bits(), want.to_bits(), "bf16 bits {b:#x}");
+                overflow += (x.is_finite() && got.is_infinite()) as u64;
+            }
+        }
+        assert_eq!(st.overflow, overflow);
+        assert_eq!(st.inf, 2);
+    }
+
+    #[test]
+    fn f32_to_bf16_matches_half() {
+        let v: Vec<f32> = (0..200_000u32)
+            .map(|i| f32::from_bits(i.wrapping_mul(2_654_435_761)))
+            .collect();
+        let src = bytes_f32(&v);
+        let mut dst = vec![0u8; v.len() * 2];
+        cast_into(Dtype::F32, Dtype::Bf16, &src, &mut dst).unwrap();
+        for (i, x) in v.iter().enumerate() {
+            assert_eq!(
+                u16::from_le_bytes([dst[2 * i], dst[2 * i + 1]]),
+                bf16::from_f32(*x).to_bits(),
+                "{x}"
+            );
+        }
+    }
+
+    #[test]
+    fn f64_rounds_once_and_ints_copy() {
+        let v = [1.0f64 + 2f64.powi(-11) + 2f64.powi(-40), 3.0e5, -2.5];
+        let src: Vec<u8> = v.iter().flat_map(|x| x.to_le_bytes()).collect();
+        let mut dst = vec![0u8; 6];
+        let st = cast_into(Dtype::F64, Dtype::F16, &src, &mut dst).unwrap();
+        assert_eq!(
+            u16::from_le_bytes([dst[0], dst[1]]),
+            f16::from_f64(v[0]).to_bits()
+        );
+        assert_eq!(st.overflow, 1);
+        let ints = [7u8, 1, 2, 3, 4, 5, 6, 7];
+        let mut out = [0u8; 8];
+        cast_into(Dtype::I64, Dtype::I64, &ints, &mut out).unwrap();
+        assert_eq!(ints, out);
+        assert!(cast_into(Dtype::F32, Dtype::F16, &[0; 8], &mut [0; 2]).is_none());
+    }
+
+    #[test]
+    fn large_rows_split_over_tasks_same_result() {
+        let n = (PAR_BYTES / 4) * 3 + 17;
+        let v: Vec<f32> = (0..n).map(|i| (i as f32) * 0.37 - 1e5).collect();
+        let src = bytes_f32(&v);
+        let mut dst = vec![0u8; n * 2];
+        let st = cast_into(Dtype::F32, Dtype::F16, &src, &mut dst).unwrap();
+        let expect_over = v.iter().filter(|x| x.abs() >= 65520.0).count() as u64;
+        assert_eq!(st.overflow, expect_over);
+        for i in (0..n).step_by(997) {
+            assert_eq!(
+                u16::from_le_bytes([dst[2 * i], dst[2 * i + 1]]),
+                f16::from_f32(v[i]).to_bits()
+            );
+        }
+    }
+}

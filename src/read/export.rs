@@ -1,0 +1,140 @@
+//! `export`: a weight file back to safetensors, streaming row group by row group, so
+//! memory stays at one row group whatever the file size.
+
+use std::io::{BufWriter, Write};
+use std::path::{Path, PathBuf};
+
+use serde::Serialize;
+
+use super::{Row, WeightFile};
+use crate::cast::cast_into;
+use crate::dtype::{Dtype, TargetDtype};
+use crate::error::{Error, Result};
+use crate::write::atomic::TempPath;
+
+/// Options of [`export`].
+#[derive(Debug, Clone, Default)]
+pub struct ExportOptions {
+    /// What floating-point tensors become; `Keep` (default) writes them as stored,
+    /// `F32` widens f16/bf16 back.
+    pub dtype: TargetDtype,
+    /// Replace an existing output file.
+    pub force: bool,
+}
+
+/// What [`export`] wrote.
+#[derive(Debug, Clone, Serialize)]
+pub struct ExportReport {
+    /// The safetensors file.
+    pub path: PathBuf,
+    /// Tensors written.
+    pub tensors: usize,
+    /// Bytes of the file.
+    pub bytes: u64,
+}
+
+/// Writes `weights` (a weight file or its directory) as a safetensors file at `out`.
+///
+/// # Errors
+///
+/// Reading errors naming the tensor, `OutputExists` without `force`, I/O errors naming
+/// the output; on error no output and no temp file is left.
+///
+/// # Memory
+///
+/// One row group of the weight file at a time, plus its cast copy.
+pub fn export(weights: &Path, out: &Path, opts: &ExportOptions) -> Result<ExportReport> {
+    let wf = WeightFile::open(weights)?;
+    if out.exists() && !opts.force {
+        return Err(Error::OutputExists {
+            path: out.to_path_buf(),
+        });
+    }
+    if let (Ok(a), Ok(b)) = (std::fs::canonicalize(out), std::fs::canonicalize(wf.path())) {
+        if a == b {
+            return Err(Error::OutputIsInput {
+                path: out.to_path_buf(),
+            });
+        }
+    }
+    let out_dtype = |d: Dtype| match opts.dtype {
+        TargetDtype::Keep => d,
+        t => t.output_for(d),
+    };
+    // Header: every tensor in row order, offsets from the index.
+    let mut header = serde_json::Map::new();
+    let mut meta = serde_json::Map::new();
+    meta.insert("format".into(), "pt".into());
+    meta.insert(
+        "exported_by".into(),
+        format!("modelconv {}", env!("CARGO_PKG_VERSION")).into(),
+    );
+    header.insert("__metadata__".into(), serde_json::Value::Object(meta));
+    let mut offset = 0u64;
+    for t in wf.tensors() {
+        let d = out_dtype(t.dtype);
+        let len = t
+            .num_params
+            .checked_mul(d.size() as u64)
+            .ok_or_else(|| Error::corrupt(wf.path(), Some(&t.name), "size overflows"))?;
+        header.insert(
+            t.name.clone(),
+            serde_json::json!({"dtype": d.safetensors_name(), "shape": t.shape, "data_offsets": [offset, offset + len]}),
+        );
+        offset += len;
+    }
+    let mut text = serde_json::to_string(&serde_json::Value::Object(header))
+        .map_err(|e| Error::option(e.to_string()))?;
+    while text.len() % 8 != 0 {
+        text.push(' ');
+    }
+    let tmp = TempPath::beside(out);
+    let file = tmp.create_file()?;
+    let werr = |e: std::io::Error| Error::io("write", tmp.path(), e);
+    let mut w = BufWriter::with_capacity(8 << 20, file);
+    w.write_all(&(text.len() as u64).to_le_bytes())
+        .map_err(werr)?;
+    w.write_all(text.as_bytes()).map_err(werr)?;
+    let mut written = 0u64;
+    let mut scratch = Vec::new();
+    for rg in 0..wf.num_row_groups() {
+        wf.scan_row_group(rg, &mut |r: Row| {
+            let t = &wf.tensors()[r.tensor];
+            let d = out_dtype(t.dtype);
+            let bytes: &[u8] = if d == t.dtype {
+                r.data
+            } else {
+                scratch.resize(r.data.len() / t.dtype.size() * d.size(), 0);
+                cast_into(t.dtype, d, r.data, &mut scratch).ok_or_else(|| {
+                    Error::corrupt(
+                        wf.path(),
+                        Some(&t.name),
+                        "row is not a whole number of elements",
+                    )
+                })?;
+                &scratch
+            };
+            written += bytes.len() as u64;
+            w.write_all(bytes).map_err(werr)
+        })?;
+    }
+    if written != offset {
+        return Err(Error::corrupt(
+            wf.path(),
+            None,
+            format!("rows hold {written} bytes, the shapes need {offset}"),
+        ));
+    }
+    let file = w
+        .into_inner()
+        .map_err(|e| Error::io("write", tmp.path(), e.into_error()))?;
+    file.sync_all()
+        .map_err(|e| Error::io("sync", tmp.path(), e))?;
+    let bytes = 8 + text.len() as u64 + offset;
+    tmp.commit()?;
+    Ok(ExportReport {
+        path: out.to_path_buf(),
+        tensors: wf.tensors().len(),
+        bytes,
+    })
+}

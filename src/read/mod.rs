@@ -1,0 +1,710 @@
+//! The reader, the writer's twin: open a `weights.parquet`, list its tensors from the
+//! footer without reading data, read one tensor by name touching only its row group,
+//! scan row groups in order for verification and export.
+//!
+//! Files written by the seed's Python converter (one row group, no footer index, no
+//! checksums) are read by scanning `layer_name` once.
+
+mod export;
+pub mod io;
+mod verify;
+
+use std::collections::HashMap;
+use std::panic::{catch_unwind, AssertUnwindSafe};
+use std::path::{Path, PathBuf};
+
+use arrow_array::{
+    Array, BinaryArray, Int64Array, ListArray, RecordBatch, StringArray, UInt64Array,
+};
+use half::slice::HalfFloatSliceExt;
+use parquet::arrow::arrow_reader::{
+    ArrowReaderMetadata, ArrowReaderOptions, ParquetRecordBatchReaderBuilder, RowSelection,
+    RowSelector,
+};
+use parquet::arrow::ProjectionMask;
+use parquet::file::metadata::PageIndexPolicy;
+use serde::Serialize;
+
+pub use export::{export, ExportOptions, ExportReport};
+pub use io::{MappedFile, RangeLog};
+pub use verify::{verify, TensorCheck, VerifyOptions, VerifyReport};
+
+use crate::dtype::{Dtype, TargetDtype};
+use crate::error::{Error, Result};
+use crate::format::{self, IndexEntry, TensorIndex};
+
+/// Runs a Parquet call, turning a panic inside the parquet crate into an error.
+fn guard<T>(path: &Path, tensor: Option<&str>, f: impl FnOnce() -> Result<T>) -> Result<T> {
+    match catch_unwind(AssertUnwindSafe(f)) {
+        Ok(r) => r,
+        Err(p) => {
+            let msg = p
+                .downcast_ref::<String>()
+                .cloned()
+                .or_else(|| p.downcast_ref::<&str>().map(|s| s.to_string()))
+                .unwrap_or_else(|| "unknown panic".into());
+            Err(Error::corrupt(
+                path,
+                tensor,
+                format!("damaged file (the parquet reader failed: {msg})"),
+            ))
+        }
+    }
+}
+
+/// One tensor as stored.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct TensorInfo {
+    /// Name.
+    pub name: String,
+    /// Element type.
+    pub dtype: Dtype,
+    /// Dimensions.
+    pub shape: Vec<u64>,
+    /// Elements.
+    pub num_params: u64,
+    /// Bytes of its data.
+    pub bytes: u64,
+    /// First row.
+    pub row: u64,
+    /// Rows it spans.
+    pub rows: u64,
+    /// Source tensor name, when the file records it.
+    pub source: Option<String>,
+    /// Source dtype, when the file records it.
+    pub source_dtype: Option<String>,
+}
+
+/// One tensor's data.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Tensor {
+    /// Name.
+    pub name: String,
+    /// Element type.
+    pub dtype: Dtype,
+    /// Dimensions.
+    pub shape: Vec<u64>,
+    /// Little-endian element bytes, row-major.
+    pub data: Vec<u8>,
+}
+
+impl Tensor {
+    /// The elements as f32: floats widened (or narrowed from f64), integers converted.
+    pub fn to_f32(&self) -> Vec<f32> {
+        to_f32(self.dtype, &self.data)
+    }
+}
+
+/// Converts element bytes of `dtype` to f32.
+pub fn to_f32(dtype: Dtype, data: &[u8]) -> Vec<f32> {
+    let n = data.len() / dtype.size();
+    let mut out = vec![0f32; n];
+    match dtype {
+        Dtype::F32 => {
+            for (o, b) in out.iter_mut().zip(data.chunks_exact(4)) {
+                *o = f32::from_le_bytes([b[0], b[1], b[2], b[3]]);
+            }
+        }
+        Dtype::F16 => match bytemuck::try_cast_slice::<u8, half::f16>(data) {
+            Ok(h) => h.convert_to_f32_slice(&mut out),
+            Err(_) => {
+                for (o, b) in out.iter_mut().zip(data.chunks_exact(2)) {
+                    *o = half::f16::from_le_bytes([b[0], b[1]]).to_f32();
+                }
+            }
+        },
+        Dtype::Bf16 => {
+            for (o, b) in out.iter_mut().zip(data.chunks_exact(2)) {
+                *o = f32::from_bits((u16::from_le_bytes([b[0], b[1]]) as u32) << 16);
+            }
+        }
+        _ => {
+            let s = dtype.size();
+            for (o, b) in out.iter_mut().zip(data.chunks_exact(s)) {
+                *o = match dtype {
+                    Dtype::F64 => f64::from_le_bytes(b.try_into().unwrap_or([0; 8])) as f32,
+                    Dtype::I64 => i64::from_le_bytes(b.try_into().unwrap_or([0; 8])) as f32,
+                    Dtype::U64 => u64::from_le_bytes(b.try_into().unwrap_or([0; 8])) as f32,
+                    Dtype::I32 => i32::from_le_bytes(b.try_into().unwrap_or([0; 4])) as f32,
+                    Dtype::U32 => u32::from_le_bytes(b.try_into().unwrap_or([0; 4])) as f32,
+                    Dtype::I16 => i16::from_le_bytes(b.try_into().unwrap_or([0; 2])) as f32,
+                    Dtype::U16 => u16::from_le_bytes(b.try_into().unwrap_or([0; 2])) as f32,
+                    Dtype::I8 => b[0] as i8 as f32,
+                    Dtype::U8 | Dtype::Bool => b[0] as f32,
+                    _ => f32::NAN,
+                };
+            }
+        }
+    }
+    out
+}
+
+/// A row callback: global row, data, stored checksum, stored chunk offset.
+type RowFn<'a> = dyn FnMut(u64, &[u8], Option<u64>, Option<i64>) -> Result<()> + 'a;
+
+/// An open weight file.
+#[derive(Debug, Clone)]
+pub struct WeightFile {
+    path: PathBuf,
+    file: MappedFile,
+    meta: ArrowReaderMetadata,
+    tensors: Vec<TensorInfo>,
+    by_name: HashMap<String, usize>,
+    rg_first_row: Vec<u64>,
+    kv: HashMap<String, String>,
+    has_checksums: bool,
+}
+
+/// One row as the scanner hands it out.
+#[derive(Debug)]
+pub struct Row<'a> {
+    /// Global row number.
+    pub row: u64,
+    /// Index of its tensor in [`WeightFile::tensors`].
+    pub tensor: usize,
+    /// Byte offset of this row's data inside the tensor.
+    pub offset: u64,
+    /// The data.
+    pub data: &'a [u8],
+    /// The stored checksum, when the file has them.
+    pub checksum: Option<u64>,
+}
+
+impl WeightFile {
+    /// Opens a weight file, or the `weights.parquet` inside a directory.
+    ///
+    /// # Errors
+    ///
+    /// `Io`, `Parquet` or `CorruptWeights` naming the file; never panics on a damaged file.
+    pub fn open(path: impl AsRef<Path>) -> Result<WeightFile> {
+        Self::open_with(path, None)
+    }
+
+    /// Like [`WeightFile::open`], logging every byte range read into `log`.
+    ///
+    /// # Errors
+    ///
+    /// As [`WeightFile::open`].
+    pub fn open_with(path: impl AsRef<Path>, log: Option<RangeLog>) -> Result<WeightFile> {
+        let mut path = path.as_ref().to_path_buf();
+        if path.is_dir() {
+            path = path.join(format::WEIGHTS_FILE);
+        }
+        let mut file = MappedFile::open(&path)?;
+        if let Some(l) = log {
+            file = file.with_log(l);
+        }
+        let p = path.clone();
+        let meta = guard(&path, None, || {
+            let opts = ArrowReaderOptions::new()
+                .with_offset_index_policy(PageIndexPolicy::Optional)
+                .with_column_index_policy(PageIndexPolicy::Skip);
+            ArrowReaderMetadata::load(&file, opts)
+                .map_err(|e| Error::corrupt(&p, None, format!("not a readable Parquet file: {e}")))
+        })?;
+        let schema = meta.schema().clone();
+        for (col, want) in [
+            (format::COL_NAME, "utf8"),
+            (format::COL_SHAPE, "list<int32>"),
+            (format::COL_DTYPE, "utf8"),
+            (format::COL_DATA, "binary"),
+        ] {
+            if schema.field_with_name(col).is_err() {
+                return Err(Error::corrupt(
+                    &path,
+                    None,
+                    format!("not a weight file: no `{col}` column ({want})"),
+                ));
+            }
+        }
+        let has_checksums = schema.field_with_name(format::COL_CHECKSUM).is_ok();
+        let kv: HashMap<String, String> = meta
+            .metadata()
+            .file_metadata()
+            .key_value_metadata()
+            .map(|kv| {
+                kv.iter()
+                    .map(|k| (k.key.clone(), k.value.clone().unwrap_or_default()))
+                    .collect()
+            })
+            .unwrap_or_default();
+        let mut rg_first_row = Vec::with_capacity(meta.metadata().num_row_groups() + 1);
+        let mut acc = 0u64;
+        for rg in meta.metadata().row_groups() {
+            rg_first_row.push(acc);
+            acc = acc.saturating_add(u64::try_from(rg.num_rows()).unwrap_or(0));
+        }
+        rg_first_row.push(acc);
+        let mut wf = WeightFile {
+            path,
+            file,
+            meta,
+            tensors: Vec::new(),
+            by_name: HashMap::new(),
+            rg_first_row,
+            kv,
+            has_checksums,
+        };
+        let tensors = match wf.kv.get(format::KEY_INDEX) {
+            Some(idx) => wf.tensors_from_index(idx)?,
+            None => wf.tensors_from_scan()?,
+        };
+        wf.by_name = tensors
+            .iter()
+            .enumerate()
+            .map(|(i, t)| (t.name.clone(), i))
+            .collect();
+        wf.tensors = tensors;
+        Ok(wf)
+    }
+
+    fn tensors_from_index(&self, idx: &str) -> Result<Vec<TensorInfo>> {
+        let index: TensorIndex = serde_json::from_str(idx).map_err(|e| {
+            Error::corrupt(
+                &self.path,
+                None,
+                format!("footer tensor index is damaged: {e}"),
+            )
+        })?;
+        let total_rows = *self.rg_first_row.last().unwrap_or(&0);
+        let mut next_row = 0u64;
+        index
+            .tensors
+            .into_iter()
+            .map(|e: IndexEntry| {
+                let dtype = Dtype::from_torch(&e.dtype).ok_or_else(|| {
+                    Error::corrupt(
+                        &self.path,
+                        Some(&e.name),
+                        format!("unknown dtype `{}`", e.dtype),
+                    )
+                })?;
+                let numel = e.shape.iter().try_fold(1u64, |a, &d| a.checked_mul(d));
+                let ok = numel.and_then(|n| n.checked_mul(dtype.size() as u64)) == Some(e.bytes)
+                    && e.row == next_row
+                    && e.rows >= 1
+                    && e.row
+                        .checked_add(e.rows)
+                        .is_some_and(|end| end <= total_rows);
+                if !ok {
+                    return Err(Error::corrupt(
+                        &self.path,
+                        Some(&e.name),
+                        "footer tensor index is inconsistent",
+                    ));
+                }
+                next_row = e.row + e.rows;
+                Ok(TensorInfo {
+                    name: e.name,
+                    dtype,
+                    shape: e.shape,
+                    num_params: numel.unwrap_or(0),
+                    bytes: e.bytes,
+                    row: e.row,
+                    rows: e.rows,
+                    source: Some(e.source),
+                    source_dtype: Some(e.source_dtype),
+                })
+            })
+            .collect()
+    }
+
+    /// Builds the tensor list of a file without our footer index by reading the small
+    /// columns (not `data`).
+    fn tensors_from_scan(&self) -> Result<Vec<TensorInfo>> {
+        let path = self.path.clone();
+        let batches = guard(&path, None, || {
+            let mask = ProjectionMask::columns(
+                self.meta.parquet_schema(),
+                [format::COL_NAME, format::COL_SHAPE, format::COL_DTYPE],
+            );
+            let rdr = ParquetRecordBatchReaderBuilder::new_with_metadata(
+                self.file.clone(),
+                self.meta.clone(),
+            )
+            .with_projection(mask)
+            .with_batch_size(8192)
+            .build()
+            .map_err(|e| Error::parquet(&path, None, e))?;
+            rdr.collect::<std::result::Result<Vec<RecordBatch>, _>>()
+                .map_err(|e| {
+                    Error::corrupt(&path, None, format!("cannot read the tensor names: {e}"))
+                })
+        })?;
+        let mut out: Vec<TensorInfo> = Vec::new();
+        let mut row = 0u64;
+        for b in &batches {
+            let names = col::<StringArray>(b, format::COL_NAME, &path)?;
+            let dtypes = col::<StringArray>(b, format::COL_DTYPE, &path)?;
+            let shapes = col::<ListArray>(b, format::COL_SHAPE, &path)?;
+            for i in 0..b.num_rows() {
+                let name = names.value(i).to_string();
+                let dtype_s = dtypes.value(i);
+                let dtype = Dtype::from_torch(dtype_s).ok_or_else(|| {
+                    Error::corrupt(&path, Some(&name), format!("unknown dtype `{dtype_s}`"))
+                })?;
+                let dims = shapes.value(i);
+                let dims = dims
+                    .as_any()
+                    .downcast_ref::<arrow_array::Int32Array>()
+                    .ok_or_else(|| {
+                        Error::corrupt(&path, Some(&name), "shape is not a list of int32")
+                    })?;
+                let shape = dims
+                    .values()
+                    .iter()
+                    .map(|&d| u64::try_from(d))
+                    .collect::<std::result::Result<Vec<u64>, _>>()
+                    .map_err(|_| Error::corrupt(&path, Some(&name), "negative dimension"))?;
+                let numel = shape
+                    .iter()
+                    .try_fold(1u64, |a, &d| a.checked_mul(d))
+                    .ok_or_else(|| Error::corrupt(&path, Some(&name), "shape overflows"))?;
+                let bytes = numel
+                    .checked_mul(dtype.size() as u64)
+                    .ok_or_else(|| Error::corrupt(&path, Some(&name), "shape overflows"))?;
+                match out.last_mut() {
+                    Some(last) if last.name == name && last.row + last.rows == row => {
+                        last.rows += 1
+                    }
+                    _ => {
+                        if self.by_name_scan(&out, &name) {
+                            return Err(Error::DuplicateTensor {
+                                path: path.clone(),
+                                tensor: name,
+                                other: None,
+                            });
+                        }
+                        out.push(TensorInfo {
+                            name,
+                            dtype,
+                            shape,
+                            num_params: numel,
+                            bytes,
+                            row,
+                            rows: 1,
+                            source: None,
+                            source_dtype: None,
+                        })
+                    }
+                }
+                row += 1;
+            }
+        }
+        Ok(out)
+    }
+
+    fn by_name_scan(&self, out: &[TensorInfo], name: &str) -> bool {
+        out.iter().any(|t| t.name == name)
+    }
+
+    /// The file's path.
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// Every tensor, in row order.
+    pub fn tensors(&self) -> &[TensorInfo] {
+        &self.tensors
+    }
+
+    /// The tensor called `name`.
+    pub fn info(&self, name: &str) -> Option<&TensorInfo> {
+        self.by_name.get(name).map(|&i| &self.tensors[i])
+    }
+
+    /// The footer's key-value metadata.
+    pub fn key_value(&self, key: &str) -> Option<&str> {
+        self.kv.get(key).map(String::as_str)
+    }
+
+    /// The `metadata.json` content stored in the footer, if any.
+    pub fn metadata(&self) -> Option<serde_json::Value> {
+        self.key_value(format::KEY_METADATA)
+            .and_then(|m| serde_json::from_str(m).ok())
+    }
+
+    /// The cast policy the file was written with, if recorded.
+    pub fn cast_policy(&self) -> Option<TargetDtype> {
+        self.key_value(format::KEY_CAST)
+            .and_then(|c| c.parse().ok())
+    }
+
+    /// True when rows carry checksums.
+    pub fn has_checksums(&self) -> bool {
+        self.has_checksums
+    }
+
+    /// True when the file has our footer index (false for the seed's files).
+    pub fn has_index(&self) -> bool {
+        self.kv.contains_key(format::KEY_INDEX)
+    }
+
+    /// Parquet metadata (row groups, column chunks).
+    pub fn parquet_metadata(&self) -> &parquet::file::metadata::ParquetMetaData {
+        self.meta.metadata()
+    }
+
+    /// Row group holding global row `row`, and the row's position inside it.
+    fn locate(&self, row: u64) -> Option<(usize, u64)> {
+        let rg = self
+            .rg_first_row
+            .partition_point(|&f| f <= row)
+            .checked_sub(1)?;
+        if rg + 1 >= self.rg_first_row.len() {
+            return None;
+        }
+        Some((rg, row - self.rg_first_row[rg]))
+    }
+
+    /// Reads rows `[first, first + n)` (the `data`, `chunk_offset` and `checksum`
+    /// columns), calling `f` per row in order. Only the row groups (and, with the offset
+    /// index, the pages) holding those rows are read.
+    fn read_rows(&self, first: u64, n: u64, tensor: Option<&str>, f: &mut RowFn) -> Result<()> {
+        let path = &self.path;
+        let end = first.saturating_add(n);
+        let mut row = first;
+        while row < end {
+            let (rg, in_rg) = self.locate(row).ok_or_else(|| {
+                Error::corrupt(path, tensor, format!("row {row} is not in the file"))
+            })?;
+            let rg_rows = self.rg_first_row[rg + 1] - self.rg_first_row[rg];
+            let take = (end - row).min(rg_rows - in_rg);
+            let mut cols = vec![format::COL_DATA];
+            if self.has_checksums {
+                cols.push(format::COL_CHECKSUM);
+            }
+            if self
+                .meta
+                .schema()
+                .field_with_name(format::COL_CHUNK_OFFSET)
+                .is_ok()
+            {
+                cols.push(format::COL_CHUNK_OFFSET);
+            }
+            let batches = guard(path, tensor, || {
+                let mask =
+                    ProjectionMask::columns(self.meta.parquet_schema(), cols.iter().copied());
+                let mut sel = Vec::new();
+                if in_rg > 0 {
+                    sel.push(RowSelector::skip(in_rg as usize));
+                }
+                sel.push(RowSelector::select(take as usize));
+                let rdr = ParquetRecordBatchReaderBuilder::new_with_metadata(
+                    self.file.clone(),
+                    self.meta.clone(),
+                )
+                .with_row_groups(vec![rg])
+                .with_projection(mask)
+                .with_row_selection(RowSelection::from(sel))
+                .with_batch_size(1)
+                .build()
+                .map_err(|e| Error::parquet(path, tensor, e))?;
+                Ok(rdr)
+            })?;
+            let mut iter = batches;
+            loop {
+                let next = guard(path, tensor, || Ok(iter.next()))?;
+                let Some(batch) = next else { break };
+                let batch = batch.map_err(|e| {
+                    Error::corrupt(path, tensor, format!("cannot decode row group {rg}: {e}"))
+                })?;
+                let data = col::<BinaryArray>(&batch, format::COL_DATA, path)?;
+                let sums = if self.has_checksums {
+                    Some(col::<UInt64Array>(&batch, format::COL_CHECKSUM, path)?)
+                } else {
+                    None
+                };
+                let offs = batch
+                    .column_by_name(format::COL_CHUNK_OFFSET)
+                    .and_then(|c| c.as_any().downcast_ref::<Int64Array>());
+                for i in 0..batch.num_rows() {
+                    if row >= end {
+                        return Err(Error::corrupt(path, tensor, "more rows than selected"));
+                    }
+                    let sum = sums.and_then(|s| (!s.is_null(i)).then(|| s.value(i)));
+                    let off = offs.and_then(|o| (!o.is_null(i)).then(|| o.value(i)));
+                    f(row, data.value(i), sum, off)?;
+                    row += 1;
+                }
+            }
+            if row < first.saturating_add(n).min(self.rg_first_row[rg + 1]) {
+                return Err(Error::corrupt(
+                    path,
+                    tensor,
+                    format!("row group {rg} ended early"),
+                ));
+            }
+        }
+        Ok(())
+    }
+
+    /// Reads one tensor by name, reassembling split rows.
+    ///
+    /// # Errors
+    ///
+    /// `TensorNotFound`; `CorruptWeights` naming the tensor when its rows do not add up
+    /// to its shape.
+    pub fn tensor(&self, name: &str) -> Result<Tensor> {
+        let i = *self
+            .by_name
+            .get(name)
+            .ok_or_else(|| Error::TensorNotFound {
+                path: self.path.clone(),
+                tensor: name.to_string(),
+            })?;
+        let t = &self.tensors[i];
+        let cap = usize::try_from(t.bytes).map_err(|_| {
+            Error::corrupt(&self.path, Some(name), "tensor too large for this machine")
+        })?;
+        let mut data = Vec::with_capacity(cap.min(1 << 30));
+        self.read_rows(t.row, t.rows, Some(name), &mut |_, bytes, _, _| {
+            if (data.len() + bytes.len()) as u64 > t.bytes {
+                return Err(Error::corrupt(
+                    &self.path,
+                    Some(name),
+                    "rows hold more bytes than the shape needs",
+                ));
+            }
+            data.extend_from_slice(bytes);
+            Ok(())
+        })?;
+        if data.len() as u64 != t.bytes {
+            return Err(Error::corrupt(
+                &self.path,
+                Some(name),
+                format!(
+                    "rows hold {} bytes, the shape needs {}",
+                    data.len(),
+                    t.bytes
+                ),
+            ));
+        }
+        Ok(Tensor {
+            name: t.name.clone(),
+            dtype: t.dtype,
+            shape: t.shape.clone(),
+            data,
+        })
+    }
+
+    /// Reads one tensor as f32.
+    ///
+    /// # Errors
+    ///
+    /// As [`WeightFile::tensor`].
+    pub fn tensor_f32(&self, name: &str) -> Result<Vec<f32>> {
+        self.tensor(name).map(|t| t.to_f32())
+    }
+
+    /// Calls `f` for every row of row group `rg`, in order.
+    pub fn scan_row_group(&self, rg: usize, f: &mut dyn FnMut(Row) -> Result<()>) -> Result<()> {
+        let first = *self
+            .rg_first_row
+            .get(rg)
+            .ok_or_else(|| Error::corrupt(&self.path, None, format!("no row group {rg}")))?;
+        let n = self.rg_first_row.get(rg + 1).copied().unwrap_or(first) - first;
+        let mut ti = self.tensor_at_row(first);
+        self.read_rows(first, n, None, &mut |row, data, checksum, off| {
+            while ti < self.tensors.len() && self.tensors[ti].row + self.tensors[ti].rows <= row {
+                ti += 1;
+            }
+            if ti >= self.tensors.len() {
+                return Err(Error::corrupt(
+                    &self.path,
+                    None,
+                    format!("row {row} belongs to no tensor"),
+                ));
+            }
+            let offset = match off {
+                Some(o) => u64::try_from(o).map_err(|_| {
+                    Error::corrupt(
+                        &self.path,
+                        Some(&self.tensors[ti].name),
+                        "negative chunk offset",
+                    )
+                })?,
+                None => 0,
+            };
+            f(Row {
+                row,
+                tensor: ti,
+                offset,
+                data,
+                checksum,
+            })
+        })
+    }
+
+    fn tensor_at_row(&self, row: u64) -> usize {
+        self.tensors.partition_point(|t| t.row + t.rows <= row)
+    }
+
+    /// Number of row groups.
+    pub fn num_row_groups(&self) -> usize {
+        self.rg_first_row.len().saturating_sub(1)
+    }
+
+    /// Reads every tensor as f32, row groups in parallel, calling `f` once per tensor
+    /// (from several threads).
+    ///
+    /// # Errors
+    ///
+    /// The first read error.
+    pub fn for_each_f32(&self, f: &(dyn Fn(&TensorInfo, Vec<f32>) + Sync)) -> Result<()> {
+        use rayon::prelude::*;
+        (0..self.num_row_groups())
+            .into_par_iter()
+            .try_for_each(|rg| {
+                let mut pending: Option<(usize, Vec<u8>)> = None;
+                let first = self.rg_first_row[rg];
+                let last = self.rg_first_row[rg + 1];
+                self.scan_row_group(rg, &mut |r: Row| {
+                    let t = &self.tensors[r.tensor];
+                    if t.row < first || t.row + t.rows > last {
+                        return Ok(()); // spans row groups: read whole below
+                    }
+                    if t.rows == 1 {
+                        f(t, to_f32(t.dtype, r.data));
+                        return Ok(());
+                    }
+                    if !matches!(&pending, Some((i, _)) if *i == r.tensor) {
+                        pending =
+                            Some((r.tensor, Vec::with_capacity(t.bytes.min(1 << 30) as usize)));
+                    }
+                    if let Some((_, buf)) = &mut pending {
+                        buf.extend_from_slice(r.data);
+                    }
+                    if r.row + 1 == t.row + t.rows {
+                        if let Some((_, b)) = pending.take() {
+                            f(t, to_f32(t.dtype, &b));
+                        }
+                    }
+                    Ok(())
+                })
+            })?;
+        for t in &self.tensors {
+            let (Some((a, _)), Some((b, _))) =
+                (self.locate(t.row), self.locate(t.row + t.rows - 1))
+            else {
+                continue;
+            };
+            if a != b {
+                f(t, self.tensor_f32(&t.name)?);
+            }
+        }
+        Ok(())
+    }
+}
+
+fn col<'a, T: 'static>(b: &'a RecordBatch, name: &str, path: &Path) -> Result<&'a T> {
+    b.column_by_name(name)
+        .and_then(|c| c.as_any().downcast_ref::<T>())
+        .ok_or_else(|| {
+            Error::corrupt(
+                path,
+                None,
+                format!("column `{name}` has an unexpected type"),
+            )
+        })
+}

@@ -1,0 +1,460 @@
+//! Stage 1, the source: find the shards of a checkpoint, validate every header, map
+//! the data, and check that a shard index and the shard headers agree both ways.
+
+mod header;
+pub mod hub;
+
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::fmt;
+use std::fs::File;
+use std::os::unix::fs::FileExt;
+use std::path::{Path, PathBuf};
+
+use memmap2::{Advice, Mmap, UncheckedAdvice};
+use serde::de::{Deserializer, MapAccess, Visitor};
+use serde::Deserialize;
+
+pub use header::{check_prefix, parse_header, Header, TensorInfo, DEFAULT_MAX_HEADER_BYTES};
+
+use crate::error::{Error, Result};
+
+/// The conventional name of a sharded checkpoint's index.
+pub const INDEX_FILE: &str = "model.safetensors.index.json";
+/// The conventional name of a single-file checkpoint.
+pub const SINGLE_FILE: &str = "model.safetensors";
+
+/// One memory-mapped, validated safetensors file.
+pub struct Shard {
+    /// Where it is.
+    pub path: PathBuf,
+    /// Its length when it was validated.
+    pub file_len: u64,
+    /// The validated header.
+    pub header: Header,
+    file: File,
+    map: Option<Mmap>,
+}
+
+impl fmt::Debug for Shard {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Shard")
+            .field("path", &self.path)
+            .field("file_len", &self.file_len)
+            .field("tensors", &self.header.tensors.len())
+            .finish()
+    }
+}
+
+/// Maps `file` read-only.
+///
+/// # Safety
+///
+/// The mapping is undefined behaviour if another process changes the file while it is
+/// mapped, and truncation turns later reads into SIGBUS. This is the documented risk of
+/// converting a checkpoint that is being rewritten; [`Shard::check_unchanged`] re-checks
+/// the length before every batch of reads to catch the common case early.
+unsafe fn map_file(file: &File) -> std::io::Result<Mmap> {
+    // SAFETY: forwarded to the caller, see above.
+    unsafe { Mmap::map(file) }
+}
+
+impl Shard {
+    /// Opens and validates a safetensors file: the header is read with positioned reads
+    /// and validated before the data is mapped.
+    ///
+    /// # Errors
+    ///
+    /// I/O errors, and every header rule of [`parse_header`].
+    pub fn open(path: &Path, max_header_bytes: u64) -> Result<Shard> {
+        let file = File::open(path).map_err(|e| Error::io("open", path, e))?;
+        let meta = file.metadata().map_err(|e| Error::io("stat", path, e))?;
+        if !meta.is_file() {
+            return Err(Error::NoWeights {
+                path: path.to_path_buf(),
+                reason: "not a regular file".into(),
+            });
+        }
+        let file_len = meta.len();
+        let mut prefix = [0u8; 8];
+        let prefix = if file_len >= 8 {
+            file.read_exact_at(&mut prefix, 0)
+                .map_err(|e| Error::io("read", path, e))?;
+            Some(prefix)
+        } else {
+            None
+        };
+        let n = check_prefix(path, prefix, file_len, max_header_bytes)?;
+        // n <= cap <= u64 range checked against the file length: the allocation is bounded
+        // by the cap and by the file's real size.
+        let n_usize = usize::try_from(n).map_err(|_| Error::HeaderTooLarge {
+            path: path.to_path_buf(),
+            claimed: n,
+            cap: max_header_bytes,
+        })?;
+        let mut bytes = vec![0u8; n_usize];
+        file.read_exact_at(&mut bytes, 8)
+            .map_err(|e| Error::io("read", path, e))?;
+        let header = parse_header(path, &bytes, file_len)?;
+        drop(bytes);
+        let map = if file_len > 8 + header.header_len {
+            // SAFETY: see `map_file`; the risk is documented for the whole crate.
+            let m = unsafe { map_file(&file) }.map_err(|e| Error::io("map", path, e))?;
+            if m.len() as u64 != file_len {
+                return Err(Error::Coverage {
+                    path: path.to_path_buf(),
+                    reason: "file changed size while being opened".into(),
+                });
+            }
+            let _ = m.advise(Advice::Sequential);
+            Some(m)
+        } else {
+            None
+        };
+        Ok(Shard {
+            path: path.to_path_buf(),
+            file_len,
+            header,
+            file,
+            map,
+        })
+    }
+
+    /// The bytes of one of this shard's tensors (a sub-range `[start, start+len)` of it).
+    ///
+    /// # Errors
+    ///
+    /// `Coverage` if the range is not inside the mapping (it always is for ranges
+    /// derived from this shard's validated header).
+    pub fn bytes(&self, t: &TensorInfo, start: u64, len: u64) -> Result<&[u8]> {
+        let out_of_range = || Error::Coverage {
+            path: self.path.clone(),
+            reason: format!(
+                "tensor `{}` range outside the mapped file",
+                crate::error::sanitize(&t.name)
+            ),
+        };
+        if len == 0 {
+            return Ok(&[]);
+        }
+        let begin = t.offset.checked_add(start).ok_or_else(out_of_range)?;
+        let end = begin.checked_add(len).ok_or_else(out_of_range)?;
+        if end > t.offset.saturating_add(t.len) {
+            return Err(out_of_range());
+        }
+        let (b, e) = (
+            usize::try_from(begin).map_err(|_| out_of_range())?,
+            usize::try_from(end).map_err(|_| out_of_range())?,
+        );
+        self.map
+            .as_ref()
+            .and_then(|m| m.get(b..e))
+            .ok_or_else(out_of_range)
+    }
+
+    /// Re-checks that the file still has the length it was validated with.
+    ///
+    /// # Errors
+    ///
+    /// `Coverage` when it shrank or grew.
+    pub fn check_unchanged(&self) -> Result<()> {
+        let len = self
+            .file
+            .metadata()
+            .map_err(|e| Error::io("stat", &self.path, e))?
+            .len();
+        if len != self.file_len {
+            return Err(Error::Coverage {
+                path: self.path.clone(),
+                reason: format!(
+                    "file changed size while being converted ({} → {len} bytes)",
+                    self.file_len
+                ),
+            });
+        }
+        Ok(())
+    }
+
+    /// Tells the kernel the pages of `[offset, offset+len)` are no longer needed, so the
+    /// mapping does not keep the whole checkpoint resident. Only whole pages strictly
+    /// inside the range are released, so neighbouring tensors are untouched.
+    pub fn release(&self, offset: u64, len: u64) {
+        const PAGE: u64 = 4096;
+        let Some(m) = &self.map else { return };
+        let start = offset.div_ceil(PAGE) * PAGE;
+        let end = (offset.saturating_add(len) / PAGE) * PAGE;
+        if end > start && end <= m.len() as u64 {
+            // SAFETY: the mapping is read-only and file-backed: dropping its pages only
+            // makes a later read fault them in again from the file. No slice into this
+            // range is used after the release (the caller has finished casting it).
+            let _ = unsafe {
+                m.unchecked_advise_range(
+                    UncheckedAdvice::DontNeed,
+                    start as usize,
+                    (end - start) as usize,
+                )
+            };
+        }
+    }
+}
+
+/// A resolved checkpoint: its shards in order, where it came from, and the directory
+/// that holds its config and tokenizer files.
+#[derive(Debug)]
+pub struct Source {
+    /// What the user named (after hub resolution).
+    pub input: PathBuf,
+    /// The directory with `config.json` and tokenizer files.
+    pub model_dir: PathBuf,
+    /// The shard index, when the checkpoint is sharded.
+    pub index: Option<PathBuf>,
+    /// Shards in order (index order by file name, or the single file).
+    pub shards: Vec<Shard>,
+}
+
+impl Source {
+    /// Total bytes of tensor data over all shards.
+    pub fn data_bytes(&self) -> u64 {
+        self.shards
+            .iter()
+            .flat_map(|s| &s.header.tensors)
+            .map(|t| t.len)
+            .sum()
+    }
+
+    /// Total size of the shard files.
+    pub fn file_bytes(&self) -> u64 {
+        self.shards.iter().map(|s| s.file_len).sum()
+    }
+}
+
+/// A `name -> value` JSON map that refuses duplicate keys instead of keeping the last.
+struct StrictMap(Vec<(String, String)>, Option<String>);
+
+impl<'de> Deserialize<'de> for StrictMap {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> std::result::Result<Self, D::Error> {
+        struct V;
+        impl<'de> Visitor<'de> for V {
+            type Value = StrictMap;
+            fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+                f.write_str("a map of tensor names to shard file names")
+            }
+            fn visit_map<A: MapAccess<'de>>(
+                self,
+                mut map: A,
+            ) -> std::result::Result<StrictMap, A::Error> {
+                let mut seen = HashSet::new();
+                let mut out = StrictMap(Vec::new(), None);
+                while let Some((k, v)) = map.next_entry::<String, String>()? {
+                    if !seen.insert(k.clone()) && out.1.is_none() {
+                        out.1 = Some(k);
+                        continue;
+                    }
+                    out.0.push((k, v));
+                }
+                Ok(out)
+            }
+        }
+        d.deserialize_map(V)
+    }
+}
+
+#[derive(Deserialize)]
+struct RawIndex {
+    weight_map: StrictMap,
+}
+
+/// Rejects shard names that could leave the model directory.
+fn check_shard_name(index: &Path, name: &str) -> Result<()> {
+    let bad = name.is_empty()
+        || name.contains('/')
+        || name.contains('\\')
+        || name.contains('\0')
+        || name == "."
+        || name == ".."
+        || Path::new(name).is_absolute();
+    if bad {
+        return Err(Error::InvalidIndex {
+            path: index.to_path_buf(),
+            reason: format!(
+                "shard name `{}` is not a plain file name",
+                crate::error::sanitize(name)
+            ),
+        });
+    }
+    Ok(())
+}
+
+/// Opens a sharded checkpoint from its index file.
+fn open_index(index: &Path, cap: u64) -> Result<(Vec<Shard>, PathBuf)> {
+    let text = std::fs::read_to_string(index).map_err(|e| Error::io("read", index, e))?;
+    let raw: RawIndex = serde_json::from_str(&text).map_err(|e| Error::InvalidIndex {
+        path: index.to_path_buf(),
+        reason: e.to_string(),
+    })?;
+    if let Some(tensor) = raw.weight_map.1 {
+        return Err(Error::DuplicateTensor {
+            path: index.to_path_buf(),
+            tensor,
+            other: None,
+        });
+    }
+    let dir = index.parent().unwrap_or(Path::new(".")).to_path_buf();
+    let map: Vec<(String, String)> = raw.weight_map.0;
+    if map.is_empty() {
+        return Err(Error::InvalidIndex {
+            path: index.to_path_buf(),
+            reason: "`weight_map` is empty".into(),
+        });
+    }
+    let mut names: Vec<&str> = map.iter().map(|(_, s)| s.as_str()).collect();
+    names.sort_unstable();
+    names.dedup();
+    for n in &names {
+        check_shard_name(index, n)?;
+    }
+    let missing: Vec<String> = names
+        .iter()
+        .filter(|n| !dir.join(n).is_file())
+        .map(|n| n.to_string())
+        .collect();
+    if !missing.is_empty() {
+        return Err(Error::MissingShards {
+            path: index.to_path_buf(),
+            shards: missing,
+        });
+    }
+    let shards = names
+        .iter()
+        .map(|n| Shard::open(&dir.join(n), cap))
+        .collect::<Result<Vec<_>>>()?;
+    // Where each tensor really is, refusing duplicates across shards.
+    let mut found: HashMap<&str, usize> = HashMap::new();
+    for (i, s) in shards.iter().enumerate() {
+        for t in &s.header.tensors {
+            if let Some(&j) = found.get(t.name.as_str()) {
+                return Err(Error::DuplicateTensor {
+                    path: s.path.clone(),
+                    tensor: t.name.clone(),
+                    other: Some(shards[j].path.clone()),
+                });
+            }
+            found.insert(&t.name, i);
+        }
+    }
+    let by_name: HashMap<&str, usize> = names.iter().enumerate().map(|(i, n)| (*n, i)).collect();
+    let mismatch = |tensor: &str, reason: String| Error::ShardMismatch {
+        path: index.to_path_buf(),
+        tensor: tensor.to_string(),
+        reason,
+    };
+    let listed: BTreeMap<&str, &str> = map.iter().map(|(t, s)| (t.as_str(), s.as_str())).collect();
+    for (tensor, shard) in &listed {
+        match found.get(tensor) {
+            None => {
+                return Err(mismatch(
+                    tensor,
+                    format!("the index maps it to {shard}, but no shard holds it"),
+                ))
+            }
+            Some(&i) if by_name.get(shard) != Some(&i) => {
+                return Err(mismatch(
+                    tensor,
+                    format!("the index maps it to {shard}, but it is in {}", names[i]),
+                ))
+            }
+            Some(_) => {}
+        }
+    }
+    for (i, s) in shards.iter().enumerate() {
+        for t in &s.header.tensors {
+            if !listed.contains_key(t.name.as_str()) {
+                return Err(mismatch(
+                    &t.name,
+                    format!("it is in {} but the index does not list it", names[i]),
+                ));
+            }
+        }
+    }
+    Ok((shards, dir))
+}
+
+/// Resolves what the user named: a model directory, a `.safetensors` file or a shard
+/// index, and validates every header before anything is planned.
+///
+/// # Errors
+///
+/// `NoWeights` when there is nothing to convert, and every header and index rule.
+pub fn open_source(input: &Path, max_header_bytes: u64) -> Result<Source> {
+    if cfg!(target_endian = "big") {
+        return Err(Error::BigEndianHost);
+    }
+    let meta = std::fs::metadata(input).map_err(|e| Error::io("open", input, e))?;
+    let parent = |p: &Path| match p.parent() {
+        Some(d) if !d.as_os_str().is_empty() => d.to_path_buf(),
+        _ => PathBuf::from("."),
+    };
+    let (shards, model_dir, index) = if meta.is_dir() {
+        let idx = input.join(INDEX_FILE);
+        let single = input.join(SINGLE_FILE);
+        if idx.is_file() {
+            let (s, d) = open_index(&idx, max_header_bytes)?;
+            (s, d, Some(idx))
+        } else if single.is_file() {
+            (
+                vec![Shard::open(&single, max_header_bytes)?],
+                input.to_path_buf(),
+                None,
+            )
+        } else {
+            let mut found: Vec<PathBuf> = std::fs::read_dir(input)
+                .map_err(|e| Error::io("list", input, e))?
+                .filter_map(|e| e.ok().map(|e| e.path()))
+                .filter(|p| p.extension().is_some_and(|e| e == "safetensors"))
+                .collect();
+            found.sort();
+            match found.len() {
+                1 => (
+                    vec![Shard::open(&found[0], max_header_bytes)?],
+                    input.to_path_buf(),
+                    None,
+                ),
+                0 => {
+                    let bin = input.join("pytorch_model.bin").exists();
+                    return Err(Error::NoWeights {
+                        path: input.to_path_buf(),
+                        reason: if bin {
+                            "only pytorch_model.bin (pickle) found; modelconv reads safetensors"
+                                .into()
+                        } else {
+                            "no model.safetensors, no model.safetensors.index.json".into()
+                        },
+                    });
+                }
+                _ => {
+                    return Err(Error::NoWeights {
+                        path: input.to_path_buf(),
+                        reason: format!(
+                            "{} .safetensors files and no {INDEX_FILE}; name one file or the index",
+                            found.len()
+                        ),
+                    })
+                }
+            }
+        }
+    } else if input.extension().is_some_and(|e| e == "json") {
+        let (s, d) = open_index(input, max_header_bytes)?;
+        (s, d, Some(input.to_path_buf()))
+    } else {
+        (
+            vec![Shard::open(input, max_header_bytes)?],
+            parent(input),
+            None,
+        )
+    };
+    Ok(Source {
+        input: input.to_path_buf(),
+        model_dir,
+        index,
+        shards,
+    })
+}

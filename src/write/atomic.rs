@@ -1,0 +1,132 @@
+//! Output that appears only complete: temp files beside the target, renamed into
+//! place after they are synced, removed on any error, on drop, and by the Ctrl-C
+//! handler through [`remove_temp_files`].
+
+use std::fs::File;
+use std::path::{Path, PathBuf};
+use std::sync::Mutex;
+
+use crate::error::{Error, Result};
+
+static LIVE: Mutex<Vec<PathBuf>> = Mutex::new(Vec::new());
+
+/// Removes every temp file this process has open. Meant for a signal handler that is
+/// about to exit without unwinding.
+pub fn remove_temp_files() {
+    if let Ok(live) = LIVE.lock() {
+        for p in live.iter() {
+            let _ = std::fs::remove_file(p);
+            let _ = std::fs::remove_dir_all(p);
+        }
+    }
+}
+
+/// A file or directory being written beside its final name.
+#[derive(Debug)]
+pub struct TempPath {
+    tmp: PathBuf,
+    target: PathBuf,
+    done: bool,
+}
+
+impl TempPath {
+    /// A temp path in `target`'s directory, named after it, not yet created.
+    pub fn beside(target: &Path) -> TempPath {
+        let name = target
+            .file_name()
+            .map(|n| n.to_string_lossy().into_owned())
+            .unwrap_or_else(|| "out".into());
+        let nonce = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.subsec_nanos())
+            .unwrap_or(0);
+        let tmp = target.with_file_name(format!(".{name}.tmp-{}-{nonce:08x}", std::process::id()));
+        if let Ok(mut live) = LIVE.lock() {
+            live.push(tmp.clone());
+        }
+        TempPath {
+            tmp,
+            target: target.to_path_buf(),
+            done: false,
+        }
+    }
+
+    /// The temp path.
+    pub fn path(&self) -> &Path {
+        &self.tmp
+    }
+
+    /// The final path.
+    pub fn target(&self) -> &Path {
+        &self.target
+    }
+
+    /// Creates the temp file (refusing to follow anything already there).
+    ///
+    /// # Errors
+    ///
+    /// `Io` naming the temp file.
+    pub fn create_file(&self) -> Result<File> {
+        File::options()
+            .write(true)
+            .create_new(true)
+            .open(&self.tmp)
+            .map_err(|e| Error::io("create", &self.tmp, e))
+    }
+
+    /// Writes `bytes` to the temp file and syncs it.
+    ///
+    /// # Errors
+    ///
+    /// `Io` naming the temp file.
+    pub fn write_all(&self, bytes: &[u8]) -> Result<()> {
+        use std::io::Write;
+        let mut f = self.create_file()?;
+        f.write_all(bytes)
+            .and_then(|_| f.sync_all())
+            .map_err(|e| Error::io("write", &self.tmp, e))
+    }
+
+    /// Renames the temp file (or directory) over the target.
+    ///
+    /// # Errors
+    ///
+    /// `Io` naming the target.
+    pub fn commit(mut self) -> Result<()> {
+        if self.tmp.is_dir() && self.target.is_dir() {
+            std::fs::remove_dir_all(&self.target)
+                .map_err(|e| Error::io("replace", &self.target, e))?;
+        }
+        std::fs::rename(&self.tmp, &self.target)
+            .map_err(|e| Error::io("rename into", &self.target, e))?;
+        self.done = true;
+        self.forget();
+        Ok(())
+    }
+
+    fn forget(&self) {
+        if let Ok(mut live) = LIVE.lock() {
+            live.retain(|p| p != &self.tmp);
+        }
+    }
+}
+
+impl Drop for TempPath {
+    fn drop(&mut self) {
+        if !self.done {
+            if self.tmp.is_dir() {
+                let _ = std::fs::remove_dir_all(&self.tmp);
+            } else {
+                let _ = std::fs::remove_file(&self.tmp);
+            }
+            self.forget();
+        }
+    }
+}
+
+/// Syncs a directory so renames inside it are durable.
+pub fn sync_dir(dir: &Path) {
+    if let Ok(d) = File::open(dir) {
+        let _ = d.sync_all();
+    }
+}
