@@ -509,9 +509,8 @@ fn run_inspect(a: InspectArgs) -> anyhow::Result<ExitCode> {
 
 fn run_verify(a: VerifyArgs) -> anyhow::Result<ExitCode> {
     let opts = VerifyOptions {
-        max_header_bytes: 100_000_000,
-        hub_cache: None,
         threads: a.threads,
+        ..VerifyOptions::default()
     };
     let report = modelconv::verify(&a.path, a.source.as_deref(), &opts)?;
     if a.out.json {

@@ -14,7 +14,7 @@ use crate::error::{Error, Result};
 use crate::source::Source;
 
 /// Options of [`verify`].
-#[derive(Debug, Clone, Default)]
+#[derive(Debug, Clone)]
 pub struct VerifyOptions {
     /// Cap on a source header.
     pub max_header_bytes: u64,
@@ -22,6 +22,16 @@ pub struct VerifyOptions {
     pub hub_cache: Option<PathBuf>,
     /// Worker threads (0 = all cores).
     pub threads: usize,
+}
+
+impl Default for VerifyOptions {
+    fn default() -> Self {
+        VerifyOptions {
+            max_header_bytes: crate::source::DEFAULT_MAX_HEADER_BYTES,
+            hub_cache: None,
+            threads: 0,
+        }
+    }
 }
 
 /// The verdict on one tensor.

@@ -284,6 +284,32 @@ fn check_shard_name(index: &Path, name: &str) -> Result<()> {
     Ok(())
 }
 
+/// Looks for `tensor` in the headers of `.safetensors` files of `dir` that the index
+/// does not list, to say where a mis-indexed tensor really is.
+fn find_in_unlisted(dir: &Path, listed: &[&str], tensor: &str, cap: u64) -> Option<String> {
+    let mut others: Vec<PathBuf> = std::fs::read_dir(dir)
+        .ok()?
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .filter(|p| p.extension().is_some_and(|e| e == "safetensors"))
+        .filter(|p| {
+            p.file_name()
+                .and_then(|n| n.to_str())
+                .is_some_and(|n| !listed.contains(&n))
+        })
+        .collect();
+    others.sort();
+    others.into_iter().find_map(|p| {
+        let shard = Shard::open(&p, cap).ok()?;
+        shard
+            .header
+            .tensors
+            .iter()
+            .any(|t| t.name == tensor)
+            .then(|| p.file_name().map(|n| n.to_string_lossy().into_owned()))
+            .flatten()
+    })
+}
+
 /// Opens a sharded checkpoint from its index file.
 fn open_index(index: &Path, cap: u64) -> Result<(Vec<Shard>, PathBuf)> {
     let text = std::fs::read_to_string(index).map_err(|e| Error::io("read", index, e))?;
@@ -351,10 +377,16 @@ fn open_index(index: &Path, cap: u64) -> Result<(Vec<Shard>, PathBuf)> {
     for (tensor, shard) in &listed {
         match found.get(tensor) {
             None => {
+                let elsewhere = find_in_unlisted(&dir, &names, tensor, cap);
                 return Err(mismatch(
                     tensor,
-                    format!("the index maps it to {shard}, but no shard holds it"),
-                ))
+                    match elsewhere {
+                        Some(other) => {
+                            format!("the index maps it to {shard}, but it is in {other}")
+                        }
+                        None => format!("the index maps it to {shard}, but no shard holds it"),
+                    },
+                ));
             }
             Some(&i) if by_name.get(shard) != Some(&i) => {
                 return Err(mismatch(
