@@ -9,7 +9,10 @@ use std::process::{Command, Output};
 use common::*;
 
 fn modelconv(args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_modelconv")).args(args).output().unwrap()
+    Command::new(env!("CARGO_BIN_EXE_modelconv"))
+        .args(args)
+        .output()
+        .unwrap()
 }
 
 fn s(p: &Path) -> &str {
@@ -27,23 +30,53 @@ fn convert_prints_a_summary_and_json_on_request() {
     let o = modelconv(&["convert", s(&fixture("tiny-bert")), "-o", s(&out)]);
     assert!(o.status.success(), "{}", text(&o.stderr));
     let err = text(&o.stderr);
-    assert!(err.starts_with("converted 39 tensors, 36.7 K parameters: "), "{err}");
-    assert!(err.contains(&format!("weights    {}", out.join("weights.parquet").display())), "{err}");
+    assert!(
+        err.starts_with("converted 39 tensors, 36.7 K parameters: "),
+        "{err}"
+    );
+    assert!(
+        err.contains(&format!(
+            "weights    {}",
+            out.join("weights.parquet").display()
+        )),
+        "{err}"
+    );
     assert!(o.stdout.is_empty(), "stdout is for --json only");
 
     let out2 = tmp.path().join("o2");
-    let o = modelconv(&["convert", s(&fixture("tiny-bert")), "-o", s(&out2), "--json", "--validate"]);
+    let o = modelconv(&[
+        "convert",
+        s(&fixture("tiny-bert")),
+        "-o",
+        s(&out2),
+        "--json",
+        "--validate",
+    ]);
     assert!(o.status.success(), "{}", text(&o.stderr));
     let v: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
     for k in [
-        "success", "model_name", "output_dir", "parquet_path", "tokenizer_path", "metadata_path", "total_parameters",
-        "file_size_mb", "compression_ratio", "conversion_time_sec", "validation_passed", "error_message", "metadata",
+        "success",
+        "model_name",
+        "output_dir",
+        "parquet_path",
+        "tokenizer_path",
+        "metadata_path",
+        "total_parameters",
+        "file_size_mb",
+        "compression_ratio",
+        "conversion_time_sec",
+        "validation_passed",
+        "error_message",
+        "metadata",
     ] {
         assert!(v.get(k).is_some(), "missing {k}");
     }
     assert_eq!(v["success"], true);
     assert_eq!(v["validation_passed"], true);
-    assert_eq!(v["total_parameters"], 36_704, "39 tensors of tiny-bert, counted from its header");
+    assert_eq!(
+        v["total_parameters"], 36_704,
+        "39 tensors of tiny-bert, counted from its header"
+    );
     assert!(v["error_message"].is_null());
 }
 
@@ -58,23 +91,51 @@ fn failures_exit_non_zero_with_one_error_line_and_json_result() {
     assert!(err.starts_with("error: "), "{err}");
     assert!(err.contains("cannot open"), "{err}");
 
-    let o = modelconv(&["convert", s(&tmp.path().join("nope")), "-o", s(&out), "--json"]);
+    let o = modelconv(&[
+        "convert",
+        s(&tmp.path().join("nope")),
+        "-o",
+        s(&out),
+        "--json",
+    ]);
     assert_eq!(o.status.code(), Some(1));
     let v: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
     assert_eq!(v["success"], false);
     assert!(v["error_message"].as_str().unwrap().contains("cannot open"));
 
     // Usage errors are clap's, exit 2.
-    let o = modelconv(&["convert", s(&fixture("tiny-bert")), "-o", s(&out), "--dtype", "f8"]);
+    let o = modelconv(&[
+        "convert",
+        s(&fixture("tiny-bert")),
+        "-o",
+        s(&out),
+        "--dtype",
+        "f8",
+    ]);
     assert_eq!(o.status.code(), Some(2));
     assert!(text(&o.stderr).contains("unknown dtype `f8`"));
 
     // An existing conversion is refused.
-    assert!(modelconv(&["convert", s(&fixture("tiny-bert")), "-o", s(&out), "-q"]).status.success());
+    assert!(
+        modelconv(&["convert", s(&fixture("tiny-bert")), "-o", s(&out), "-q"])
+            .status
+            .success()
+    );
     let o = modelconv(&["convert", s(&fixture("tiny-bert")), "-o", s(&out), "-q"]);
     assert_eq!(o.status.code(), Some(1));
-    assert!(text(&o.stderr).contains("output already holds a conversion; pass --force to replace it"));
-    assert!(modelconv(&["convert", s(&fixture("tiny-bert")), "-o", s(&out), "-q", "--force"]).status.success());
+    assert!(
+        text(&o.stderr).contains("output already holds a conversion; pass --force to replace it")
+    );
+    assert!(modelconv(&[
+        "convert",
+        s(&fixture("tiny-bert")),
+        "-o",
+        s(&out),
+        "-q",
+        "--force"
+    ])
+    .status
+    .success());
 }
 
 #[test]
@@ -82,11 +143,23 @@ fn escape_characters_in_names_are_sanitised_when_printed() {
     let tmp = tempdir();
     let dir = tmp.path().join("m");
     std::fs::create_dir_all(&dir).unwrap();
-    write_safetensors(&dir.join("model.safetensors"), &[("evil\u{1b}[31m\u{202e}name", "F32", vec![1], vec![0; 4])]);
-    let o = modelconv(&["convert", s(&dir), "--dry-run", "--model-type", "transformers"]);
+    write_safetensors(
+        &dir.join("model.safetensors"),
+        &[("evil\u{1b}[31m\u{202e}name", "F32", vec![1], vec![0; 4])],
+    );
+    let o = modelconv(&[
+        "convert",
+        s(&dir),
+        "--dry-run",
+        "--model-type",
+        "transformers",
+    ]);
     assert!(o.status.success(), "{}", text(&o.stderr));
     let out = text(&o.stdout);
-    assert!(!out.contains('\u{1b}') && !out.contains('\u{202e}'), "{out}");
+    assert!(
+        !out.contains('\u{1b}') && !out.contains('\u{202e}'),
+        "{out}"
+    );
     assert!(out.contains("evil\\u{1b}[31m\\u{202e}name"), "{out}");
 }
 
@@ -94,14 +167,30 @@ fn escape_characters_in_names_are_sanitised_when_printed() {
 fn inspect_verify_export_round_trip() {
     let tmp = tempdir();
     let out = tmp.path().join("o");
-    assert!(modelconv(&["convert", s(&fixture("tiny-llama-sharded-bf16")), "-o", s(&out), "-q", "--dtype", "keep"]).status.success());
+    assert!(modelconv(&[
+        "convert",
+        s(&fixture("tiny-llama-sharded-bf16")),
+        "-o",
+        s(&out),
+        "-q",
+        "--dtype",
+        "keep"
+    ])
+    .status
+    .success());
 
     let o = modelconv(&["inspect", s(&out)]);
     assert!(o.status.success());
     let t = text(&o.stdout);
     assert!(t.contains("model.embed_tokens.weight"), "{t}");
-    assert!(t.contains("39 tensors, 213.6 K parameters, 417.1 KiB of data"), "{t}");
-    assert!(t.contains("format 1, cast keep, footer index yes, checksums yes"), "{t}");
+    assert!(
+        t.contains("39 tensors, 213.6 K parameters, 417.1 KiB of data"),
+        "{t}"
+    );
+    assert!(
+        t.contains("format 1, cast keep, footer index yes, checksums yes"),
+        "{t}"
+    );
 
     let o = modelconv(&["inspect", s(&out), "--json", "--row-groups"]);
     let v: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
@@ -110,9 +199,19 @@ fn inspect_verify_export_round_trip() {
     assert_eq!(v["tensors"][0]["dtype"], "BF16");
     assert_eq!(v["row_groups"][0]["rows"], 39);
 
-    let o = modelconv(&["verify", s(&out), "--source", s(&fixture("tiny-llama-sharded-bf16"))]);
+    let o = modelconv(&[
+        "verify",
+        s(&out),
+        "--source",
+        s(&fixture("tiny-llama-sharded-bf16")),
+    ]);
     assert!(o.status.success(), "{}", text(&o.stdout));
-    assert!(text(&o.stdout).starts_with("ok: 39 tensors, 39 rows, checksums verified, every value equals"), "{}", text(&o.stdout));
+    assert!(
+        text(&o.stdout)
+            .starts_with("ok: 39 tensors, 39 rows, checksums verified, every value equals"),
+        "{}",
+        text(&o.stdout)
+    );
 
     let st = tmp.path().join("back.safetensors");
     let o = modelconv(&["export", s(&out), s(&st)]);
@@ -136,23 +235,50 @@ fn inspect_verify_export_round_trip() {
 fn verify_names_a_tensor_with_a_flipped_byte() {
     let tmp = tempdir();
     let out = tmp.path().join("o");
-    assert!(modelconv(&["convert", s(&fixture("tiny-bert")), "-o", s(&out), "-q", "--compression", "none"]).status.success());
+    assert!(modelconv(&[
+        "convert",
+        s(&fixture("tiny-bert")),
+        "-o",
+        s(&out),
+        "-q",
+        "--compression",
+        "none"
+    ])
+    .status
+    .success());
     let wf = modelconv::WeightFile::open(&out).unwrap();
     // Find the bytes of one tensor in the uncompressed file and flip one.
     let t = wf.tensor("encoder.layer.1.output.dense.weight").unwrap();
     let path = out.join("weights.parquet");
     let mut bytes = std::fs::read(&path).unwrap();
-    let pos = bytes.windows(64).position(|w| w == &t.data[256..320]).unwrap();
+    let pos = bytes
+        .windows(64)
+        .position(|w| w == &t.data[256..320])
+        .unwrap();
     bytes[pos + 10] ^= 0x40;
     std::fs::write(&path, bytes).unwrap();
     let o = modelconv(&["verify", s(&out)]);
     assert_eq!(o.status.code(), Some(1));
     let t = text(&o.stdout);
-    assert!(t.contains("FAIL `encoder.layer.1.output.dense.weight`: 1 row checksum mismatch(es)"), "{t}");
+    assert!(
+        t.contains("FAIL `encoder.layer.1.output.dense.weight`: 1 row checksum mismatch(es)"),
+        "{t}"
+    );
     assert!(t.contains("FAILED: 39 tensors"), "{t}");
-    let o = modelconv(&["verify", s(&out), "--source", s(&fixture("tiny-bert")), "--json"]);
+    let o = modelconv(&[
+        "verify",
+        s(&out),
+        "--source",
+        s(&fixture("tiny-bert")),
+        "--json",
+    ]);
     let v: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
-    let bad: Vec<&serde_json::Value> = v["checks"].as_array().unwrap().iter().filter(|c| c["value_mismatches"] != 0).collect();
+    let bad: Vec<&serde_json::Value> = v["checks"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|c| c["value_mismatches"] != 0)
+        .collect();
     assert_eq!(bad.len(), 1);
     assert_eq!(bad[0]["name"], "encoder.layer.1.output.dense.weight");
     assert_eq!(bad[0]["value_mismatches"], 1);

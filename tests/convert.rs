@@ -476,7 +476,7 @@ fn single_file_input_and_odd_sizes() {
             "b.after_odd",
             "F32",
             vec![5],
-            f32s(&[1.0, -2.5, 3.14159, 1e-7, 65504.0]),
+            f32s(&[1.0, -2.5, 2.718_281_7, 1e-7, 65504.0]),
         ),
         ("c.empty", "F32", vec![2, 0], vec![]),
         ("d.scalar", "F32", vec![], f32s(&[0.333])),

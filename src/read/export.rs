@@ -85,7 +85,7 @@ pub fn export(weights: &Path, out: &Path, opts: &ExportOptions) -> Result<Export
     }
     let mut text = serde_json::to_string(&serde_json::Value::Object(header))
         .map_err(|e| Error::option(e.to_string()))?;
-    while text.len() % 8 != 0 {
+    while !text.len().is_multiple_of(8) {
         text.push(' ');
     }
     let tmp = TempPath::beside(out);

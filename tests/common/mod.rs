@@ -228,7 +228,7 @@ pub fn write_safetensors(path: &Path, tensors: &[(&str, &str, Vec<u64>, Vec<u8>)
         off += data.len();
     }
     let mut text = serde_json::Value::Object(header).to_string();
-    while text.len() % 8 != 0 {
+    while !text.len().is_multiple_of(8) {
         text.push(' ');
     }
     let mut f = std::io::BufWriter::new(std::fs::File::create(path).unwrap());
@@ -281,7 +281,7 @@ pub fn build_from_manifest(manifest: &Path, dir: &Path) {
     let header = &m["safetensors_header"];
     let text = {
         let mut t = header.to_string();
-        while t.len() % 8 != 0 {
+        while !t.len().is_multiple_of(8) {
             t.push(' ');
         }
         t
@@ -313,7 +313,7 @@ pub fn build_from_manifest(manifest: &Path, dir: &Path) {
         let mut left = (e - b) as usize;
         while left > 0 {
             let n = left.min(buf.len());
-            if dtype == "F32" && n % 8 == 0 {
+            if dtype == "F32" && n.is_multiple_of(8) {
                 rng.fill_f32(&mut buf[..n]);
             } else {
                 buf[..n].fill(0);
