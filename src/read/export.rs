@@ -12,14 +12,23 @@ use crate::dtype::{Dtype, TargetDtype};
 use crate::error::{Error, Result};
 use crate::write::atomic::TempPath;
 
-/// Options of [`export`].
-#[derive(Debug, Clone, Default)]
+/// Options of [`export`]. The default writes every tensor as stored.
+#[derive(Debug, Clone)]
 pub struct ExportOptions {
     /// What floating-point tensors become; `Keep` (default) writes them as stored,
     /// `F32` widens f16/bf16 back.
     pub dtype: TargetDtype,
     /// Replace an existing output file.
     pub force: bool,
+}
+
+impl Default for ExportOptions {
+    fn default() -> Self {
+        ExportOptions {
+            dtype: TargetDtype::Keep,
+            force: false,
+        }
+    }
 }
 
 /// What [`export`] wrote.
