@@ -1,1 +1,74 @@
-fn main() {}
+//! The cast stage alone, in bytes of source per second: our checked casts next to
+//! `half`'s unchecked slice conversion (the floor) and a scalar loop.
+
+use criterion::{criterion_group, criterion_main, Criterion, Throughput};
+use half::slice::HalfFloatSliceExt;
+use half::{bf16, f16};
+use modelconv::cast::cast_into;
+use modelconv::Dtype;
+use std::hint::black_box;
+
+const N: usize = 4 << 20; // elements
+
+fn data_f32() -> Vec<u8> {
+    let mut x = 0x9E37_79B9_7F4A_7C15u64;
+    (0..N)
+        .flat_map(|_| {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            (((x >> 40) as f32 / (1u64 << 24) as f32 - 0.5) * 0.1).to_le_bytes()
+        })
+        .collect()
+}
+
+fn bench(c: &mut Criterion) {
+    let f32s = data_f32();
+    let bf16s: Vec<u8> = f32s
+        .chunks_exact(4)
+        .flat_map(|b| bf16::from_f32(f32::from_le_bytes([b[0], b[1], b[2], b[3]])).to_le_bytes())
+        .collect();
+    let mut out = vec![0u8; N * 4];
+
+    let mut g = c.benchmark_group("cast");
+    g.throughput(Throughput::Bytes((N * 4) as u64));
+    g.bench_function("f32->f16 checked (modelconv)", |b| {
+        b.iter(|| cast_into(Dtype::F32, Dtype::F16, black_box(&f32s), &mut out[..N * 2]))
+    });
+    g.bench_function("f32->f16 half slice, unchecked", |b| {
+        let src: &[f32] = bytemuck::cast_slice(&f32s);
+        let mut dst = vec![f16::ZERO; N];
+        b.iter(|| dst.convert_from_f32_slice(black_box(src)))
+    });
+    g.bench_function("f32->f16 scalar from_f32", |b| {
+        b.iter(|| {
+            for (o, i) in out[..N * 2].chunks_exact_mut(2).zip(f32s.chunks_exact(4)) {
+                o.copy_from_slice(&f16::from_f32(f32::from_le_bytes([i[0], i[1], i[2], i[3]])).to_le_bytes());
+            }
+        })
+    });
+    g.bench_function("f32->bf16 checked (modelconv)", |b| {
+        b.iter(|| cast_into(Dtype::F32, Dtype::Bf16, black_box(&f32s), &mut out[..N * 2]))
+    });
+    g.finish();
+
+    let mut g = c.benchmark_group("cast-bf16");
+    g.throughput(Throughput::Bytes((N * 2) as u64));
+    g.bench_function("bf16->f16 checked (modelconv)", |b| {
+        b.iter(|| cast_into(Dtype::Bf16, Dtype::F16, black_box(&bf16s), &mut out[..N * 2]))
+    });
+    g.bench_function("bf16->f16 half scalar", |b| {
+        b.iter(|| {
+            for (o, i) in out[..N * 2].chunks_exact_mut(2).zip(bf16s.chunks_exact(2)) {
+                o.copy_from_slice(&f16::from_f32(bf16::from_le_bytes([i[0], i[1]]).to_f32()).to_le_bytes());
+            }
+        })
+    });
+    g.bench_function("bf16->f32 checked (modelconv)", |b| {
+        b.iter(|| cast_into(Dtype::Bf16, Dtype::F32, black_box(&bf16s), &mut out[..N * 4]))
+    });
+    g.finish();
+}
+
+criterion_group!(benches, bench);
+criterion_main!(benches);
