@@ -43,7 +43,9 @@ fn bench(c: &mut Criterion) {
     g.bench_function("f32->f16 scalar from_f32", |b| {
         b.iter(|| {
             for (o, i) in out[..N * 2].chunks_exact_mut(2).zip(f32s.chunks_exact(4)) {
-                o.copy_from_slice(&f16::from_f32(f32::from_le_bytes([i[0], i[1], i[2], i[3]])).to_le_bytes());
+                o.copy_from_slice(
+                    &f16::from_f32(f32::from_le_bytes([i[0], i[1], i[2], i[3]])).to_le_bytes(),
+                );
             }
         })
     });
@@ -55,17 +57,33 @@ fn bench(c: &mut Criterion) {
     let mut g = c.benchmark_group("cast-bf16");
     g.throughput(Throughput::Bytes((N * 2) as u64));
     g.bench_function("bf16->f16 checked (modelconv)", |b| {
-        b.iter(|| cast_into(Dtype::Bf16, Dtype::F16, black_box(&bf16s), &mut out[..N * 2]))
+        b.iter(|| {
+            cast_into(
+                Dtype::Bf16,
+                Dtype::F16,
+                black_box(&bf16s),
+                &mut out[..N * 2],
+            )
+        })
     });
     g.bench_function("bf16->f16 half scalar", |b| {
         b.iter(|| {
             for (o, i) in out[..N * 2].chunks_exact_mut(2).zip(bf16s.chunks_exact(2)) {
-                o.copy_from_slice(&f16::from_f32(bf16::from_le_bytes([i[0], i[1]]).to_f32()).to_le_bytes());
+                o.copy_from_slice(
+                    &f16::from_f32(bf16::from_le_bytes([i[0], i[1]]).to_f32()).to_le_bytes(),
+                );
             }
         })
     });
     g.bench_function("bf16->f32 checked (modelconv)", |b| {
-        b.iter(|| cast_into(Dtype::Bf16, Dtype::F32, black_box(&bf16s), &mut out[..N * 4]))
+        b.iter(|| {
+            cast_into(
+                Dtype::Bf16,
+                Dtype::F32,
+                black_box(&bf16s),
+                &mut out[..N * 4],
+            )
+        })
     });
     g.finish();
 }

@@ -12,17 +12,31 @@ use std::hint::black_box;
 fn bench(c: &mut Criterion) {
     let tmp = common::tempdir();
     let model = tmp.path().join("clip");
-    common::build_from_manifest(&common::fixture("manifests/clip-vit-base-patch32.json"), &model);
-    let src_bytes = std::fs::metadata(model.join("model.safetensors")).unwrap().len();
-    let base = ConvertConfig::builder().model_type(ModelType::Clip).part(Part::All).force(true);
+    common::build_from_manifest(
+        &common::fixture("manifests/clip-vit-base-patch32.json"),
+        &model,
+    );
+    let src_bytes = std::fs::metadata(model.join("model.safetensors"))
+        .unwrap()
+        .len();
+    let base = ConvertConfig::builder()
+        .model_type(ModelType::Clip)
+        .part(Part::All)
+        .force(true);
 
     let mut g = c.benchmark_group("convert clip-vit-base-patch32 (all parts)");
     g.sample_size(10);
     g.throughput(Throughput::Bytes(src_bytes));
-    for (label, codec) in [("f16 zstd-3", Codec::Zstd), ("f16 none", Codec::None), ("f16 lz4", Codec::Lz4)] {
+    for (label, codec) in [
+        ("f16 zstd-3", Codec::Zstd),
+        ("f16 none", Codec::None),
+        ("f16 lz4", Codec::Lz4),
+    ] {
         let cfg = base.clone().compression(codec).build();
         let out = tmp.path().join(format!("out-{}", codec.as_str()));
-        g.bench_function(label, |b| b.iter(|| convert(black_box(&model), &out, &cfg).unwrap()));
+        g.bench_function(label, |b| {
+            b.iter(|| convert(black_box(&model), &out, &cfg).unwrap())
+        });
     }
     g.finish();
 
@@ -43,15 +57,29 @@ fn bench(c: &mut Criterion) {
     g.finish();
 
     let mut g = c.benchmark_group("open one tensor");
-    g.bench_function("open file + read text_model.embeddings.token_embedding.weight", |b| {
-        b.iter(|| {
-            let wf = WeightFile::open(&out).unwrap();
-            black_box(wf.tensor("text_model.embeddings.token_embedding.weight").unwrap())
-        })
-    });
-    g.bench_function("read vision_model.encoder.layers.5.mlp.fc1.bias (file open)", |b| {
-        b.iter(|| black_box(wf.tensor("vision_model.encoder.layers.5.mlp.fc1.bias").unwrap()))
-    });
+    g.bench_function(
+        "open file + read text_model.embeddings.token_embedding.weight",
+        |b| {
+            b.iter(|| {
+                let wf = WeightFile::open(&out).unwrap();
+                black_box(
+                    wf.tensor("text_model.embeddings.token_embedding.weight")
+                        .unwrap(),
+                )
+            })
+        },
+    );
+    g.bench_function(
+        "read vision_model.encoder.layers.5.mlp.fc1.bias (file open)",
+        |b| {
+            b.iter(|| {
+                black_box(
+                    wf.tensor("vision_model.encoder.layers.5.mlp.fc1.bias")
+                        .unwrap(),
+                )
+            })
+        },
+    );
     g.finish();
 }
 

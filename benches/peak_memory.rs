@@ -56,7 +56,8 @@ static GLOBAL: Tracking = Tracking;
 fn llama(dir: &std::path::Path, layers: usize) -> u64 {
     std::fs::create_dir_all(dir).unwrap();
     let (h, m, v) = (1024u64, 2816u64, 32000u64);
-    let mut shapes: Vec<(String, Vec<u64>)> = vec![("model.embed_tokens.weight".into(), vec![v, h])];
+    let mut shapes: Vec<(String, Vec<u64>)> =
+        vec![("model.embed_tokens.weight".into(), vec![v, h])];
     for l in 0..layers {
         for (n, s) in [
             ("self_attn.q_proj.weight", vec![h, h]),
@@ -83,13 +84,21 @@ fn llama(dir: &std::path::Path, layers: usize) -> u64 {
             (n, s, d)
         })
         .collect();
-    let refs: Vec<(&str, &str, Vec<u64>, Vec<u8>)> =
-        tensors.iter().map(|(n, s, d)| (n.as_str(), "F32", s.clone(), d.clone())).collect();
+    let refs: Vec<(&str, &str, Vec<u64>, Vec<u8>)> = tensors
+        .iter()
+        .map(|(n, s, d)| (n.as_str(), "F32", s.clone(), d.clone()))
+        .collect();
     common::write_safetensors(&dir.join("model.safetensors"), &refs);
     drop(refs);
     drop(tensors);
-    std::fs::write(dir.join("config.json"), r#"{"model_type":"llama","architectures":["LlamaForCausalLM"]}"#).unwrap();
-    std::fs::metadata(dir.join("model.safetensors")).unwrap().len()
+    std::fs::write(
+        dir.join("config.json"),
+        r#"{"model_type":"llama","architectures":["LlamaForCausalLM"]}"#,
+    )
+    .unwrap();
+    std::fs::metadata(dir.join("model.safetensors"))
+        .unwrap()
+        .len()
 }
 
 fn main() {

@@ -218,15 +218,7 @@ fn inspect_verify_export_round_trip() {
     assert!(o.status.success(), "{}", text(&o.stderr));
     // --dtype keep exported back is tensor-for-tensor byte-identical to the source.
     let src = read_source(&fixture("tiny-llama-sharded-bf16"));
-    let bytes = std::fs::read(&st).unwrap();
-    let back = safetensors::SafeTensors::deserialize(&bytes).unwrap();
-    assert_eq!(back.len(), src.len());
-    for (n, sv) in &src {
-        let t = back.tensor(n).unwrap();
-        assert_eq!(t.dtype(), sv.dtype);
-        assert_eq!(t.shape(), &sv.shape[..]);
-        assert!(t.data() == &sv.data[..], "{n}");
-    }
+    assert_safetensors_equal_source(&st, &src);
     let o = modelconv(&["export", s(&out), s(&st)]);
     assert_eq!(o.status.code(), Some(1), "existing export refused");
 }
@@ -282,4 +274,54 @@ fn verify_names_a_tensor_with_a_flipped_byte() {
     assert_eq!(bad.len(), 1);
     assert_eq!(bad[0]["name"], "encoder.layer.1.output.dense.weight");
     assert_eq!(bad[0]["value_mismatches"], 1);
+}
+
+#[test]
+fn ctrl_c_exits_130_and_leaves_nothing() {
+    let tmp = tempdir();
+    let model = tmp.path().join("clip");
+    build_from_manifest(&fixture("manifests/clip-vit-base-patch32.json"), &model);
+    let out = tmp.path().join("o");
+    // zstd level 19 on one thread takes minutes for this model; 1 MiB row groups make
+    // the cancellation point frequent.
+    let child = Command::new(env!("CARGO_BIN_EXE_modelconv"))
+        .args([
+            "convert",
+            s(&model),
+            "-o",
+            s(&out),
+            "--part",
+            "all",
+            "--level",
+            "19",
+            "--threads",
+            "1",
+            "--row-group-mb",
+            "1",
+        ])
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    // Wait until the output directory exists (the conversion is writing), then interrupt.
+    let start = std::time::Instant::now();
+    while !out.exists() && start.elapsed() < std::time::Duration::from_secs(60) {
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    std::thread::sleep(std::time::Duration::from_millis(300));
+    // SAFETY: sending a signal to our own child process.
+    unsafe {
+        libc::kill(child.id() as i32, libc::SIGINT);
+    }
+    let o = child.wait_with_output().unwrap();
+    assert_eq!(o.status.code(), Some(130), "{}", text(&o.stderr));
+    assert!(
+        text(&o.stderr).trim_end().ends_with("error: cancelled"),
+        "{}",
+        text(&o.stderr)
+    );
+    let left: Vec<String> = std::fs::read_dir(&out)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .collect();
+    assert!(left.is_empty(), "left behind: {left:?}");
 }

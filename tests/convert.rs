@@ -314,13 +314,7 @@ fn output_that_is_an_input_is_refused() {
 }
 
 fn sharded_copy(tmp: &Path) -> std::path::PathBuf {
-    let dir = tmp.join("llama");
-    std::fs::create_dir_all(&dir).unwrap();
-    for e in std::fs::read_dir(fixture("tiny-llama-sharded-bf16")).unwrap() {
-        let p = e.unwrap().path();
-        std::fs::copy(&p, dir.join(p.file_name().unwrap())).unwrap();
-    }
-    dir
+    copy_dir(&fixture("tiny-llama-sharded-bf16"), &tmp.join("llama"))
 }
 
 fn edit_index(dir: &Path, f: impl FnOnce(&mut serde_json::Value)) {

@@ -431,13 +431,7 @@ fn bert_task_heads_and_prefix_are_dropped() {
 }
 
 fn llama_copy(tmp: &Path) -> PathBuf {
-    let dir = tmp.join("llama");
-    std::fs::create_dir_all(&dir).unwrap();
-    for e in std::fs::read_dir(fixture("tiny-llama-sharded-bf16")).unwrap() {
-        let p = e.unwrap().path();
-        std::fs::copy(&p, dir.join(p.file_name().unwrap())).unwrap();
-    }
-    dir
+    copy_dir(&fixture("tiny-llama-sharded-bf16"), &tmp.join("llama"))
 }
 
 #[test]

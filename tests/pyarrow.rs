@@ -159,13 +159,7 @@ fn files_written_by_pyarrow_with_the_seed_schema_are_read_and_exported() {
             let (f16s, _) = expected(sv, "f16");
             let want: Vec<u8> =
                 if matches!(sv.dtype, safetensors::Dtype::F32 | safetensors::Dtype::BF16) {
-                    f16s.chunks_exact(2)
-                        .flat_map(|b| {
-                            half::f16::from_le_bytes([b[0], b[1]])
-                                .to_f32()
-                                .to_le_bytes()
-                        })
-                        .collect()
+                    widen_f16(&f16s)
                 } else {
                     sv.data.clone()
                 };

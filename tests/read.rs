@@ -28,18 +28,7 @@ fn round_trip_every_fixture_through_safetensors() {
         let st = tmp.path().join("keep.safetensors");
         let r = export(&out, &st, &ExportOptions::default()).unwrap();
         assert_eq!(r.tensors, src.len());
-        let bytes = std::fs::read(&st).unwrap();
-        let back = safetensors::SafeTensors::deserialize(&bytes).unwrap();
-        assert_eq!(back.len(), src.len(), "{name}");
-        for (n, s) in &src {
-            let t = back.tensor(n).unwrap();
-            assert_eq!(
-                (t.dtype(), t.shape()),
-                (s.dtype, &s.shape[..]),
-                "{name} {n}"
-            );
-            assert!(t.data() == &s.data[..], "{name} {n}: bytes differ");
-        }
+        assert_safetensors_equal_source(&st, &src);
         // f16, exported with --dtype f32: the f16 values widened exactly.
         let out = tmp.path().join("f16");
         convert(fixture(name), &out, &all(TargetDtype::F16)).unwrap();
@@ -61,14 +50,7 @@ fn round_trip_every_fixture_through_safetensors() {
             let (half_bytes, dtype) = expected(s, "f16");
             if dtype == "torch.float16" {
                 assert_eq!(t.dtype(), safetensors::Dtype::F32);
-                let want: Vec<u8> = half_bytes
-                    .chunks_exact(2)
-                    .flat_map(|b| {
-                        half::f16::from_le_bytes([b[0], b[1]])
-                            .to_f32()
-                            .to_le_bytes()
-                    })
-                    .collect();
+                let want = widen_f16(&half_bytes);
                 assert!(t.data() == &want[..], "{name} {n}");
                 // And the reader's own f32 view agrees.
                 let f = wf.tensor_f32(n).unwrap();

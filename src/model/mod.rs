@@ -201,8 +201,8 @@ impl ModelFiles {
             }
         }
         Ok(ModelFiles {
-            config: config.is_some().then_some(config_path.clone()).and(config),
-            config_path: Some(config_path).filter(|p| p.is_file()),
+            config_path: config.is_some().then_some(config_path),
+            config,
             st_modules,
             st_config,
             st_pooling,

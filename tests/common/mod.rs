@@ -324,3 +324,36 @@ pub fn build_from_manifest(manifest: &Path, dir: &Path) {
     }
     f.flush().unwrap();
 }
+
+/// Copies every file of `src` (flat) into `dst`.
+pub fn copy_dir(src: &Path, dst: &Path) -> PathBuf {
+    std::fs::create_dir_all(dst).unwrap();
+    for e in std::fs::read_dir(src).unwrap() {
+        let p = e.unwrap().path();
+        if p.is_file() {
+            std::fs::copy(&p, dst.join(p.file_name().unwrap())).unwrap();
+        }
+    }
+    dst.to_path_buf()
+}
+
+/// f16 element bytes widened exactly to f32 element bytes.
+pub fn widen_f16(bytes: &[u8]) -> Vec<u8> {
+    bytes
+        .chunks_exact(2)
+        .flat_map(|b| f16::from_le_bytes([b[0], b[1]]).to_f32().to_le_bytes())
+        .collect()
+}
+
+/// Asserts that an exported safetensors file holds exactly the source's tensors
+/// (names, dtypes, shapes, bytes).
+pub fn assert_safetensors_equal_source(path: &Path, src: &BTreeMap<String, Src>) {
+    let bytes = std::fs::read(path).unwrap();
+    let back = SafeTensors::deserialize(&bytes).unwrap();
+    assert_eq!(back.len(), src.len(), "{}", path.display());
+    for (n, s) in src {
+        let t = back.tensor(n).unwrap();
+        assert_eq!((t.dtype(), t.shape()), (s.dtype, &s.shape[..]), "{n}");
+        assert!(t.data() == &s.data[..], "{n}: bytes differ");
+    }
+}

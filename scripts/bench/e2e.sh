@@ -1,0 +1,57 @@
+#!/usr/bin/env bash
+# End-to-end performance against references run in the same script, on the same files:
+#   1. ~4.4 GB f32 Llama-shaped checkpoint (3 shards) -> f16 zstd-3, vs `zstd -T<cores> -3`
+#      over the same f16 bytes (goal: <= 1.15x);
+#   2. the same with --compression none, vs `cp` of the input shards (goal: <= 1.5x);
+#   3. peak RSS (/usr/bin/time -v) of a 6-layer and the 22-layer checkpoint (goal: flat).
+# Absolute times drift on shared machines: read the ratios. Needs ~20 GB of disk.
+# usage: scripts/bench/e2e.sh [WORKDIR]
+set -euo pipefail
+root="$(cd "$(dirname "$0")/../.." && pwd)"
+work="${1:-$root/.cache/bench-e2e}"
+cores="$(nproc)"
+mkdir -p "$work"
+"$root/scripts/setup-test-env.sh" >/dev/null
+py="$root/.venv/bin/python"
+cargo build --release --quiet --manifest-path "$root/Cargo.toml"
+bin="$root/target/release/modelconv"
+
+[ -f "$work/llama22/config.json" ] || "$py" "$root/scripts/bench/make_llama.py" "$work/llama22" 22 3 --f16-raw "$work/llama22.f16"
+[ -f "$work/llama6/config.json" ] || "$py" "$root/scripts/bench/make_llama.py" "$work/llama6" 6 3
+
+secs() { # run a command, print its wall seconds and peak RSS (KiB) as "S R"
+  local log; log="$(mktemp)"
+  /usr/bin/time -v "$@" >/dev/null 2>"$log" || { cat "$log"; exit 1; }
+  local wall rss
+  wall="$(grep 'Elapsed (wall clock)' "$log" | awk '{print $NF}' | awk -F: '{ if (NF==3) print $1*3600+$2*60+$3; else print $1*60+$2 }')"
+  rss="$(grep 'Maximum resident set size' "$log" | awk '{print $NF}')"
+  rm -f "$log"
+  echo "$wall $rss"
+}
+warm() { cat "$@" >/dev/null; }
+
+shards=("$work"/llama22/model-*.safetensors)
+warm "${shards[@]}" "$work/llama22.f16"
+
+read -r t_zstd _ < <(secs zstd -q -f -T"$cores" -3 "$work/llama22.f16" -o "$work/ref.zst")
+read -r t_conv rss22 < <(secs "$bin" convert "$work/llama22" -o "$work/out-zstd" --force --quiet)
+read -r t_zstd2 _ < <(secs zstd -q -f -T"$cores" -3 "$work/llama22.f16" -o "$work/ref.zst")
+mkdir -p "$work/cp"
+read -r t_cp _ < <(secs cp "${shards[@]}" "$work/cp/")
+sync
+read -r t_none _ < <(secs "$bin" convert "$work/llama22" -o "$work/out-none" --force --quiet --compression none)
+rm -rf "$work/cp"; mkdir -p "$work/cp"
+read -r t_cp2 _ < <(secs cp "${shards[@]}" "$work/cp/")
+rm -rf "$work/cp"
+warm "$work"/llama6/model-*.safetensors
+read -r _ rss6 < <(secs "$bin" convert "$work/llama6" -o "$work/out6" --force --quiet)
+
+ratio() { awk -v a="$1" -v b="$2" 'BEGIN { printf "%.2f", a / b }'; }
+best() { awk -v a="$1" -v b="$2" 'BEGIN { print (a < b ? a : b) }'; }
+z="$(best "$t_zstd" "$t_zstd2")"; c="$(best "$t_cp" "$t_cp2")"
+src_gb="$(du -cb "${shards[@]}" | tail -1 | awk '{printf "%.2f", $1/1e9}')"
+echo "input: $src_gb GB f32, 3 shards, $cores cores"
+echo "convert f16 zstd-3   ${t_conv}s   vs zstd -T$cores -3 on the f16 bytes ${z}s   ratio $(ratio "$t_conv" "$z") (goal <= 1.15)"
+echo "convert f16 none     ${t_none}s   vs cp of the shards ${c}s   ratio $(ratio "$t_none" "$c") (goal <= 1.5)"
+echo "peak RSS: 6 layers $((rss6 / 1024)) MiB, 22 layers $((rss22 / 1024)) MiB (goal: flat)"
+"$bin" verify "$work/out-zstd" --quiet && echo "verify: ok (checksums)"
