@@ -11,6 +11,7 @@
 use half::slice::HalfFloatSliceExt;
 use half::{bf16, f16};
 use rayon::prelude::*;
+use xxhash_rust::xxh3::Xxh3;
 
 use crate::dtype::Dtype;
 
@@ -39,6 +40,63 @@ impl CastStats {
         self.inf += o.inf;
         self.overflow += o.overflow;
         self.max_overflow = self.max_overflow.max(o.max_overflow);
+    }
+}
+
+/// f32 → f16 over whole slices with F16C, inlined (half's runtime-detected path calls
+/// its 8-lane kernel once per 8 elements, which costs more than the conversion).
+#[cfg(target_arch = "x86_64")]
+mod f16c {
+    use std::arch::x86_64::{__m128i, _mm256_cvtps_ph, _mm256_loadu_ps, _mm_storeu_si128};
+    use std::sync::OnceLock;
+
+    /// True when the CPU has F16C and AVX.
+    pub fn available() -> bool {
+        static HAS: OnceLock<bool> = OnceLock::new();
+        *HAS.get_or_init(|| is_x86_feature_detected!("f16c") && is_x86_feature_detected!("avx"))
+    }
+
+    /// Converts `n = src.len() / 4` little-endian f32 values into `dst` (2n bytes),
+    /// round-to-nearest-even. Returns how many elements it converted (a multiple of 8);
+    /// the caller converts the rest.
+    ///
+    /// # Safety
+    ///
+    /// The CPU must support F16C and AVX ([`available`]).
+    #[target_feature(enable = "avx,f16c")]
+    pub unsafe fn f32_to_f16(src: &[u8], dst: &mut [u8]) -> usize {
+        let n = (src.len() / 4).min(dst.len() / 2) / 8 * 8;
+        let mut i = 0;
+        while i < n {
+            // SAFETY: i + 8 <= n elements, so bytes [4i, 4i + 32) of src and
+            // [2i, 2i + 16) of dst are in bounds; loadu/storeu accept any alignment.
+            unsafe {
+                let v = _mm256_loadu_ps(src.as_ptr().add(4 * i).cast());
+                // Imm 0 = _MM_FROUND_TO_NEAREST_INT: round to nearest, ties to even.
+                let h = _mm256_cvtps_ph::<0>(v);
+                _mm_storeu_si128(dst.as_mut_ptr().add(2 * i).cast::<__m128i>(), h);
+            }
+            i += 8;
+        }
+        n
+    }
+}
+
+/// f32 bytes → f16 bytes, round-to-nearest-even.
+fn f32_bytes_to_f16(src: &[u8], dst: &mut [u8]) {
+    let mut done = 0;
+    #[cfg(target_arch = "x86_64")]
+    if f16c::available() {
+        // SAFETY: F16C and AVX were detected at run time.
+        done = unsafe { f16c::f32_to_f16(src, dst) };
+    }
+    for (o, b) in dst[2 * done..]
+        .chunks_exact_mut(2)
+        .zip(src[4 * done..].chunks_exact(4))
+    {
+        o.copy_from_slice(
+            &f16::from_f32(f32::from_le_bytes([b[0], b[1], b[2], b[3]])).to_le_bytes(),
+        );
     }
 }
 
@@ -97,9 +155,47 @@ fn load_f32(dtype: Dtype, src: &[u8], out: &mut [f32]) {
     }
 }
 
+/// True when some element of `out` has an all-ones exponent (±inf or NaN). One
+/// max-reduction over the magnitudes, which the compiler vectorizes; the common case,
+/// no specials, costs a fraction of the conversion itself.
+fn any_special(dtype: Dtype, out: &[u8]) -> bool {
+    match dtype {
+        Dtype::F16 | Dtype::Bf16 => {
+            let exp = if dtype == Dtype::F16 {
+                0x7c00u16
+            } else {
+                0x7f80
+            };
+            let max = match bytemuck::try_cast_slice::<u8, u16>(out) {
+                Ok(v) => v.iter().fold(0u16, |m, &x| m.max(u16::from_le(x) & 0x7fff)),
+                Err(_) => out.chunks_exact(2).fold(0u16, |m, b| {
+                    m.max(u16::from_le_bytes([b[0], b[1]]) & 0x7fff)
+                }),
+            };
+            max >= exp
+        }
+        Dtype::F32 => {
+            let max = match bytemuck::try_cast_slice::<u8, u32>(out) {
+                Ok(v) => v
+                    .iter()
+                    .fold(0u32, |m, &x| m.max(u32::from_le(x) & 0x7fff_ffff)),
+                Err(_) => out.chunks_exact(4).fold(0u32, |m, b| {
+                    m.max(u32::from_le_bytes([b[0], b[1], b[2], b[3]]) & 0x7fff_ffff)
+                }),
+            };
+            max >= 0x7f80_0000
+        }
+        Dtype::F64 => true,
+        _ => false,
+    }
+}
+
 /// Counts infinities and NaNs in output bytes of `dtype`.
 fn scan_special(dtype: Dtype, out: &[u8]) -> (u64, u64) {
     let (mut inf, mut nan) = (0u64, 0u64);
+    if !any_special(dtype, out) {
+        return (0, 0);
+    }
     match dtype {
         Dtype::F16 | Dtype::Bf16 => {
             let (exp, man) = if dtype == Dtype::F16 {
@@ -160,17 +256,29 @@ fn classify_inf(from: Dtype, to: Dtype, src: &[u8], out: &[u8], stats: &mut Cast
     }
 }
 
-/// Casts one piece sequentially. `src.len() / from.size() == dst.len() / to.size()`.
-fn cast_piece(from: Dtype, to: Dtype, src: &[u8], dst: &mut [u8]) -> CastStats {
+/// Casts one piece sequentially, chunk by chunk, feeding each output chunk to `hash`
+/// while it is still in cache. `src.len() / from.size() == dst.len() / to.size()`.
+fn cast_piece(
+    from: Dtype,
+    to: Dtype,
+    src: &[u8],
+    dst: &mut [u8],
+    mut hash: Option<&mut Xxh3>,
+) -> CastStats {
     let mut stats = CastStats::default();
+    let (fs, ts) = (from.size(), to.size());
     if from == to || !from.is_castable_float() || !to.is_castable_float() {
-        dst.copy_from_slice(src);
-        let (inf, nan) = scan_special(to, dst);
-        stats.inf = inf;
-        stats.nan = nan;
+        for (s, d) in src.chunks(CHUNK * 8).zip(dst.chunks_mut(CHUNK * 8)) {
+            d.copy_from_slice(s);
+            let (inf, nan) = scan_special(to, d);
+            stats.inf += inf;
+            stats.nan += nan;
+            if let Some(h) = hash.as_deref_mut() {
+                h.update(d);
+            }
+        }
         return stats;
     }
-    let (fs, ts) = (from.size(), to.size());
     let mut f = [0f32; CHUNK];
     let mut h = [f16::ZERO; CHUNK];
     for (s, d) in src.chunks(CHUNK * fs).zip(dst.chunks_mut(CHUNK * ts)) {
@@ -187,6 +295,13 @@ fn cast_piece(from: Dtype, to: Dtype, src: &[u8], dst: &mut [u8]) -> CastStats {
                     let v = f64::from_le_bytes([b[0], b[1], b[2], b[3], b[4], b[5], b[6], b[7]]);
                     o.copy_from_slice(&bf16::from_f64(v).to_le_bytes());
                 }
+            }
+            // Straight from the mapping into the output, any alignment.
+            (Dtype::F32, Dtype::F16) => f32_bytes_to_f16(s, d),
+            (Dtype::Bf16, Dtype::F16) => {
+                let f = &mut f[..n];
+                load_f32(from, s, f);
+                f32_bytes_to_f16(bytemuck::cast_slice(f), d);
             }
             (_, Dtype::F16) => {
                 let f = &mut f[..n];
@@ -227,8 +342,33 @@ fn cast_piece(from: Dtype, to: Dtype, src: &[u8], dst: &mut [u8]) -> CastStats {
         if inf > 0 {
             classify_inf(from, to, s, d, &mut stats);
         }
+        if let Some(hs) = hash.as_deref_mut() {
+            hs.update(d);
+        }
     }
     stats
+}
+
+/// Casts sequentially and returns the XXH3-64 of the output bytes too, computed chunk by
+/// chunk as they are produced. The writer uses it: row groups already run in parallel.
+///
+/// Returns `None` when the lengths do not describe the same number of elements.
+pub fn cast_and_hash(
+    from: Dtype,
+    to: Dtype,
+    src: &[u8],
+    dst: &mut [u8],
+) -> Option<(CastStats, u64)> {
+    let (fs, ts) = (from.size(), to.size());
+    if !src.len().is_multiple_of(fs)
+        || !dst.len().is_multiple_of(ts)
+        || src.len() / fs != dst.len() / ts
+    {
+        return None;
+    }
+    let mut h = Xxh3::new();
+    let stats = cast_piece(from, to, src, dst, Some(&mut h));
+    Some((stats, h.digest()))
 }
 
 /// Casts `src` (elements of `from`) into `dst` (elements of `to`), splitting large
@@ -244,13 +384,13 @@ pub fn cast_into(from: Dtype, to: Dtype, src: &[u8], dst: &mut [u8]) -> Option<C
         return None;
     }
     if src.len() < PAR_BYTES {
-        return Some(cast_piece(from, to, src, dst));
+        return Some(cast_piece(from, to, src, dst, None));
     }
     let per = (PAR_BYTES / 2 / fs).max(1);
     let stats = src
         .par_chunks(per * fs)
         .zip(dst.par_chunks_mut(per * ts))
-        .map(|(s, d)| cast_piece(from, to, s, d))
+        .map(|(s, d)| cast_piece(from, to, s, d, None))
         .reduce(CastStats::default, |mut a, b| {
             a.merge(&b);
             a
@@ -374,6 +514,31 @@ mod tests {
         cast_into(Dtype::I64, Dtype::I64, &ints, &mut out).unwrap();
         assert_eq!(ints, out);
         assert!(cast_into(Dtype::F32, Dtype::F16, &[0; 8], &mut [0; 2]).is_none());
+    }
+
+    #[test]
+    fn streamed_hash_equals_one_shot_and_unaligned_offsets_cast_the_same() {
+        let v: Vec<f32> = (0..50_001)
+            .map(|i| (i as f32).sqrt() * 0.01 - 1.0)
+            .collect();
+        let mut src = vec![0u8; 1];
+        src.extend(bytes_f32(&v));
+        let mut dst = vec![0u8; v.len() * 2 + 1];
+        // Both sides misaligned by one byte.
+        let (st, hash) = cast_and_hash(Dtype::F32, Dtype::F16, &src[1..], &mut dst[1..]).unwrap();
+        assert_eq!(st, CastStats::default());
+        assert_eq!(hash, xxhash_rust::xxh3::xxh3_64(&dst[1..]));
+        for (i, x) in v.iter().enumerate() {
+            assert_eq!(
+                u16::from_le_bytes([dst[1 + 2 * i], dst[2 + 2 * i]]),
+                f16::from_f32(*x).to_bits()
+            );
+        }
+        let ints: Vec<u8> = (0..100_000u32).map(|i| i as u8).collect();
+        let mut out = vec![0u8; ints.len()];
+        let (_, hash) = cast_and_hash(Dtype::U8, Dtype::U8, &ints, &mut out).unwrap();
+        assert_eq!(out, ints);
+        assert_eq!(hash, xxhash_rust::xxh3::xxh3_64(&ints));
     }
 
     #[test]

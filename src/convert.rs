@@ -25,7 +25,7 @@ use crate::write::{self, Codec, ProgressSink, WriteOptions};
 /// Default row limit: tensors larger than this many MiB are split over rows.
 pub const DEFAULT_MAX_ROW_MB: u64 = 512;
 /// Default row-group budget in MiB of output bytes.
-pub const DEFAULT_ROW_GROUP_MB: u64 = 64;
+pub const DEFAULT_ROW_GROUP_MB: u64 = 32;
 /// Default zstd level, the seed's.
 pub const DEFAULT_ZSTD_LEVEL: i32 = 3;
 /// Row groups in flight per worker thread.

@@ -16,6 +16,12 @@ use modelconv::{
     ModelType, Observer, Part, TargetDtype, VerifyOptions, WeightFile,
 };
 
+/// Page-sized buffers are allocated and freed per Parquet page; mimalloc reuses them
+/// where glibc maps fresh zeroed pages each time (measured: sys time 3.6 s → 1.2 s on a
+/// 4.4 GB checkpoint).
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 /// Convert Hugging Face safetensors checkpoints into Parquet weight files, and read them back.
 #[derive(Parser, Debug)]
 #[command(name = "modelconv", version, about, propagate_version = true)]

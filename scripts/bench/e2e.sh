@@ -33,22 +33,23 @@ warm() { cat "$@" >/dev/null; }
 shards=("$work"/llama22/model-*.safetensors)
 warm "${shards[@]}" "$work/llama22.f16"
 
-read -r t_zstd _ < <(secs zstd -q -f -T"$cores" -3 "$work/llama22.f16" -o "$work/ref.zst")
-read -r t_conv rss22 < <(secs "$bin" convert "$work/llama22" -o "$work/out-zstd" --force --quiet)
-read -r t_zstd2 _ < <(secs zstd -q -f -T"$cores" -3 "$work/llama22.f16" -o "$work/ref.zst")
-mkdir -p "$work/cp"
-read -r t_cp _ < <(secs cp "${shards[@]}" "$work/cp/")
-sync
-read -r t_none _ < <(secs "$bin" convert "$work/llama22" -o "$work/out-none" --force --quiet --compression none)
-rm -rf "$work/cp"; mkdir -p "$work/cp"
-read -r t_cp2 _ < <(secs cp "${shards[@]}" "$work/cp/")
-rm -rf "$work/cp"
+# Interleaved, twice each; the best of each side is compared.
+zs=(); cs=(); ns=(); cps=(); rss22=0
+for round in 1 2; do
+  read -r t _ < <(secs zstd -q -f -T"$cores" -3 "$work/llama22.f16" -o "$work/ref.zst"); zs+=("$t")
+  read -r t r < <(secs "$bin" convert "$work/llama22" -o "$work/out-zstd" --force --quiet); cs+=("$t"); rss22=$r
+  rm -rf "$work/cp"; mkdir -p "$work/cp"; sync
+  read -r t _ < <(secs cp "${shards[@]}" "$work/cp/"); cps+=("$t")
+  rm -rf "$work/cp"; sync
+  read -r t _ < <(secs "$bin" convert "$work/llama22" -o "$work/out-none" --force --quiet --compression none); ns+=("$t")
+done
 warm "$work"/llama6/model-*.safetensors
 read -r _ rss6 < <(secs "$bin" convert "$work/llama6" -o "$work/out6" --force --quiet)
 
 ratio() { awk -v a="$1" -v b="$2" 'BEGIN { printf "%.2f", a / b }'; }
 best() { awk -v a="$1" -v b="$2" 'BEGIN { print (a < b ? a : b) }'; }
-z="$(best "$t_zstd" "$t_zstd2")"; c="$(best "$t_cp" "$t_cp2")"
+z="$(best "${zs[0]}" "${zs[1]}")"; c="$(best "${cps[0]}" "${cps[1]}")"
+t_conv="$(best "${cs[0]}" "${cs[1]}")"; t_none="$(best "${ns[0]}" "${ns[1]}")"
 src_gb="$(du -cb "${shards[@]}" | tail -1 | awk '{printf "%.2f", $1/1e9}')"
 echo "input: $src_gb GB f32, 3 shards, $cores cores"
 echo "convert f16 zstd-3   ${t_conv}s   vs zstd -T$cores -3 on the f16 bytes ${z}s   ratio $(ratio "$t_conv" "$z") (goal <= 1.15)"

@@ -30,7 +30,7 @@ use parquet::file::metadata::KeyValue;
 use parquet::file::properties::{EnabledStatistics, WriterProperties};
 use parquet::schema::types::ColumnPath;
 
-use crate::cast::{cast_into, CastStats};
+use crate::cast::{cast_and_hash, CastStats};
 use crate::error::{Error, Result};
 use crate::format;
 use crate::plan::{GroupPlan, Plan};
@@ -166,6 +166,46 @@ struct Encoded {
     stats: Vec<(usize, CastStats)>,
 }
 
+/// Value buffers handed back after encoding, so later row groups reuse memory that is
+/// already mapped instead of faulting in (and zeroing) fresh pages for every group.
+struct BufferPool {
+    free: Mutex<Vec<MutableBuffer>>,
+    keep: usize,
+}
+
+impl BufferPool {
+    /// A buffer of exactly `len` bytes; its contents are overwritten by the caller.
+    fn take(&self, len: usize) -> MutableBuffer {
+        let reused = self.free.lock().ok().and_then(|mut f| {
+            // Prefer the smallest buffer that is already large enough.
+            let best = f
+                .iter()
+                .enumerate()
+                .filter(|(_, b)| b.capacity() >= len)
+                .min_by_key(|(_, b)| b.capacity())
+                .map(|(i, _)| i)
+                .or_else(|| (!f.is_empty()).then_some(0))?;
+            Some(f.swap_remove(best))
+        });
+        match reused {
+            Some(mut b) => {
+                // Growth is zero-filled; shrinking only moves the length.
+                b.resize(len, 0);
+                b
+            }
+            None => MutableBuffer::from_len_zeroed(len),
+        }
+    }
+
+    fn give(&self, b: MutableBuffer) {
+        if let Ok(mut f) = self.free.lock() {
+            if f.len() < self.keep {
+                f.push(b);
+            }
+        }
+    }
+}
+
 /// What every encoding task shares.
 struct Ctx<'a> {
     source: &'a Source,
@@ -174,6 +214,7 @@ struct Ctx<'a> {
     schema: &'a SchemaRef,
     opts: &'a WriteOptions,
     out_path: &'a Path,
+    pool: &'a BufferPool,
 }
 
 /// Casts one row group straight into its Arrow value buffer and encodes it.
@@ -185,6 +226,7 @@ fn encode_group(ctx: &Ctx, group: &GroupPlan, index: usize) -> Result<Encoded> {
         schema,
         opts,
         out_path,
+        pool,
     } = *ctx;
     let rows = &plan.rows[group.rows.clone()];
     let mut shards: Vec<usize> = rows.iter().map(|r| plan.tensors[r.tensor].shard).collect();
@@ -194,7 +236,7 @@ fn encode_group(ctx: &Ctx, group: &GroupPlan, index: usize) -> Result<Encoded> {
     }
     let total =
         usize::try_from(group.out_bytes).map_err(|_| Error::option("row group too large"))?;
-    let mut values = MutableBuffer::from_len_zeroed(total);
+    let mut values = pool.take(total);
     let mut lens = Vec::with_capacity(rows.len());
     let mut checksums = Vec::with_capacity(rows.len());
     let mut stats = Vec::new();
@@ -208,13 +250,15 @@ fn encode_group(ctx: &Ctx, group: &GroupPlan, index: usize) -> Result<Encoded> {
             let n = (row.elems * os) as usize;
             let (dst, tail) = std::mem::take(&mut rest).split_at_mut(n);
             rest = tail;
-            let st = cast_into(t.src.dtype, t.dtype, src, dst).ok_or_else(|| Error::Coverage {
-                path: shard.path.clone(),
-                reason: format!(
-                    "tensor `{}` byte length does not match its shape",
-                    t.src.name
-                ),
-            })?;
+            shard.prefetch(t.src.offset + row.elem_start * ss, row.elems * ss);
+            let (st, checksum) =
+                cast_and_hash(t.src.dtype, t.dtype, src, dst).ok_or_else(|| Error::Coverage {
+                    path: shard.path.clone(),
+                    reason: format!(
+                        "tensor `{}` byte length does not match its shape",
+                        t.src.name
+                    ),
+                })?;
             if st.overflow > 0 && !opts.allow_overflow {
                 return Err(Error::Overflow {
                     tensor: t.name.clone(),
@@ -227,7 +271,7 @@ fn encode_group(ctx: &Ctx, group: &GroupPlan, index: usize) -> Result<Encoded> {
             if st != CastStats::default() {
                 stats.push((row.tensor, st));
             }
-            checksums.push(xxhash_rust::xxh3::xxh3_64(dst));
+            checksums.push(checksum);
             lens.push(n);
             shard.release(t.src.offset + row.elem_start * ss, row.elems * ss);
         }
@@ -247,8 +291,10 @@ fn encode_group(ctx: &Ctx, group: &GroupPlan, index: usize) -> Result<Encoded> {
             .map(|r| plan.tensors[r.tensor].dtype.torch_name()),
     );
     let offsets = OffsetBuffer::<i32>::from_lengths(lens);
-    let data = BinaryArray::try_new(offsets, values.into(), None)
-        .map_err(|e| Error::parquet(out_path, None, e))?;
+    let data = Arc::new(
+        BinaryArray::try_new(offsets, values.into(), None)
+            .map_err(|e| Error::parquet(out_path, None, e))?,
+    );
     let params =
         Int64Array::from_iter_values(rows.iter().map(|r| plan.tensors[r.tensor].src.numel as i64));
     let chunk_offsets = Int64Array::from_iter_values(
@@ -260,7 +306,7 @@ fn encode_group(ctx: &Ctx, group: &GroupPlan, index: usize) -> Result<Encoded> {
         Arc::new(names),
         Arc::new(shapes.finish()),
         Arc::new(dtypes),
-        Arc::new(data),
+        data.clone(),
         Arc::new(params),
         Arc::new(chunk_offsets),
         Arc::new(checks),
@@ -284,6 +330,13 @@ fn encode_group(ctx: &Ctx, group: &GroupPlan, index: usize) -> Result<Encoded> {
         }
     }
     drop(cols);
+    // The encoder has copied the values: hand the buffer back for the next group.
+    if let Ok(data) = Arc::try_unwrap(data) {
+        let (_, values, _) = data.into_parts();
+        if let Ok(buf) = values.into_mutable() {
+            pool.give(buf);
+        }
+    }
     let chunks = writers
         .into_iter()
         .map(|w| w.close())
@@ -332,6 +385,10 @@ pub(crate) fn write_weights(
     let mut stats = vec![CastStats::default(); plan.tensors.len()];
     let mut first_error: Option<(usize, Error)> = None;
 
+    let buffers = BufferPool {
+        free: Mutex::new(Vec::new()),
+        keep: opts.threads.max(1) + 1,
+    };
     let ctx = Ctx {
         source,
         plan,
@@ -339,6 +396,7 @@ pub(crate) fn write_weights(
         schema: &schema,
         opts,
         out_path,
+        pool: &buffers,
     };
     std::thread::scope(|ts| {
         let (ctx, budget, stop_ref) = (&ctx, &budget, &stop);
