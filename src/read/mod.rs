@@ -332,6 +332,7 @@ impl WeightFile {
                 })
         })?;
         let mut out: Vec<TensorInfo> = Vec::new();
+        let mut seen = std::collections::HashSet::new();
         let mut row = 0u64;
         for b in &batches {
             let names = col::<StringArray>(b, format::COL_NAME, &path)?;
@@ -368,7 +369,7 @@ impl WeightFile {
                         last.rows += 1
                     }
                     _ => {
-                        if self.by_name_scan(&out, &name) {
+                        if !seen.insert(name.clone()) {
                             return Err(Error::DuplicateTensor {
                                 path: path.clone(),
                                 tensor: name,
@@ -392,10 +393,6 @@ impl WeightFile {
             }
         }
         Ok(out)
-    }
-
-    fn by_name_scan(&self, out: &[TensorInfo], name: &str) -> bool {
-        out.iter().any(|t| t.name == name)
     }
 
     /// The file's path.

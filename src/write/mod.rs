@@ -13,7 +13,7 @@
 pub mod atomic;
 
 use std::collections::BTreeMap;
-use std::io::{BufWriter, Write};
+use std::io::BufWriter;
 use std::path::Path;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Condvar, Mutex};
@@ -517,6 +517,5 @@ pub(crate) fn write_weights(
         .metadata()
         .map_err(|e| Error::io("stat", tmp.path(), e))?
         .len();
-    let _ = (&file).flush();
     Ok(WriteSummary { stats, file_bytes })
 }
