@@ -11,7 +11,7 @@
 use half::slice::HalfFloatSliceExt;
 use half::{bf16, f16};
 use rayon::prelude::*;
-use xxhash_rust::xxh3::Xxh3;
+pub use xxhash_rust::xxh3::Xxh3;
 
 use crate::dtype::Dtype;
 
@@ -349,16 +349,18 @@ fn cast_piece(
     stats
 }
 
-/// Casts sequentially and returns the XXH3-64 of the output bytes too, computed chunk by
-/// chunk as they are produced. The writer uses it: row groups already run in parallel.
+/// Casts sequentially, feeding the output bytes to `hash` chunk by chunk as they are
+/// produced (while they are in cache). The writer uses it: row groups already run in
+/// parallel, and a row can be cast in pieces that continue the same hash.
 ///
 /// Returns `None` when the lengths do not describe the same number of elements.
-pub fn cast_and_hash(
+pub fn cast_hashing(
     from: Dtype,
     to: Dtype,
     src: &[u8],
     dst: &mut [u8],
-) -> Option<(CastStats, u64)> {
+    hash: &mut Xxh3,
+) -> Option<CastStats> {
     let (fs, ts) = (from.size(), to.size());
     if !src.len().is_multiple_of(fs)
         || !dst.len().is_multiple_of(ts)
@@ -366,8 +368,18 @@ pub fn cast_and_hash(
     {
         return None;
     }
+    Some(cast_piece(from, to, src, dst, Some(hash)))
+}
+
+/// [`cast_hashing`] of a whole row: the stats and the XXH3-64 of the output.
+pub fn cast_and_hash(
+    from: Dtype,
+    to: Dtype,
+    src: &[u8],
+    dst: &mut [u8],
+) -> Option<(CastStats, u64)> {
     let mut h = Xxh3::new();
-    let stats = cast_piece(from, to, src, dst, Some(&mut h));
+    let stats = cast_hashing(from, to, src, dst, &mut h)?;
     Some((stats, h.digest()))
 }
 

@@ -65,6 +65,9 @@ pub struct ConvertConfig {
     pub row_group_bytes: u64,
     /// Worker threads; 0 means every core (default).
     pub threads: usize,
+    /// Row groups encoded at once per worker thread (default
+    /// [`DEFAULT_INFLIGHT_PER_THREAD`]); 1 lowers peak memory, 2 keeps the cores busier.
+    pub inflight_per_thread: u64,
     /// Let finite values overflow to ±inf instead of failing (default false).
     pub allow_overflow: bool,
     /// Replace an existing conversion in the output directory (default false).
@@ -96,6 +99,7 @@ impl Default for ConvertConfig {
             max_row_bytes: DEFAULT_MAX_ROW_MB << 20,
             row_group_bytes: DEFAULT_ROW_GROUP_MB << 20,
             threads: 0,
+            inflight_per_thread: DEFAULT_INFLIGHT_PER_THREAD,
             allow_overflow: false,
             force: false,
             extract_tokenizer: true,
@@ -145,6 +149,8 @@ impl ConvertConfigBuilder {
         row_group_bytes: u64);
     setter!(/// Worker threads (0 = all cores).
         threads: usize);
+    setter!(/// Row groups in flight per worker thread (at least 1).
+        inflight_per_thread: u64);
     setter!(/// Allow overflow to ±inf.
         allow_overflow: bool);
     setter!(/// Replace an existing conversion.
@@ -531,7 +537,7 @@ impl ProgressSink for ObserverSink<'_> {
 ///
 /// # Memory
 ///
-/// Bounded by `threads × 2 × row_group_bytes` plus a few copies of the largest row,
+/// Bounded by `threads × 2 × row_group_bytes` of output in flight, times the encoder's copies, plus a few copies of the largest row,
 /// whatever the model size; see [`crate::write`].
 pub fn convert_with(
     input: impl AsRef<Path>,
@@ -606,8 +612,9 @@ pub fn convert_with(
         threads,
         allow_overflow: config.allow_overflow,
         inflight_bytes: (threads as u64)
-            .saturating_mul(DEFAULT_INFLIGHT_PER_THREAD)
+            .saturating_mul(config.inflight_per_thread.max(1))
             .saturating_mul(config.row_group_bytes),
+        pool_max_bytes: config.row_group_bytes,
     };
     let tokenizer_path = (!tokenizer_files.is_empty()).then(|| out_dir.join("tokenizer"));
     let converted_at = std::time::SystemTime::now()

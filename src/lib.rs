@@ -15,8 +15,8 @@ pub mod write;
 
 pub use convert::{
     convert, convert_with, plan_conversion, ConversionPlan, ConversionReport, ConvertConfig,
-    ConvertConfigBuilder, Event, Observer, PlannedEntry, Silent, DEFAULT_MAX_ROW_MB,
-    DEFAULT_ROW_GROUP_MB, DEFAULT_ZSTD_LEVEL, TOKENIZER_FILES,
+    ConvertConfigBuilder, Event, Observer, PlannedEntry, Silent, DEFAULT_INFLIGHT_PER_THREAD,
+    DEFAULT_MAX_ROW_MB, DEFAULT_ROW_GROUP_MB, DEFAULT_ZSTD_LEVEL, TOKENIZER_FILES,
 };
 pub use dtype::{Dtype, TargetDtype};
 pub use error::{sanitize, Error, Result};

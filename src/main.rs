@@ -178,8 +178,8 @@ fn human(b: u64) -> String {
 fn human_count(n: u64) -> String {
     match n {
         0..=9_999 => n.to_string(),
-        10_000..=9_999_999 => format!("{:.1} K", n as f64 / 1e3),
-        10_000_000..=9_999_999_999 => format!("{:.1} M", n as f64 / 1e6),
+        10_000..=999_999 => format!("{:.1} K", n as f64 / 1e3),
+        1_000_000..=999_999_999 => format!("{:.1} M", n as f64 / 1e6),
         _ => format!("{:.2} B", n as f64 / 1e9),
     }
 }
@@ -246,6 +246,11 @@ fn convert_config(a: &ConvertArgs, cancel: Arc<AtomicBool>) -> anyhow::Result<Co
         .max_row_bytes(mb(a.max_row_mb, "max-row-mb")?)
         .row_group_bytes(mb(a.row_group_mb, "row-group-mb")?)
         .threads(a.threads)
+        .inflight_per_thread(if a.max_row_mb <= LOW_MEMORY_ROW_MB {
+            1
+        } else {
+            modelconv::DEFAULT_INFLIGHT_PER_THREAD
+        })
         .allow_overflow(a.allow_overflow)
         .force(a.force)
         .extract_tokenizer(!a.no_tokenizer)
@@ -270,7 +275,21 @@ fn print_json<T: serde::Serialize>(v: &T) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// `mi_option_purge_delay` in mimalloc.h (v2 and v3): after `eager_commit_delay` (14).
+const MI_OPTION_PURGE_DELAY: libmimalloc_sys::mi_option_t = 15;
+/// At or below this row limit the user has chosen memory over speed.
+const LOW_MEMORY_ROW_MB: u64 = 64;
+
 fn run_convert(a: ConvertArgs) -> anyhow::Result<ExitCode> {
+    if a.max_row_mb <= LOW_MEMORY_ROW_MB {
+        // Low-memory mode (with one row group per thread in flight, see convert_config):
+        // return freed pages to the OS at once instead of after 10 ms. Peak RSS on a
+        // 13.5 GB bf16 checkpoint with --max-row-mb 64: 396 MiB instead of 657 MiB, for
+        // more page faults (sys time about doubles).
+        // SAFETY: mi_option_set only stores an option value; any value is valid for
+        // purge_delay (0 = purge immediately).
+        unsafe { libmimalloc_sys::mi_option_set(MI_OPTION_PURGE_DELAY, 0) };
+    }
     let cancel = Arc::new(AtomicBool::new(false));
     install_ctrlc(cancel.clone());
     let config = convert_config(&a, cancel)?;

@@ -2,7 +2,8 @@
 GQA shapes, random normal weights with std 0.02) and, optionally, the raw f16 bytes of
 all its tensors in file order (the input of the zstd reference run).
 
-usage: make_llama.py OUT_DIR LAYERS SHARDS [--f16-raw FILE]
+usage: make_llama.py OUT_DIR LAYERS SHARDS [--f16-raw FILE] [--7b] [--bf16]
+--7b uses Llama-2-7B shapes (hidden 4096, mlp 11008, 32 heads, no GQA); --bf16 stores bf16.
 """
 import json
 import struct
@@ -12,6 +13,10 @@ from pathlib import Path
 import numpy as np
 
 H, MLP, VOCAB, KV = 2048, 5632, 32000, 256
+if "--7b" in sys.argv:
+    H, MLP, KV = 4096, 11008, 4096
+BF16 = "--bf16" in sys.argv
+ES = 2 if BF16 else 4
 
 
 def tensors(layers):
@@ -36,12 +41,12 @@ def main():
     raw = Path(sys.argv[sys.argv.index("--f16-raw") + 1]) if "--f16-raw" in sys.argv else None
     out.mkdir(parents=True, exist_ok=True)
     items = list(tensors(layers))
-    total = sum(int(np.prod(s)) * 4 for _, s in items)
+    total = sum(int(np.prod(s)) * ES for _, s in items)
     per_shard = total / shards
     groups, cur, size = [], [], 0
     for name, shape in items:
         cur.append((name, shape))
-        size += int(np.prod(shape)) * 4
+        size += int(np.prod(shape)) * ES
         if size >= per_shard and len(groups) < shards - 1:
             groups.append(cur)
             cur, size = [], 0
@@ -53,8 +58,8 @@ def main():
         fname = f"model-{i:05d}-of-{len(groups):05d}.safetensors"
         header, off = {"__metadata__": {"format": "pt"}}, 0
         for name, shape in group:
-            n = int(np.prod(shape)) * 4
-            header[name] = {"dtype": "F32", "shape": list(shape), "data_offsets": [off, off + n]}
+            n = int(np.prod(shape)) * ES
+            header[name] = {"dtype": "BF16" if BF16 else "F32", "shape": list(shape), "data_offsets": [off, off + n]}
             off += n
             weight_map[name] = fname
         text = json.dumps(header)
@@ -65,7 +70,7 @@ def main():
             for name, shape in group:
                 a = rng.standard_normal(shape, dtype=np.float32)
                 a *= 0.02
-                f.write(a.tobytes())
+                f.write((a.view(np.uint32) >> 16).astype(np.uint16).tobytes() if BF16 else a.tobytes())
                 if raw_f:
                     raw_f.write(a.astype(np.float16).tobytes())
     (out / "model.safetensors.index.json").write_text(json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2))
@@ -73,7 +78,7 @@ def main():
         "architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_size": H, "intermediate_size": MLP,
         "num_hidden_layers": layers, "num_attention_heads": 32, "num_key_value_heads": 4, "vocab_size": VOCAB,
         "max_position_embeddings": 2048, "rms_norm_eps": 1e-5, "rope_theta": 10000.0, "tie_word_embeddings": False,
-        "torch_dtype": "float32"}, indent=2))
+        "torch_dtype": "bfloat16" if BF16 else "float32"}, indent=2))
     print(f"{out}: {len(items)} tensors, {total / 1e9:.2f} GB in {len(groups)} shards")
 
 

@@ -30,7 +30,7 @@ use parquet::file::metadata::KeyValue;
 use parquet::file::properties::{EnabledStatistics, WriterProperties};
 use parquet::schema::types::ColumnPath;
 
-use crate::cast::{cast_and_hash, CastStats};
+use crate::cast::{cast_hashing, CastStats, Xxh3};
 use crate::error::{Error, Result};
 use crate::format;
 use crate::plan::{GroupPlan, Plan};
@@ -91,6 +91,8 @@ pub struct WriteOptions {
     pub allow_overflow: bool,
     /// Output bytes allowed in flight.
     pub inflight_bytes: u64,
+    /// Largest value buffer kept for reuse.
+    pub pool_max_bytes: u64,
 }
 
 /// Progress reports from the writer: source bytes done so far.
@@ -166,11 +168,16 @@ struct Encoded {
     stats: Vec<(usize, CastStats)>,
 }
 
+/// Source bytes cast per piece of a row (see `encode_group`).
+const PIECE_BYTES: u64 = 16 << 20;
+
 /// Value buffers handed back after encoding, so later row groups reuse memory that is
 /// already mapped instead of faulting in (and zeroing) fresh pages for every group.
 struct BufferPool {
     free: Mutex<Vec<MutableBuffer>>,
     keep: usize,
+    /// Larger buffers (a single big row) are freed, not kept.
+    max_bytes: usize,
 }
 
 impl BufferPool {
@@ -198,6 +205,9 @@ impl BufferPool {
     }
 
     fn give(&self, b: MutableBuffer) {
+        if b.capacity() > self.max_bytes {
+            return;
+        }
         if let Ok(mut f) = self.free.lock() {
             if f.len() < self.keep {
                 f.push(b);
@@ -246,19 +256,33 @@ fn encode_group(ctx: &Ctx, group: &GroupPlan, index: usize) -> Result<Encoded> {
             let t = &plan.tensors[row.tensor];
             let shard = &source.shards[t.shard];
             let (ss, os) = (t.src.dtype.size() as u64, t.dtype.size() as u64);
+            let src_start = t.src.offset + row.elem_start * ss;
             let src = shard.bytes(&t.src, row.elem_start * ss, row.elems * ss)?;
             let n = (row.elems * os) as usize;
             let (dst, tail) = std::mem::take(&mut rest).split_at_mut(n);
             rest = tail;
-            shard.prefetch(t.src.offset + row.elem_start * ss, row.elems * ss);
-            let (st, checksum) =
-                cast_and_hash(t.src.dtype, t.dtype, src, dst).ok_or_else(|| Error::Coverage {
-                    path: shard.path.clone(),
-                    reason: format!(
-                        "tensor `{}` byte length does not match its shape",
-                        t.src.name
-                    ),
-                })?;
+            // Cast in pieces: map a piece's source pages in one call, cast it, hash it,
+            // release its pages, so a large row never has all its source resident.
+            let per = (PIECE_BYTES / ss).max(1) as usize;
+            let mut hash = Xxh3::new();
+            let mut st = CastStats::default();
+            let pieces = src
+                .chunks(per * ss as usize)
+                .zip(dst.chunks_mut(per * os as usize));
+            for (k, (s_piece, d_piece)) in pieces.enumerate() {
+                let off = src_start + (k * per) as u64 * ss;
+                shard.prefetch(off, s_piece.len() as u64);
+                let piece = cast_hashing(t.src.dtype, t.dtype, s_piece, d_piece, &mut hash)
+                    .ok_or_else(|| Error::Coverage {
+                        path: shard.path.clone(),
+                        reason: format!(
+                            "tensor `{}` byte length does not match its shape",
+                            t.src.name
+                        ),
+                    })?;
+                st.merge(&piece);
+                shard.release(off, s_piece.len() as u64);
+            }
             if st.overflow > 0 && !opts.allow_overflow {
                 return Err(Error::Overflow {
                     tensor: t.name.clone(),
@@ -271,9 +295,8 @@ fn encode_group(ctx: &Ctx, group: &GroupPlan, index: usize) -> Result<Encoded> {
             if st != CastStats::default() {
                 stats.push((row.tensor, st));
             }
-            checksums.push(checksum);
+            checksums.push(hash.digest());
             lens.push(n);
-            shard.release(t.src.offset + row.elem_start * ss, row.elems * ss);
         }
     }
     let names =
@@ -388,6 +411,7 @@ pub(crate) fn write_weights(
     let buffers = BufferPool {
         free: Mutex::new(Vec::new()),
         keep: opts.threads.max(1) + 1,
+        max_bytes: usize::try_from(opts.pool_max_bytes).unwrap_or(usize::MAX),
     };
     let ctx = Ctx {
         source,
