@@ -415,11 +415,6 @@ impl fmt::Display for Error {
     }
 }
 
-impl std::error::Error for Error {
-    fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
-        match self {
-            Error::Io { source, .. } => Some(source),
-            _ => None,
-        }
-    }
-}
+/// `Display` already renders the cause of an `Io` error, so `source()` stays `None`:
+/// error chains (`{:#}` in anyhow) would print it twice otherwise.
+impl std::error::Error for Error {}

@@ -90,6 +90,11 @@ fn failures_exit_non_zero_with_one_error_line_and_json_result() {
     assert_eq!(err.lines().count(), 1, "{err}");
     assert!(err.starts_with("error: "), "{err}");
     assert!(err.contains("cannot open"), "{err}");
+    assert_eq!(
+        err.matches("No such file or directory").count(),
+        1,
+        "the cause once: {err}"
+    );
 
     let o = modelconv(&[
         "convert",

@@ -33,26 +33,33 @@ warm() { cat "$@" >/dev/null; }
 shards=("$work"/llama22/model-*.safetensors)
 warm "${shards[@]}" "$work/llama22.f16"
 
-# Interleaved, twice each; the best of each side is compared.
-zs=(); cs=(); ns=(); cps=(); rss22=0
+# Interleaved, twice each; the best of each side is compared. modelconv fsyncs its
+# output before renaming it into place (no half-written file, ever); the references are
+# timed both as they are and followed by `sync`, the like-for-like comparison.
+# Previous outputs are removed (and synced) before each timed run.
+zs=(); zss=(); cs=(); ns=(); cps=(); cpss=(); rss22=0
+clean() { rm -rf "$work/out-zstd" "$work/out-none" "$work/cp" "$work/ref.zst"; sync; }
 for round in 1 2; do
-  read -r t _ < <(secs zstd -q -f -T"$cores" -3 "$work/llama22.f16" -o "$work/ref.zst"); zs+=("$t")
-  read -r t r < <(secs "$bin" convert "$work/llama22" -o "$work/out-zstd" --force --quiet); cs+=("$t"); rss22=$r
-  rm -rf "$work/cp"; mkdir -p "$work/cp"; sync
-  read -r t _ < <(secs cp "${shards[@]}" "$work/cp/"); cps+=("$t")
-  rm -rf "$work/cp"; sync
-  read -r t _ < <(secs "$bin" convert "$work/llama22" -o "$work/out-none" --force --quiet --compression none); ns+=("$t")
+  clean; read -r t _ < <(secs zstd -q -f -T"$cores" -3 "$work/llama22.f16" -o "$work/ref.zst"); zs+=("$t")
+  clean; read -r t _ < <(secs sh -c "zstd -q -f -T$cores -3 '$work/llama22.f16' -o '$work/ref.zst' && sync"); zss+=("$t")
+  clean; read -r t r < <(secs "$bin" convert "$work/llama22" -o "$work/out-zstd" --quiet); cs+=("$t"); rss22=$r
+  [ "$round" = 2 ] && "$bin" verify "$work/out-zstd" --quiet && echo "verify: ok (checksums of the zstd output)"
+  clean; mkdir -p "$work/cp"; read -r t _ < <(secs cp "${shards[@]}" "$work/cp/"); cps+=("$t")
+  clean; mkdir -p "$work/cp"; read -r t _ < <(secs sh -c "cp ${shards[*]} '$work/cp/' && sync"); cpss+=("$t")
+  clean; read -r t _ < <(secs "$bin" convert "$work/llama22" -o "$work/out-none" --quiet --compression none); ns+=("$t")
 done
+rm -rf "$work/out-none" "$work/cp"
 warm "$work"/llama6/model-*.safetensors
 read -r _ rss6 < <(secs "$bin" convert "$work/llama6" -o "$work/out6" --force --quiet)
 
 ratio() { awk -v a="$1" -v b="$2" 'BEGIN { printf "%.2f", a / b }'; }
 best() { awk -v a="$1" -v b="$2" 'BEGIN { print (a < b ? a : b) }'; }
 z="$(best "${zs[0]}" "${zs[1]}")"; c="$(best "${cps[0]}" "${cps[1]}")"
+zsy="$(best "${zss[0]}" "${zss[1]}")"; csy="$(best "${cpss[0]}" "${cpss[1]}")"
 t_conv="$(best "${cs[0]}" "${cs[1]}")"; t_none="$(best "${ns[0]}" "${ns[1]}")"
 src_gb="$(du -cb "${shards[@]}" | tail -1 | awk '{printf "%.2f", $1/1e9}')"
 echo "input: $src_gb GB f32, 3 shards, $cores cores"
-echo "convert f16 zstd-3   ${t_conv}s   vs zstd -T$cores -3 on the f16 bytes ${z}s   ratio $(ratio "$t_conv" "$z") (goal <= 1.15)"
-echo "convert f16 none     ${t_none}s   vs cp of the shards ${c}s   ratio $(ratio "$t_none" "$c") (goal <= 1.5)"
+echo "convert f16 zstd-3   ${t_conv}s   vs zstd -T$cores -3 on the f16 bytes ${z}s (+sync ${zsy}s)   ratio $(ratio "$t_conv" "$z") ($(ratio "$t_conv" "$zsy") vs +sync; goal <= 1.15)"
+echo "convert f16 none     ${t_none}s   vs cp of the shards ${c}s (+sync ${csy}s)   ratio $(ratio "$t_none" "$c") ($(ratio "$t_none" "$csy") vs +sync; goal <= 1.5)"
 echo "peak RSS: 6 layers $((rss6 / 1024)) MiB, 22 layers $((rss22 / 1024)) MiB (goal: flat)"
-"$bin" verify "$work/out-zstd" --quiet && echo "verify: ok (checksums)"
+rm -rf "$work/out-zstd" "$work/out6" "$work/ref.zst"
