@@ -32,9 +32,23 @@ fn bench(c: &mut Criterion) {
 
     let mut g = c.benchmark_group("cast");
     g.throughput(Throughput::Bytes((N * 4) as u64));
-    g.bench_function("f32->f16 checked (modelconv)", |b| {
-        b.iter(|| cast_into(Dtype::F32, Dtype::F16, black_box(&f32s), &mut out[..N * 2]))
-    });
+    g.bench_function(
+        "f32->f16 checked, rows > 8 MiB split over cores (modelconv)",
+        |b| b.iter(|| cast_into(Dtype::F32, Dtype::F16, black_box(&f32s), &mut out[..N * 2])),
+    );
+    g.bench_function(
+        "f32->f16 checked + xxh3, one thread (the writer's path)",
+        |b| {
+            b.iter(|| {
+                modelconv::cast::cast_and_hash(
+                    Dtype::F32,
+                    Dtype::F16,
+                    black_box(&f32s),
+                    &mut out[..N * 2],
+                )
+            })
+        },
+    );
     g.bench_function("f32->f16 half slice, unchecked", |b| {
         let src: &[f32] = bytemuck::cast_slice(&f32s);
         let mut dst = vec![f16::ZERO; N];

@@ -128,7 +128,11 @@ fn writer_properties(o: &WriteOptions) -> Result<WriterProperties> {
         .set_statistics_enabled(EnabledStatistics::Chunk)
         .set_column_statistics_enabled(name, EnabledStatistics::Page)
         .set_column_statistics_enabled(data.clone(), EnabledStatistics::None)
-        .set_column_encoding(data, Encoding::PLAIN)
+        .set_column_encoding(data.clone(), Encoding::PLAIN)
+        // One row per `data` page: the encoder flushes a page only after a value has
+        // been added, so a small tensor followed by a large one would share a page and
+        // reading the small one would decompress both (4.3 MiB for a 1.5 KiB bias).
+        .set_column_data_page_row_count_limit(data, 1)
         .set_created_by(format!("modelconv {}", env!("CARGO_PKG_VERSION")))
         .build())
 }
