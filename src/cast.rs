@@ -100,19 +100,25 @@ fn f32_bytes_to_f16(src: &[u8], dst: &mut [u8]) {
     }
 }
 
-/// Reads element `i` of a float source as f64 (exact for every castable type).
-fn src_value(dtype: Dtype, src: &[u8], i: usize) -> f64 {
-    let s = dtype.size();
-    let Some(b) = src.get(i * s..i * s + s) else {
-        return 0.0;
-    };
-    match dtype {
-        Dtype::F16 => f16::from_le_bytes([b[0], b[1]]).to_f64(),
-        Dtype::Bf16 => bf16::from_le_bytes([b[0], b[1]]).to_f64(),
-        Dtype::F32 => f32::from_le_bytes([b[0], b[1], b[2], b[3]]) as f64,
-        Dtype::F64 => f64::from_le_bytes([b[0], b[1], b[2], b[3], b[4], b[5], b[6], b[7]]),
+/// One element's little-endian bytes of a float type as f64 (exact for every castable
+/// type; 0 for anything else).
+pub(crate) fn value_f64(dtype: Dtype, b: &[u8]) -> f64 {
+    match (dtype, b) {
+        (Dtype::F16, [a, b, ..]) => f16::from_le_bytes([*a, *b]).to_f64(),
+        (Dtype::Bf16, [a, b, ..]) => bf16::from_le_bytes([*a, *b]).to_f64(),
+        (Dtype::F32, [a, b, c, d, ..]) => f32::from_le_bytes([*a, *b, *c, *d]) as f64,
+        (Dtype::F64, [a, b, c, d, e, f, g, h, ..]) => {
+            f64::from_le_bytes([*a, *b, *c, *d, *e, *f, *g, *h])
+        }
         _ => 0.0,
     }
+}
+
+/// Reads element `i` of a float source as f64.
+fn src_value(dtype: Dtype, src: &[u8], i: usize) -> f64 {
+    let s = dtype.size();
+    src.get(i * s..i * s + s)
+        .map_or(0.0, |b| value_f64(dtype, b))
 }
 
 /// f32 → bf16 bits, round-to-nearest-even, NaN kept quiet (as `half::bf16::from_f32`).
@@ -280,7 +286,6 @@ fn cast_piece(
         return stats;
     }
     let mut f = [0f32; CHUNK];
-    let mut h = [f16::ZERO; CHUNK];
     for (s, d) in src.chunks(CHUNK * fs).zip(dst.chunks_mut(CHUNK * ts)) {
         let n = s.len() / fs;
         match (from, to) {
@@ -298,23 +303,11 @@ fn cast_piece(
             }
             // Straight from the mapping into the output, any alignment.
             (Dtype::F32, Dtype::F16) => f32_bytes_to_f16(s, d),
-            (Dtype::Bf16, Dtype::F16) => {
-                let f = &mut f[..n];
-                load_f32(from, s, f);
-                f32_bytes_to_f16(bytemuck::cast_slice(f), d);
-            }
+            // bf16 (the only other source left) widens exactly to f32 first.
             (_, Dtype::F16) => {
                 let f = &mut f[..n];
                 load_f32(from, s, f);
-                match bytemuck::try_cast_slice_mut::<u8, f16>(d) {
-                    Ok(out) => out.convert_from_f32_slice(f),
-                    Err(_) => {
-                        // Odd output offset (after an odd-length value in the row group).
-                        let h = &mut h[..n];
-                        h.convert_from_f32_slice(f);
-                        d.copy_from_slice(bytemuck::cast_slice(h));
-                    }
-                }
+                f32_bytes_to_f16(bytemuck::cast_slice(f), d);
             }
             (_, Dtype::Bf16) => {
                 let f = &mut f[..n];

@@ -407,6 +407,7 @@ fn prepare(input: &Path, config: &ConvertConfig) -> Result<Prepared> {
             .unwrap_or(false);
         let has_head = plan.tensors.iter().any(|t| t.name == "lm_head.weight");
         if !has_head && tie {
+            recipe.tied_head = true;
             recipe
                 .notices
                 .push("lm_head.weight is tied to model.embed_tokens.weight (tie_word_embeddings) and not stored".into());

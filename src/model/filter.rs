@@ -47,11 +47,6 @@ pub struct Filters {
 }
 
 impl Filters {
-    /// True when no filter is set.
-    pub fn is_empty(&self) -> bool {
-        self.include.is_empty() && self.exclude.is_empty() && self.rename.is_empty()
-    }
-
     /// Parses `FROM=TO`.
     ///
     /// # Errors

@@ -286,18 +286,11 @@ pub fn build(m: &MetadataInput) -> Value {
         o.insert("part".into(), json!(m.recipe.part.as_str()));
         o.insert("parquet_path".into(), json!(m.parquet_path));
         o.insert("tokenizer_path".into(), json!(m.tokenizer_path));
-        if m.recipe.model_type == ModelType::CausalLm {
-            let tie = c
-                .and_then(|c| c.get("tie_word_embeddings"))
-                .and_then(Value::as_bool)
-                .unwrap_or(false);
-            let has_head = m.tensors.iter().any(|t| t.0 == "lm_head.weight");
-            if tie && !has_head {
-                o.insert(
-                    "tied_weights".into(),
-                    json!({"lm_head.weight": "model.embed_tokens.weight"}),
-                );
-            }
+        if m.recipe.tied_head {
+            o.insert(
+                "tied_weights".into(),
+                json!({"lm_head.weight": "model.embed_tokens.weight"}),
+            );
         }
         if m.cast_report.as_object().is_some_and(|r| !r.is_empty()) {
             o.insert("cast_report".into(), m.cast_report.clone());

@@ -352,6 +352,9 @@ pub struct Recipe {
     pub base_prefix: Option<String>,
     /// True when the architecture was not recognised and every tensor is kept.
     pub keep_everything: bool,
+    /// True for a causal LM whose `lm_head.weight` is tied to the embeddings and not
+    /// stored (set once the tensors are selected).
+    pub tied_head: bool,
 }
 
 /// Decides the family and part for a checkpoint.
@@ -498,6 +501,7 @@ pub fn resolve_recipe(
         notices,
         base_prefix,
         keep_everything,
+        tied_head: false,
     })
 }
 

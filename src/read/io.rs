@@ -3,7 +3,6 @@
 //! it to prove that reading one tensor touches only its row group).
 
 use std::fs::File;
-use std::io::Read;
 use std::path::Path;
 use std::sync::{Arc, Mutex};
 
@@ -107,11 +106,4 @@ impl ChunkReader for MappedFile {
     fn get_bytes(&self, start: u64, length: usize) -> parquet::errors::Result<Bytes> {
         self.slice(start, length)
     }
-}
-
-/// Reads exactly `buf.len()` bytes (used for tests of the reader layer).
-pub fn read_exact_at(m: &MappedFile, start: u64, buf: &mut [u8]) -> parquet::errors::Result<()> {
-    m.get_read(start)?
-        .read_exact(buf)
-        .map_err(|e| ParquetError::External(Box::new(e)))
 }

@@ -8,7 +8,7 @@ use rayon::prelude::*;
 use serde::Serialize;
 
 use super::{Row, WeightFile};
-use crate::cast::cast_into;
+use crate::cast::{cast_into, value_f64};
 use crate::dtype::Dtype;
 use crate::error::{Error, Result};
 use crate::source::Source;
@@ -97,16 +97,6 @@ impl VerifyReport {
     /// The tensors with problems.
     pub fn failures(&self) -> impl Iterator<Item = &TensorCheck> {
         self.checks.iter().filter(|c| !c.ok())
-    }
-}
-
-fn value_f64(dtype: Dtype, b: &[u8]) -> f64 {
-    match dtype {
-        Dtype::F16 => half::f16::from_le_bytes([b[0], b[1]]).to_f64(),
-        Dtype::Bf16 => half::bf16::from_le_bytes([b[0], b[1]]).to_f64(),
-        Dtype::F32 => f32::from_le_bytes([b[0], b[1], b[2], b[3]]) as f64,
-        Dtype::F64 => f64::from_le_bytes([b[0], b[1], b[2], b[3], b[4], b[5], b[6], b[7]]),
-        _ => 0.0,
     }
 }
 

@@ -224,22 +224,6 @@ pub struct Source {
     pub shards: Vec<Shard>,
 }
 
-impl Source {
-    /// Total bytes of tensor data over all shards.
-    pub fn data_bytes(&self) -> u64 {
-        self.shards
-            .iter()
-            .flat_map(|s| &s.header.tensors)
-            .map(|t| t.len)
-            .sum()
-    }
-
-    /// Total size of the shard files.
-    pub fn file_bytes(&self) -> u64 {
-        self.shards.iter().map(|s| s.file_len).sum()
-    }
-}
-
 /// A `name -> value` JSON map that refuses duplicate keys instead of keeping the last.
 struct StrictMap(Vec<(String, String)>, Option<String>);
 
