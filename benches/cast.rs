@@ -4,7 +4,7 @@
 use criterion::{criterion_group, criterion_main, Criterion, Throughput};
 use half::slice::HalfFloatSliceExt;
 use half::{bf16, f16};
-use modelconv::cast::cast_into;
+use modelconv::internals::cast_into;
 use modelconv::Dtype;
 use std::hint::black_box;
 
@@ -40,7 +40,7 @@ fn bench(c: &mut Criterion) {
         "f32->f16 checked + xxh3, one thread (the writer's path)",
         |b| {
             b.iter(|| {
-                modelconv::cast::cast_and_hash(
+                modelconv::internals::cast_and_hash(
                     Dtype::F32,
                     Dtype::F16,
                     black_box(&f32s),

@@ -32,7 +32,7 @@ fn bench(c: &mut Criterion) {
         ("f16 none", Codec::None),
         ("f16 lz4", Codec::Lz4),
     ] {
-        let cfg = base.clone().compression(codec).build();
+        let cfg = base.clone().compression(codec).build().unwrap();
         let out = tmp.path().join(format!("out-{}", codec.as_str()));
         g.bench_function(label, |b| {
             b.iter(|| convert(black_box(&model), &out, &cfg).unwrap())

@@ -108,7 +108,10 @@ fn main() {
         let dir = tmp.path().join(format!("llama-{layers}"));
         let size = llama(&dir, layers);
         let out = tmp.path().join(format!("out-{layers}"));
-        let cfg = modelconv::ConvertConfig::builder().threads(2).build();
+        let cfg = modelconv::ConvertConfig::builder()
+            .threads(2)
+            .build()
+            .unwrap();
         PEAK.store(CURRENT.load(Ordering::Relaxed), Ordering::Relaxed);
         let base = CURRENT.load(Ordering::Relaxed);
         modelconv::convert(&dir, &out, &cfg).unwrap();

@@ -166,6 +166,8 @@ pub enum Error {
     },
     /// A cast would turn finite values into infinities.
     Overflow {
+        /// The shard holding the tensor.
+        path: PathBuf,
         /// The tensor.
         tensor: String,
         /// Source dtype.
@@ -186,6 +188,53 @@ pub enum Error {
     OutputIsInput {
         /// The output path.
         path: PathBuf,
+    },
+    /// A source file changed size after it was validated (it is being rewritten).
+    SourceChanged {
+        /// The shard.
+        path: PathBuf,
+        /// Its length when validated.
+        was: u64,
+        /// Its length now.
+        now: u64,
+    },
+    /// The output path exists and is not a directory.
+    OutputNotDirectory {
+        /// The output path.
+        path: PathBuf,
+    },
+    /// The recipe and the filters leave no tensor to convert.
+    NothingToConvert {
+        /// The input.
+        path: PathBuf,
+        /// The family whose recipe was applied.
+        model_type: &'static str,
+    },
+    /// A dimension does not fit the format's int32 `shape` column.
+    DimensionTooLarge {
+        /// The shard.
+        path: PathBuf,
+        /// The tensor.
+        tensor: String,
+        /// The dimension.
+        dim: u64,
+    },
+    /// A hub id could not be resolved from the local Hugging Face cache.
+    NotInHubCache {
+        /// The hub id as given.
+        id: String,
+        /// What is missing and where it looked.
+        reason: String,
+    },
+    /// The worker threads could not be started.
+    ThreadPool {
+        /// The system's reason.
+        reason: String,
+    },
+    /// A rule modelconv itself guarantees was broken: a bug, never the input's fault.
+    Internal {
+        /// What went wrong.
+        reason: String,
     },
     /// An option or a combination of options is invalid.
     InvalidOption {
@@ -261,6 +310,12 @@ impl Error {
 
     pub(crate) fn option(reason: impl Into<String>) -> Self {
         Error::InvalidOption {
+            reason: reason.into(),
+        }
+    }
+
+    pub(crate) fn internal(reason: impl Into<String>) -> Self {
+        Error::Internal {
             reason: reason.into(),
         }
     }
@@ -379,18 +434,35 @@ impl fmt::Display for Error {
                 write!(f, "{}: tensor {}: {reason}", P(path), Name(tensor))
             }
             NoWeights { path, reason } => write!(f, "{}: no safetensors weights: {reason}", P(path)),
-            Overflow { tensor, from, to, count, max_abs } => write!(
+            Overflow { path, tensor, from, to, count, max_abs } => write!(
                 f,
-                "tensor {}: {count} finite value{} would overflow to infinity casting {from} to {to} \
-                 (largest magnitude {max_abs}); choose --dtype keep, bf16 or f32, or pass --allow-overflow",
+                "{}: tensor {}: {count} finite value{} would overflow to infinity casting {from} to {to} \
+                 (largest magnitude {max_abs})",
+                P(path),
                 Name(tensor),
                 if *count == 1 { "" } else { "s" },
             ),
-            OutputExists { path } => write!(
+            OutputExists { path } => write!(f, "{}: output already holds a conversion", P(path)),
+            SourceChanged { path, was, now } => write!(
                 f,
-                "{}: output already holds a conversion; pass --force to replace it",
+                "{}: file changed size while being converted ({was} → {now} bytes)",
                 P(path)
             ),
+            OutputNotDirectory { path } => write!(f, "{}: the output must be a directory", P(path)),
+            NothingToConvert { path, model_type } => write!(
+                f,
+                "{}: nothing to convert: the {model_type} recipe and the filters keep no tensor",
+                P(path)
+            ),
+            DimensionTooLarge { path, tensor, dim } => write!(
+                f,
+                "{}: tensor {}: dimension {dim} does not fit the format's int32 shape",
+                P(path),
+                Name(tensor)
+            ),
+            NotInHubCache { id, reason } => write!(f, "{}: {reason}", sanitize(id)),
+            ThreadPool { reason } => write!(f, "cannot start worker threads: {reason}"),
+            Internal { reason } => write!(f, "internal error (a bug in modelconv): {reason}"),
             OutputIsInput { path } => write!(f, "{}: output path is an input file", P(path)),
             InvalidOption { reason } => write!(f, "{reason}"),
             Parquet { path, tensor, message } => match tensor {

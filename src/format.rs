@@ -1,4 +1,6 @@
-//! The `weights.parquet` contract, shared by the writer and the reader.
+//! The `weights.parquet` contract, shared by the writer and the reader: the schema,
+//! and the footer, built here from the plan ([`footer`]) beside the code that parses it
+//! back ([`parse_index`]).
 //!
 //! The first five columns are exactly the seed's V1 schema; two columns follow that
 //! the seed's loader ignores: `chunk_offset` (the byte offset of a row's data inside
@@ -6,10 +8,17 @@
 //! footer's key-value metadata carries the format version, the cast policy, the
 //! `metadata.json` content and a tensor index for direct access.
 
+use std::path::Path;
 use std::sync::Arc;
 
 use arrow_schema::{DataType, Field, Schema, SchemaRef};
+use parquet::file::metadata::KeyValue;
 use serde::{Deserialize, Serialize};
+use serde_json::Value;
+
+use crate::dtype::Dtype;
+use crate::error::{Error, Result};
+use crate::plan::Plan;
 
 /// Version of our footer contract.
 pub const FORMAT_VERSION: &str = "1";
@@ -67,7 +76,7 @@ pub fn schema() -> SchemaRef {
 
 /// One tensor's entry in the footer index.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct IndexEntry {
+pub(crate) struct IndexEntry {
     /// Output name.
     pub name: String,
     /// Name of the source tensor it was converted from.
@@ -88,7 +97,117 @@ pub struct IndexEntry {
 
 /// The footer index: every tensor, in row order.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
-pub struct TensorIndex {
+pub(crate) struct TensorIndex {
     /// Entries in row order.
     pub tensors: Vec<IndexEntry>,
+}
+
+impl TensorIndex {
+    /// The index of a file written from `plan`.
+    pub(crate) fn of(plan: &Plan) -> TensorIndex {
+        TensorIndex {
+            tensors: plan
+                .tensors
+                .iter()
+                .map(|t| IndexEntry {
+                    name: t.name.clone(),
+                    source: t.src.name.clone(),
+                    dtype: t.dtype.torch_name().to_string(),
+                    source_dtype: t.src.dtype.to_string(),
+                    shape: t.src.shape.clone(),
+                    bytes: t.out_len,
+                    row: t.first_row,
+                    rows: t.rows,
+                })
+                .collect(),
+        }
+    }
+}
+
+/// The footer key-value metadata of a file written from `plan`, with `metadata` (the
+/// `metadata.json` content) embedded.
+pub(crate) fn footer(plan: &Plan, metadata: &Value) -> Vec<KeyValue> {
+    let index = serde_json::to_string(&TensorIndex::of(plan));
+    // Serialising plain strings and numbers cannot fail.
+    debug_assert!(index.is_ok());
+    [
+        (KEY_FORMAT, FORMAT_VERSION.to_string()),
+        (KEY_CAST, plan.target.as_str().to_string()),
+        (KEY_CHECKSUM, CHECKSUM_ALGO.to_string()),
+        (KEY_METADATA, metadata.to_string()),
+        (KEY_INDEX, index.unwrap_or_default()),
+    ]
+    .into_iter()
+    .map(|(k, v)| KeyValue::new(k.to_string(), v))
+    .collect()
+}
+
+/// One tensor as stored in a weight file.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct TensorInfo {
+    /// Name.
+    pub name: String,
+    /// Element type.
+    pub dtype: Dtype,
+    /// Dimensions.
+    pub shape: Vec<u64>,
+    /// Elements.
+    pub num_params: u64,
+    /// Bytes of its data.
+    pub bytes: u64,
+    /// First row.
+    pub row: u64,
+    /// Rows it spans.
+    pub rows: u64,
+    /// Source tensor name, when the file records it.
+    pub source: Option<String>,
+    /// Source dtype, when the file records it.
+    pub source_dtype: Option<String>,
+}
+
+/// Parses the footer index of the file at `path` (the [`footer`]'s twin) and checks it
+/// against the file: known dtypes, sizes that match shapes, rows that follow each other
+/// and stay inside the file's `total_rows`.
+///
+/// # Errors
+///
+/// `CorruptWeights` naming the file, and the tensor where one is at fault.
+pub(crate) fn parse_index(path: &Path, text: &str, total_rows: u64) -> Result<Vec<TensorInfo>> {
+    let index: TensorIndex = serde_json::from_str(text)
+        .map_err(|e| Error::corrupt(path, None, format!("footer tensor index is damaged: {e}")))?;
+    let mut next_row = 0u64;
+    index
+        .tensors
+        .into_iter()
+        .map(|e: IndexEntry| {
+            let dtype = Dtype::from_torch(&e.dtype).ok_or_else(|| {
+                Error::corrupt(path, Some(&e.name), format!("unknown dtype `{}`", e.dtype))
+            })?;
+            let numel = e.shape.iter().try_fold(1u64, |a, &d| a.checked_mul(d));
+            let end = e.row.checked_add(e.rows);
+            let ok = numel.and_then(|n| n.checked_mul(dtype.size() as u64)) == Some(e.bytes)
+                && e.row == next_row
+                && e.rows >= 1
+                && end.is_some_and(|end| end <= total_rows);
+            let (Some(numel), Some(end), true) = (numel, end, ok) else {
+                return Err(Error::corrupt(
+                    path,
+                    Some(&e.name),
+                    "footer tensor index is inconsistent",
+                ));
+            };
+            next_row = end;
+            Ok(TensorInfo {
+                name: e.name,
+                dtype,
+                shape: e.shape,
+                num_params: numel,
+                bytes: e.bytes,
+                row: e.row,
+                rows: e.rows,
+                source: Some(e.source),
+                source_dtype: Some(e.source_dtype),
+            })
+        })
+        .collect()
 }

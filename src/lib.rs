@@ -2,25 +2,40 @@
 #![deny(missing_docs)]
 #![forbid(unsafe_op_in_unsafe_fn)]
 
-pub mod cast;
+// The pipeline, one module per stage: source → plan → cast → write, with the model
+// knowledge that shapes the plan, the format contract shared by writer and reader, and
+// the reader. `convert` sequences the stages.
+mod cast;
 mod convert;
-pub mod dtype;
+mod dtype;
 mod error;
-pub mod format;
-pub mod model;
-pub mod plan;
-pub mod read;
-pub mod source;
-pub mod write;
+mod format;
+mod model;
+mod plan;
+mod read;
+mod source;
+mod write;
 
 pub use convert::{
     convert, convert_with, plan_conversion, ConversionPlan, ConversionReport, ConvertConfig,
     ConvertConfigBuilder, Event, Observer, PlannedEntry, Silent, DEFAULT_INFLIGHT_PER_THREAD,
-    DEFAULT_MAX_ROW_MB, DEFAULT_ROW_GROUP_MB, DEFAULT_ZSTD_LEVEL, TOKENIZER_FILES,
+    DEFAULT_MAX_ROW_MB, DEFAULT_ROW_GROUP_MB, DEFAULT_ZSTD_LEVEL, LOW_MEMORY_ROW_MB,
+    MAX_BUDGET_BYTES, TOKENIZER_FILES,
 };
 pub use dtype::{Dtype, TargetDtype};
 pub use error::{sanitize, Error, Result};
 pub use model::{Filters, ModelType, Part};
-pub use read::{export, verify, ExportOptions, Tensor, VerifyOptions, VerifyReport, WeightFile};
+pub use read::{
+    export, inspect, verify, ExportOptions, ExportReport, InspectReport, RangeLog, RowGroupInfo,
+    Tensor, TensorCheck, TensorInfo, VerifyOptions, VerifyReport, WeightFile,
+};
+pub use source::{open as open_source, Source, SourceOptions, DEFAULT_MAX_HEADER_BYTES};
 pub use write::atomic::remove_temp_files;
 pub use write::Codec;
+
+/// Pipeline internals for the fuzz targets and benches. Not a stable API.
+#[doc(hidden)]
+pub mod internals {
+    pub use crate::cast::{cast_and_hash, cast_into, CastStats};
+    pub use crate::source::{check_prefix, parse_header, Header};
+}

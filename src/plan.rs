@@ -1,6 +1,7 @@
 //! Stage 2, the plan: which tensors, under which names and dtypes, in which rows and
-//! row groups. A [`Plan`] is only built by [`Plan::build`], which checks every limit,
-//! so the writer can trust it.
+//! row groups. A [`Plan`] is only built by [`Plan::build`], which checks every limit
+//! the format sets (unique names, int32 dimensions, sizes that fit), so the cast and
+//! write stages can trust it.
 
 use std::collections::HashMap;
 
@@ -8,72 +9,73 @@ use crate::dtype::{Dtype, TargetDtype};
 use crate::error::{Error, Result};
 use crate::source::{Source, TensorInfo};
 
-/// The largest row or row-group byte budget accepted (Arrow `Binary` offsets are i32).
+/// The largest row limit or row-group budget, in bytes (Arrow `Binary` offsets are
+/// i32, and a row group is one Arrow array).
 pub const MAX_BUDGET_BYTES: u64 = 1 << 30;
 
 /// One tensor picked from the source, under its output name.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Selected {
+pub(crate) struct Selected {
     /// Index of the shard in [`Source::shards`].
-    pub shard: usize,
+    pub(crate) shard: usize,
     /// Index of the tensor in that shard's header.
-    pub tensor: usize,
+    pub(crate) tensor: usize,
     /// Name in the output.
-    pub name: String,
+    pub(crate) name: String,
 }
 
 /// A tensor of the plan.
 #[derive(Debug, Clone)]
-pub struct PlannedTensor {
+pub(crate) struct PlannedTensor {
     /// Shard index.
-    pub shard: usize,
+    pub(crate) shard: usize,
     /// The source tensor.
-    pub src: TensorInfo,
+    pub(crate) src: TensorInfo,
     /// Output name.
-    pub name: String,
+    pub(crate) name: String,
     /// Output dtype.
-    pub dtype: Dtype,
+    pub(crate) dtype: Dtype,
     /// Output bytes.
-    pub out_len: u64,
+    pub(crate) out_len: u64,
     /// First row.
-    pub first_row: u64,
+    pub(crate) first_row: u64,
     /// Rows it spans (1 unless split).
-    pub rows: u64,
+    pub(crate) rows: u64,
 }
 
 /// One row: a whole tensor, or a chunk of one.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct RowPlan {
+pub(crate) struct RowPlan {
     /// Index into [`Plan::tensors`].
-    pub tensor: usize,
+    pub(crate) tensor: usize,
     /// First element of the chunk.
-    pub elem_start: u64,
+    pub(crate) elem_start: u64,
     /// Elements in the chunk.
-    pub elems: u64,
+    pub(crate) elems: u64,
 }
 
 /// One row group: consecutive rows.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct GroupPlan {
+pub(crate) struct GroupPlan {
     /// Range into [`Plan::rows`].
-    pub rows: std::ops::Range<usize>,
+    pub(crate) rows: std::ops::Range<usize>,
     /// Output bytes of `data`.
-    pub out_bytes: u64,
+    pub(crate) out_bytes: u64,
     /// Source bytes read.
-    pub src_bytes: u64,
+    pub(crate) src_bytes: u64,
 }
 
 /// A validated conversion plan.
 #[derive(Debug, Clone)]
-pub struct Plan {
+pub(crate) struct Plan {
     /// Tensors in output order.
-    pub tensors: Vec<PlannedTensor>,
+    pub(crate) tensors: Vec<PlannedTensor>,
     /// Rows in output order.
-    pub rows: Vec<RowPlan>,
+    pub(crate) rows: Vec<RowPlan>,
     /// Row groups in output order.
-    pub groups: Vec<GroupPlan>,
+    pub(crate) groups: Vec<GroupPlan>,
     /// The cast policy.
-    pub target: TargetDtype,
+    pub(crate) target: TargetDtype,
 }
 
 impl Plan {
@@ -83,40 +85,25 @@ impl Plan {
     /// # Errors
     ///
     /// `DuplicateTensor` if two selected tensors get the same output name,
-    /// `InvalidOption` for budgets out of range or a dimension that does not fit the
-    /// format's int32 shape.
-    pub fn build(
+    /// `DimensionTooLarge` for a dimension that does not fit the format's int32 shape,
+    /// `ShapeOverflow` for an output size past 64 bits. The budgets were checked by
+    /// [`crate::ConvertConfigBuilder::build`].
+    pub(crate) fn build(
         source: &Source,
         selection: &[Selected],
         target: TargetDtype,
         max_row_bytes: u64,
         group_bytes: u64,
     ) -> Result<Plan> {
-        if max_row_bytes == 0 || max_row_bytes > MAX_BUDGET_BYTES {
-            return Err(Error::option(format!(
-                "the row limit must be between 1 byte and {} MiB",
-                MAX_BUDGET_BYTES >> 20
-            )));
-        }
-        if group_bytes == 0 || group_bytes > MAX_BUDGET_BYTES {
-            return Err(Error::option(format!(
-                "the row-group budget must be between 1 byte and {} MiB",
-                MAX_BUDGET_BYTES >> 20
-            )));
-        }
+        debug_assert!((1..=MAX_BUDGET_BYTES).contains(&max_row_bytes));
+        debug_assert!((1..=MAX_BUDGET_BYTES).contains(&group_bytes));
         let mut tensors = Vec::with_capacity(selection.len());
         let mut rows = Vec::with_capacity(selection.len());
         let mut names: HashMap<&str, usize> = HashMap::new();
         for (i, s) in selection.iter().enumerate() {
-            let shard = source
-                .shards
-                .get(s.shard)
-                .ok_or_else(|| Error::option("selection names a shard that does not exist"))?;
-            let src = shard
-                .header
-                .tensors
-                .get(s.tensor)
-                .ok_or_else(|| Error::option("selection names a tensor that does not exist"))?;
+            // The selection was made from this source's headers.
+            let shard = &source.shards[s.shard];
+            let src = &shard.header.tensors[s.tensor];
             if let Some(&j) = names.get(s.name.as_str()) {
                 let other: &Selected = &selection[j];
                 return Err(Error::DuplicateTensor {
@@ -126,11 +113,12 @@ impl Plan {
                 });
             }
             names.insert(&s.name, i);
-            if let Some(d) = src.shape.iter().find(|&&d| d > i32::MAX as u64) {
-                return Err(Error::option(format!(
-                    "tensor `{}` has dimension {d}, which the format's int32 shape cannot hold",
-                    crate::error::sanitize(&src.name)
-                )));
+            if let Some(&dim) = src.shape.iter().find(|&&d| d > i32::MAX as u64) {
+                return Err(Error::DimensionTooLarge {
+                    path: shard.path.clone(),
+                    tensor: src.name.clone(),
+                    dim,
+                });
             }
             let dtype = target.output_for(src.dtype);
             let size = dtype.size() as u64;
@@ -202,17 +190,17 @@ impl Plan {
     }
 
     /// Source bytes the plan reads.
-    pub fn src_bytes(&self) -> u64 {
+    pub(crate) fn src_bytes(&self) -> u64 {
         self.groups.iter().map(|g| g.src_bytes).sum()
     }
 
     /// Output bytes of `data` before compression.
-    pub fn out_bytes(&self) -> u64 {
+    pub(crate) fn out_bytes(&self) -> u64 {
         self.groups.iter().map(|g| g.out_bytes).sum()
     }
 
     /// Elements over all tensors.
-    pub fn total_params(&self) -> u64 {
+    pub(crate) fn total_params(&self) -> u64 {
         self.tensors.iter().map(|t| t.src.numel).sum()
     }
 }

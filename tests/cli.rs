@@ -31,7 +31,7 @@ fn convert_prints_a_summary_and_json_on_request() {
     assert!(o.status.success(), "{}", text(&o.stderr));
     let err = text(&o.stderr);
     assert!(
-        err.starts_with("converted 39 tensors, 36.7 K parameters: "),
+        err.starts_with("converted 39 tensors, 36,704 parameters: "),
         "{err}"
     );
     assert!(
@@ -189,7 +189,7 @@ fn inspect_verify_export_round_trip() {
     let t = text(&o.stdout);
     assert!(t.contains("model.embed_tokens.weight"), "{t}");
     assert!(
-        t.contains("39 tensors, 213.6 K parameters, 417.1 KiB of data"),
+        t.contains("39 tensors, 213,568 parameters, 417.12 KiB of data"),
         "{t}"
     );
     assert!(

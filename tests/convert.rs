@@ -15,6 +15,7 @@ fn all(target: TargetDtype) -> ConvertConfig {
         .dtype(target)
         .model_type(ModelType::CausalLm)
         .build()
+        .unwrap()
 }
 
 fn no_temp_files(dir: &Path) {
@@ -125,12 +126,14 @@ fn same_input_same_rows() {
     let cfg = ConvertConfig::builder()
         .threads(2)
         .row_group_bytes(4096)
-        .build();
+        .build()
+        .unwrap();
     convert(fixture("tiny-clip"), tmp.path().join("a"), &cfg).unwrap();
     let cfg1 = ConvertConfig::builder()
         .threads(1)
         .row_group_bytes(4096)
-        .build();
+        .build()
+        .unwrap();
     convert(fixture("tiny-clip"), tmp.path().join("b"), &cfg1).unwrap();
     let (a, b) = (
         WeightFile::open(tmp.path().join("a")).unwrap(),
@@ -155,7 +158,8 @@ fn tensors_over_the_row_limit_split_and_read_back_whole() {
         .model_type(ModelType::CausalLm)
         .max_row_bytes(1000)
         .row_group_bytes(3000)
-        .build();
+        .build()
+        .unwrap();
     convert(fixture("tiny-llama-sharded-bf16"), &out, &cfg).unwrap();
     let wf = WeightFile::open(&out).unwrap();
     let embed = wf.info("model.embed_tokens.weight").unwrap();
@@ -165,7 +169,7 @@ fn tensors_over_the_row_limit_split_and_read_back_whole() {
     assert_matches_source(&out, &src, &same_names(&src), "f16");
     let report = modelconv::verify(
         &out,
-        Some(&fixture("tiny-llama-sharded-bf16")),
+        Some(&open_source(&fixture("tiny-llama-sharded-bf16"))),
         &Default::default(),
     )
     .unwrap();
@@ -212,15 +216,19 @@ fn overflow_is_an_error_and_leaves_nothing() {
     assert_eq!(
         err.to_string(),
         format!(
-            "tensor `model.layers.0.big`: 2 finite values would overflow to infinity casting BF16 to F16 \
-             (largest magnitude {big}); choose --dtype keep, bf16 or f32, or pass --allow-overflow"
+            "{}: tensor `model.layers.0.big`: 2 finite values would overflow to infinity casting BF16 to F16 \
+             (largest magnitude {big})",
+            src.join("model.safetensors").display()
         )
     );
     assert!(matches!(err, Error::Overflow { count: 2, .. }));
     no_temp_files(&out);
     assert!(!out.join("metadata.json").exists());
 
-    let cfg = ConvertConfig::builder().allow_overflow(true).build();
+    let cfg = ConvertConfig::builder()
+        .allow_overflow(true)
+        .build()
+        .unwrap();
     let r = convert(&src, &out, &cfg).unwrap();
     let cast = &r.metadata["cast_report"]["model.layers.0.big"];
     assert_eq!(cast["overflow"], 2);
@@ -237,7 +245,12 @@ fn overflow_is_an_error_and_leaves_nothing() {
     // bf16 and f32 hold the values: no overflow, no error.
     for d in [TargetDtype::Bf16, TargetDtype::F32, TargetDtype::Keep] {
         let o = tmp.path().join(format!("out-{d}"));
-        convert(&src, &o, &ConvertConfig::builder().dtype(d).build()).unwrap();
+        convert(
+            &src,
+            &o,
+            &ConvertConfig::builder().dtype(d).build().unwrap(),
+        )
+        .unwrap();
     }
 }
 
@@ -251,7 +264,7 @@ fn existing_output_is_refused_without_force_and_replaced_with_it() {
     assert_eq!(
         err.to_string(),
         format!(
-            "{}: output already holds a conversion; pass --force to replace it",
+            "{}: output already holds a conversion",
             out.join("weights.parquet").display()
         )
     );
@@ -259,12 +272,21 @@ fn existing_output_is_refused_without_force_and_replaced_with_it() {
     // A failing forced conversion leaves the old one intact.
     let bad = tmp.path().join("bad");
     overflow_checkpoint(&bad);
-    convert(&bad, &out, &ConvertConfig::builder().force(true).build()).unwrap_err();
+    convert(
+        &bad,
+        &out,
+        &ConvertConfig::builder().force(true).build().unwrap(),
+    )
+    .unwrap_err();
     assert_eq!(std::fs::read(out.join("weights.parquet")).unwrap(), before);
     let r = convert(
         fixture("tiny-clip"),
         &out,
-        &ConvertConfig::builder().force(true).part(Part::All).build(),
+        &ConvertConfig::builder()
+            .force(true)
+            .part(Part::All)
+            .build()
+            .unwrap(),
     )
     .unwrap();
     let n = read_source(&fixture("tiny-clip")).len();
@@ -297,7 +319,12 @@ fn output_that_is_an_input_is_refused() {
     std::fs::create_dir_all(&out).unwrap();
     std::os::unix::fs::symlink(model.join("model.safetensors"), out.join("weights.parquet"))
         .unwrap();
-    let err = convert(&model, &out, &ConvertConfig::builder().force(true).build()).unwrap_err();
+    let err = convert(
+        &model,
+        &out,
+        &ConvertConfig::builder().force(true).build().unwrap(),
+    )
+    .unwrap_err();
     assert!(matches!(err, Error::OutputIsInput { .. }), "{err}");
     // The output is an input file.
     let err = convert(
@@ -433,7 +460,8 @@ fn a_tensor_in_two_shards_is_a_duplicate() {
     // b.safetensors is not in the index, so it is not read: only a's `w` counts.
     let cfg = ConvertConfig::builder()
         .model_type(ModelType::Transformers)
-        .build();
+        .build()
+        .unwrap();
     convert(
         dir.join("model.safetensors.index.json"),
         tmp.path().join("o1"),
@@ -499,7 +527,8 @@ fn single_file_input_and_odd_sizes() {
             .dtype(target.parse().unwrap())
             .model_type(ModelType::Transformers)
             .row_group_bytes(16)
-            .build();
+            .build()
+            .unwrap();
         convert(dir.join("weights.safetensors"), &out, &cfg).unwrap();
         assert_matches_source(&out, &src, &same_names(&src), target);
     }
@@ -508,7 +537,8 @@ fn single_file_input_and_odd_sizes() {
     let cfg = ConvertConfig::builder()
         .model_type(ModelType::Transformers)
         .allow_overflow(true)
-        .build();
+        .build()
+        .unwrap();
     convert(&dir, &out, &cfg).unwrap();
     assert_matches_source(&out, &src, &same_names(&src), "f16");
 }
@@ -517,8 +547,12 @@ fn single_file_input_and_odd_sizes() {
 fn cancelled_conversion_leaves_nothing() {
     let tmp = tempdir();
     let out = tmp.path().join("o");
-    let cfg = ConvertConfig::builder().row_group_bytes(1024).build();
-    cfg.cancel.store(true, std::sync::atomic::Ordering::SeqCst);
+    let cfg = ConvertConfig::builder()
+        .row_group_bytes(1024)
+        .build()
+        .unwrap();
+    cfg.cancel_flag()
+        .store(true, std::sync::atomic::Ordering::SeqCst);
     let err = convert(fixture("tiny-llama-sharded-bf16"), &out, &cfg).unwrap_err();
     assert!(matches!(err, Error::Cancelled));
     no_temp_files(&out);
@@ -578,7 +612,7 @@ fn full_size_clip_layout_converts() {
     let out = tmp.path().join("out");
     let r = convert(&model, &out, &ConvertConfig::default()).unwrap();
     assert_eq!(r.tensors, 200, "CLIP vision part");
-    let report = modelconv::verify(&out, Some(&model), &Default::default()).unwrap();
+    let report = modelconv::verify(&out, Some(&open_source(&model)), &Default::default()).unwrap();
     assert!(report.passed());
     assert_eq!(report.tensors, 200);
 }

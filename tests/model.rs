@@ -222,7 +222,7 @@ fn clip_parts() {
     convert(
         fixture("tiny-clip"),
         &o,
-        &ConvertConfig::builder().part(Part::Text).build(),
+        &ConvertConfig::builder().part(Part::Text).build().unwrap(),
     )
     .unwrap();
     assert_eq!(names(&o), clip_text(2));
@@ -236,7 +236,7 @@ fn clip_parts() {
     convert(
         fixture("tiny-clip"),
         &o,
-        &ConvertConfig::builder().part(Part::All).build(),
+        &ConvertConfig::builder().part(Part::All).build().unwrap(),
     )
     .unwrap();
     let mut all = clip_vision(2);
@@ -248,7 +248,10 @@ fn clip_parts() {
     let err = convert(
         fixture("tiny-clip"),
         tmp.path().join("x"),
-        &ConvertConfig::builder().part(Part::Encoder).build(),
+        &ConvertConfig::builder()
+            .part(Part::Encoder)
+            .build()
+            .unwrap(),
     )
     .unwrap_err();
     assert_eq!(
@@ -281,7 +284,10 @@ fn whisper_parts() {
     convert(
         fixture("tiny-whisper"),
         &o,
-        &ConvertConfig::builder().part(Part::Decoder).build(),
+        &ConvertConfig::builder()
+            .part(Part::Decoder)
+            .build()
+            .unwrap(),
     )
     .unwrap();
     assert_eq!(names(&o), whisper_decoder(2));
@@ -291,7 +297,7 @@ fn whisper_parts() {
     convert(
         fixture("tiny-whisper"),
         &o,
-        &ConvertConfig::builder().part(Part::All).build(),
+        &ConvertConfig::builder().part(Part::All).build().unwrap(),
     )
     .unwrap();
     let mut all = whisper_encoder(2);
@@ -513,8 +519,11 @@ fn detection_of_every_type() {
         ("tiny-whisper", ModelType::CausalLm, 89),
     ];
     for (f, t, n) in explicit {
-        let p =
-            plan_conversion(fixture(f), &ConvertConfig::builder().model_type(t).build()).unwrap();
+        let p = plan_conversion(
+            fixture(f),
+            &ConvertConfig::builder().model_type(t).build().unwrap(),
+        )
+        .unwrap();
         assert_eq!(p.model_type, t.as_str());
         assert_eq!(p.kept.len(), n, "{f} as {}", t.as_str());
         assert_eq!(p.detected_by, "--model-type");
@@ -522,7 +531,10 @@ fn detection_of_every_type() {
     // A contradiction names what was found.
     let err = plan_conversion(
         fixture("tiny-whisper"),
-        &ConvertConfig::builder().model_type(ModelType::Clip).build(),
+        &ConvertConfig::builder()
+            .model_type(ModelType::Clip)
+            .build()
+            .unwrap(),
     )
     .unwrap_err();
     assert_eq!(
@@ -534,7 +546,10 @@ fn detection_of_every_type() {
     );
     let err = plan_conversion(
         fixture("tiny-clip"),
-        &ConvertConfig::builder().model_type(ModelType::Bert).build(),
+        &ConvertConfig::builder()
+            .model_type(ModelType::Bert)
+            .build()
+            .unwrap(),
     )
     .unwrap_err();
     assert!(matches!(err, Error::ModelConfig { .. }), "{err}");
@@ -604,7 +619,8 @@ fn filters_apply_after_the_recipe() {
         &llama,
         &ConvertConfig::builder()
             .filters(f(&[], &["lm_head.*"], &[]))
-            .build(),
+            .build()
+            .unwrap(),
     )
     .unwrap();
     assert_eq!(p.kept.len(), 38);
@@ -623,7 +639,8 @@ fn filters_apply_after_the_recipe() {
                 &[],
                 &[(r"^model\.layers\.(\d+)\.", "blk.$1.")],
             ))
-            .build(),
+            .build()
+            .unwrap(),
     )
     .unwrap();
     assert_eq!(p.kept.len(), 9);
@@ -640,7 +657,8 @@ fn filters_apply_after_the_recipe() {
         fixture("tiny-whisper"),
         &ConvertConfig::builder()
             .filters(f(&["encoder.position_embedding"], &[], &[]))
-            .build(),
+            .build()
+            .unwrap(),
     )
     .unwrap();
     assert_eq!(p.kept.len(), 1);
@@ -649,7 +667,8 @@ fn filters_apply_after_the_recipe() {
         &llama,
         &ConvertConfig::builder()
             .filters(f(&[], &["lm_haed.*"], &[]))
-            .build(),
+            .build()
+            .unwrap(),
     )
     .unwrap_err();
     assert_eq!(
@@ -661,7 +680,8 @@ fn filters_apply_after_the_recipe() {
         &llama,
         &ConvertConfig::builder()
             .filters(f(&[], &[], &[(r"^model\.layers\.\d+\.", "")]))
-            .build(),
+            .build()
+            .unwrap(),
     )
     .map(|p| p.kept.len())
     .unwrap_err();
@@ -693,7 +713,7 @@ fn hub_ids_resolve_from_the_local_cache() {
     let tmp = tempdir();
     let hub = tmp.path().join("hub");
     fake_hub(&hub);
-    let c = |_: ()| ConvertConfig::builder().hub_cache(&hub).build();
+    let c = |_: ()| ConvertConfig::builder().hub_cache(&hub).build().unwrap();
     let p = plan_conversion("openai/clip-vit-base-patch32", &c(())).unwrap();
     assert_eq!(p.model_type, "clip");
     assert_eq!(
@@ -712,17 +732,35 @@ fn hub_ids_resolve_from_the_local_cache() {
     assert_eq!(
         err.to_string(),
         format!(
-            "openai/whisper-base: no safetensors weights: not in the local Hugging Face cache (looked in {}); modelconv works offline: \
+            "openai/whisper-base: not in the local Hugging Face cache (looked in {}); modelconv works offline: \
              download the model first (e.g. `huggingface-cli download openai/whisper-base`), or pass a local path",
             hub.join("models--openai--whisper-base").display()
         )
     );
+    let clip_repo = hub.join("models--openai--clip-vit-base-patch32");
+    let offline = "modelconv works offline: download the model first \
+                   (e.g. `huggingface-cli download openai/clip-vit-base-patch32`), or pass a local path";
     let err = plan_conversion("openai/clip-vit-base-patch32@nope", &c(())).unwrap_err();
-    assert!(
-        err.to_string()
-            .contains("revision `nope` is not in the cache"),
-        "{err}"
+    assert!(matches!(err, Error::NotInHubCache { .. }), "{err:?}");
+    assert_eq!(
+        err.to_string(),
+        format!(
+            "openai/clip-vit-base-patch32@nope: revision `nope` is not in the cache (looked in {}); {offline}",
+            clip_repo.display()
+        )
     );
+    // A revision that would leave the cache is refused before any path is built from it.
+    for rev in ["..", "../../../etc", "a/../../b"] {
+        let id = format!("openai/clip-vit-base-patch32@{rev}");
+        let err = plan_conversion(&id, &c(())).unwrap_err();
+        assert_eq!(
+            err.to_string(),
+            format!(
+                "{id}: revision `{rev}` is not a valid name (looked in {}); {offline}",
+                clip_repo.display()
+            )
+        );
+    }
     // The environment decides the cache when no directory is given.
     let out = std::process::Command::new(env!("CARGO_BIN_EXE_modelconv"))
         .args([
@@ -804,7 +842,7 @@ fn full_size_layouts_convert_with_the_expected_counts() {
     assert_eq!(r.tensors, 200);
     assert_eq!(names(&o), clip_vision(12));
     assert_eq!(metadata(&o)["config"]["image_size"], 224);
-    let report = modelconv::verify(&o, Some(&clip), &Default::default()).unwrap();
+    let report = modelconv::verify(&o, Some(&open_source(&clip)), &Default::default()).unwrap();
     assert!(report.passed());
     drop(std::fs::remove_dir_all(&clip));
 

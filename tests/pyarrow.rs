@@ -39,7 +39,8 @@ fn seed_loader_reads_every_fixture_with_every_dtype() {
             let cfg = ConvertConfig::builder()
                 .dtype(target.parse().unwrap())
                 .model_type(ModelType::CausalLm)
-                .build();
+                .build()
+                .unwrap();
             convert(fixture(name), &out, &cfg).unwrap();
             let n = read_source(&fixture(name)).len();
             let stdout = run_py(
@@ -101,7 +102,8 @@ fn a_naive_reader_fails_loudly_on_split_tensors() {
     let cfg = ConvertConfig::builder()
         .model_type(ModelType::CausalLm)
         .max_row_bytes(4096)
-        .build();
+        .build()
+        .unwrap();
     convert(fixture("tiny-llama-sharded-bf16"), &out, &cfg).unwrap();
     let stdout = run_py(
         "seed_loader.py",
@@ -133,7 +135,12 @@ fn files_written_by_pyarrow_with_the_seed_schema_are_read_and_exported() {
         let src = read_source(&fixture(name));
         // The seed's file is in name order (it iterated a dict); compare by name.
         assert_matches_source(tmp.path(), &src, &same_names(&src), "f16");
-        let report = modelconv::verify(&file, Some(&fixture(name)), &Default::default()).unwrap();
+        let report = modelconv::verify(
+            &file,
+            Some(&open_source(&fixture(name))),
+            &Default::default(),
+        )
+        .unwrap();
         assert!(
             report.passed(),
             "{name}: {:?}",
@@ -147,7 +154,7 @@ fn files_written_by_pyarrow_with_the_seed_schema_are_read_and_exported() {
             &st,
             &ExportOptions {
                 dtype: TargetDtype::F32,
-                force: false,
+                ..Default::default()
             },
         )
         .unwrap();

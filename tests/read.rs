@@ -15,6 +15,7 @@ fn all(target: TargetDtype) -> ConvertConfig {
         .dtype(target)
         .model_type(ModelType::CausalLm)
         .build()
+        .unwrap()
 }
 
 #[test]
@@ -38,7 +39,7 @@ fn round_trip_every_fixture_through_safetensors() {
             &st,
             &ExportOptions {
                 dtype: TargetDtype::F32,
-                force: false,
+                ..Default::default()
             },
         )
         .unwrap();
@@ -74,7 +75,8 @@ fn reading_one_tensor_touches_only_its_row_group() {
     let cfg = ConvertConfig::builder()
         .model_type(ModelType::CausalLm)
         .row_group_bytes(20_000)
-        .build();
+        .build()
+        .unwrap();
     convert(fixture("tiny-llama-sharded-bf16"), &out, &cfg).unwrap();
     let log = Arc::new(Mutex::new(Vec::new()));
     let wf = WeightFile::open_with(&out, Some(log.clone())).unwrap();
@@ -140,7 +142,8 @@ fn small_file(tmp: &std::path::Path, codec: Codec) -> std::path::PathBuf {
     let cfg = ConvertConfig::builder()
         .compression(codec)
         .row_group_bytes(8192)
-        .build();
+        .build()
+        .unwrap();
     convert(fixture("tiny-bert"), &out, &cfg).unwrap();
     out.join("weights.parquet")
 }
@@ -290,7 +293,8 @@ fn reading_every_tensor_as_f32_matches_one_at_a_time() {
         .row_group_bytes(10_000)
         .max_row_bytes(3000)
         .model_type(ModelType::CausalLm)
-        .build();
+        .build()
+        .unwrap();
     convert(fixture("tiny-llama-sharded-bf16"), &out, &cfg).unwrap();
     let wf = WeightFile::open(&out).unwrap();
     let seen = Mutex::new(Vec::new());

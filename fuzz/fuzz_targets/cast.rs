@@ -3,7 +3,7 @@
 
 use half::{bf16, f16};
 use libfuzzer_sys::fuzz_target;
-use modelconv::cast::cast_into;
+use modelconv::internals::cast_into;
 use modelconv::Dtype;
 
 fuzz_target!(|data: &[u8]| {

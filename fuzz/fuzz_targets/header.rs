@@ -3,7 +3,7 @@
 #![no_main]
 
 use libfuzzer_sys::fuzz_target;
-use modelconv::source::{check_prefix, parse_header};
+use modelconv::internals::{check_prefix, parse_header};
 use std::path::Path;
 
 fuzz_target!(|data: &[u8]| {

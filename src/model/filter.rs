@@ -8,7 +8,7 @@ use crate::error::{Error, Result};
 
 /// Matches `name` against a glob: `*` is any run of characters (dots included), `?`
 /// exactly one character; everything else is literal.
-pub fn glob_match(pattern: &str, name: &str) -> bool {
+pub(crate) fn glob_match(pattern: &str, name: &str) -> bool {
     let (p, n): (Vec<char>, Vec<char>) = (pattern.chars().collect(), name.chars().collect());
     let (mut pi, mut ni) = (0usize, 0usize);
     let mut star: Option<(usize, usize)> = None;
@@ -60,12 +60,53 @@ impl Filters {
             })
     }
 
-    /// Applies the filters to `(shard, tensor, source name, output name)` rows.
+    /// Checks the filters once: every rename pattern must be a regex.
+    ///
+    /// # Errors
+    ///
+    /// `InvalidOption` naming the pattern that does not compile.
+    pub(crate) fn compile(self) -> Result<CompiledFilters> {
+        let rename = self
+            .rename
+            .into_iter()
+            .map(|(from, to)| {
+                Regex::new(&from)
+                    .map(|re| (re, from.clone(), to))
+                    .map_err(|e| Error::option(format!("--rename `{from}`: {e}")))
+            })
+            .collect::<Result<Vec<_>>>()?;
+        Ok(CompiledFilters {
+            include: self.include,
+            exclude: self.exclude,
+            rename,
+        })
+    }
+}
+
+/// [`Filters`] with the rename patterns compiled.
+#[derive(Debug, Clone, Default)]
+pub(crate) struct CompiledFilters {
+    include: Vec<String>,
+    exclude: Vec<String>,
+    /// `(regex, its source text, replacement)`.
+    rename: Vec<(Regex, String, String)>,
+}
+
+/// A tensor on its way through the filters: `(shard, tensor, source name, output name)`.
+pub(crate) type Candidate = (usize, usize, String, String);
+
+impl CompiledFilters {
+    /// Applies the filters to the candidates the recipe keeps, recording what they drop.
+    ///
+    /// # Errors
+    ///
+    /// `InvalidOption` when a filter matches nothing: a typo must not silently keep or
+    /// drop everything.
     pub(crate) fn apply(
         &self,
-        rows: Vec<(usize, usize, String, String)>,
+        rows: Vec<Candidate>,
         dropped: &mut Vec<(String, String)>,
-    ) -> Result<Vec<(usize, usize, String, String)>> {
+    ) -> Result<Vec<Candidate>> {
         let mut rows = rows;
         if !self.include.is_empty() {
             for g in &self.include {
@@ -95,9 +136,7 @@ impl Filters {
             dropped.extend(drop.into_iter().map(|r| (r.2, format!("--exclude {g}"))));
             rows = keep;
         }
-        for (from, to) in &self.rename {
-            let re =
-                Regex::new(from).map_err(|e| Error::option(format!("--rename `{from}`: {e}")))?;
+        for (re, from, to) in &self.rename {
             let mut hit = false;
             for r in rows.iter_mut() {
                 if re.is_match(&r.3) {
@@ -151,7 +190,11 @@ mod tests {
             ..Default::default()
         };
         assert_eq!(
-            f.apply(rows.clone(), &mut vec![]).unwrap_err().to_string(),
+            f.compile()
+                .unwrap()
+                .apply(rows.clone(), &mut vec![])
+                .unwrap_err()
+                .to_string(),
             "--include `c.*` matches no tensor the recipe keeps"
         );
         let f = Filters {
@@ -160,7 +203,11 @@ mod tests {
             ..Default::default()
         };
         let mut dropped = vec![];
-        let out = f.apply(rows.clone(), &mut dropped).unwrap();
+        let out = f
+            .compile()
+            .unwrap()
+            .apply(rows.clone(), &mut dropped)
+            .unwrap();
         assert_eq!(out, vec![(0, 1, "b.w".to_string(), "B.w".to_string())]);
         assert_eq!(
             dropped,
@@ -171,7 +218,11 @@ mod tests {
             ..Default::default()
         };
         assert_eq!(
-            f.apply(rows, &mut vec![]).unwrap_err().to_string(),
+            f.compile()
+                .unwrap()
+                .apply(rows, &mut vec![])
+                .unwrap_err()
+                .to_string(),
             "--rename `zzz` matches no tensor name"
         );
     }

@@ -9,8 +9,9 @@ use std::path::{Path, PathBuf};
 
 use serde_json::Value;
 
-pub use filter::{glob_match, Filters};
-pub use metadata::{build as build_metadata, iso8601_utc, model_info, MetadataInput};
+pub(crate) use filter::CompiledFilters;
+pub use filter::Filters;
+pub(crate) use metadata::{build as build_metadata, MetadataInput};
 
 use crate::error::{Error, Result};
 use crate::plan::Selected;
@@ -357,6 +358,27 @@ pub struct Recipe {
     pub tied_head: bool,
 }
 
+impl Recipe {
+    /// Records a causal LM whose `lm_head.weight` is not stored because
+    /// `tie_word_embeddings` ties it to the embeddings; `has_head` says whether the
+    /// selection keeps an `lm_head.weight`.
+    pub(crate) fn note_tied_head(&mut self, files: &ModelFiles, has_head: bool) {
+        let tie = files
+            .config
+            .as_ref()
+            .and_then(|c| c.get("tie_word_embeddings"))
+            .and_then(Value::as_bool)
+            .unwrap_or(false);
+        if self.model_type == ModelType::CausalLm && tie && !has_head {
+            self.tied_head = true;
+            self.notices.push(
+                "lm_head.weight is tied to model.embed_tokens.weight (tie_word_embeddings) and not stored"
+                    .into(),
+            );
+        }
+    }
+}
+
 /// Decides the family and part for a checkpoint.
 ///
 /// # Errors
@@ -576,8 +598,13 @@ fn apply_recipe(r: &Recipe, name: &str, has_base: bool) -> std::result::Result<S
 ///
 /// # Errors
 ///
-/// `InvalidOption` when a filter matches nothing, or when nothing is left.
-pub fn select(source: &Source, recipe: &Recipe, filters: &Filters) -> Result<Selection> {
+/// `InvalidOption` when a filter matches nothing, `NothingToConvert` when nothing is
+/// left.
+pub(crate) fn select(
+    source: &Source,
+    recipe: &Recipe,
+    filters: &CompiledFilters,
+) -> Result<Selection> {
     let has_base = recipe.base_prefix.as_deref().is_some_and(|p| {
         source
             .shards
@@ -607,10 +634,10 @@ pub fn select(source: &Source, recipe: &Recipe, filters: &Filters) -> Result<Sel
         });
     }
     if out.selected.is_empty() {
-        return Err(Error::option(format!(
-            "nothing to convert: the {} recipe and the filters keep no tensor",
-            recipe.model_type.as_str()
-        )));
+        return Err(Error::NothingToConvert {
+            path: source.input.clone(),
+            model_type: recipe.model_type.as_str(),
+        });
     }
     Ok(out)
 }

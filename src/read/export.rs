@@ -20,6 +20,10 @@ pub struct ExportOptions {
     pub dtype: TargetDtype,
     /// Replace an existing output file.
     pub force: bool,
+    /// Record `exported_by: modelconv <version>` in the header's `__metadata__`. Off
+    /// by default, so that exporting a `keep` conversion gives the source file byte for
+    /// byte.
+    pub stamp: bool,
 }
 
 impl Default for ExportOptions {
@@ -27,6 +31,7 @@ impl Default for ExportOptions {
         ExportOptions {
             dtype: TargetDtype::Keep,
             force: false,
+            stamp: false,
         }
     }
 }
@@ -74,26 +79,29 @@ pub fn export(weights: &Path, out: &Path, opts: &ExportOptions) -> Result<Export
     let mut header = serde_json::Map::new();
     let mut meta = serde_json::Map::new();
     meta.insert("format".into(), "pt".into());
-    meta.insert(
-        "exported_by".into(),
-        format!("modelconv {}", env!("CARGO_PKG_VERSION")).into(),
-    );
+    if opts.stamp {
+        meta.insert(
+            "exported_by".into(),
+            format!("modelconv {}", env!("CARGO_PKG_VERSION")).into(),
+        );
+    }
     header.insert("__metadata__".into(), serde_json::Value::Object(meta));
     let mut offset = 0u64;
     for t in wf.tensors() {
         let d = out_dtype(t.dtype);
-        let len = t
+        let end = t
             .num_params
             .checked_mul(d.size() as u64)
+            .and_then(|len| offset.checked_add(len))
             .ok_or_else(|| Error::corrupt(wf.path(), Some(&t.name), "size overflows"))?;
         header.insert(
             t.name.clone(),
-            serde_json::json!({"dtype": d.safetensors_name(), "shape": t.shape, "data_offsets": [offset, offset + len]}),
+            serde_json::json!({"dtype": d.safetensors_name(), "shape": t.shape, "data_offsets": [offset, end]}),
         );
-        offset += len;
+        offset = end;
     }
     let mut text = serde_json::to_string(&serde_json::Value::Object(header))
-        .map_err(|e| Error::option(e.to_string()))?;
+        .map_err(|e| Error::internal(format!("safetensors header: {e}")))?;
     while !text.len().is_multiple_of(8) {
         text.push(' ');
     }

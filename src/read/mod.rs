@@ -6,7 +6,8 @@
 //! checksums) are read by scanning `layer_name` once.
 
 mod export;
-pub mod io;
+mod inspect;
+mod io;
 mod verify;
 
 use std::collections::HashMap;
@@ -23,15 +24,17 @@ use parquet::arrow::arrow_reader::{
 };
 use parquet::arrow::ProjectionMask;
 use parquet::file::metadata::PageIndexPolicy;
-use serde::Serialize;
 
+pub use crate::format::TensorInfo;
 pub use export::{export, ExportOptions, ExportReport};
-pub use io::{MappedFile, RangeLog};
+pub use inspect::{inspect, InspectReport, RowGroupInfo};
+pub use io::RangeLog;
 pub use verify::{verify, TensorCheck, VerifyOptions, VerifyReport};
 
 use crate::dtype::{Dtype, TargetDtype};
 use crate::error::{Error, Result};
-use crate::format::{self, IndexEntry, TensorIndex};
+use crate::format;
+use io::MappedFile;
 
 /// Runs a Parquet call, turning a panic inside the parquet crate into an error.
 fn guard<T>(path: &Path, tensor: Option<&str>, f: impl FnOnce() -> Result<T>) -> Result<T> {
@@ -50,29 +53,6 @@ fn guard<T>(path: &Path, tensor: Option<&str>, f: impl FnOnce() -> Result<T>) ->
             ))
         }
     }
-}
-
-/// One tensor as stored.
-#[derive(Debug, Clone, PartialEq, Serialize)]
-pub struct TensorInfo {
-    /// Name.
-    pub name: String,
-    /// Element type.
-    pub dtype: Dtype,
-    /// Dimensions.
-    pub shape: Vec<u64>,
-    /// Elements.
-    pub num_params: u64,
-    /// Bytes of its data.
-    pub bytes: u64,
-    /// First row.
-    pub row: u64,
-    /// Rows it spans.
-    pub rows: u64,
-    /// Source tensor name, when the file records it.
-    pub source: Option<String>,
-    /// Source dtype, when the file records it.
-    pub source_dtype: Option<String>,
 }
 
 /// One tensor's data.
@@ -96,7 +76,7 @@ impl Tensor {
 }
 
 /// Converts element bytes of `dtype` to f32.
-pub fn to_f32(dtype: Dtype, data: &[u8]) -> Vec<f32> {
+pub(crate) fn to_f32(dtype: Dtype, data: &[u8]) -> Vec<f32> {
     let n = data.len() / dtype.size();
     let mut out = vec![0f32; n];
     match dtype {
@@ -157,17 +137,17 @@ pub struct WeightFile {
 
 /// One row as the scanner hands it out.
 #[derive(Debug)]
-pub struct Row<'a> {
+pub(crate) struct Row<'a> {
     /// Global row number.
-    pub row: u64,
+    pub(crate) row: u64,
     /// Index of its tensor in [`WeightFile::tensors`].
-    pub tensor: usize,
+    pub(crate) tensor: usize,
     /// Byte offset of this row's data inside the tensor.
-    pub offset: u64,
+    pub(crate) offset: u64,
     /// The data.
-    pub data: &'a [u8],
+    pub(crate) data: &'a [u8],
     /// The stored checksum, when the file has them.
-    pub checksum: Option<u64>,
+    pub(crate) checksum: Option<u64>,
 }
 
 impl WeightFile {
@@ -246,7 +226,10 @@ impl WeightFile {
             has_checksums,
         };
         let tensors = match wf.kv.get(format::KEY_INDEX) {
-            Some(idx) => wf.tensors_from_index(idx)?,
+            Some(idx) => {
+                let rows = wf.rg_first_row.last().copied().unwrap_or(0);
+                format::parse_index(&wf.path, idx, rows)?
+            }
             None => wf.tensors_from_scan()?,
         };
         wf.by_name = tensors
@@ -256,57 +239,6 @@ impl WeightFile {
             .collect();
         wf.tensors = tensors;
         Ok(wf)
-    }
-
-    fn tensors_from_index(&self, idx: &str) -> Result<Vec<TensorInfo>> {
-        let index: TensorIndex = serde_json::from_str(idx).map_err(|e| {
-            Error::corrupt(
-                &self.path,
-                None,
-                format!("footer tensor index is damaged: {e}"),
-            )
-        })?;
-        let total_rows = *self.rg_first_row.last().unwrap_or(&0);
-        let mut next_row = 0u64;
-        index
-            .tensors
-            .into_iter()
-            .map(|e: IndexEntry| {
-                let dtype = Dtype::from_torch(&e.dtype).ok_or_else(|| {
-                    Error::corrupt(
-                        &self.path,
-                        Some(&e.name),
-                        format!("unknown dtype `{}`", e.dtype),
-                    )
-                })?;
-                let numel = e.shape.iter().try_fold(1u64, |a, &d| a.checked_mul(d));
-                let ok = numel.and_then(|n| n.checked_mul(dtype.size() as u64)) == Some(e.bytes)
-                    && e.row == next_row
-                    && e.rows >= 1
-                    && e.row
-                        .checked_add(e.rows)
-                        .is_some_and(|end| end <= total_rows);
-                if !ok {
-                    return Err(Error::corrupt(
-                        &self.path,
-                        Some(&e.name),
-                        "footer tensor index is inconsistent",
-                    ));
-                }
-                next_row = e.row + e.rows;
-                Ok(TensorInfo {
-                    name: e.name,
-                    dtype,
-                    shape: e.shape,
-                    num_params: numel.unwrap_or(0),
-                    bytes: e.bytes,
-                    row: e.row,
-                    rows: e.rows,
-                    source: Some(e.source),
-                    source_dtype: Some(e.source_dtype),
-                })
-            })
-            .collect()
     }
 
     /// Builds the tensor list of a file without our footer index by reading the small
@@ -595,7 +527,11 @@ impl WeightFile {
     }
 
     /// Calls `f` for every row of row group `rg`, in order.
-    pub fn scan_row_group(&self, rg: usize, f: &mut dyn FnMut(Row) -> Result<()>) -> Result<()> {
+    pub(crate) fn scan_row_group(
+        &self,
+        rg: usize,
+        f: &mut dyn FnMut(Row) -> Result<()>,
+    ) -> Result<()> {
         let first = *self
             .rg_first_row
             .get(rg)

@@ -1,6 +1,7 @@
 //! `verify`: the file's structure and checksums, and with a source, every value against
 //! what the recorded cast policy makes of the source, bit for bit.
 
+use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::sync::Mutex;
 
@@ -14,24 +15,10 @@ use crate::error::{Error, Result};
 use crate::source::Source;
 
 /// Options of [`verify`].
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, Default)]
 pub struct VerifyOptions {
-    /// Cap on a source header.
-    pub max_header_bytes: u64,
-    /// Hugging Face cache for a hub-id source.
-    pub hub_cache: Option<PathBuf>,
     /// Worker threads (0 = all cores).
     pub threads: usize,
-}
-
-impl Default for VerifyOptions {
-    fn default() -> Self {
-        VerifyOptions {
-            max_header_bytes: crate::source::DEFAULT_MAX_HEADER_BYTES,
-            hub_cache: None,
-            threads: 0,
-        }
-    }
 }
 
 /// The verdict on one tensor.
@@ -140,29 +127,23 @@ fn compare(check: &mut TensorCheck, src_dtype: Dtype, out_dtype: Dtype, src: &[u
 }
 
 /// Verifies a weight file: structure (rows add up to every shape), each row's checksum,
-/// and, given `source`, every stored value against the source under the file's cast
-/// policy.
+/// and, given an open `source` (see [`crate::open_source`]), every stored value against
+/// the source under the file's cast policy.
 ///
 /// # Errors
 ///
-/// Opening errors of the file or the source; problems found are in the report.
-pub fn verify(path: &Path, source: Option<&Path>, opts: &VerifyOptions) -> Result<VerifyReport> {
+/// Opening errors of the file, `ThreadPool`; problems found are in the report.
+pub fn verify(
+    path: impl AsRef<Path>,
+    source: Option<&Source>,
+    opts: &VerifyOptions,
+) -> Result<VerifyReport> {
     let wf = WeightFile::open(path)?;
-    let src: Option<Source> = match source {
-        Some(s) => Some(crate::convert::open_for_verify(s, opts)?),
-        None => None,
-    };
-    let src_index: std::collections::HashMap<&str, (usize, usize)> = src
+    let src = source;
+    let src_index: HashMap<&str, (usize, &crate::source::TensorInfo)> = src
         .iter()
-        .flat_map(|s| {
-            s.shards.iter().enumerate().flat_map(|(si, sh)| {
-                sh.header
-                    .tensors
-                    .iter()
-                    .enumerate()
-                    .map(move |(ti, t)| (t.name.as_str(), (si, ti)))
-            })
-        })
+        .flat_map(|s| s.tensors())
+        .map(|(si, t)| (t.name.as_str(), (si, t)))
         .collect();
     let checks: Vec<Mutex<TensorCheck>> = wf
         .tensors()
@@ -181,7 +162,9 @@ pub fn verify(path: &Path, source: Option<&Path>, opts: &VerifyOptions) -> Resul
     let pool = rayon::ThreadPoolBuilder::new()
         .num_threads(threads)
         .build()
-        .map_err(|e| Error::option(format!("cannot start worker threads: {e}")))?;
+        .map_err(|e| Error::ThreadPool {
+            reason: e.to_string(),
+        })?;
     let rows_seen = Mutex::new(0u64);
     let file_problems = Mutex::new(Vec::new());
     pool.install(|| {
@@ -205,8 +188,7 @@ pub fn verify(path: &Path, source: Option<&Path>, opts: &VerifyOptions) -> Resul
                             "source has no tensor `{}`",
                             crate::error::sanitize(sname)
                         )),
-                        Some(&(si, ti)) => {
-                            let st = &src.shards[si].header.tensors[ti];
+                        Some(&(si, st)) => {
                             let expect_dtype =
                                 policy.map(|p| p.output_for(st.dtype)).unwrap_or(t.dtype);
                             if expect_dtype != t.dtype {

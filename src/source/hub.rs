@@ -7,7 +7,7 @@ use std::path::{Path, PathBuf};
 use crate::error::{Error, Result};
 
 /// True when `s` has the shape of a hub id and is not an existing path.
-pub fn looks_like_hub_id(s: &str) -> bool {
+pub(crate) fn looks_like_hub_id(s: &str) -> bool {
     if Path::new(s).exists() {
         return false;
     }
@@ -27,7 +27,7 @@ pub fn looks_like_hub_id(s: &str) -> bool {
 
 /// The hub cache directory: `HF_HUB_CACHE`, else `HF_HOME/hub`, else
 /// `~/.cache/huggingface/hub` (`XDG_CACHE_HOME` honoured).
-pub fn cache_dir() -> PathBuf {
+pub(crate) fn cache_dir() -> PathBuf {
     let var = |k: &str| {
         std::env::var_os(k)
             .filter(|v| !v.is_empty())
@@ -53,15 +53,15 @@ pub fn cache_dir() -> PathBuf {
 ///
 /// # Errors
 ///
-/// `NoWeights` saying where it looked and that modelconv works offline.
-pub fn resolve(id: &str, cache: &Path) -> Result<PathBuf> {
+/// `NotInHubCache` saying where it looked and that modelconv works offline.
+pub(crate) fn resolve(id: &str, cache: &Path) -> Result<PathBuf> {
     let (repo, rev) = match id.split_once('@') {
         Some((r, v)) => (r, Some(v)),
         None => (id, None),
     };
     let folder = cache.join(format!("models--{}", repo.replace('/', "--")));
-    let not_found = |what: String| Error::NoWeights {
-        path: PathBuf::from(id),
+    let not_found = |what: String| Error::NotInHubCache {
+        id: id.to_string(),
         reason: format!(
             "{what} (looked in {}); modelconv works offline: download the model first \
              (e.g. `huggingface-cli download {repo}`), or pass a local path",

@@ -1,8 +1,10 @@
-//! Stage 1, the source: find the shards of a checkpoint, validate every header, map
-//! the data, and check that a shard index and the shard headers agree both ways.
+//! Stage 1, the source: resolve what the user named (a directory, a file, a shard index
+//! or a hub id in the local cache), find the shards, validate every header before
+//! anything is planned, map the data, and check that a shard index and the shard
+//! headers agree both ways. [`open`] is the one way in, for convert and verify alike.
 
 mod header;
-pub mod hub;
+mod hub;
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::fmt;
@@ -23,14 +25,34 @@ pub const INDEX_FILE: &str = "model.safetensors.index.json";
 /// The conventional name of a single-file checkpoint.
 pub const SINGLE_FILE: &str = "model.safetensors";
 
+/// How a checkpoint is opened.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SourceOptions {
+    /// The largest safetensors header accepted, in bytes (default
+    /// [`DEFAULT_MAX_HEADER_BYTES`]).
+    pub max_header_bytes: u64,
+    /// The Hugging Face cache that hub ids resolve in (default: `HF_HUB_CACHE`,
+    /// `HF_HOME/hub`, `~/.cache/huggingface/hub`).
+    pub hub_cache: Option<PathBuf>,
+}
+
+impl Default for SourceOptions {
+    fn default() -> Self {
+        SourceOptions {
+            max_header_bytes: DEFAULT_MAX_HEADER_BYTES,
+            hub_cache: None,
+        }
+    }
+}
+
 /// One memory-mapped, validated safetensors file.
-pub struct Shard {
+pub(crate) struct Shard {
     /// Where it is.
-    pub path: PathBuf,
+    pub(crate) path: PathBuf,
     /// Its length when it was validated.
-    pub file_len: u64,
+    pub(crate) file_len: u64,
     /// The validated header.
-    pub header: Header,
+    pub(crate) header: Header,
     file: File,
     map: Option<Mmap>,
 }
@@ -65,7 +87,7 @@ impl Shard {
     /// # Errors
     ///
     /// I/O errors, and every header rule of [`parse_header`].
-    pub fn open(path: &Path, max_header_bytes: u64) -> Result<Shard> {
+    pub(crate) fn open(path: &Path, max_header_bytes: u64) -> Result<Shard> {
         let file = File::open(path).map_err(|e| Error::io("open", path, e))?;
         let meta = file.metadata().map_err(|e| Error::io("stat", path, e))?;
         if !meta.is_file() {
@@ -100,9 +122,10 @@ impl Shard {
             // SAFETY: see `map_file`; the risk is documented for the whole crate.
             let m = unsafe { map_file(&file) }.map_err(|e| Error::io("map", path, e))?;
             if m.len() as u64 != file_len {
-                return Err(Error::Coverage {
+                return Err(Error::SourceChanged {
                     path: path.to_path_buf(),
-                    reason: "file changed size while being opened".into(),
+                    was: file_len,
+                    now: m.len() as u64,
                 });
             }
             let _ = m.advise(Advice::Sequential);
@@ -123,52 +146,45 @@ impl Shard {
     ///
     /// # Errors
     ///
-    /// `Coverage` if the range is not inside the mapping (it always is for ranges
-    /// derived from this shard's validated header).
-    pub fn bytes(&self, t: &TensorInfo, start: u64, len: u64) -> Result<&[u8]> {
-        let out_of_range = || Error::Coverage {
-            path: self.path.clone(),
-            reason: format!(
-                "tensor `{}` range outside the mapped file",
-                crate::error::sanitize(&t.name)
-            ),
-        };
+    /// `Internal` if the range is not inside the tensor or the mapping: ranges derived
+    /// from this shard's validated header always are.
+    pub(crate) fn bytes(&self, t: &TensorInfo, start: u64, len: u64) -> Result<&[u8]> {
         if len == 0 {
             return Ok(&[]);
         }
-        let begin = t.offset.checked_add(start).ok_or_else(out_of_range)?;
-        let end = begin.checked_add(len).ok_or_else(out_of_range)?;
-        if end > t.offset.saturating_add(t.len) {
-            return Err(out_of_range());
-        }
-        let (b, e) = (
-            usize::try_from(begin).map_err(|_| out_of_range())?,
-            usize::try_from(end).map_err(|_| out_of_range())?,
-        );
-        self.map
-            .as_ref()
-            .and_then(|m| m.get(b..e))
-            .ok_or_else(out_of_range)
+        let range = t
+            .offset
+            .checked_add(start)
+            .and_then(|b| Some((b, b.checked_add(len)?)))
+            .filter(|&(_, e)| e <= t.offset.saturating_add(t.len))
+            .and_then(|(b, e)| Some(usize::try_from(b).ok()?..usize::try_from(e).ok()?));
+        let bytes = range.and_then(|r| self.map.as_ref()?.get(r));
+        debug_assert!(bytes.is_some(), "range outside tensor `{}`", t.name);
+        bytes.ok_or_else(|| {
+            Error::internal(format!(
+                "{}: bytes [{start}, {start}+{len}) of tensor `{}` are outside it",
+                self.path.display(),
+                crate::error::sanitize(&t.name)
+            ))
+        })
     }
 
     /// Re-checks that the file still has the length it was validated with.
     ///
     /// # Errors
     ///
-    /// `Coverage` when it shrank or grew.
-    pub fn check_unchanged(&self) -> Result<()> {
-        let len = self
+    /// `SourceChanged` when it shrank or grew.
+    pub(crate) fn check_unchanged(&self) -> Result<()> {
+        let now = self
             .file
             .metadata()
             .map_err(|e| Error::io("stat", &self.path, e))?
             .len();
-        if len != self.file_len {
-            return Err(Error::Coverage {
+        if now != self.file_len {
+            return Err(Error::SourceChanged {
                 path: self.path.clone(),
-                reason: format!(
-                    "file changed size while being converted ({} → {len} bytes)",
-                    self.file_len
-                ),
+                was: self.file_len,
+                now,
             });
         }
         Ok(())
@@ -177,7 +193,7 @@ impl Shard {
     /// Maps the pages of `[offset, offset+len)` in one call (`MADV_POPULATE_READ`)
     /// instead of one page fault per 16 pages while casting. Best effort: older kernels
     /// without it just fault as usual.
-    pub fn prefetch(&self, offset: u64, len: u64) {
+    pub(crate) fn prefetch(&self, offset: u64, len: u64) {
         const PAGE: u64 = 4096;
         let Some(m) = &self.map else { return };
         let start = offset / PAGE * PAGE;
@@ -190,15 +206,22 @@ impl Shard {
     /// Tells the kernel the pages of `[offset, offset+len)` are no longer needed, so the
     /// mapping does not keep the whole checkpoint resident. Only whole pages strictly
     /// inside the range are released, so neighbouring tensors are untouched.
-    pub fn release(&self, offset: u64, len: u64) {
+    ///
+    /// # Safety
+    ///
+    /// No slice borrowed from this range (through [`Shard::bytes`]) may be read after
+    /// the call. For this read-only, file-backed mapping a later read would fault the
+    /// pages back in from the file, so the data seen stays the same; the contract is
+    /// kept anyway so that the release is never a surprise to a borrower.
+    pub(crate) unsafe fn release(&self, offset: u64, len: u64) {
         const PAGE: u64 = 4096;
         let Some(m) = &self.map else { return };
         let start = offset.div_ceil(PAGE) * PAGE;
         let end = (offset.saturating_add(len) / PAGE) * PAGE;
         if end > start && end <= m.len() as u64 {
             // SAFETY: the mapping is read-only and file-backed: dropping its pages only
-            // makes a later read fault them in again from the file. No slice into this
-            // range is used after the release (the caller has finished casting it).
+            // makes a later read fault them in again from the file; the caller promises
+            // no borrowed slice of the range is read afterwards.
             let _ = unsafe {
                 m.unchecked_advise_range(
                     UncheckedAdvice::DontNeed,
@@ -210,18 +233,55 @@ impl Shard {
     }
 }
 
-/// A resolved checkpoint: its shards in order, where it came from, and the directory
-/// that holds its config and tokenizer files.
+/// An open checkpoint: every header validated, every shard mapped, in order, with the
+/// directory that holds its config and tokenizer files. Made by [`open`].
 #[derive(Debug)]
 pub struct Source {
-    /// What the user named (after hub resolution).
-    pub input: PathBuf,
+    /// What the user named (a path or a hub id).
+    pub(crate) name: String,
+    /// Where it resolved to (after hub resolution).
+    pub(crate) input: PathBuf,
     /// The directory with `config.json` and tokenizer files.
-    pub model_dir: PathBuf,
+    pub(crate) model_dir: PathBuf,
     /// The shard index, when the checkpoint is sharded.
-    pub index: Option<PathBuf>,
+    pub(crate) index: Option<PathBuf>,
     /// Shards in order (index order by file name, or the single file).
-    pub shards: Vec<Shard>,
+    pub(crate) shards: Vec<Shard>,
+}
+
+impl Source {
+    /// What the user named: a path, or a hub id.
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    /// The path it resolved to: a directory, a file or a shard index.
+    pub fn path(&self) -> &Path {
+        &self.input
+    }
+
+    /// The directory holding `config.json` and the tokenizer files.
+    pub fn model_dir(&self) -> &Path {
+        &self.model_dir
+    }
+
+    /// The files holding tensors, in order.
+    pub fn shard_paths(&self) -> impl Iterator<Item = &Path> {
+        self.shards.iter().map(|s| s.path.as_path())
+    }
+
+    /// The input files: the shards and the index, when there is one.
+    pub(crate) fn files(&self) -> impl Iterator<Item = &Path> {
+        self.shard_paths().chain(self.index.as_deref())
+    }
+
+    /// Every tensor with its shard index, in source order.
+    pub(crate) fn tensors(&self) -> impl Iterator<Item = (usize, &TensorInfo)> {
+        self.shards
+            .iter()
+            .enumerate()
+            .flat_map(|(i, s)| s.header.tensors.iter().map(move |t| (i, t)))
+    }
 }
 
 /// A `name -> value` JSON map that refuses duplicate keys instead of keeping the last.
@@ -407,13 +467,29 @@ fn open_index(index: &Path, cap: u64) -> Result<(Vec<Shard>, PathBuf)> {
     Ok((shards, dir))
 }
 
-/// Resolves what the user named: a model directory, a `.safetensors` file or a shard
-/// index, and validates every header before anything is planned.
+/// Opens what the user named: a model directory, a `.safetensors` file, a shard index,
+/// or a hub id (`org/name[@revision]`) in the local Hugging Face cache, and validates
+/// every header before anything is planned.
 ///
 /// # Errors
 ///
-/// `NoWeights` when there is nothing to convert, and every header and index rule.
-pub fn open_source(input: &Path, max_header_bytes: u64) -> Result<Source> {
+/// `NotInHubCache` for a hub id that is not cached, `NoWeights` when there is nothing
+/// to convert, and every header and index rule.
+pub fn open(input: impl AsRef<Path>, opts: &SourceOptions) -> Result<Source> {
+    let input = input.as_ref();
+    let name = input.to_string_lossy().into_owned();
+    let path = if hub::looks_like_hub_id(&name) {
+        let cache = opts.hub_cache.clone().unwrap_or_else(hub::cache_dir);
+        hub::resolve(&name, &cache)?
+    } else {
+        input.to_path_buf()
+    };
+    let mut source = open_path(&path, opts.max_header_bytes)?;
+    source.name = name;
+    Ok(source)
+}
+
+fn open_path(input: &Path, max_header_bytes: u64) -> Result<Source> {
     if cfg!(target_endian = "big") {
         return Err(Error::BigEndianHost);
     }
@@ -481,6 +557,7 @@ pub fn open_source(input: &Path, max_header_bytes: u64) -> Result<Source> {
         )
     };
     Ok(Source {
+        name: String::new(),
         input: input.to_path_buf(),
         model_dir,
         index,

@@ -23,7 +23,7 @@ pub fn remove_temp_files() {
 
 /// A file or directory being written beside its final name.
 #[derive(Debug)]
-pub struct TempPath {
+pub(crate) struct TempPath {
     tmp: PathBuf,
     target: PathBuf,
     done: bool,
@@ -31,7 +31,7 @@ pub struct TempPath {
 
 impl TempPath {
     /// A temp path in `target`'s directory, named after it, not yet created.
-    pub fn beside(target: &Path) -> TempPath {
+    pub(crate) fn beside(target: &Path) -> TempPath {
         let name = target
             .file_name()
             .map(|n| n.to_string_lossy().into_owned())
@@ -52,12 +52,12 @@ impl TempPath {
     }
 
     /// The temp path.
-    pub fn path(&self) -> &Path {
+    pub(crate) fn path(&self) -> &Path {
         &self.tmp
     }
 
     /// The final path.
-    pub fn target(&self) -> &Path {
+    pub(crate) fn target(&self) -> &Path {
         &self.target
     }
 
@@ -66,7 +66,7 @@ impl TempPath {
     /// # Errors
     ///
     /// `Io` naming the temp file.
-    pub fn create_file(&self) -> Result<File> {
+    pub(crate) fn create_file(&self) -> Result<File> {
         File::options()
             .write(true)
             .create_new(true)
@@ -79,7 +79,7 @@ impl TempPath {
     /// # Errors
     ///
     /// `Io` naming the temp file.
-    pub fn write_all(&self, bytes: &[u8]) -> Result<()> {
+    pub(crate) fn write_all(&self, bytes: &[u8]) -> Result<()> {
         use std::io::Write;
         let mut f = self.create_file()?;
         f.write_all(bytes)
@@ -92,7 +92,7 @@ impl TempPath {
     /// # Errors
     ///
     /// `Io` naming the target.
-    pub fn commit(mut self) -> Result<()> {
+    pub(crate) fn commit(mut self) -> Result<()> {
         if self.tmp.is_dir() && self.target.is_dir() {
             std::fs::remove_dir_all(&self.target)
                 .map_err(|e| Error::io("replace", &self.target, e))?;
@@ -125,7 +125,7 @@ impl Drop for TempPath {
 }
 
 /// Syncs a directory so renames inside it are durable.
-pub fn sync_dir(dir: &Path) {
+pub(crate) fn sync_dir(dir: &Path) {
     if let Ok(d) = File::open(dir) {
         let _ = d.sync_all();
     }

@@ -357,3 +357,8 @@ pub fn assert_safetensors_equal_source(path: &Path, src: &BTreeMap<String, Src>)
         assert!(t.data() == &s.data[..], "{n}: bytes differ");
     }
 }
+
+/// A checkpoint opened the way `verify --source` opens it.
+pub fn open_source(p: &Path) -> modelconv::Source {
+    modelconv::open_source(p, &Default::default()).unwrap()
+}

@@ -1,4 +1,4 @@
-//! Stage 3, the cast: source element bytes → output element bytes, with every
+//! The cast kernels: source element bytes → output element bytes, with every
 //! floating-point cast checked.
 //!
 //! f32 → f16 goes through `half`'s slice conversion (F16C when the CPU has it); bf16 is

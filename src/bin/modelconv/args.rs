@@ -1,0 +1,227 @@
+//! The command line: clap's raw arguments, and their translation into the library's
+//! validated options (no I/O here).
+
+use std::path::PathBuf;
+use std::sync::atomic::AtomicBool;
+use std::sync::Arc;
+
+use clap::{Args, Parser, Subcommand};
+use modelconv::{
+    Codec, ConvertConfig, ExportOptions, Filters, ModelType, Part, SourceOptions, TargetDtype,
+};
+
+/// Convert Hugging Face safetensors checkpoints into Parquet weight files, and read them back.
+#[derive(Parser, Debug)]
+#[command(name = "modelconv", version, about, propagate_version = true)]
+pub struct Cli {
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Subcommand, Debug)]
+pub enum Command {
+    /// Convert a model directory, .safetensors file, shard index or cached hub id.
+    Convert(ConvertArgs),
+    /// List the tensors, totals and metadata of a weight file.
+    Inspect(InspectArgs),
+    /// Check a weight file's structure and checksums, and optionally every value against its source.
+    Verify(VerifyArgs),
+    /// Write a weight file back to safetensors.
+    Export(ExportArgs),
+}
+
+#[derive(Args, Debug)]
+pub struct ConvertArgs {
+    /// Model directory, model.safetensors, model.safetensors.index.json, or org/name[@rev] from the local HF cache.
+    pub input: PathBuf,
+    /// Output directory (weights.parquet, metadata.json, config.json, tokenizer/).
+    #[arg(short, long, required_unless_present = "dry_run")]
+    pub output: Option<PathBuf>,
+    /// What floating-point tensors become: f16, bf16, f32 or keep.
+    #[arg(long, default_value = "f16")]
+    dtype: TargetDtype,
+    /// Page compression: zstd, lz4, snappy or none.
+    #[arg(long, default_value = "zstd")]
+    compression: Codec,
+    /// Zstd level.
+    #[arg(long, default_value_t = modelconv::DEFAULT_ZSTD_LEVEL, allow_negative_numbers = true)]
+    level: i32,
+    /// Tensors larger than this many MiB are split over consecutive rows; 64 or less selects low-memory mode.
+    #[arg(long, default_value_t = modelconv::DEFAULT_MAX_ROW_MB)]
+    max_row_mb: u64,
+    /// Row-group budget in MiB of output bytes.
+    #[arg(long, default_value_t = modelconv::DEFAULT_ROW_GROUP_MB)]
+    row_group_mb: u64,
+    /// Worker threads (default: all cores).
+    #[arg(long, default_value_t = 0)]
+    threads: usize,
+    /// Let finite values beyond the target's range become ±inf instead of failing.
+    #[arg(long)]
+    allow_overflow: bool,
+    /// Replace an existing conversion in the output directory.
+    #[arg(long)]
+    force: bool,
+    /// Do not copy tokenizer files.
+    #[arg(long)]
+    no_tokenizer: bool,
+    /// After converting, verify every value against the source.
+    #[arg(long)]
+    validate: bool,
+    /// Model family: auto, bert, sentence-transformers, transformers, clip, whisper or causallm.
+    #[arg(long, default_value = "auto")]
+    model_type: ModelType,
+    /// Part of a multi-tower model: vision, text, encoder, decoder or all (default: the family's).
+    #[arg(long, default_value = "default")]
+    part: Part,
+    /// Keep only tensors matching this glob (repeatable; after the model recipe).
+    #[arg(long, value_name = "GLOB")]
+    include: Vec<String>,
+    /// Drop tensors matching this glob (repeatable).
+    #[arg(long, value_name = "GLOB")]
+    exclude: Vec<String>,
+    /// Rename tensors: FROM is a regex, TO its replacement (repeatable).
+    #[arg(long, value_name = "FROM=TO")]
+    rename: Vec<String>,
+    /// Print the plan (type, tensors kept and dropped, renames, casts, size) and write nothing.
+    #[arg(long)]
+    pub dry_run: bool,
+    #[command(flatten)]
+    source: SourceArgs,
+    #[command(flatten)]
+    pub out: OutputArgs,
+}
+
+/// How a source checkpoint is opened.
+#[derive(Args, Debug)]
+pub struct SourceArgs {
+    /// Largest safetensors header accepted, in MB (10^6 bytes, like safetensors' own cap).
+    #[arg(long, default_value_t = modelconv::DEFAULT_MAX_HEADER_BYTES / MB)]
+    max_header_mb: u64,
+    /// Hugging Face cache directory for hub ids (default: HF_HUB_CACHE, HF_HOME/hub, ~/.cache/huggingface/hub).
+    #[arg(long)]
+    hub_cache: Option<PathBuf>,
+}
+
+#[derive(Args, Debug, Clone, Copy)]
+pub struct OutputArgs {
+    /// Print JSON on stdout for scripts.
+    #[arg(long)]
+    pub json: bool,
+    /// No progress bar, no summary.
+    #[arg(short, long)]
+    pub quiet: bool,
+}
+
+#[derive(Args, Debug)]
+pub struct InspectArgs {
+    /// weights.parquet or the directory holding it.
+    pub path: PathBuf,
+    /// Also list the row groups.
+    #[arg(long)]
+    pub row_groups: bool,
+    /// Print JSON.
+    #[arg(long)]
+    pub json: bool,
+}
+
+#[derive(Args, Debug)]
+pub struct VerifyArgs {
+    /// weights.parquet or the directory holding it.
+    pub path: PathBuf,
+    /// Compare every value with this source checkpoint (directory, file, index or hub id).
+    #[arg(long)]
+    pub source: Option<PathBuf>,
+    /// Worker threads (default: all cores).
+    #[arg(long, default_value_t = 0)]
+    pub threads: usize,
+    #[command(flatten)]
+    pub open: SourceArgs,
+    #[command(flatten)]
+    pub out: OutputArgs,
+}
+
+#[derive(Args, Debug)]
+pub struct ExportArgs {
+    /// weights.parquet or the directory holding it.
+    pub path: PathBuf,
+    /// The safetensors file to write.
+    pub output: PathBuf,
+    /// keep (as stored) or f32 (widen f16/bf16 back); also f16, bf16.
+    #[arg(long, default_value = "keep")]
+    dtype: TargetDtype,
+    /// Replace an existing output file.
+    #[arg(long)]
+    force: bool,
+    /// Record `exported_by: modelconv <version>` in the header's __metadata__.
+    #[arg(long)]
+    stamp: bool,
+    #[command(flatten)]
+    pub out: OutputArgs,
+}
+
+/// Decimal megabytes: header caps are counted like safetensors counts them.
+const MB: u64 = 1_000_000;
+
+/// A value in MiB as bytes (0 and overflow are left for the library to refuse).
+fn mib(v: u64) -> u64 {
+    v.saturating_mul(1 << 20)
+}
+
+impl SourceArgs {
+    pub fn options(&self) -> SourceOptions {
+        SourceOptions {
+            max_header_bytes: self.max_header_mb.saturating_mul(MB),
+            hub_cache: self.hub_cache.clone(),
+        }
+    }
+}
+
+impl ConvertArgs {
+    /// The validated library options.
+    ///
+    /// # Errors
+    ///
+    /// The library's `InvalidOption` for anything out of range.
+    pub fn config(&self, cancel: Arc<AtomicBool>) -> modelconv::Result<ConvertConfig> {
+        let rename = self
+            .rename
+            .iter()
+            .map(|r| Filters::parse_rename(r))
+            .collect::<modelconv::Result<Vec<_>>>()?;
+        let source = self.source.options();
+        let mut b = ConvertConfig::builder()
+            .dtype(self.dtype)
+            .compression(self.compression)
+            .level(self.level)
+            .max_row_bytes(mib(self.max_row_mb))
+            .row_group_bytes(mib(self.row_group_mb))
+            .threads(self.threads)
+            .allow_overflow(self.allow_overflow)
+            .force(self.force)
+            .extract_tokenizer(!self.no_tokenizer)
+            .validate(self.validate)
+            .max_header_bytes(source.max_header_bytes)
+            .model_type(self.model_type)
+            .part(self.part)
+            .filters(Filters {
+                include: self.include.clone(),
+                exclude: self.exclude.clone(),
+                rename,
+            })
+            .cancel(cancel);
+        if let Some(c) = source.hub_cache {
+            b = b.hub_cache(c);
+        }
+        b.build()
+    }
+}
+
+impl ExportArgs {
+    pub fn options(&self) -> ExportOptions {
+        ExportOptions {
+            dtype: self.dtype,
+            force: self.force,
+            stamp: self.stamp,
+        }
+    }
+}

@@ -1,0 +1,88 @@
+//! Stage 3, the cast: one planned row's source bytes, straight from the mapped shard,
+//! become its output bytes in the writer's buffer, hashed while they are in cache, with
+//! every floating-point cast checked against the overflow policy. The kernels
+//! ([`kernels`]) know dtypes only; this stage knows where a row's bytes live and how to
+//! stream them: a large row is cast in pieces whose source pages are mapped in one call
+//! and released once cast, so the input never stays resident.
+
+mod kernels;
+
+pub(crate) use kernels::value_f64;
+pub use kernels::{cast_and_hash, cast_into, CastStats};
+
+use kernels::{cast_hashing, Xxh3};
+
+use crate::error::{Error, Result};
+use crate::plan::{Plan, RowPlan};
+use crate::source::Source;
+
+/// Source bytes cast per piece of a row.
+const PIECE_BYTES: u64 = 16 << 20;
+
+/// What casting one row produced, besides its bytes.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct RowCast {
+    /// What the cast saw (NaN, inf, overflow).
+    pub(crate) stats: CastStats,
+    /// XXH3-64 of the output bytes.
+    pub(crate) checksum: u64,
+}
+
+/// Casts `row` of `plan` from `source` into `dst` (exactly the row's output bytes).
+///
+/// # Errors
+///
+/// `Overflow` naming the shard and tensor when a finite value would become ±inf and
+/// `allow_overflow` is false; `Internal` if the plan and the source disagree (they
+/// cannot: the plan is built from the validated headers).
+pub(crate) fn cast_row(
+    source: &Source,
+    plan: &Plan,
+    row: &RowPlan,
+    dst: &mut [u8],
+    allow_overflow: bool,
+) -> Result<RowCast> {
+    let t = &plan.tensors[row.tensor];
+    let shard = &source.shards[t.shard];
+    let (ss, os) = (t.src.dtype.size() as u64, t.dtype.size() as u64);
+    let src_start = t.src.offset + row.elem_start * ss;
+    let src = shard.bytes(&t.src, row.elem_start * ss, row.elems * ss)?;
+    debug_assert_eq!(dst.len() as u64, row.elems * os);
+    let per = (PIECE_BYTES / ss).max(1) as usize;
+    let mut hash = Xxh3::new();
+    let mut stats = CastStats::default();
+    let pieces = src
+        .chunks(per * ss as usize)
+        .zip(dst.chunks_mut(per * os as usize));
+    for (k, (s_piece, d_piece)) in pieces.enumerate() {
+        let off = src_start + (k * per) as u64 * ss;
+        shard.prefetch(off, s_piece.len() as u64);
+        let piece =
+            cast_hashing(t.src.dtype, t.dtype, s_piece, d_piece, &mut hash).ok_or_else(|| {
+                Error::internal(format!(
+                    "row of `{}`: {} source bytes for {} output bytes",
+                    crate::error::sanitize(&t.name),
+                    s_piece.len(),
+                    d_piece.len()
+                ))
+            })?;
+        stats.merge(&piece);
+        // SAFETY: this piece is cast and hashed; neither it nor any other slice of its
+        // pages is read again by this row, and rows do not share source bytes.
+        unsafe { shard.release(off, s_piece.len() as u64) };
+    }
+    if stats.overflow > 0 && !allow_overflow {
+        return Err(Error::Overflow {
+            path: shard.path.clone(),
+            tensor: t.name.clone(),
+            from: t.src.dtype.to_string(),
+            to: t.dtype.to_string(),
+            count: stats.overflow,
+            max_abs: stats.max_overflow,
+        });
+    }
+    Ok(RowCast {
+        stats,
+        checksum: hash.digest(),
+    })
+}

@@ -1,0 +1,384 @@
+//! The options of a conversion: a builder of raw values whose `build()` checks every one
+//! of them once, so the rest of the pipeline can trust a [`ConvertConfig`].
+
+use std::path::PathBuf;
+use std::sync::atomic::AtomicBool;
+use std::sync::Arc;
+
+use parquet::basic::{Compression, ZstdLevel};
+use serde_json::{json, Value};
+
+use crate::dtype::TargetDtype;
+use crate::error::{Error, Result};
+use crate::model::{CompiledFilters, Filters, ModelType, Part};
+use crate::source::{SourceOptions, DEFAULT_MAX_HEADER_BYTES};
+use crate::write::{Codec, WriteOptions};
+
+/// Default row limit: tensors larger than this many MiB are split over rows.
+pub const DEFAULT_MAX_ROW_MB: u64 = 512;
+/// Default row-group budget in MiB of output bytes.
+pub const DEFAULT_ROW_GROUP_MB: u64 = 32;
+/// Default zstd level, the seed's.
+pub const DEFAULT_ZSTD_LEVEL: i32 = 3;
+/// Row groups in flight per worker thread.
+pub const DEFAULT_INFLIGHT_PER_THREAD: u64 = 2;
+/// At or below this row limit (in MiB) the user has chosen memory over speed: one row
+/// group in flight per thread unless [`ConvertConfigBuilder::inflight_per_thread`] says
+/// otherwise.
+pub const LOW_MEMORY_ROW_MB: u64 = 64;
+pub use crate::plan::MAX_BUDGET_BYTES;
+
+/// The validated options of a conversion.
+///
+/// Built only by [`ConvertConfig::builder`] (or [`Default`]), whose `build()` checks
+/// every value, so a `ConvertConfig` is always valid: budgets in range, the zstd level
+/// accepted, filters and renames compiled, threads resolved.
+#[derive(Debug, Clone)]
+pub struct ConvertConfig {
+    pub(crate) dtype: TargetDtype,
+    pub(crate) codec: Codec,
+    pub(crate) level: i32,
+    /// The Parquet codec, level included.
+    pub(crate) compression: Compression,
+    pub(crate) max_row_bytes: u64,
+    pub(crate) row_group_bytes: u64,
+    /// Resolved: never 0.
+    pub(crate) threads: usize,
+    pub(crate) inflight_per_thread: u64,
+    pub(crate) allow_overflow: bool,
+    pub(crate) force: bool,
+    pub(crate) extract_tokenizer: bool,
+    pub(crate) validate: bool,
+    pub(crate) model_type: ModelType,
+    pub(crate) part: Part,
+    pub(crate) filters: CompiledFilters,
+    pub(crate) source: SourceOptions,
+    pub(crate) cancel: Arc<AtomicBool>,
+}
+
+impl Default for ConvertConfig {
+    fn default() -> Self {
+        ConvertConfig {
+            dtype: TargetDtype::F16,
+            codec: Codec::Zstd,
+            level: DEFAULT_ZSTD_LEVEL,
+            compression: Compression::ZSTD(ZstdLevel::default()),
+            max_row_bytes: DEFAULT_MAX_ROW_MB << 20,
+            row_group_bytes: DEFAULT_ROW_GROUP_MB << 20,
+            threads: all_cores(),
+            inflight_per_thread: DEFAULT_INFLIGHT_PER_THREAD,
+            allow_overflow: false,
+            force: false,
+            extract_tokenizer: true,
+            validate: false,
+            model_type: ModelType::Auto,
+            part: Part::Default,
+            filters: CompiledFilters::default(),
+            source: SourceOptions::default(),
+            cancel: Arc::new(AtomicBool::new(false)),
+        }
+    }
+}
+
+fn all_cores() -> usize {
+    std::thread::available_parallelism().map_or(1, |n| n.get())
+}
+
+impl ConvertConfig {
+    /// A builder starting from the defaults.
+    pub fn builder() -> ConvertConfigBuilder {
+        ConvertConfigBuilder::default()
+    }
+
+    /// What floating-point tensors become.
+    pub fn dtype(&self) -> TargetDtype {
+        self.dtype
+    }
+
+    /// Page compression.
+    pub fn codec(&self) -> Codec {
+        self.codec
+    }
+
+    /// Worker threads (resolved: the number of cores when 0 was asked for).
+    pub fn threads(&self) -> usize {
+        self.threads
+    }
+
+    /// The row limit in bytes.
+    pub fn max_row_bytes(&self) -> u64 {
+        self.max_row_bytes
+    }
+
+    /// True when the options ask for memory over speed (a row limit of
+    /// [`LOW_MEMORY_ROW_MB`] or less): the binary then also returns freed memory to the
+    /// system at once.
+    pub fn low_memory(&self) -> bool {
+        self.max_row_bytes <= LOW_MEMORY_ROW_MB << 20
+    }
+
+    /// The flag that stops the conversion when set (Ctrl-C): the output is then not
+    /// written and the call returns [`Error::Cancelled`].
+    pub fn cancel_flag(&self) -> &Arc<AtomicBool> {
+        &self.cancel
+    }
+
+    /// How `source` checkpoints are opened (header cap, hub cache).
+    pub fn source_options(&self) -> &SourceOptions {
+        &self.source
+    }
+
+    /// What the writer needs of these options.
+    pub(crate) fn write_options(&self) -> WriteOptions {
+        WriteOptions {
+            compression: self.compression,
+            threads: self.threads,
+            allow_overflow: self.allow_overflow,
+            inflight_bytes: (self.threads as u64)
+                .saturating_mul(self.inflight_per_thread)
+                .saturating_mul(self.row_group_bytes),
+            pool_max_bytes: self.row_group_bytes,
+        }
+    }
+
+    /// The options as `metadata.json` records them (the seed's names first).
+    pub(crate) fn as_json(&self) -> Value {
+        json!({
+            "compression": self.codec.as_str(),
+            "compression_level": self.level,
+            "use_float16": self.dtype == TargetDtype::F16,
+            "dtype": self.dtype.as_str(),
+            "extract_tokenizer": self.extract_tokenizer,
+            "validate_output": self.validate,
+            "allow_overflow": self.allow_overflow,
+            "max_row_bytes": self.max_row_bytes,
+            "row_group_bytes": self.row_group_bytes,
+        })
+    }
+}
+
+/// Builds a [`ConvertConfig`]; defaults are the `DEFAULT_*` constants.
+///
+/// # Example
+///
+/// ```
+/// use modelconv::{Codec, ConvertConfig, TargetDtype};
+/// let cfg = ConvertConfig::builder()
+///     .dtype(TargetDtype::Bf16)
+///     .compression(Codec::Lz4)
+///     .threads(2)
+///     .build()?;
+/// assert_eq!(cfg.dtype(), TargetDtype::Bf16);
+/// assert!(ConvertConfig::builder().level(99).build().is_err());
+/// # Ok::<(), modelconv::Error>(())
+/// ```
+#[derive(Debug, Clone)]
+pub struct ConvertConfigBuilder {
+    dtype: TargetDtype,
+    codec: Codec,
+    level: i32,
+    max_row_bytes: u64,
+    row_group_bytes: u64,
+    threads: usize,
+    inflight_per_thread: Option<u64>,
+    allow_overflow: bool,
+    force: bool,
+    extract_tokenizer: bool,
+    validate: bool,
+    max_header_bytes: u64,
+    model_type: ModelType,
+    part: Part,
+    filters: Filters,
+    hub_cache: Option<PathBuf>,
+    cancel: Arc<AtomicBool>,
+}
+
+impl Default for ConvertConfigBuilder {
+    fn default() -> Self {
+        ConvertConfigBuilder {
+            dtype: TargetDtype::F16,
+            codec: Codec::Zstd,
+            level: DEFAULT_ZSTD_LEVEL,
+            max_row_bytes: DEFAULT_MAX_ROW_MB << 20,
+            row_group_bytes: DEFAULT_ROW_GROUP_MB << 20,
+            threads: 0,
+            inflight_per_thread: None,
+            allow_overflow: false,
+            force: false,
+            extract_tokenizer: true,
+            validate: false,
+            max_header_bytes: DEFAULT_MAX_HEADER_BYTES,
+            model_type: ModelType::Auto,
+            part: Part::Default,
+            filters: Filters::default(),
+            hub_cache: None,
+            cancel: Arc::new(AtomicBool::new(false)),
+        }
+    }
+}
+
+macro_rules! setter {
+    ($(#[$m:meta])* $name:ident: $t:ty) => {
+        $(#[$m])*
+        pub fn $name(mut self, v: $t) -> Self {
+            self.$name = v;
+            self
+        }
+    };
+}
+
+impl ConvertConfigBuilder {
+    setter!(/// What f32, f64, bf16 and f16 tensors become (default f16).
+        dtype: TargetDtype);
+    setter!(/// Zstd level (default [`DEFAULT_ZSTD_LEVEL`]; checked by `build`).
+        level: i32);
+    setter!(/// Row limit in bytes (default [`DEFAULT_MAX_ROW_MB`] MiB, at most
+        /// [`MAX_BUDGET_BYTES`]); larger tensors are split over consecutive rows.
+        max_row_bytes: u64);
+    setter!(/// Row-group budget in output bytes (default [`DEFAULT_ROW_GROUP_MB`] MiB,
+        /// at most [`MAX_BUDGET_BYTES`]).
+        row_group_bytes: u64);
+    setter!(/// Worker threads; 0 (default) means every core.
+        threads: usize);
+    setter!(/// Let finite values overflow to ±inf instead of failing (default false).
+        allow_overflow: bool);
+    setter!(/// Replace an existing conversion in the output directory (default false).
+        force: bool);
+    setter!(/// Copy tokenizer files into `tokenizer/` (default true).
+        extract_tokenizer: bool);
+    setter!(/// Verify the written file against the source afterwards (default false).
+        validate: bool);
+    setter!(/// Cap on a safetensors header in bytes (default
+        /// [`DEFAULT_MAX_HEADER_BYTES`], safetensors' own 100 MB).
+        max_header_bytes: u64);
+    setter!(/// Model family (default auto).
+        model_type: ModelType);
+    setter!(/// Part of a multi-tower model (default: the family's default).
+        part: Part);
+    setter!(/// Include / exclude / rename filters (compiled by `build`).
+        filters: Filters);
+    setter!(/// The cancellation flag (default: a fresh one; see
+        /// [`ConvertConfig::cancel_flag`]).
+        cancel: Arc<AtomicBool>);
+
+    /// Page compression (default zstd).
+    pub fn compression(mut self, v: Codec) -> Self {
+        self.codec = v;
+        self
+    }
+
+    /// Row groups encoded at once per worker thread (default
+    /// [`DEFAULT_INFLIGHT_PER_THREAD`], or 1 at a row limit of [`LOW_MEMORY_ROW_MB`] MiB
+    /// or less); 1 lowers peak memory, 2 keeps the cores busier.
+    pub fn inflight_per_thread(mut self, v: u64) -> Self {
+        self.inflight_per_thread = Some(v);
+        self
+    }
+
+    /// Hugging Face cache directory for hub ids (default: from the environment).
+    pub fn hub_cache(mut self, dir: impl Into<PathBuf>) -> Self {
+        self.hub_cache = Some(dir.into());
+        self
+    }
+
+    /// Checks every option and returns the finished configuration.
+    ///
+    /// # Errors
+    ///
+    /// `InvalidOption` for a budget out of range, a zstd level the codec refuses, an
+    /// in-flight count of 0, a header cap of 0, or a rename whose pattern is not a
+    /// regex.
+    pub fn build(self) -> Result<ConvertConfig> {
+        let budget = |v: u64, what: &str| {
+            if v == 0 || v > MAX_BUDGET_BYTES {
+                Err(Error::option(format!(
+                    "the {what} must be between 1 byte and {} MiB, not {v} bytes",
+                    MAX_BUDGET_BYTES >> 20
+                )))
+            } else {
+                Ok(v)
+            }
+        };
+        let max_row_bytes = budget(self.max_row_bytes, "row limit")?;
+        let row_group_bytes = budget(self.row_group_bytes, "row-group budget")?;
+        let compression = match self.codec {
+            Codec::Zstd => Compression::ZSTD(ZstdLevel::try_new(self.level).map_err(|_| {
+                let (lo, hi) = ZSTD_LEVELS;
+                Error::option(format!(
+                    "zstd level {} is out of range ({lo} to {hi})",
+                    self.level
+                ))
+            })?),
+            Codec::Lz4 => Compression::LZ4_RAW,
+            Codec::Snappy => Compression::SNAPPY,
+            Codec::None => Compression::UNCOMPRESSED,
+        };
+        let low_memory = max_row_bytes <= LOW_MEMORY_ROW_MB << 20;
+        let inflight_per_thread = match self.inflight_per_thread {
+            Some(0) => {
+                return Err(Error::option(
+                    "row groups in flight per thread must be at least 1",
+                ))
+            }
+            Some(n) => n,
+            None if low_memory => 1,
+            None => DEFAULT_INFLIGHT_PER_THREAD,
+        };
+        if self.max_header_bytes == 0 {
+            return Err(Error::option("the header cap must be at least 1 byte"));
+        }
+        Ok(ConvertConfig {
+            dtype: self.dtype,
+            codec: self.codec,
+            level: self.level,
+            compression,
+            max_row_bytes,
+            row_group_bytes,
+            threads: if self.threads == 0 {
+                all_cores()
+            } else {
+                self.threads
+            },
+            inflight_per_thread,
+            allow_overflow: self.allow_overflow,
+            force: self.force,
+            extract_tokenizer: self.extract_tokenizer,
+            validate: self.validate,
+            model_type: self.model_type,
+            part: self.part,
+            filters: self.filters.compile()?,
+            source: SourceOptions {
+                max_header_bytes: self.max_header_bytes,
+                hub_cache: self.hub_cache,
+            },
+            cancel: self.cancel,
+        })
+    }
+}
+
+/// The zstd levels the codec accepts (negative levels are zstd's fast modes).
+const ZSTD_LEVELS: (i32, i32) = (-131_072, 22);
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn zstd_level_range_is_the_codecs() {
+        let (lo, hi) = ZSTD_LEVELS;
+        for ok in [lo, -1, 1, 3, hi] {
+            assert!(ZstdLevel::try_new(ok).is_ok(), "{ok}");
+        }
+        for bad in [lo - 1, hi + 1] {
+            assert!(ZstdLevel::try_new(bad).is_err(), "{bad}");
+        }
+        assert_eq!(
+            ConvertConfig::builder()
+                .level(99)
+                .build()
+                .unwrap_err()
+                .to_string(),
+            "zstd level 99 is out of range (-131072 to 22)"
+        );
+    }
+}

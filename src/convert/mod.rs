@@ -1,0 +1,314 @@
+//! The conversion, top to bottom: open the source, plan, check the output, write the
+//! weights in three steps, stage and commit the side files, optionally verify, report.
+//! Each step is one call into the stage that owns it; this module only sequences them.
+
+mod config;
+mod output;
+mod report;
+
+use std::path::Path;
+use std::sync::atomic::Ordering;
+use std::time::Instant;
+
+use serde_json::{json, Map, Value};
+
+pub use config::{
+    ConvertConfig, ConvertConfigBuilder, DEFAULT_INFLIGHT_PER_THREAD, DEFAULT_MAX_ROW_MB,
+    DEFAULT_ROW_GROUP_MB, DEFAULT_ZSTD_LEVEL, LOW_MEMORY_ROW_MB, MAX_BUDGET_BYTES,
+};
+pub use output::TOKENIZER_FILES;
+pub use report::{ConversionPlan, ConversionReport, Event, Observer, PlannedEntry, Silent};
+
+use crate::cast::CastStats;
+use crate::error::{sanitize, Error, Result};
+use crate::format;
+use crate::model::{self, MetadataInput, ModelFiles, Recipe, Selection};
+use crate::plan::Plan;
+use crate::read::{verify, VerifyOptions};
+use crate::source::{self, Source};
+use crate::write::{ProgressSink, WeightWriter};
+use output::OutputLayout;
+
+/// Converts a checkpoint into `output`, with no progress reports.
+///
+/// # Errors
+///
+/// See [`convert_with`].
+pub fn convert(
+    input: impl AsRef<Path>,
+    output: impl AsRef<Path>,
+    config: &ConvertConfig,
+) -> Result<ConversionReport> {
+    convert_with(input, output, config, &Silent)
+}
+
+/// Converts a checkpoint (model directory, `.safetensors` file, shard index, or hub id
+/// in the local cache) into `output/weights.parquet`, `metadata.json`, `config.json`
+/// and `tokenizer/`, reporting progress to `observer`.
+///
+/// # Errors
+///
+/// Every input validation error (before anything is written), `OutputExists` without
+/// `force`, `OutputIsInput`, `OutputNotDirectory`, `Overflow` without
+/// `allow_overflow`, `SourceChanged`, I/O and Parquet errors naming the file,
+/// `Cancelled`. On any error no `weights.parquet` and no temp file is left behind, and
+/// an existing conversion is left as it was.
+///
+/// # Memory
+///
+/// Bounded by the output bytes in flight (threads × in-flight groups per thread ×
+/// row-group budget) times the encoder's copies, plus a few copies of the largest row,
+/// whatever the model size; see the writer's `# Memory`.
+pub fn convert_with(
+    input: impl AsRef<Path>,
+    output: impl AsRef<Path>,
+    config: &ConvertConfig,
+    observer: &dyn Observer,
+) -> Result<ConversionReport> {
+    let started = Instant::now();
+    let job = Job::prepare(source::open(input, config.source_options())?, config)?;
+    for n in &job.recipe.notices {
+        observer.event(&Event::Notice(n));
+    }
+    let out = OutputLayout::plan(output.as_ref(), &job.source, &job.files, config)?;
+    out.create_dir()?;
+    let total = job.plan.src_bytes();
+    observer.event(&Event::Planned {
+        tensors: job.plan.tensors.len(),
+        source_bytes: total,
+    });
+
+    let mut writer = WeightWriter::create(out.weights(), config.write_options())?;
+    let sink = ObserverSink { observer, total };
+    let stats = writer.write(&job.source, &job.plan, &config.cancel, &sink)?;
+    job.notice_overflow(&stats, observer);
+    let metadata = job.metadata(config, &out, &stats);
+    let written = writer.finish(format::footer(&job.plan, &metadata))?;
+    let staged = out.stage(&metadata)?;
+    if config.cancel.load(Ordering::Relaxed) {
+        return Err(Error::Cancelled);
+    }
+    staged.commit(written.tmp)?;
+
+    let validation_passed = if config.validate {
+        observer.event(&Event::Validating);
+        let opts = VerifyOptions {
+            threads: config.threads,
+        };
+        Some(verify(out.weights(), Some(&job.source), &opts)?.passed())
+    } else {
+        None
+    };
+    Ok(job.report(
+        &out,
+        written.file_bytes,
+        metadata,
+        validation_passed,
+        started,
+    ))
+}
+
+/// Works out what [`convert`] would do, reading only headers and config files.
+///
+/// # Errors
+///
+/// Every input, recipe and filter error [`convert`] would give before writing.
+pub fn plan_conversion(input: impl AsRef<Path>, config: &ConvertConfig) -> Result<ConversionPlan> {
+    let job = Job::prepare(source::open(input, config.source_options())?, config)?;
+    Ok(job.dry_run(config))
+}
+
+/// Seconds since the Unix epoch to record as the conversion time: `SOURCE_DATE_EPOCH`
+/// when it is set (reproducible builds' convention, so that the same input and options
+/// give the same file), otherwise now.
+fn conversion_time() -> u64 {
+    std::env::var("SOURCE_DATE_EPOCH")
+        .ok()
+        .and_then(|v| v.trim().parse::<u64>().ok())
+        .unwrap_or_else(|| {
+            std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map_or(0, |d| d.as_secs())
+        })
+}
+
+struct ObserverSink<'a> {
+    observer: &'a dyn Observer,
+    total: u64,
+}
+
+impl ProgressSink for ObserverSink<'_> {
+    fn advanced(&self, done: u64) {
+        self.observer.event(&Event::Progress {
+            done,
+            total: self.total,
+        });
+    }
+}
+
+/// An open source with its model knowledge applied: what will be converted, and how.
+struct Job {
+    source: Source,
+    files: ModelFiles,
+    recipe: Recipe,
+    selection: Selection,
+    plan: Plan,
+}
+
+impl Job {
+    fn prepare(source: Source, config: &ConvertConfig) -> Result<Job> {
+        let files = ModelFiles::load(source.model_dir())?;
+        let mut recipe = model::resolve_recipe(
+            config.model_type,
+            config.part,
+            &files,
+            &source,
+            source.name(),
+        )?;
+        let selection = model::select(&source, &recipe, &config.filters)?;
+        let plan = Plan::build(
+            &source,
+            &selection.selected,
+            config.dtype,
+            config.max_row_bytes,
+            config.row_group_bytes,
+        )?;
+        let has_head = plan.tensors.iter().any(|t| t.name == "lm_head.weight");
+        recipe.note_tied_head(&files, has_head);
+        Ok(Job {
+            source,
+            files,
+            recipe,
+            selection,
+            plan,
+        })
+    }
+
+    fn notice_overflow(&self, stats: &[CastStats], observer: &dyn Observer) {
+        for (t, s) in self.plan.tensors.iter().zip(stats) {
+            if s.overflow > 0 {
+                observer.event(&Event::Notice(&format!(
+                    "tensor `{}`: {} values overflowed to infinity (overflow allowed)",
+                    sanitize(&t.name),
+                    s.overflow
+                )));
+            }
+        }
+    }
+
+    /// `metadata.json`, with the cast counts that matter (NaN, inf, overflow).
+    fn metadata(&self, config: &ConvertConfig, out: &OutputLayout, stats: &[CastStats]) -> Value {
+        let mut cast_report = Map::new();
+        for (t, s) in self.plan.tensors.iter().zip(stats) {
+            if s.nan + s.inf + s.overflow > 0 {
+                cast_report.insert(
+                    t.name.clone(),
+                    json!({
+                        "source_dtype": t.src.dtype.to_string(),
+                        "dtype": t.dtype.torch_name(),
+                        "nan": s.nan,
+                        "inf": s.inf,
+                        "overflow": s.overflow,
+                        "max_overflow_magnitude": s.max_overflow,
+                    }),
+                );
+            }
+        }
+        let tensors = self.plan.tensors.iter();
+        model::build_metadata(&MetadataInput {
+            model_name: self.source.name(),
+            recipe: &self.recipe,
+            files: &self.files,
+            tensors: tensors
+                .map(|t| {
+                    let shape = t.src.shape.as_slice();
+                    (t.name.as_str(), shape, t.dtype.torch_name(), t.src.numel)
+                })
+                .collect(),
+            conversion_config: config.as_json(),
+            parquet_path: out.weights().display().to_string(),
+            tokenizer_path: out.tokenizer_dir().map(|t| t.display().to_string()),
+            cast_report: Value::Object(cast_report),
+            converted_at: conversion_time(),
+        })
+    }
+
+    fn report(
+        &self,
+        out: &OutputLayout,
+        file_bytes: u64,
+        metadata: Value,
+        validation_passed: Option<bool>,
+        started: Instant,
+    ) -> ConversionReport {
+        let src = self.plan.src_bytes();
+        ConversionReport {
+            success: true,
+            model_name: self.source.name().to_string(),
+            output_dir: out.dir().to_path_buf(),
+            parquet_path: Some(out.weights().to_path_buf()),
+            tokenizer_path: out.tokenizer_dir(),
+            metadata_path: Some(out.metadata().to_path_buf()),
+            total_parameters: self.plan.total_params(),
+            file_size_mb: file_bytes as f64 / (1u64 << 20) as f64,
+            compression_ratio: if file_bytes > 0 {
+                src as f64 / file_bytes as f64
+            } else {
+                0.0
+            },
+            conversion_time_sec: started.elapsed().as_secs_f64(),
+            validation_passed,
+            error_message: None,
+            metadata,
+            tensors: self.plan.tensors.len(),
+            source_bytes: src,
+            output_bytes: file_bytes,
+            notices: self.recipe.notices.clone(),
+        }
+    }
+
+    fn dry_run(self, config: &ConvertConfig) -> ConversionPlan {
+        let renamed: std::collections::HashMap<&str, &str> = self
+            .selection
+            .renamed
+            .iter()
+            .map(|(a, b)| (b.as_str(), a.as_str()))
+            .collect();
+        let kept: Vec<PlannedEntry> = self
+            .plan
+            .tensors
+            .iter()
+            .map(|t| PlannedEntry {
+                name: t.name.clone(),
+                source_name: renamed.get(t.name.as_str()).map(|s| s.to_string()),
+                source_dtype: t.src.dtype.to_string(),
+                dtype: t.dtype.torch_name().to_string(),
+                shape: t.src.shape.clone(),
+                bytes: t.out_len,
+                rows: t.rows,
+            })
+            .collect();
+        let out = self.plan.out_bytes();
+        let cast = self.plan.tensors.iter();
+        ConversionPlan {
+            model_name: self.source.name().to_string(),
+            resolved_path: self.source.path().to_path_buf(),
+            model_type: self.recipe.model_type.as_str().into(),
+            part: self.recipe.part.as_str().into(),
+            detected_by: self.recipe.detected_by.clone(),
+            notices: self.recipe.notices.clone(),
+            cast: cast.filter(|t| t.dtype != t.src.dtype).count(),
+            kept,
+            dropped: self.selection.dropped,
+            renamed: self.selection.renamed,
+            source_bytes: self.plan.src_bytes(),
+            output_bytes: out,
+            row_groups: self.plan.groups.len(),
+            // zstd on trained f16 weights saves about 8%.
+            estimated_file_bytes: match config.codec {
+                crate::write::Codec::None => out,
+                _ => out / 100 * 92,
+            },
+        }
+    }
+}

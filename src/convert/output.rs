@@ -1,0 +1,246 @@
+//! The output directory: every path a conversion writes, decided and checked before
+//! anything is written (refuse an existing conversion without `force`, never write over
+//! an input), then the side files staged beside their targets and everything renamed
+//! into place in one sweep, `metadata.json` last.
+
+use std::collections::HashSet;
+use std::os::unix::fs::MetadataExt;
+use std::path::{Path, PathBuf};
+
+use serde_json::Value;
+
+use super::ConvertConfig;
+use crate::error::{Error, Result};
+use crate::format;
+use crate::model::ModelFiles;
+use crate::source::Source;
+use crate::write::atomic::{sync_dir, TempPath};
+
+/// The tokenizer and preprocessing files copied into `tokenizer/`.
+pub const TOKENIZER_FILES: &[&str] = &[
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "added_tokens.json",
+    "vocab.txt",
+    "vocab.json",
+    "merges.txt",
+    "spiece.model",
+    "tokenizer.model",
+    "sentencepiece.bpe.model",
+    "normalizer.json",
+    "preprocessor_config.json",
+    "processor_config.json",
+    "chat_template.jinja",
+];
+
+/// Where a conversion's files go, and what is copied from where.
+#[derive(Debug)]
+pub(crate) struct OutputLayout {
+    dir: PathBuf,
+    weights: PathBuf,
+    metadata: PathBuf,
+    model_dir: PathBuf,
+    /// The model's `config.json`, copied as is.
+    config: Option<PathBuf>,
+    /// Tokenizer files present in the model directory.
+    tokenizer: Vec<&'static str>,
+    /// Sentence-transformers module files, relative to the model directory.
+    st_files: Vec<PathBuf>,
+}
+
+impl OutputLayout {
+    /// Decides every output path and refuses what must not be written. Creates nothing.
+    ///
+    /// # Errors
+    ///
+    /// `OutputIsInput` when an output path is (or links to) an input file,
+    /// `OutputNotDirectory`, `OutputExists` without `force`.
+    pub(crate) fn plan(
+        dir: &Path,
+        source: &Source,
+        files: &ModelFiles,
+        config: &ConvertConfig,
+    ) -> Result<OutputLayout> {
+        let model_dir = source.model_dir().to_path_buf();
+        let tokenizer = if config.extract_tokenizer {
+            TOKENIZER_FILES
+                .iter()
+                .copied()
+                .filter(|f| model_dir.join(f).is_file())
+                .collect()
+        } else {
+            Vec::new()
+        };
+        let layout = OutputLayout {
+            dir: dir.to_path_buf(),
+            weights: dir.join(format::WEIGHTS_FILE),
+            metadata: dir.join(format::METADATA_FILE),
+            model_dir,
+            config: files.config_path.clone(),
+            tokenizer,
+            st_files: files.st_files.clone(),
+        };
+        let mut inputs: Vec<PathBuf> = source.files().map(Path::to_path_buf).collect();
+        inputs.extend(layout.copies().map(|(from, _)| from));
+        let mut outputs: Vec<PathBuf> = vec![dir.to_path_buf(), layout.weights.clone()];
+        outputs.push(layout.metadata.clone());
+        outputs.extend(layout.copies().map(|(_, to)| to));
+        refuse_inputs(&inputs, &outputs)?;
+        if dir.exists() && !dir.is_dir() {
+            return Err(Error::OutputNotDirectory {
+                path: dir.to_path_buf(),
+            });
+        }
+        if !config.force {
+            for existing in [&layout.weights, &layout.metadata] {
+                if existing.exists() {
+                    return Err(Error::OutputExists {
+                        path: existing.clone(),
+                    });
+                }
+            }
+        }
+        Ok(layout)
+    }
+
+    /// Every file copied from the model directory: `(from, to)`.
+    fn copies(&self) -> impl Iterator<Item = (PathBuf, PathBuf)> + '_ {
+        let config = self
+            .config
+            .iter()
+            .map(|c| (c.clone(), self.dir.join("config.json")));
+        let tok = self
+            .tokenizer
+            .iter()
+            .map(|f| (self.model_dir.join(f), self.dir.join("tokenizer").join(f)));
+        let st = self
+            .st_files
+            .iter()
+            .map(|f| (self.model_dir.join(f), self.dir.join(f)));
+        config.chain(tok).chain(st)
+    }
+
+    /// Creates the output directory.
+    ///
+    /// # Errors
+    ///
+    /// `Io` naming the directory.
+    pub(crate) fn create_dir(&self) -> Result<()> {
+        std::fs::create_dir_all(&self.dir).map_err(|e| Error::io("create", &self.dir, e))
+    }
+
+    /// The output directory.
+    pub(crate) fn dir(&self) -> &Path {
+        &self.dir
+    }
+
+    /// `weights.parquet`.
+    pub(crate) fn weights(&self) -> &Path {
+        &self.weights
+    }
+
+    /// `metadata.json`.
+    pub(crate) fn metadata(&self) -> &Path {
+        &self.metadata
+    }
+
+    /// `tokenizer/`, when tokenizer files are copied.
+    pub(crate) fn tokenizer_dir(&self) -> Option<PathBuf> {
+        (!self.tokenizer.is_empty()).then(|| self.dir.join("tokenizer"))
+    }
+
+    /// Writes `metadata.json` and copies every side file to temp paths beside their
+    /// targets, ready for [`Staged::commit`].
+    ///
+    /// # Errors
+    ///
+    /// `Io` naming the file that could not be written or copied.
+    pub(crate) fn stage(&self, metadata: &Value) -> Result<Staged> {
+        let meta = TempPath::beside(&self.metadata);
+        let text = serde_json::to_string_pretty(metadata)
+            .map_err(|e| Error::internal(format!("metadata.json: {e}")))?;
+        meta.write_all(text.as_bytes())?;
+        let mut files = Vec::new();
+        let copy = |from: &Path, to: &Path| {
+            std::fs::copy(from, to)
+                .map(|_| ())
+                .map_err(|e| Error::io("copy", from, e))
+        };
+        if let Some(cfg) = &self.config {
+            let t = TempPath::beside(&self.dir.join("config.json"));
+            copy(cfg, t.path())?;
+            files.push(t);
+        }
+        let mut dirs = HashSet::new();
+        for f in &self.st_files {
+            let target = self.dir.join(f);
+            if let Some(parent) = target.parent() {
+                if dirs.insert(parent.to_path_buf()) {
+                    std::fs::create_dir_all(parent).map_err(|e| Error::io("create", parent, e))?;
+                }
+            }
+            let t = TempPath::beside(&target);
+            copy(&self.model_dir.join(f), t.path())?;
+            files.push(t);
+        }
+        if let Some(tok) = self.tokenizer_dir() {
+            let t = TempPath::beside(&tok);
+            std::fs::create_dir(t.path()).map_err(|e| Error::io("create", t.path(), e))?;
+            for f in &self.tokenizer {
+                copy(&self.model_dir.join(f), &t.path().join(f))?;
+            }
+            files.push(t);
+        }
+        Ok(Staged {
+            dir: self.dir.clone(),
+            files,
+            metadata: meta,
+        })
+    }
+}
+
+/// Side files written beside their targets, not yet in place.
+#[derive(Debug)]
+pub(crate) struct Staged {
+    dir: PathBuf,
+    files: Vec<TempPath>,
+    metadata: TempPath,
+}
+
+impl Staged {
+    /// Renames `weights`, then every side file, then `metadata.json` into place, and
+    /// syncs the directory: a `metadata.json` beside the weights means a whole
+    /// conversion.
+    ///
+    /// # Errors
+    ///
+    /// `Io` naming the target that could not be replaced.
+    pub(crate) fn commit(self, weights: TempPath) -> Result<()> {
+        weights.commit()?;
+        for t in self.files {
+            t.commit()?;
+        }
+        self.metadata.commit()?;
+        sync_dir(&self.dir);
+        Ok(())
+    }
+}
+
+/// Refuses output paths that are, or link to, input files.
+fn refuse_inputs(inputs: &[PathBuf], outputs: &[PathBuf]) -> Result<()> {
+    let same =
+        |a: &std::fs::Metadata, b: &std::fs::Metadata| a.dev() == b.dev() && a.ino() == b.ino();
+    let metas: Vec<std::fs::Metadata> = inputs
+        .iter()
+        .filter_map(|p| std::fs::metadata(p).ok())
+        .collect();
+    for o in outputs {
+        if let Ok(m) = std::fs::metadata(o) {
+            if metas.iter().any(|i| same(i, &m)) {
+                return Err(Error::OutputIsInput { path: o.clone() });
+            }
+        }
+    }
+    Ok(())
+}

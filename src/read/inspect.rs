@@ -1,0 +1,109 @@
+//! `inspect`: what a weight file holds (tensors, totals, codec, footer, row groups),
+//! as a report the binary prints as a table or serialises as JSON.
+
+use std::path::{Path, PathBuf};
+
+use serde::Serialize;
+
+use super::{TensorInfo, WeightFile};
+use crate::error::{Error, Result};
+use crate::format;
+
+/// One row group of a weight file.
+#[derive(Debug, Clone, Serialize)]
+pub struct RowGroupInfo {
+    /// Position in the file.
+    pub index: usize,
+    /// Rows.
+    pub rows: u64,
+    /// Bytes before compression.
+    pub uncompressed_bytes: u64,
+    /// Bytes on disk.
+    pub compressed_bytes: u64,
+}
+
+/// What [`inspect`] found.
+#[derive(Debug, Clone, Serialize)]
+pub struct InspectReport {
+    /// The file.
+    pub path: PathBuf,
+    /// Our footer's format version; `None` for files written by the seed's converter.
+    pub format_version: Option<String>,
+    /// The cast policy it was written with, when recorded.
+    pub cast: Option<String>,
+    /// The `data` column's codec (`ZSTD(ZstdLevel(3))`, `UNCOMPRESSED`, ...).
+    pub compression: Option<String>,
+    /// True when the footer indexes the tensors.
+    pub footer_index: bool,
+    /// True when rows carry checksums.
+    pub checksums: bool,
+    /// Every tensor, in row order.
+    pub tensors: Vec<TensorInfo>,
+    /// Number of tensors.
+    pub total_tensors: usize,
+    /// Elements over all tensors.
+    pub total_parameters: u64,
+    /// Data bytes over all tensors.
+    pub total_bytes: u64,
+    /// Bytes of the file.
+    pub file_bytes: u64,
+    /// The row groups.
+    pub row_groups: Vec<RowGroupInfo>,
+    /// The `metadata.json` content stored in the footer.
+    pub metadata: Option<serde_json::Value>,
+}
+
+/// Describes the weight file at `path` (or the `weights.parquet` in that directory),
+/// reading only its footer.
+///
+/// # Errors
+///
+/// As [`WeightFile::open`]; `Io` when the file cannot be measured.
+pub fn inspect(path: impl AsRef<Path>) -> Result<InspectReport> {
+    let wf = WeightFile::open(path)?;
+    let md = wf.parquet_metadata();
+    let file_bytes = std::fs::metadata(wf.path())
+        .map_err(|e| Error::io("stat", wf.path(), e))?
+        .len();
+    let compression = md.row_groups().first().and_then(|rg| {
+        rg.columns()
+            .iter()
+            .find(|c| c.column_path().string() == format::COL_DATA)
+            .map(|c| format!("{:?}", c.compression()))
+    });
+    let size = |v: i64| u64::try_from(v).unwrap_or(0);
+    let row_groups = md
+        .row_groups()
+        .iter()
+        .enumerate()
+        .map(|(index, rg)| RowGroupInfo {
+            index,
+            rows: size(rg.num_rows()),
+            uncompressed_bytes: size(rg.total_byte_size()),
+            compressed_bytes: size(rg.compressed_size()),
+        })
+        .collect();
+    let tensors = wf.tensors().to_vec();
+    let sum = |f: fn(&TensorInfo) -> u64| {
+        tensors
+            .iter()
+            .try_fold(0u64, |a, t| a.checked_add(f(t)))
+            .ok_or_else(|| Error::corrupt(wf.path(), None, "tensor sizes add up past 64 bits"))
+    };
+    let (total_parameters, total_bytes) = (sum(|t| t.num_params)?, sum(|t| t.bytes)?);
+    Ok(InspectReport {
+        path: wf.path().to_path_buf(),
+        format_version: wf.key_value(format::KEY_FORMAT).map(str::to_owned),
+        cast: wf.key_value(format::KEY_CAST).map(str::to_owned),
+        compression,
+        footer_index: wf.has_index(),
+        checksums: wf.has_checksums(),
+        total_tensors: tensors.len(),
+        total_parameters,
+        total_bytes,
+        tensors,
+        file_bytes,
+        row_groups,
+        metadata: wf.metadata(),
+    })
+}
