@@ -330,3 +330,97 @@ fn ctrl_c_exits_130_and_leaves_nothing() {
         .collect();
     assert!(left.is_empty(), "left behind: {left:?}");
 }
+
+#[test]
+fn option_values_are_checked_before_anything_is_created() {
+    let tmp = tempdir();
+    let out = tmp.path().join("o");
+    let o = modelconv(&[
+        "convert",
+        s(&fixture("tiny-bert")),
+        "-o",
+        s(&out),
+        "--level",
+        "99",
+    ]);
+    assert_eq!(o.status.code(), Some(2), "an option value is a usage error");
+    assert_eq!(
+        text(&o.stderr),
+        "error: zstd level 99 is out of range (-131072 to 22)\n"
+    );
+    assert!(!out.exists(), "nothing may be created for a refused option");
+    let o = modelconv(&[
+        "convert",
+        s(&fixture("tiny-bert")),
+        "-o",
+        s(&out),
+        "--row-group-mb",
+        "0",
+    ]);
+    assert_eq!(o.status.code(), Some(2));
+    assert_eq!(
+        text(&o.stderr),
+        "error: the row-group budget must be between 1 byte and 1024 MiB, not 0 bytes\n"
+    );
+    assert!(!out.exists());
+}
+
+#[test]
+fn a_part_on_a_family_without_parts_is_refused() {
+    let tmp = tempdir();
+    let out = tmp.path().join("o");
+    let o = modelconv(&[
+        "convert",
+        s(&fixture("tiny-bert")),
+        "-o",
+        s(&out),
+        "--part",
+        "vision",
+    ]);
+    assert_eq!(o.status.code(), Some(2));
+    assert_eq!(
+        text(&o.stderr),
+        "error: --part vision applies to clip and whisper only, not bert\n"
+    );
+    assert!(!out.exists());
+    let o = modelconv(&[
+        "convert",
+        s(&fixture("tiny-whisper")),
+        "-o",
+        s(&out),
+        "--part",
+        "vision",
+    ]);
+    assert_eq!(
+        text(&o.stderr),
+        "error: --part vision does not exist for whisper (choose encoder, decoder or all)\n"
+    );
+}
+
+#[test]
+fn the_binary_adds_the_command_line_hint_to_library_errors() {
+    let tmp = tempdir();
+    let model = tmp.path().join("m.safetensors");
+    // bf16 -2e5 does not fit f16.
+    let big = half::bf16::from_f32(-2.0e5).to_le_bytes().to_vec();
+    write_safetensors(&model, &[("model.layers.0.w", "BF16", vec![1], big)]);
+    let out = tmp.path().join("o");
+    let o = modelconv(&[
+        "convert",
+        s(&model),
+        "-o",
+        s(&out),
+        "--model-type",
+        "causallm",
+    ]);
+    assert_eq!(o.status.code(), Some(1));
+    assert_eq!(
+        text(&o.stderr),
+        format!(
+            "error: {}: tensor `model.layers.0.w`: 1 finite value would overflow to infinity casting \
+             BF16 to F16 (largest magnitude 199680); choose --dtype keep, bf16 or f32, or pass --allow-overflow\n",
+            model.display()
+        )
+    );
+    assert!(!out.join("weights.parquet").exists());
+}

@@ -558,50 +558,296 @@ fn cancelled_conversion_leaves_nothing() {
     no_temp_files(&out);
 }
 
-#[test]
-fn write_errors_name_the_output_and_leave_no_temp_file() {
-    // A read-only output directory: creating the temp file fails.
-    let tmp = tempdir();
-    let out = tmp.path().join("ro");
-    std::fs::create_dir_all(&out).unwrap();
-    let mut perm = std::fs::metadata(&out).unwrap().permissions();
-    std::os::unix::fs::PermissionsExt::set_mode(&mut perm, 0o555);
-    std::fs::set_permissions(&out, perm).unwrap();
-    let probe = out.join("probe");
-    if std::fs::write(&probe, b"x").is_ok() {
-        // Running as root: permissions do not stop writes; use /dev/full instead.
-        std::fs::remove_file(&probe).unwrap();
-        return write_error_dev_full();
-    }
-    let err = convert(fixture("tiny-bert"), &out, &ConvertConfig::default()).unwrap_err();
-    assert!(matches!(err, Error::Io { .. }), "{err}");
-    no_temp_files(&out);
+/// Runs the real binary under `sh` with a file-size limit of `blocks` 512-byte blocks
+/// (`RLIMIT_FSIZE`: it binds root too) and SIGXFSZ ignored, so a write past the limit
+/// fails with EFBIG instead of killing the process.
+fn modelconv_with_file_limit(blocks: u64, args: &[&str]) -> std::process::Output {
+    std::process::Command::new("sh")
+        .arg("-c")
+        .arg(format!(
+            "trap '' XFSZ; ulimit -f {blocks} && exec \"$0\" \"$@\""
+        ))
+        .arg(env!("CARGO_BIN_EXE_modelconv"))
+        .args(args)
+        .output()
+        .unwrap()
 }
 
-fn write_error_dev_full() {
-    // The library writes weights to a temp path beside the target; a target directory
-    // holding a symlink is never followed (create_new), so simulate the disk filling up
-    // with a tiny tmpfs-free approach: a file-size limit on this process is not portable,
-    // so check the error path through an output directory that disappears mid-way.
+#[test]
+fn a_write_that_fails_midway_names_the_output_and_leaves_nothing() {
+    // tiny-clip writes ~100 KiB of weights; a 16 KiB file limit stops the write after
+    // part of the file is out, whoever runs the test (root included).
     let tmp = tempdir();
-    let out = tmp.path().join("gone");
-    std::fs::create_dir_all(&out).unwrap();
-    // Replace the directory with a file after planning is impossible to time exactly;
-    // instead give an output path whose parent is a file.
-    let file = tmp.path().join("file");
-    std::fs::write(&file, b"x").unwrap();
-    let err = convert(
-        fixture("tiny-bert"),
-        file.join("sub"),
-        &ConvertConfig::default(),
-    )
-    .unwrap_err();
-    assert!(matches!(err, Error::Io { .. }), "{err}");
+    let out = tmp.path().join("o");
+    let o = modelconv_with_file_limit(
+        32,
+        &[
+            "convert",
+            fixture("tiny-clip").to_str().unwrap(),
+            "-o",
+            out.to_str().unwrap(),
+            "--compression",
+            "none",
+            "--row-group-mb",
+            "1",
+        ],
+    );
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert_eq!(o.status.code(), Some(1), "{err}");
     assert!(
-        err.to_string()
-            .contains(&file.join("sub").display().to_string()),
+        err.starts_with(&format!(
+            "error: {}: ",
+            out.join("weights.parquet").display()
+        )),
         "{err}"
     );
+    assert!(err.contains("File too large"), "{err}");
+    no_temp_files(&out);
+    for f in ["metadata.json", "config.json", "tokenizer"] {
+        assert!(!out.join(f).exists(), "{f} left behind");
+    }
+    // The same limit leaves an earlier good conversion intact under --force.
+    let good = tmp.path().join("good");
+    convert(fixture("tiny-clip"), &good, &ConvertConfig::default()).unwrap();
+    let before = std::fs::read(good.join("weights.parquet")).unwrap();
+    let meta = std::fs::read(good.join("metadata.json")).unwrap();
+    let o = modelconv_with_file_limit(
+        32,
+        &[
+            "convert",
+            fixture("tiny-clip").to_str().unwrap(),
+            "-o",
+            good.to_str().unwrap(),
+            "--compression",
+            "none",
+            "--force",
+        ],
+    );
+    assert_eq!(o.status.code(), Some(1));
+    assert_eq!(std::fs::read(good.join("weights.parquet")).unwrap(), before);
+    assert_eq!(std::fs::read(good.join("metadata.json")).unwrap(), meta);
+    let left: Vec<_> = std::fs::read_dir(&good)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .filter(|n| n.contains(".tmp-"))
+        .collect();
+    assert!(left.is_empty(), "{left:?}");
+}
+
+#[test]
+fn an_output_path_that_is_a_file_is_refused() {
+    let tmp = tempdir();
+    let file = tmp.path().join("file");
+    std::fs::write(&file, b"x").unwrap();
+    let err = convert(fixture("tiny-bert"), &file, &ConvertConfig::default()).unwrap_err();
+    assert!(matches!(err, Error::OutputNotDirectory { .. }), "{err:?}");
+    assert_eq!(
+        err.to_string(),
+        format!("{}: the output must be a directory", file.display())
+    );
+    assert_eq!(std::fs::read(&file).unwrap(), b"x");
+    // Below a file: the directory cannot be created.
+    let below = file.join("sub");
+    let err = convert(fixture("tiny-bert"), &below, &ConvertConfig::default()).unwrap_err();
+    assert_eq!(
+        err.to_string(),
+        format!(
+            "{}: cannot create: Not a directory (os error 20)",
+            below.display()
+        )
+    );
+}
+
+#[test]
+fn nothing_left_after_the_filters_is_an_error() {
+    let tmp = tempdir();
+    let out = tmp.path().join("o");
+    let cfg = ConvertConfig::builder()
+        .filters(modelconv::Filters {
+            exclude: vec!["*".into()],
+            ..Default::default()
+        })
+        .build()
+        .unwrap();
+    let err = convert(fixture("tiny-bert"), &out, &cfg).unwrap_err();
+    assert!(matches!(err, Error::NothingToConvert { .. }), "{err:?}");
+    assert_eq!(
+        err.to_string(),
+        format!(
+            "{}: nothing to convert: the bert recipe and the filters keep no tensor",
+            fixture("tiny-bert").display()
+        )
+    );
+    assert!(!out.exists(), "nothing is created before the plan is made");
+}
+
+#[test]
+fn a_dimension_past_int32_is_refused_before_writing() {
+    // A valid safetensors file: [2^31, 0] has no elements and no bytes, but the
+    // format's int32 `shape` column cannot hold the first dimension.
+    let tmp = tempdir();
+    let model = tmp.path().join("m.safetensors");
+    write_safetensors(
+        &model,
+        &[
+            ("model.layers.0.w", "F32", vec![2], vec![0; 8]),
+            ("model.layers.0.wide", "F32", vec![1 << 31, 0], vec![]),
+        ],
+    );
+    let out = tmp.path().join("o");
+    let cfg = ConvertConfig::builder()
+        .model_type(ModelType::CausalLm)
+        .build()
+        .unwrap();
+    let err = convert(&model, &out, &cfg).unwrap_err();
+    assert!(
+        matches!(
+            err,
+            Error::DimensionTooLarge {
+                dim: 2_147_483_648,
+                ..
+            }
+        ),
+        "{err:?}"
+    );
+    assert_eq!(
+        err.to_string(),
+        format!(
+            "{}: tensor `model.layers.0.wide`: dimension 2147483648 does not fit the format's int32 shape",
+            model.display()
+        )
+    );
+    assert!(!out.exists());
+}
+
+/// Grows `path` by a few bytes the first time the conversion reports progress.
+struct GrowOnProgress {
+    path: std::path::PathBuf,
+    done: std::sync::atomic::AtomicBool,
+}
+
+impl modelconv::Observer for GrowOnProgress {
+    fn event(&self, e: &modelconv::Event) {
+        if matches!(e, modelconv::Event::Progress { .. })
+            && !self.done.swap(true, std::sync::atomic::Ordering::SeqCst)
+        {
+            use std::io::Write;
+            let mut f = std::fs::OpenOptions::new()
+                .append(true)
+                .open(&self.path)
+                .unwrap();
+            f.write_all(&[0; 8]).unwrap();
+        }
+    }
+}
+
+#[test]
+fn a_shard_that_changes_size_during_conversion_stops_it() {
+    let tmp = tempdir();
+    let model = copy_dir(&fixture("tiny-llama-sharded-bf16"), &tmp.path().join("m"));
+    let last = model.join("model-00005-of-00005.safetensors");
+    let was = std::fs::metadata(&last).unwrap().len();
+    // Small row groups, one in flight: the last shard is read long after the first
+    // group is written (and reported).
+    let cfg = ConvertConfig::builder()
+        .model_type(ModelType::CausalLm)
+        .row_group_bytes(2048)
+        .threads(1)
+        .inflight_per_thread(1)
+        .build()
+        .unwrap();
+    let out = tmp.path().join("o");
+    let grow = GrowOnProgress {
+        path: last.clone(),
+        done: Default::default(),
+    };
+    let err = modelconv::convert_with(&model, &out, &cfg, &grow).unwrap_err();
+    assert!(matches!(err, Error::SourceChanged { .. }), "{err:?}");
+    assert_eq!(
+        err.to_string(),
+        format!(
+            "{}: file changed size while being converted ({was} → {} bytes)",
+            last.display(),
+            was + 8
+        )
+    );
+    no_temp_files(&out);
+    assert!(!out.join("metadata.json").exists());
+}
+
+#[test]
+fn the_same_input_gives_the_same_file_whatever_the_thread_count() {
+    // SOURCE_DATE_EPOCH pins the conversion time, the one thing that differs between
+    // runs; the file must then not depend on how the work was spread over threads.
+    let tmp = tempdir();
+    let out = tmp.path().join("o");
+    let mut files = Vec::new();
+    for threads in ["1", "2", "1"] {
+        let o = std::process::Command::new(env!("CARGO_BIN_EXE_modelconv"))
+            .arg("convert")
+            .arg(minilm())
+            .args([
+                "-o",
+                out.to_str().unwrap(),
+                "--force",
+                "-q",
+                "--threads",
+                threads,
+            ])
+            .args(["--row-group-mb", "1", "--max-row-mb", "1"])
+            .env("SOURCE_DATE_EPOCH", "1700000000")
+            .output()
+            .unwrap();
+        assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+        files.push(std::fs::read(out.join("weights.parquet")).unwrap());
+    }
+    assert!(files[0] == files[1], "1 and 2 threads give different files");
+    assert!(files[0] == files[2]);
+    let wf = WeightFile::open(&out).unwrap();
+    assert_eq!(
+        wf.metadata().unwrap()["converted_at"],
+        "2023-11-14T22:13:20Z"
+    );
+    assert!(
+        wf.parquet_metadata().num_row_groups() > 20,
+        "many groups in flight"
+    );
+    assert!(wf.tensors().iter().any(|t| t.rows > 1), "split rows too");
+}
+
+#[test]
+fn export_of_a_keep_conversion_is_the_source_file_byte_for_byte() {
+    // The trained all-MiniLM-L6-v2, as a new user would try it: convert with --dtype
+    // keep, export, and compare with the file the Hub lists (sha256 53aa5117…).
+    let dir = minilm();
+    let tmp = tempdir();
+    let out = tmp.path().join("o");
+    let cfg = ConvertConfig::builder()
+        .dtype(TargetDtype::Keep)
+        .build()
+        .unwrap();
+    convert(&dir, &out, &cfg).unwrap();
+    let st = tmp.path().join("model.safetensors");
+    modelconv::export(&out, &st, &Default::default()).unwrap();
+    let got = std::fs::read(&st).unwrap();
+    let want = std::fs::read(dir.join("model.safetensors")).unwrap();
+    assert_eq!(got.len(), want.len());
+    assert!(got == want, "exported file differs from the source");
+    // The stamp is opt-in; with it the header says who wrote the file.
+    let stamped = tmp.path().join("stamped.safetensors");
+    let opts = modelconv::ExportOptions {
+        stamp: true,
+        ..Default::default()
+    };
+    modelconv::export(&out, &stamped, &opts).unwrap();
+    let bytes = std::fs::read(&stamped).unwrap();
+    let st = safetensors::SafeTensors::read_metadata(&bytes).unwrap().1;
+    let meta = st.metadata().as_ref().unwrap();
+    assert_eq!(
+        meta["exported_by"],
+        format!("modelconv {}", env!("CARGO_PKG_VERSION"))
+    );
+    assert_eq!(meta["format"], "pt");
 }
 
 #[test]

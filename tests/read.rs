@@ -252,10 +252,16 @@ fn truncated_and_damaged_footers_are_clear_errors() {
     let n = bad.len();
     bad[n - 8..n - 4].copy_from_slice(&u32::MAX.to_le_bytes());
     std::fs::write(&path, &bad).unwrap();
-    assert!(matches!(
-        WeightFile::open(&path).unwrap_err(),
-        Error::CorruptWeights { .. }
-    ));
+    let err = WeightFile::open(&path).unwrap_err();
+    assert!(matches!(err, Error::CorruptWeights { .. }));
+    assert_eq!(
+        err.to_string(),
+        format!(
+            "{}: not a readable Parquet file: EOF: Parquet file too small. Size is {n} but need {}",
+            path.display(),
+            u32::MAX as u64 + 8
+        )
+    );
     // Garbage in the footer's thrift.
     let mut bad = good.clone();
     let footer_len = u32::from_le_bytes(good[n - 8..n - 4].try_into().unwrap()) as usize;
@@ -263,7 +269,14 @@ fn truncated_and_damaged_footers_are_clear_errors() {
         *b = 0xff;
     }
     std::fs::write(&path, &bad).unwrap();
-    assert!(WeightFile::open(&path).is_err());
+    let err = WeightFile::open(&path).unwrap_err();
+    assert!(
+        err.to_string().starts_with(&format!(
+            "{}: not a readable Parquet file: ",
+            path.display()
+        )),
+        "{err}"
+    );
     // Not a weight file at all: a Parquet file without our columns.
     std::fs::write(&path, &good).unwrap();
     let err = WeightFile::open(tmp.path()).unwrap_err();
@@ -312,4 +325,130 @@ fn reading_every_tensor_as_f32_matches_one_at_a_time() {
             "{n}"
         );
     }
+}
+
+/// Writes a Parquet file with the given columns of one row each and footer key-values.
+fn parquet_file(
+    path: &std::path::Path,
+    cols: Vec<(&str, arrow_array::ArrayRef)>,
+    kv: &[(&str, &str)],
+) {
+    let batch = arrow_array::RecordBatch::try_from_iter(cols).unwrap();
+    let props = parquet::file::properties::WriterProperties::builder()
+        .set_key_value_metadata(Some(
+            kv.iter()
+                .map(|(k, v)| parquet::file::metadata::KeyValue::new(k.to_string(), v.to_string()))
+                .collect(),
+        ))
+        .build();
+    let f = std::fs::File::create(path).unwrap();
+    let mut w = parquet::arrow::ArrowWriter::try_new(f, batch.schema(), Some(props)).unwrap();
+    w.write(&batch).unwrap();
+    w.close().unwrap();
+}
+
+/// The seed's five columns for one f16 tensor `w` of shape [2].
+fn seed_columns(with_dtype: bool) -> Vec<(&'static str, arrow_array::ArrayRef)> {
+    use arrow_array::builder::{Int32Builder, ListBuilder};
+    use std::sync::Arc;
+    let mut shape = ListBuilder::new(Int32Builder::new());
+    shape.values().append_slice(&[2]);
+    shape.append(true);
+    let mut cols: Vec<(&str, arrow_array::ArrayRef)> = vec![
+        (
+            "layer_name",
+            Arc::new(arrow_array::StringArray::from(vec!["w"])),
+        ),
+        ("shape", Arc::new(shape.finish())),
+    ];
+    if with_dtype {
+        cols.push((
+            "dtype",
+            Arc::new(arrow_array::StringArray::from(vec!["torch.float16"])),
+        ));
+    }
+    cols.push((
+        "data",
+        Arc::new(arrow_array::BinaryArray::from(vec![&[0u8, 60, 0, 64][..]])),
+    ));
+    cols.push((
+        "num_params",
+        Arc::new(arrow_array::Int64Array::from(vec![2])),
+    ));
+    cols
+}
+
+#[test]
+fn a_parquet_file_without_a_weight_column_is_named_as_such() {
+    let tmp = tempdir();
+    let path = tmp.path().join("w.parquet");
+    parquet_file(&path, seed_columns(false), &[]);
+    let err = WeightFile::open(&path).unwrap_err();
+    assert!(matches!(err, Error::CorruptWeights { .. }), "{err:?}");
+    assert_eq!(
+        err.to_string(),
+        format!(
+            "{}: not a weight file: no `dtype` column (utf8)",
+            path.display()
+        )
+    );
+    // With the column it is a seed file, read by scanning names.
+    parquet_file(&path, seed_columns(true), &[]);
+    let t = WeightFile::open(&path).unwrap().tensor_f32("w").unwrap();
+    assert_eq!(t, vec![1.0, 2.0]);
+}
+
+#[test]
+fn a_damaged_or_inconsistent_footer_index_is_refused() {
+    let tmp = tempdir();
+    let path = tmp.path().join("w.parquet");
+    let entry = |row: u64, rows: u64, bytes: u64, dtype: &str| {
+        format!(
+            r#"{{"tensors":[{{"name":"w","source":"w","dtype":"{dtype}","source_dtype":"F16","shape":[2],"bytes":{bytes},"row":{row},"rows":{rows}}}]}}"#
+        )
+    };
+    let cases = [
+        (
+            "{\"tensors\": [".to_string(),
+            "footer tensor index is damaged: EOF while parsing a list at line 1 column 13"
+                .to_string(),
+        ),
+        (
+            entry(0, 1, 4, "torch.float8"),
+            "tensor `w`: unknown dtype `torch.float8`".to_string(),
+        ),
+        (
+            entry(0, 1, 6, "torch.float16"),
+            "tensor `w`: footer tensor index is inconsistent".to_string(),
+        ),
+        (
+            entry(1, 1, 4, "torch.float16"),
+            "tensor `w`: footer tensor index is inconsistent".to_string(),
+        ),
+        (
+            entry(0, 2, 4, "torch.float16"),
+            "tensor `w`: footer tensor index is inconsistent".to_string(),
+        ),
+        (
+            entry(0, u64::MAX, 4, "torch.float16"),
+            "tensor `w`: footer tensor index is inconsistent".to_string(),
+        ),
+    ];
+    for (index, want) in cases {
+        parquet_file(&path, seed_columns(true), &[("modelconv.index", &index)]);
+        let err = WeightFile::open(&path).unwrap_err();
+        assert!(matches!(err, Error::CorruptWeights { .. }), "{err:?}");
+        assert_eq!(
+            err.to_string(),
+            format!("{}: {want}", path.display()),
+            "{index}"
+        );
+    }
+    // The consistent index opens the file.
+    parquet_file(
+        &path,
+        seed_columns(true),
+        &[("modelconv.index", &entry(0, 1, 4, "torch.float16"))],
+    );
+    assert!(WeightFile::open(&path).unwrap().has_index());
 }
