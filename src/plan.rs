@@ -156,31 +156,7 @@ impl Plan {
                 rows: rows.len() as u64 - first_row,
             });
         }
-        let mut groups = Vec::new();
-        let mut cur = GroupPlan {
-            rows: 0..0,
-            out_bytes: 0,
-            src_bytes: 0,
-        };
-        for (r, row) in rows.iter().enumerate() {
-            let t = &tensors[row.tensor];
-            let out = row.elems * t.dtype.size() as u64;
-            let src = row.elems * t.src.dtype.size() as u64;
-            if !cur.rows.is_empty() && cur.out_bytes + out > group_bytes {
-                let next = GroupPlan {
-                    rows: r..r,
-                    out_bytes: 0,
-                    src_bytes: 0,
-                };
-                groups.push(std::mem::replace(&mut cur, next));
-            }
-            cur.rows.end = r + 1;
-            cur.out_bytes += out;
-            cur.src_bytes += src;
-        }
-        if !cur.rows.is_empty() {
-            groups.push(cur);
-        }
+        let groups = group_rows(&tensors, &rows, group_bytes);
         Ok(Plan {
             tensors,
             rows,
@@ -203,4 +179,35 @@ impl Plan {
     pub(crate) fn total_params(&self) -> u64 {
         self.tensors.iter().map(|t| t.src.numel).sum()
     }
+}
+
+/// Cuts `rows` into consecutive groups of at most `group_bytes` output bytes (a row
+/// larger than that is a group of its own).
+fn group_rows(tensors: &[PlannedTensor], rows: &[RowPlan], group_bytes: u64) -> Vec<GroupPlan> {
+    let mut groups = Vec::new();
+    let mut cur = GroupPlan {
+        rows: 0..0,
+        out_bytes: 0,
+        src_bytes: 0,
+    };
+    for (r, row) in rows.iter().enumerate() {
+        let t = &tensors[row.tensor];
+        let out = row.elems * t.dtype.size() as u64;
+        let src = row.elems * t.src.dtype.size() as u64;
+        if !cur.rows.is_empty() && cur.out_bytes + out > group_bytes {
+            let next = GroupPlan {
+                rows: r..r,
+                out_bytes: 0,
+                src_bytes: 0,
+            };
+            groups.push(std::mem::replace(&mut cur, next));
+        }
+        cur.rows.end = r + 1;
+        cur.out_bytes += out;
+        cur.src_bytes += src;
+    }
+    if !cur.rows.is_empty() {
+        groups.push(cur);
+    }
+    groups
 }

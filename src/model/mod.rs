@@ -398,111 +398,172 @@ pub fn resolve_recipe(
         .unwrap_or_else(|| source.model_dir.join("config.json"));
     let from_config = family_from_config(files);
     let mut notices = Vec::new();
-    let (model_type, detected_by, keep_everything) = match requested {
-        ModelType::Auto => match &from_config {
-            Some((ModelType::Bert, what)) if files.is_sentence_transformers() => (
-                ModelType::SentenceTransformers,
-                format!("config.json {what} with sentence-transformers modules"),
-                false,
-            ),
-            Some((t, what)) => (*t, format!("config.json {what}"), false),
-            None => {
-                if let Some(t) = family_from_name(name) {
-                    (
-                        t,
-                        format!("the name `{}`", crate::error::sanitize(name)),
-                        false,
-                    )
-                } else if files.is_sentence_transformers() {
-                    (
-                        ModelType::SentenceTransformers,
-                        "sentence-transformers modules".into(),
-                        false,
-                    )
-                } else if let Some(t) = family_from_tensors(source) {
-                    (t, "tensor names".into(), false)
-                } else if files.config.is_some() {
-                    let what = files
-                        .architectures()
-                        .first()
-                        .map(|a| a.to_string())
-                        .or_else(|| files.config_str("model_type").map(str::to_owned))
-                        .unwrap_or_else(|| "unnamed".into());
-                    notices.push(format!(
-                        "unknown architecture `{}`: converting every tensor as `transformers` (pass --model-type to choose)",
-                        crate::error::sanitize(&what)
-                    ));
-                    (
-                        ModelType::Transformers,
-                        format!("unknown architecture `{what}`"),
-                        true,
-                    )
-                } else {
-                    return Err(Error::ModelConfig {
-                        path: config_path,
-                        reason: "no config.json, and neither the name nor the tensor names tell the model type; \
-                                 pass --model-type"
-                            .into(),
-                    });
-                }
-            }
-        },
-        t => {
-            if let Some((found, what)) = &from_config {
-                let compatible = match t {
-                    ModelType::Clip | ModelType::Whisper => *found == t,
-                    ModelType::Bert | ModelType::SentenceTransformers => *found == ModelType::Bert,
-                    _ => true,
-                };
-                if !compatible {
-                    return Err(Error::ModelConfig {
-                        path: config_path,
-                        reason: format!(
-                            "--model-type {} contradicts the checkpoint: config.json has {what}, a {} model",
-                            t.as_str(),
-                            found.as_str()
-                        ),
-                    });
-                }
-            }
-            let keep = t == ModelType::Transformers && from_config.is_none();
-            if keep {
-                notices
-                    .push("architecture not recognised: `transformers` keeps every tensor".into());
-            }
-            (t, "--model-type".to_string(), keep)
-        }
+    let found = match requested {
+        ModelType::Auto => detect(from_config, files, source, name, &mut notices),
+        t => check_requested(t, from_config, &config_path, &mut notices).map(Some)?,
     };
-    let part = match (model_type, part) {
-        (ModelType::Clip, Part::Default) => Part::Vision,
-        (ModelType::Clip, p @ (Part::Vision | Part::Text | Part::All)) => p,
-        (ModelType::Whisper, Part::Default) => Part::Encoder,
-        (ModelType::Whisper, p @ (Part::Encoder | Part::Decoder | Part::All)) => p,
-        (ModelType::Clip | ModelType::Whisper, p) => {
-            return Err(Error::option(format!(
-                "--part {} does not exist for {} (choose {})",
-                p.as_str(),
-                model_type.as_str(),
-                if model_type == ModelType::Clip {
-                    "vision, text or all"
-                } else {
-                    "encoder, decoder or all"
-                }
-            )))
-        }
-        (_, Part::Default | Part::All) => Part::All,
-        (t, p) => {
-            return Err(Error::option(format!(
-                "--part {} applies to clip and whisper only, not {}",
-                p.as_str(),
-                t.as_str()
-            )))
-        }
+    let Some(Found {
+        model_type,
+        detected_by,
+        keep_everything,
+    }) = found
+    else {
+        return Err(Error::ModelConfig {
+            path: config_path,
+            reason:
+                "no config.json, and neither the name nor the tensor names tell the model type; \
+                     pass --model-type"
+                    .into(),
+        });
     };
-    let base_prefix = match model_type {
-        ModelType::Bert | ModelType::SentenceTransformers | ModelType::Transformers
-            if !keep_everything =>
-        {
+    let part = resolve_part(model_type, part)?;
+    let base_prefix = if keep_everything {
+        None
+    } else {
+        base_prefix(model_type, files)
+    };
+    Ok(Recipe {
+        model_type,
+        part,
+        detected_by,
+        notices,
+        base_prefix,
+        keep_everything,
+        tied_head: false,
+    })
+}
+
+/// A family, how it was decided, and whether every tensor is kept.
+struct Found {
+    model_type: ModelType,
+    detected_by: String,
+    keep_everything: bool,
+}
+
+impl Found {
+    fn new(model_type: ModelType, detected_by: String) -> Found {
+        Found {
+            model_type,
+            detected_by,
+            keep_everything: false,
+        }
+    }
+}
+
+/// Detects the family from `config.json`, then the name, the sentence-transformers
+/// markers, the tensor names, and last an unknown architecture converted whole; `None`
+/// when nothing tells.
+fn detect(
+    from_config: Option<(ModelType, String)>,
+    files: &ModelFiles,
+    source: &Source,
+    name: &str,
+    notices: &mut Vec<String>,
+) -> Option<Found> {
+    let st = files.is_sentence_transformers();
+    Some(match from_config {
+        Some((ModelType::Bert, what)) if st => Found::new(
+            ModelType::SentenceTransformers,
+            format!("config.json {what} with sentence-transformers modules"),
+        ),
+        Some((t, what)) => Found::new(t, format!("config.json {what}")),
+        None => {
+            if let Some(t) = family_from_name(name) {
+                Found::new(t, format!("the name `{}`", crate::error::sanitize(name)))
+            } else if st {
+                Found::new(
+                    ModelType::SentenceTransformers,
+                    "sentence-transformers modules".into(),
+                )
+            } else if let Some(t) = family_from_tensors(source) {
+                Found::new(t, "tensor names".into())
+            } else {
+                files.config.as_ref()?;
+                let what = files
+                    .architectures()
+                    .first()
+                    .map(|a| a.to_string())
+                    .or_else(|| files.config_str("model_type").map(str::to_owned))
+                    .unwrap_or_else(|| "unnamed".into());
+                notices.push(format!(
+                    "unknown architecture `{}`: converting every tensor as `transformers` (pass --model-type to choose)",
+                    crate::error::sanitize(&what)
+                ));
+                Found {
+                    model_type: ModelType::Transformers,
+                    detected_by: format!("unknown architecture `{what}`"),
+                    keep_everything: true,
+                }
+            }
+        }
+    })
+}
+
+/// Accepts the family the user asked for unless `config.json` names another.
+fn check_requested(
+    t: ModelType,
+    from_config: Option<(ModelType, String)>,
+    config_path: &Path,
+    notices: &mut Vec<String>,
+) -> Result<Found> {
+    if let Some((found, what)) = &from_config {
+        let compatible = match t {
+            ModelType::Clip | ModelType::Whisper => *found == t,
+            ModelType::Bert | ModelType::SentenceTransformers => *found == ModelType::Bert,
+            _ => true,
+        };
+        if !compatible {
+            return Err(Error::ModelConfig {
+                path: config_path.to_path_buf(),
+                reason: format!(
+                    "--model-type {} contradicts the checkpoint: config.json has {what}, a {} model",
+                    t.as_str(),
+                    found.as_str()
+                ),
+            });
+        }
+    }
+    let keep = t == ModelType::Transformers && from_config.is_none();
+    if keep {
+        notices.push("architecture not recognised: `transformers` keeps every tensor".into());
+    }
+    Ok(Found {
+        model_type: t,
+        detected_by: "--model-type".to_string(),
+        keep_everything: keep,
+    })
+}
+
+/// The part a family converts: its default, or the one asked for if the family has it.
+fn resolve_part(model_type: ModelType, part: Part) -> Result<Part> {
+    match (model_type, part) {
+        (ModelType::Clip, Part::Default) => Ok(Part::Vision),
+        (ModelType::Clip, p @ (Part::Vision | Part::Text | Part::All)) => Ok(p),
+        (ModelType::Whisper, Part::Default) => Ok(Part::Encoder),
+        (ModelType::Whisper, p @ (Part::Encoder | Part::Decoder | Part::All)) => Ok(p),
+        (ModelType::Clip | ModelType::Whisper, p) => Err(Error::option(format!(
+            "--part {} does not exist for {} (choose {})",
+            p.as_str(),
+            model_type.as_str(),
+            if model_type == ModelType::Clip {
+                "vision, text or all"
+            } else {
+                "encoder, decoder or all"
+            }
+        ))),
+        (_, Part::Default | Part::All) => Ok(Part::All),
+        (t, p) => Err(Error::option(format!(
+            "--part {} applies to clip and whisper only, not {}",
+            p.as_str(),
+            t.as_str()
+        ))),
+    }
+}
+
+/// The base-model prefix (`bert.`, `model.`) stripped from an encoder family's names.
+fn base_prefix(model_type: ModelType, files: &ModelFiles) -> Option<String> {
+    match model_type {
+        ModelType::Bert | ModelType::SentenceTransformers | ModelType::Transformers => {
             files.config_str("model_type").map(|m| {
                 let m = m.replace('-', "_");
                 match m.as_str() {
@@ -515,16 +576,7 @@ pub fn resolve_recipe(
             })
         }
         _ => None,
-    };
-    Ok(Recipe {
-        model_type,
-        part,
-        detected_by,
-        notices,
-        base_prefix,
-        keep_everything,
-        tied_head: false,
-    })
+    }
 }
 
 /// The outcome of applying a recipe and the filters to a checkpoint.

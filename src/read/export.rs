@@ -71,40 +71,7 @@ pub fn export(weights: &Path, out: &Path, opts: &ExportOptions) -> Result<Export
             });
         }
     }
-    let out_dtype = |d: Dtype| match opts.dtype {
-        TargetDtype::Keep => d,
-        t => t.output_for(d),
-    };
-    // Header: every tensor in row order, offsets from the index.
-    let mut header = serde_json::Map::new();
-    let mut meta = serde_json::Map::new();
-    meta.insert("format".into(), "pt".into());
-    if opts.stamp {
-        meta.insert(
-            "exported_by".into(),
-            format!("modelconv {}", env!("CARGO_PKG_VERSION")).into(),
-        );
-    }
-    header.insert("__metadata__".into(), serde_json::Value::Object(meta));
-    let mut offset = 0u64;
-    for t in wf.tensors() {
-        let d = out_dtype(t.dtype);
-        let end = t
-            .num_params
-            .checked_mul(d.size() as u64)
-            .and_then(|len| offset.checked_add(len))
-            .ok_or_else(|| Error::corrupt(wf.path(), Some(&t.name), "size overflows"))?;
-        header.insert(
-            t.name.clone(),
-            serde_json::json!({"dtype": d.safetensors_name(), "shape": t.shape, "data_offsets": [offset, end]}),
-        );
-        offset = end;
-    }
-    let mut text = serde_json::to_string(&serde_json::Value::Object(header))
-        .map_err(|e| Error::internal(format!("safetensors header: {e}")))?;
-    while !text.len().is_multiple_of(8) {
-        text.push(' ');
-    }
+    let (text, data_len) = header(&wf, opts)?;
     let tmp = TempPath::beside(out);
     let file = tmp.create_file()?;
     let werr = |e: std::io::Error| Error::io("write", tmp.path(), e);
@@ -117,7 +84,7 @@ pub fn export(weights: &Path, out: &Path, opts: &ExportOptions) -> Result<Export
     for rg in 0..wf.num_row_groups() {
         wf.scan_row_group(rg, &mut |r: Row| {
             let t = &wf.tensors()[r.tensor];
-            let d = out_dtype(t.dtype);
+            let d = out_dtype(opts, t.dtype);
             let bytes: &[u8] = if d == t.dtype {
                 r.data
             } else {
@@ -135,11 +102,11 @@ pub fn export(weights: &Path, out: &Path, opts: &ExportOptions) -> Result<Export
             w.write_all(bytes).map_err(werr)
         })?;
     }
-    if written != offset {
+    if written != data_len {
         return Err(Error::corrupt(
             wf.path(),
             None,
-            format!("rows hold {written} bytes, the shapes need {offset}"),
+            format!("rows hold {written} bytes, the shapes need {data_len}"),
         ));
     }
     let file = w
@@ -147,11 +114,54 @@ pub fn export(weights: &Path, out: &Path, opts: &ExportOptions) -> Result<Export
         .map_err(|e| Error::io("write", tmp.path(), e.into_error()))?;
     file.sync_all()
         .map_err(|e| Error::io("sync", tmp.path(), e))?;
-    let bytes = 8 + text.len() as u64 + offset;
+    let bytes = 8 + text.len() as u64 + data_len;
     tmp.commit()?;
     Ok(ExportReport {
         path: out.to_path_buf(),
         tensors: wf.tensors().len(),
         bytes,
     })
+}
+
+/// The safetensors header of the exported file, padded to 8 bytes, and the length of
+/// its data section: every tensor in row order, in the dtype `opts` asks for.
+fn header(wf: &WeightFile, opts: &ExportOptions) -> Result<(String, u64)> {
+    let mut header = serde_json::Map::new();
+    let mut meta = serde_json::Map::new();
+    meta.insert("format".into(), "pt".into());
+    if opts.stamp {
+        meta.insert(
+            "exported_by".into(),
+            format!("modelconv {}", env!("CARGO_PKG_VERSION")).into(),
+        );
+    }
+    header.insert("__metadata__".into(), serde_json::Value::Object(meta));
+    let mut offset = 0u64;
+    for t in wf.tensors() {
+        let d = out_dtype(opts, t.dtype);
+        let end = t
+            .num_params
+            .checked_mul(d.size() as u64)
+            .and_then(|len| offset.checked_add(len))
+            .ok_or_else(|| Error::corrupt(wf.path(), Some(&t.name), "size overflows"))?;
+        header.insert(
+            t.name.clone(),
+            serde_json::json!({"dtype": d.safetensors_name(), "shape": t.shape, "data_offsets": [offset, end]}),
+        );
+        offset = end;
+    }
+    let mut text = serde_json::to_string(&serde_json::Value::Object(header))
+        .map_err(|e| Error::internal(format!("safetensors header: {e}")))?;
+    while !text.len().is_multiple_of(8) {
+        text.push(' ');
+    }
+    Ok((text, offset))
+}
+
+/// What a stored dtype becomes in the export: `Keep` writes it as stored.
+fn out_dtype(opts: &ExportOptions, d: Dtype) -> Dtype {
+    match opts.dtype {
+        TargetDtype::Keep => d,
+        t => t.output_for(d),
+    }
 }

@@ -3,16 +3,19 @@
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Mutex;
 
 use rayon::prelude::*;
 use serde::Serialize;
 
-use super::{Row, WeightFile};
+use xxhash_rust::xxh3::xxh3_64;
+
+use super::{Row, TensorInfo, WeightFile};
 use crate::cast::{cast_into, value_f64};
-use crate::dtype::Dtype;
-use crate::error::{Error, Result};
-use crate::source::Source;
+use crate::dtype::{Dtype, TargetDtype};
+use crate::error::{sanitize, Error, Result};
+use crate::source::{Source, TensorInfo as SourceTensor};
 
 /// Options of [`verify`].
 #[derive(Debug, Clone, Default)]
@@ -139,108 +142,65 @@ pub fn verify(
     opts: &VerifyOptions,
 ) -> Result<VerifyReport> {
     let wf = WeightFile::open(path)?;
-    let src = source;
-    let src_index: HashMap<&str, (usize, &crate::source::TensorInfo)> = src
-        .iter()
-        .flat_map(|s| s.tensors())
-        .map(|(si, t)| (t.name.as_str(), (si, t)))
-        .collect();
-    let checks: Vec<Mutex<TensorCheck>> = wf
+    let against = source.map(|src| Against {
+        src,
+        by_name: src
+            .tensors()
+            .map(|(si, t)| (t.name.as_str(), (si, t)))
+            .collect(),
+        policy: wf.cast_policy(),
+    });
+    // Per tensor: its verdict and the bytes its rows held so far.
+    let tallies: Vec<Mutex<(TensorCheck, u64)>> = wf
         .tensors()
         .iter()
-        .map(|t| Mutex::new(TensorCheck::new(&t.name)))
+        .map(|t| Mutex::new((TensorCheck::new(&t.name), 0)))
         .collect();
-    let seen_bytes: Vec<Mutex<u64>> = wf.tensors().iter().map(|_| Mutex::new(0)).collect();
-    let policy = wf.cast_policy();
-    let threads = if opts.threads > 0 {
-        opts.threads
-    } else {
-        std::thread::available_parallelism()
-            .map(|n| n.get())
-            .unwrap_or(1)
-    };
     let pool = rayon::ThreadPoolBuilder::new()
-        .num_threads(threads)
+        .num_threads(opts.threads)
         .build()
         .map_err(|e| Error::ThreadPool {
             reason: e.to_string(),
         })?;
-    let rows_seen = Mutex::new(0u64);
+    let rows_seen = AtomicU64::new(0);
     let file_problems = Mutex::new(Vec::new());
     pool.install(|| {
         (0..wf.num_row_groups()).into_par_iter().for_each(|rg| {
             let r = wf.scan_row_group(rg, &mut |row: Row| {
                 let t = &wf.tensors()[row.tensor];
-                let mut guard = checks[row.tensor].lock().unwrap_or_else(|p| p.into_inner());
-                let check = &mut *guard;
-                if let Some(sum) = row.checksum {
-                    if xxhash_rust::xxh3::xxh3_64(row.data) != sum {
-                        check.checksum_mismatches += 1;
-                    }
+                let mut tally = tallies[row.tensor]
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner());
+                let (check, bytes) = &mut *tally;
+                if row.checksum.is_some_and(|sum| xxh3_64(row.data) != sum) {
+                    check.checksum_mismatches += 1;
                 }
-                if let Ok(mut b) = seen_bytes[row.tensor].lock() {
-                    *b += row.data.len() as u64;
+                *bytes = bytes.saturating_add(row.data.len() as u64);
+                if let Some(a) = &against {
+                    a.check_row(check, t, &row);
                 }
-                if let Some(src) = &src {
-                    let sname = t.source.as_deref().unwrap_or(&t.name);
-                    match src_index.get(sname) {
-                        None => check.problems.push(format!(
-                            "source has no tensor `{}`",
-                            crate::error::sanitize(sname)
-                        )),
-                        Some(&(si, st)) => {
-                            let expect_dtype =
-                                policy.map(|p| p.output_for(st.dtype)).unwrap_or(t.dtype);
-                            if expect_dtype != t.dtype {
-                                check.problems.push(format!(
-                                    "stored as {} but the cast policy gives {}",
-                                    t.dtype.torch_name(),
-                                    expect_dtype.torch_name()
-                                ));
-                            } else if st.shape != t.shape {
-                                check.problems.push(format!(
-                                    "shape {:?} differs from the source's {:?}",
-                                    t.shape, st.shape
-                                ));
-                            } else {
-                                let os = t.dtype.size() as u64;
-                                let ss = st.dtype.size() as u64;
-                                let elem0 = row.offset / os;
-                                let elems = row.data.len() as u64 / os;
-                                match src.shards[si].bytes(st, elem0 * ss, elems * ss) {
-                                    Ok(sb) => compare(check, st.dtype, t.dtype, sb, row.data),
-                                    Err(e) => check.problems.push(e.to_string()),
-                                }
-                            }
-                        }
-                    }
-                }
-                drop(guard);
-                if let Ok(mut n) = rows_seen.lock() {
-                    *n += 1;
-                }
+                rows_seen.fetch_add(1, Ordering::Relaxed);
                 Ok(())
             });
             if let Err(e) = r {
-                if let Ok(mut p) = file_problems.lock() {
-                    p.push(e.to_string());
-                }
+                lock(&file_problems).push(e.to_string());
             }
         })
     });
-    let mut checks: Vec<TensorCheck> = checks
+    let checks = tallies
         .into_iter()
-        .map(|m| m.into_inner().unwrap_or_else(|p| p.into_inner()))
+        .zip(wf.tensors())
+        .map(|(m, t)| {
+            let (mut c, b) = m.into_inner().unwrap_or_else(|p| p.into_inner());
+            if b != t.bytes {
+                c.problems
+                    .push(format!("rows hold {b} bytes, the shape needs {}", t.bytes));
+            }
+            // Problems repeat per row of a split tensor; say each once.
+            c.problems.dedup();
+            c
+        })
         .collect();
-    for ((c, t), b) in checks.iter_mut().zip(wf.tensors()).zip(seen_bytes) {
-        let b = b.into_inner().unwrap_or_else(|p| p.into_inner());
-        if b != t.bytes {
-            c.problems
-                .push(format!("rows hold {b} bytes, the shape needs {}", t.bytes));
-        }
-        // Problems repeat per row of a split tensor; say each once.
-        c.problems.dedup();
-    }
     let mut problems = file_problems
         .into_inner()
         .unwrap_or_else(|p| p.into_inner());
@@ -248,10 +208,66 @@ pub fn verify(
     Ok(VerifyReport {
         path: wf.path().to_path_buf(),
         tensors: wf.tensors().len(),
-        rows: rows_seen.into_inner().unwrap_or_else(|p| p.into_inner()),
+        rows: rows_seen.into_inner(),
         checksums_present: wf.has_checksums(),
-        compared_with_source: src.is_some(),
+        compared_with_source: source.is_some(),
         problems,
         checks,
     })
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+/// The source a file is verified against, indexed by tensor name.
+struct Against<'a> {
+    src: &'a Source,
+    by_name: HashMap<&'a str, (usize, &'a SourceTensor)>,
+    /// The cast policy the file records (none for the seed's files).
+    policy: Option<TargetDtype>,
+}
+
+impl Against<'_> {
+    /// Compares one stored row with what the cast policy makes of the source's bytes.
+    fn check_row(&self, check: &mut TensorCheck, t: &TensorInfo, row: &Row) {
+        let sname = t.source.as_deref().unwrap_or(&t.name);
+        let Some(&(si, st)) = self.by_name.get(sname) else {
+            return check
+                .problems
+                .push(format!("source has no tensor `{}`", sanitize(sname)));
+        };
+        let expect = self.policy.map_or(t.dtype, |p| p.output_for(st.dtype));
+        if expect != t.dtype {
+            return check.problems.push(format!(
+                "stored as {} but the cast policy gives {}",
+                t.dtype.torch_name(),
+                expect.torch_name()
+            ));
+        }
+        if st.shape != t.shape {
+            return check.problems.push(format!(
+                "shape {:?} differs from the source's {:?}",
+                t.shape, st.shape
+            ));
+        }
+        let (os, ss) = (t.dtype.size() as u64, st.dtype.size() as u64);
+        let elems = row.data.len() as u64 / os;
+        // The stored row must lie inside the source tensor (it may not, for a file
+        // checked against the wrong source).
+        let range = (row.offset / os)
+            .checked_mul(ss)
+            .zip(elems.checked_mul(ss))
+            .filter(|&(start, len)| start.checked_add(len).is_some_and(|end| end <= st.len));
+        let Some((start, len)) = range else {
+            return check.problems.push(format!(
+                "a row at byte {} holds more than the source's {} bytes",
+                row.offset, st.len
+            ));
+        };
+        match self.src.shards[si].bytes(st, start, len) {
+            Ok(sb) => compare(check, st.dtype, t.dtype, sb, row.data),
+            Err(e) => check.problems.push(e.to_string()),
+        }
+    }
 }
