@@ -236,6 +236,55 @@ pub enum Error {
         /// What went wrong.
         reason: String,
     },
+    /// A PyTorch checkpoint's zip or legacy layout is damaged or not what torch writes.
+    InvalidArchive {
+        /// The file.
+        path: PathBuf,
+        /// What is wrong.
+        reason: String,
+    },
+    /// A pickle is malformed, uses an opcode a state dict never needs, or goes past a
+    /// limit.
+    Pickle {
+        /// The file.
+        path: PathBuf,
+        /// Where (`byte 23 of archive/data.pkl`).
+        at: String,
+        /// What is wrong.
+        reason: String,
+    },
+    /// A pickle names a global outside the state-dict allowlist (nothing is run).
+    ForbiddenGlobal {
+        /// The file.
+        path: PathBuf,
+        /// Where.
+        at: String,
+        /// `module.name`.
+        global: String,
+    },
+    /// A pickle holds a whole model (an `nn.Module`), not a state dict.
+    PickledModule {
+        /// The file.
+        path: PathBuf,
+        /// The module's class.
+        class: String,
+    },
+    /// A pickle's object is not a dict of names to tensors.
+    NotAStateDict {
+        /// The file.
+        path: PathBuf,
+        /// What it is instead.
+        reason: String,
+    },
+    /// A tensor of a PyTorch checkpoint does not fit its storage.
+    TorchTensor {
+        /// The file.
+        path: PathBuf,
+        /// The tensor.
+        tensor: String,
+        /// What is wrong.
+        reason: String,
+    },
     /// An option or a combination of options is invalid.
     InvalidOption {
         /// What is wrong.
@@ -433,7 +482,7 @@ impl fmt::Display for Error {
             ShardMismatch { path, tensor, reason } => {
                 write!(f, "{}: tensor {}: {reason}", P(path), Name(tensor))
             }
-            NoWeights { path, reason } => write!(f, "{}: no safetensors weights: {reason}", P(path)),
+            NoWeights { path, reason } => write!(f, "{}: no weights: {reason}", P(path)),
             Overflow { path, tensor, from, to, count, max_abs } => write!(
                 f,
                 "{}: tensor {}: {count} finite value{} would overflow to infinity casting {from} to {to} \
@@ -464,6 +513,26 @@ impl fmt::Display for Error {
             ThreadPool { reason } => write!(f, "cannot start worker threads: {reason}"),
             Internal { reason } => write!(f, "internal error (a bug in modelconv): {reason}"),
             OutputIsInput { path } => write!(f, "{}: output path is an input file", P(path)),
+            InvalidArchive { path, reason } => {
+                write!(f, "{}: invalid PyTorch checkpoint: {reason}", P(path))
+            }
+            Pickle { path, at, reason } => write!(f, "{}: invalid pickle at {at}: {reason}", P(path)),
+            ForbiddenGlobal { path, at, global } => write!(
+                f,
+                "{}: refused global {} at {at}: it is not part of a state dict (nothing in the file was run)",
+                P(path),
+                Name(global)
+            ),
+            PickledModule { path, class } => write!(
+                f,
+                "{}: holds a pickled model ({}), not a state dict; load it in Python and save its `state_dict()` instead",
+                P(path),
+                Name(class)
+            ),
+            NotAStateDict { path, reason } => write!(f, "{}: not a state dict: {reason}", P(path)),
+            TorchTensor { path, tensor, reason } => {
+                write!(f, "{}: tensor {}: {reason}", P(path), Name(tensor))
+            }
             InvalidOption { reason } => write!(f, "{reason}"),
             Parquet { path, tensor, message } => match tensor {
                 Some(t) => write!(f, "{}: tensor {}: parquet: {message}", P(path), Name(t)),

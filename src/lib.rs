@@ -29,7 +29,7 @@ pub use read::{
     export, inspect, verify, ExportOptions, ExportReport, InspectReport, RangeLog, RowGroupInfo,
     Tensor, TensorCheck, TensorInfo, VerifyOptions, VerifyReport, WeightFile,
 };
-pub use source::{open as open_source, Source, SourceOptions, DEFAULT_MAX_HEADER_BYTES};
+pub use source::{open as open_source, IoMode, Source, SourceOptions, DEFAULT_MAX_HEADER_BYTES};
 pub use write::atomic::remove_temp_files;
 pub use write::Codec;
 

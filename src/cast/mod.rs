@@ -2,8 +2,9 @@
 //! become its output bytes in the writer's buffer, hashed while they are in cache, with
 //! every floating-point cast checked against the overflow policy. The kernels
 //! ([`kernels`]) know dtypes only; this stage knows where a row's bytes live and how to
-//! stream them: a large row is cast in pieces whose source pages are mapped in one call
-//! and released once cast, so the input never stays resident.
+//! stream them: a large row is cast in pieces (source pages mapped in one call and
+//! released once cast, or read into a buffer in read mode, or gathered from a strided
+//! PyTorch view), so the input never stays resident.
 
 mod kernels;
 
@@ -45,20 +46,16 @@ pub(crate) fn cast_row(
     let t = &plan.tensors[row.tensor];
     let shard = &source.shards[t.shard];
     let (ss, os) = (t.src.dtype.size() as u64, t.dtype.size() as u64);
-    let src_start = t.src.offset + row.elem_start * ss;
-    let src = shard.bytes(&t.src, row.elem_start * ss, row.elems * ss)?;
     debug_assert_eq!(dst.len() as u64, row.elems * os);
-    let per = (PIECE_BYTES / ss).max(1) as usize;
+    let per = (PIECE_BYTES / ss).max(1);
     let mut hash = Xxh3::new();
     let mut stats = CastStats::default();
-    let pieces = src
-        .chunks(per * ss as usize)
-        .zip(dst.chunks_mut(per * os as usize));
-    for (k, (s_piece, d_piece)) in pieces.enumerate() {
-        let off = src_start + (k * per) as u64 * ss;
-        shard.prefetch(off, s_piece.len() as u64);
+    for (k, d_piece) in dst.chunks_mut((per * os) as usize).enumerate() {
+        let first = row.elem_start + k as u64 * per;
+        let n = d_piece.len() as u64 / os;
+        let s_piece = shard.elements(&t.src, first, n)?;
         let piece =
-            cast_hashing(t.src.dtype, t.dtype, s_piece, d_piece, &mut hash).ok_or_else(|| {
+            cast_hashing(t.src.dtype, t.dtype, &s_piece, d_piece, &mut hash).ok_or_else(|| {
                 Error::internal(format!(
                     "row of `{}`: {} source bytes for {} output bytes",
                     crate::error::sanitize(&t.name),
@@ -67,9 +64,10 @@ pub(crate) fn cast_row(
                 ))
             })?;
         stats.merge(&piece);
-        // SAFETY: this piece is cast and hashed; neither it nor any other slice of its
-        // pages is read again by this row, and rows do not share source bytes.
-        unsafe { shard.release(off, s_piece.len() as u64) };
+        drop(s_piece);
+        // SAFETY: this piece is cast and hashed, and its slice dropped; no other slice
+        // of these source elements is read again by this row.
+        unsafe { shard.release(&t.src, first, n) };
     }
     if stats.overflow > 0 && !allow_overflow {
         return Err(Error::Overflow {

@@ -11,7 +11,7 @@ use serde_json::{json, Value};
 use crate::dtype::TargetDtype;
 use crate::error::{Error, Result};
 use crate::model::{CompiledFilters, Filters, ModelType, Part};
-use crate::source::{SourceOptions, DEFAULT_MAX_HEADER_BYTES};
+use crate::source::{IoMode, SourceOptions, DEFAULT_MAX_HEADER_BYTES};
 use crate::write::{Codec, WriteOptions};
 
 /// Default row limit: tensors larger than this many MiB are split over rows.
@@ -190,6 +190,7 @@ pub struct ConvertConfigBuilder {
     part: Part,
     filters: Filters,
     hub_cache: Option<PathBuf>,
+    io: IoMode,
     cancel: Arc<AtomicBool>,
 }
 
@@ -212,6 +213,7 @@ impl Default for ConvertConfigBuilder {
             part: Part::Default,
             filters: Filters::default(),
             hub_cache: None,
+            io: IoMode::Auto,
             cancel: Arc::new(AtomicBool::new(false)),
         }
     }
@@ -255,6 +257,9 @@ impl ConvertConfigBuilder {
         model_type: ModelType);
     setter!(/// Part of a multi-tower model (default: the family's default).
         part: Part);
+    setter!(/// How shard data is read: mapped, positioned reads, or chosen per file
+        /// system (default auto).
+        io: IoMode);
     setter!(/// Include / exclude / rename filters (compiled by `build`).
         filters: Filters);
     setter!(/// The cancellation flag (default: a fresh one; see
@@ -350,6 +355,7 @@ impl ConvertConfigBuilder {
             source: SourceOptions {
                 max_header_bytes: self.max_header_bytes,
                 hub_cache: self.hub_cache,
+                io: self.io,
             },
             cancel: self.cancel,
         })

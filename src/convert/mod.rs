@@ -175,13 +175,43 @@ impl Job {
         )?;
         let has_head = plan.tensors.iter().any(|t| t.name == "lm_head.weight");
         recipe.note_tied_head(&files, has_head);
-        Ok(Job {
+        recipe
+            .notices
+            .splice(0..0, source.notices().iter().cloned());
+        let mut job = Job {
             source,
             files,
             recipe,
             selection,
             plan,
-        })
+        };
+        for (a, b) in job.ties() {
+            job.recipe.notices.push(format!(
+                "`{}` shares its storage with `{}` (tied weights): both are stored, the tie is recorded in metadata.json",
+                sanitize(&a),
+                sanitize(&b)
+            ));
+        }
+        Ok(job)
+    }
+
+    /// Source ties between tensors that are both converted, under their output names.
+    fn ties(&self) -> Vec<(String, String)> {
+        let out: std::collections::HashMap<&str, &str> = self
+            .plan
+            .tensors
+            .iter()
+            .map(|t| (t.src.name.as_str(), t.name.as_str()))
+            .collect();
+        self.source
+            .ties()
+            .filter_map(|(a, b)| {
+                Some((
+                    out.get(a.as_str())?.to_string(),
+                    out.get(b.as_str())?.to_string(),
+                ))
+            })
+            .collect()
     }
 
     fn notice_overflow(&self, stats: &[CastStats], observer: &dyn Observer) {
@@ -230,6 +260,7 @@ impl Job {
             tokenizer_path: out.tokenizer_dir().map(|t| t.display().to_string()),
             cast_report: Value::Object(cast_report),
             converted_at: conversion_time(),
+            ties: self.ties(),
         })
     }
 

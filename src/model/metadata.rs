@@ -47,6 +47,9 @@ pub struct MetadataInput<'a> {
     pub cast_report: Value,
     /// Seconds since the Unix epoch at conversion.
     pub converted_at: u64,
+    /// Output tensors stored twice because the source shares one storage between them
+    /// (a PyTorch checkpoint's tied weights): `(name, tied to)`.
+    pub ties: Vec<(String, String)>,
 }
 
 fn get(v: Option<&Value>, k: &str) -> Value {
@@ -286,11 +289,15 @@ pub fn build(m: &MetadataInput) -> Value {
         o.insert("part".into(), json!(m.recipe.part.as_str()));
         o.insert("parquet_path".into(), json!(m.parquet_path));
         o.insert("tokenizer_path".into(), json!(m.tokenizer_path));
+        let mut tied = Map::new();
         if m.recipe.tied_head {
-            o.insert(
-                "tied_weights".into(),
-                json!({"lm_head.weight": "model.embed_tokens.weight"}),
-            );
+            tied.insert("lm_head.weight".into(), json!("model.embed_tokens.weight"));
+        }
+        for (name, to) in &m.ties {
+            tied.insert(name.clone(), json!(to));
+        }
+        if !tied.is_empty() {
+            o.insert("tied_weights".into(), Value::Object(tied));
         }
         if m.cast_report.as_object().is_some_and(|r| !r.is_empty()) {
             o.insert("cast_report".into(), m.cast_report.clone());

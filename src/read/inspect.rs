@@ -31,7 +31,8 @@ pub struct InspectReport {
     pub format_version: Option<String>,
     /// The cast policy it was written with, when recorded.
     pub cast: Option<String>,
-    /// The `data` column's codec (`ZSTD(ZstdLevel(3))`, `UNCOMPRESSED`, ...).
+    /// The `data` column's codec (`zstd`, `lz4`, `snappy`, `none`; the file does not
+    /// record the level).
     pub compression: Option<String>,
     /// True when the footer indexes the tensors.
     pub footer_index: bool,
@@ -69,7 +70,7 @@ pub fn inspect(path: impl AsRef<Path>) -> Result<InspectReport> {
         rg.columns()
             .iter()
             .find(|c| c.column_path().string() == format::COL_DATA)
-            .map(|c| format!("{:?}", c.compression()))
+            .map(|c| codec_name(c.compression()).to_string())
     });
     let size = |v: i64| u64::try_from(v).unwrap_or(0);
     let row_groups = md
@@ -106,4 +107,18 @@ pub fn inspect(path: impl AsRef<Path>) -> Result<InspectReport> {
         row_groups,
         metadata: wf.metadata(),
     })
+}
+
+/// Our name of a Parquet codec.
+fn codec_name(c: parquet::basic::Compression) -> &'static str {
+    use parquet::basic::Compression as C;
+    match c {
+        C::ZSTD(_) => "zstd",
+        C::LZ4_RAW | C::LZ4 => "lz4",
+        C::SNAPPY => "snappy",
+        C::UNCOMPRESSED => "none",
+        C::GZIP(_) => "gzip",
+        C::BROTLI(_) => "brotli",
+        C::LZO => "lzo",
+    }
 }

@@ -251,22 +251,19 @@ impl Against<'_> {
                 t.shape, st.shape
             ));
         }
-        let (os, ss) = (t.dtype.size() as u64, st.dtype.size() as u64);
+        let os = t.dtype.size() as u64;
         let elems = row.data.len() as u64 / os;
         // The stored row must lie inside the source tensor (it may not, for a file
         // checked against the wrong source).
-        let range = (row.offset / os)
-            .checked_mul(ss)
-            .zip(elems.checked_mul(ss))
-            .filter(|&(start, len)| start.checked_add(len).is_some_and(|end| end <= st.len));
-        let Some((start, len)) = range else {
+        let first = row.offset / os;
+        if first.checked_add(elems).is_none_or(|end| end > st.numel) {
             return check.problems.push(format!(
-                "a row at byte {} holds more than the source's {} bytes",
-                row.offset, st.len
+                "a row at byte {} holds more than the source's {} elements",
+                row.offset, st.numel
             ));
-        };
-        match self.src.shards[si].bytes(st, start, len) {
-            Ok(sb) => compare(check, st.dtype, t.dtype, sb, row.data),
+        }
+        match self.src.shards[si].elements(st, first, elems) {
+            Ok(sb) => compare(check, st.dtype, t.dtype, &sb, row.data),
             Err(e) => check.problems.push(e.to_string()),
         }
     }

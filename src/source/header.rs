@@ -31,8 +31,12 @@ pub struct TensorInfo {
     pub numel: u64,
     /// Absolute byte offset of the first element inside the file.
     pub offset: u64,
-    /// Byte length.
+    /// Byte length (for a strided view: of the storage range it spans).
     pub len: u64,
+    /// `None` for a tensor stored contiguously in row-major order at `offset`; for a
+    /// view (a transposed weight, a strided slice of a PyTorch storage) its strides in
+    /// elements, from the element at `offset`.
+    pub strides: Option<Vec<u64>>,
 }
 
 /// A validated header: tensors in file (offset) order and the `__metadata__` map.
@@ -254,6 +258,7 @@ pub fn parse_header(path: &Path, bytes: &[u8], file_len: u64) -> Result<Header> 
             numel,
             offset: data_start + begin,
             len: size,
+            strides: None,
         });
     }
     // Offset order; zero-length tensors first at equal offsets so they never "overlap".

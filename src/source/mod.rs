@@ -5,7 +5,11 @@
 
 mod header;
 mod hub;
+mod pickle;
+mod torch;
+mod zip;
 
+use std::borrow::Cow;
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::fmt;
 use std::fs::File;
@@ -34,6 +38,8 @@ pub struct SourceOptions {
     /// The Hugging Face cache that hub ids resolve in (default: `HF_HUB_CACHE`,
     /// `HF_HOME/hub`, `~/.cache/huggingface/hub`).
     pub hub_cache: Option<PathBuf>,
+    /// How shard data is read (default: auto).
+    pub io: IoMode,
 }
 
 impl Default for SourceOptions {
@@ -41,19 +47,118 @@ impl Default for SourceOptions {
         SourceOptions {
             max_header_bytes: DEFAULT_MAX_HEADER_BYTES,
             hub_cache: None,
+            io: IoMode::Auto,
         }
     }
 }
 
-/// One memory-mapped, validated safetensors file.
+/// How shard bytes are read (`--io`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum IoMode {
+    /// Memory-map on local file systems, positioned reads on network and FUSE file
+    /// systems (NFS, SMB, Lustre, Ceph, FUSE/s3fs...), where page faults on a mapping
+    /// are reported 30–50× slower.
+    #[default]
+    Auto,
+    /// Memory-map every shard.
+    Mmap,
+    /// Positioned reads into buffers, a piece of a row at a time.
+    Read,
+}
+
+impl std::str::FromStr for IoMode {
+    type Err = String;
+    fn from_str(s: &str) -> std::result::Result<Self, String> {
+        match s {
+            "auto" => Ok(IoMode::Auto),
+            "mmap" => Ok(IoMode::Mmap),
+            "read" => Ok(IoMode::Read),
+            o => Err(format!(
+                "unknown I/O mode `{o}` (expected auto, mmap or read)"
+            )),
+        }
+    }
+}
+
+impl IoMode {
+    /// `Mmap` or `Read` for the file at `path`.
+    fn resolve(self, path: &Path) -> IoMode {
+        match self {
+            IoMode::Auto if is_network_fs(path) => IoMode::Read,
+            IoMode::Auto => IoMode::Mmap,
+            m => m,
+        }
+    }
+}
+
+/// True when `path` is on a network or FUSE file system, from `/proc/self/mountinfo`
+/// (the mount with the longest matching mount point). False when it cannot tell.
+fn is_network_fs(path: &Path) -> bool {
+    let Ok(path) = std::fs::canonicalize(path) else {
+        return false;
+    };
+    let Ok(info) = std::fs::read_to_string("/proc/self/mountinfo") else {
+        return false;
+    };
+    let mut best: Option<(usize, &str)> = None;
+    for line in info.lines() {
+        // `id parent major:minor root mount-point options ... - fstype source options`
+        let mut fields = line.split(' ');
+        let Some(mount) = fields.nth(4) else { continue };
+        let Some(fstype) = line.split(" - ").nth(1).and_then(|r| r.split(' ').next()) else {
+            continue;
+        };
+        let mount = mount.replace("\\040", " ");
+        if path.starts_with(&mount) && best.is_none_or(|(n, _)| mount.len() >= n) {
+            best = Some((mount.len(), fstype));
+        }
+    }
+    best.is_some_and(|(_, t)| {
+        let t = t.to_ascii_lowercase();
+        t.starts_with("nfs")
+            || t.starts_with("fuse")
+            || matches!(
+                t.as_str(),
+                "cifs"
+                    | "smb3"
+                    | "smbfs"
+                    | "lustre"
+                    | "ceph"
+                    | "9p"
+                    | "glusterfs"
+                    | "gpfs"
+                    | "beegfs"
+                    | "afs"
+                    | "davfs"
+                    | "virtiofs"
+            )
+    })
+}
+
+/// The format of one shard.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum ShardFormat {
+    /// A `.safetensors` file.
+    Safetensors,
+    /// A PyTorch checkpoint (zip or legacy pickle).
+    Torch,
+}
+
+/// One validated shard, memory-mapped or read with positioned reads.
 pub(crate) struct Shard {
     /// Where it is.
     pub(crate) path: PathBuf,
     /// Its length when it was validated.
     pub(crate) file_len: u64,
-    /// The validated header.
+    /// The validated tensors.
     pub(crate) header: Header,
+    /// Its format.
+    pub(crate) format: ShardFormat,
+    /// Tensors that are the same view of the same storage as an earlier one:
+    /// `(name, tied to)` (PyTorch checkpoints only).
+    pub(crate) ties: Vec<(String, String)>,
     file: File,
+    /// The mapping, in mmap mode.
     map: Option<Mmap>,
 }
 
@@ -62,7 +167,9 @@ impl fmt::Debug for Shard {
         f.debug_struct("Shard")
             .field("path", &self.path)
             .field("file_len", &self.file_len)
+            .field("format", &self.format)
             .field("tensors", &self.header.tensors.len())
+            .field("mapped", &self.map.is_some())
             .finish()
     }
 }
@@ -80,14 +187,24 @@ unsafe fn map_file(file: &File) -> std::io::Result<Mmap> {
     unsafe { Mmap::map(file) }
 }
 
+/// True for the extensions PyTorch checkpoints carry.
+fn is_torch_name(path: &Path) -> bool {
+    path.extension()
+        .and_then(|e| e.to_str())
+        .is_some_and(|e| matches!(e, "bin" | "pt" | "pth" | "ckpt"))
+}
+
 impl Shard {
-    /// Opens and validates a safetensors file: the header is read with positioned reads
-    /// and validated before the data is mapped.
+    /// Opens and validates a shard: a safetensors header is read with positioned reads
+    /// and validated before anything is mapped; a PyTorch checkpoint is mapped, its
+    /// zip directory and pickle read without running anything, and every tensor checked
+    /// against its storage. In read mode the data is then read with positioned reads.
     ///
     /// # Errors
     ///
-    /// I/O errors, and every header rule of [`parse_header`].
-    pub(crate) fn open(path: &Path, max_header_bytes: u64) -> Result<Shard> {
+    /// I/O errors, every header rule of [`parse_header`], every rule of the PyTorch
+    /// reader.
+    pub(crate) fn open(path: &Path, opts: &SourceOptions) -> Result<Shard> {
         let file = File::open(path).map_err(|e| Error::io("open", path, e))?;
         let meta = file.metadata().map_err(|e| Error::io("stat", path, e))?;
         if !meta.is_file() {
@@ -97,30 +214,14 @@ impl Shard {
             });
         }
         let file_len = meta.len();
-        let mut prefix = [0u8; 8];
-        let prefix = if file_len >= 8 {
-            file.read_exact_at(&mut prefix, 0)
-                .map_err(|e| Error::io("read", path, e))?;
-            Some(prefix)
-        } else {
-            None
-        };
-        let n = check_prefix(path, prefix, file_len, max_header_bytes)?;
-        // n <= cap <= u64 range checked against the file length: the allocation is bounded
-        // by the cap and by the file's real size.
-        let n_usize = usize::try_from(n).map_err(|_| Error::HeaderTooLarge {
-            path: path.to_path_buf(),
-            claimed: n,
-            cap: max_header_bytes,
-        })?;
-        let mut bytes = vec![0u8; n_usize];
-        file.read_exact_at(&mut bytes, 8)
-            .map_err(|e| Error::io("read", path, e))?;
-        let header = parse_header(path, &bytes, file_len)?;
-        drop(bytes);
-        let map = if file_len > 8 + header.header_len {
+        let mut magic = [0u8; 4];
+        let sniffed_zip = path.extension().is_none_or(|e| e != "safetensors")
+            && file.read_exact_at(&mut magic, 0).is_ok()
+            && torch::is_zip(&magic);
+        let io = opts.io.resolve(path);
+        let map_whole = |file: &File| -> Result<Mmap> {
             // SAFETY: see `map_file`; the risk is documented for the whole crate.
-            let m = unsafe { map_file(&file) }.map_err(|e| Error::io("map", path, e))?;
+            let m = unsafe { map_file(file) }.map_err(|e| Error::io("map", path, e))?;
             if m.len() as u64 != file_len {
                 return Err(Error::SourceChanged {
                     path: path.to_path_buf(),
@@ -128,45 +229,110 @@ impl Shard {
                     now: m.len() as u64,
                 });
             }
-            let _ = m.advise(Advice::Sequential);
-            Some(m)
-        } else {
-            None
+            Ok(m)
         };
+        let (header, ties, format, map) = if is_torch_name(path) || sniffed_zip {
+            // The directory, the pickle and the legacy storage headers are read through
+            // a mapping (a few pages); the data goes the way `io` says.
+            let m = map_whole(&file)?;
+            let ckpt = torch::read(path, &m)?;
+            let header = Header {
+                header_len: 0,
+                tensors: ckpt.tensors,
+                metadata: Vec::new(),
+            };
+            (
+                header,
+                ckpt.ties,
+                ShardFormat::Torch,
+                (io == IoMode::Mmap).then_some(m),
+            )
+        } else {
+            let header = read_safetensors_header(path, &file, file_len, opts.max_header_bytes)?;
+            let has_data = file_len > 8 + header.header_len;
+            let map = if has_data && io == IoMode::Mmap {
+                Some(map_whole(&file)?)
+            } else {
+                None
+            };
+            (header, Vec::new(), ShardFormat::Safetensors, map)
+        };
+        if let Some(m) = &map {
+            let _ = m.advise(Advice::Sequential);
+        }
         Ok(Shard {
             path: path.to_path_buf(),
             file_len,
             header,
+            format,
+            ties,
             file,
             map,
         })
     }
 
-    /// The bytes of one of this shard's tensors (a sub-range `[start, start+len)` of it).
+    /// Source bytes of elements `[first, first + count)` of tensor `t` (one of this
+    /// shard's), in row-major order: borrowed from the mapping for a contiguous tensor,
+    /// read with a positioned read in read mode, gathered for a strided view.
     ///
     /// # Errors
     ///
-    /// `Internal` if the range is not inside the tensor or the mapping: ranges derived
-    /// from this shard's validated header always are.
-    pub(crate) fn bytes(&self, t: &TensorInfo, start: u64, len: u64) -> Result<&[u8]> {
-        if len == 0 {
-            return Ok(&[]);
-        }
-        let range = t
-            .offset
-            .checked_add(start)
-            .and_then(|b| Some((b, b.checked_add(len)?)))
-            .filter(|&(_, e)| e <= t.offset.saturating_add(t.len))
-            .and_then(|(b, e)| Some(usize::try_from(b).ok()?..usize::try_from(e).ok()?));
-        let bytes = range.and_then(|r| self.map.as_ref()?.get(r));
-        debug_assert!(bytes.is_some(), "range outside tensor `{}`", t.name);
-        bytes.ok_or_else(|| {
+    /// `Io` for a failed read; `Internal` if the range is not inside the tensor (ranges
+    /// derived from a validated plan always are).
+    ///
+    /// # Memory
+    ///
+    /// At most the requested bytes, plus for a strided view in read mode the storage
+    /// span the view covers.
+    pub(crate) fn elements(&self, t: &TensorInfo, first: u64, count: u64) -> Result<Cow<'_, [u8]>> {
+        let es = t.dtype.size() as u64;
+        let outside = || {
             Error::internal(format!(
-                "{}: bytes [{start}, {start}+{len}) of tensor `{}` are outside it",
+                "{}: elements [{first}, {first}+{count}) of tensor `{}` are outside it",
                 self.path.display(),
                 crate::error::sanitize(&t.name)
             ))
-        })
+        };
+        let inside = first.checked_add(count).is_some_and(|end| end <= t.numel);
+        debug_assert!(inside, "elements outside tensor `{}`", t.name);
+        if !inside {
+            return Err(outside());
+        }
+        if count == 0 {
+            return Ok(Cow::Borrowed(&[]));
+        }
+        match &t.strides {
+            None => self
+                .range(t.offset + first * es, count * es)
+                .ok_or_else(outside)?,
+            Some(strides) => {
+                let span = self.range(t.offset, t.len).ok_or_else(outside)??;
+                gather(&span, &t.shape, strides, es as usize, first, count)
+                    .map(Cow::Owned)
+                    .ok_or_else(outside)
+            }
+        }
+    }
+
+    /// `len` bytes at absolute offset `at`: `None` when outside the file.
+    fn range(&self, at: u64, len: u64) -> Option<Result<Cow<'_, [u8]>>> {
+        let end = at.checked_add(len).filter(|&e| e <= self.file_len)?;
+        match &self.map {
+            Some(m) => {
+                let slice = m.get(usize::try_from(at).ok()?..usize::try_from(end).ok()?)?;
+                self.prefetch(at, len);
+                Some(Ok(Cow::Borrowed(slice)))
+            }
+            None => {
+                let mut buf = vec![0u8; usize::try_from(len).ok()?];
+                Some(
+                    self.file
+                        .read_exact_at(&mut buf, at)
+                        .map(|_| Cow::Owned(buf))
+                        .map_err(|e| Error::io("read", &self.path, e)),
+                )
+            }
+        }
     }
 
     /// Re-checks that the file still has the length it was validated with.
@@ -193,7 +359,7 @@ impl Shard {
     /// Maps the pages of `[offset, offset+len)` in one call (`MADV_POPULATE_READ`)
     /// instead of one page fault per 16 pages while casting. Best effort: older kernels
     /// without it just fault as usual.
-    pub(crate) fn prefetch(&self, offset: u64, len: u64) {
+    fn prefetch(&self, offset: u64, len: u64) {
         const PAGE: u64 = 4096;
         let Some(m) = &self.map else { return };
         let start = offset / PAGE * PAGE;
@@ -203,19 +369,27 @@ impl Shard {
         }
     }
 
-    /// Tells the kernel the pages of `[offset, offset+len)` are no longer needed, so the
-    /// mapping does not keep the whole checkpoint resident. Only whole pages strictly
-    /// inside the range are released, so neighbouring tensors are untouched.
+    /// Tells the kernel the mapped pages of elements `[first, first + count)` of the
+    /// contiguous tensor `t` are no longer needed, so the mapping does not keep the
+    /// whole checkpoint resident. Only whole pages strictly inside the range are
+    /// released, so neighbouring tensors are untouched; views and read mode release
+    /// nothing.
     ///
     /// # Safety
     ///
-    /// No slice borrowed from this range (through [`Shard::bytes`]) may be read after
+    /// No slice borrowed from this range (through [`Shard::elements`]) may be read after
     /// the call. For this read-only, file-backed mapping a later read would fault the
     /// pages back in from the file, so the data seen stays the same; the contract is
     /// kept anyway so that the release is never a surprise to a borrower.
-    pub(crate) unsafe fn release(&self, offset: u64, len: u64) {
+    pub(crate) unsafe fn release(&self, t: &TensorInfo, first: u64, count: u64) {
         const PAGE: u64 = 4096;
         let Some(m) = &self.map else { return };
+        if t.strides.is_some() {
+            return;
+        }
+        let es = t.dtype.size() as u64;
+        let offset = t.offset.saturating_add(first.saturating_mul(es));
+        let len = count.saturating_mul(es);
         let start = offset.div_ceil(PAGE) * PAGE;
         let end = (offset.saturating_add(len) / PAGE) * PAGE;
         if end > start && end <= m.len() as u64 {
@@ -233,6 +407,67 @@ impl Shard {
     }
 }
 
+/// Reads and validates a safetensors header with positioned reads.
+fn read_safetensors_header(path: &Path, file: &File, file_len: u64, cap: u64) -> Result<Header> {
+    let mut prefix = [0u8; 8];
+    let prefix = if file_len >= 8 {
+        file.read_exact_at(&mut prefix, 0)
+            .map_err(|e| Error::io("read", path, e))?;
+        Some(prefix)
+    } else {
+        None
+    };
+    let n = check_prefix(path, prefix, file_len, cap)?;
+    // n <= cap, checked against the file length: the allocation is bounded by the cap
+    // and by the file's real size.
+    let n_usize = usize::try_from(n).map_err(|_| Error::HeaderTooLarge {
+        path: path.to_path_buf(),
+        claimed: n,
+        cap,
+    })?;
+    let mut bytes = vec![0u8; n_usize];
+    file.read_exact_at(&mut bytes, 8)
+        .map_err(|e| Error::io("read", path, e))?;
+    parse_header(path, &bytes, file_len)
+}
+
+/// Elements `[first, first + count)` in row-major order of a view with `shape` and
+/// element `strides` over `span` (which starts at the view's first element). `None`
+/// when an element falls outside `span` (the view was checked against its storage, so
+/// it does not).
+fn gather(
+    span: &[u8],
+    shape: &[u64],
+    strides: &[u64],
+    es: usize,
+    first: u64,
+    count: u64,
+) -> Option<Vec<u8>> {
+    let mut out = Vec::with_capacity(usize::try_from(count).ok()?.checked_mul(es)?);
+    let nd = shape.len();
+    let mut idx = vec![0u64; nd];
+    let mut rem = first;
+    for d in (0..nd).rev() {
+        idx[d] = rem % shape[d];
+        rem /= shape[d];
+    }
+    let mut off: u64 = idx.iter().zip(strides).map(|(&i, &s)| i * s).sum();
+    for _ in 0..count {
+        let at = usize::try_from(off).ok()?.checked_mul(es)?;
+        out.extend_from_slice(span.get(at..at.checked_add(es)?)?);
+        for d in (0..nd).rev() {
+            idx[d] += 1;
+            off += strides[d];
+            if idx[d] < shape[d] {
+                break;
+            }
+            off -= strides[d] * shape[d];
+            idx[d] = 0;
+        }
+    }
+    Some(out)
+}
+
 /// An open checkpoint: every header validated, every shard mapped, in order, with the
 /// directory that holds its config and tokenizer files. Made by [`open`].
 #[derive(Debug)]
@@ -247,6 +482,8 @@ pub struct Source {
     pub(crate) index: Option<PathBuf>,
     /// Shards in order (index order by file name, or the single file).
     pub(crate) shards: Vec<Shard>,
+    /// What the user should know about how the input was read.
+    pub(crate) notices: Vec<String>,
 }
 
 impl Source {
@@ -273,6 +510,18 @@ impl Source {
     /// The input files: the shards and the index, when there is one.
     pub(crate) fn files(&self) -> impl Iterator<Item = &Path> {
         self.shard_paths().chain(self.index.as_deref())
+    }
+
+    /// What the user should know about how the input was read (both safetensors and
+    /// `.bin` weights found, ...).
+    pub fn notices(&self) -> &[String] {
+        &self.notices
+    }
+
+    /// Tensors of PyTorch checkpoints that are the same view of the same storage as an
+    /// earlier one (tied weights): `(name, tied to)`.
+    pub(crate) fn ties(&self) -> impl Iterator<Item = &(String, String)> {
+        self.shards.iter().flat_map(|s| &s.ties)
     }
 
     /// Every tensor with its shard index, in source order.
@@ -341,13 +590,19 @@ fn check_shard_name(index: &Path, name: &str) -> Result<()> {
     Ok(())
 }
 
-/// Looks for `tensor` in the headers of `.safetensors` files of `dir` that the index
-/// does not list, to say where a mis-indexed tensor really is.
-fn find_in_unlisted(dir: &Path, listed: &[&str], tensor: &str, cap: u64) -> Option<String> {
+/// Looks for `tensor` in the files of `dir` with the listed shards' extension that the
+/// index does not list, to say where a mis-indexed tensor really is.
+fn find_in_unlisted(
+    dir: &Path,
+    listed: &[&str],
+    tensor: &str,
+    opts: &SourceOptions,
+) -> Option<String> {
+    let ext = listed.first().and_then(|n| Path::new(n).extension())?;
     let mut others: Vec<PathBuf> = std::fs::read_dir(dir)
         .ok()?
         .filter_map(|e| e.ok().map(|e| e.path()))
-        .filter(|p| p.extension().is_some_and(|e| e == "safetensors"))
+        .filter(|p| p.extension() == Some(ext))
         .filter(|p| {
             p.file_name()
                 .and_then(|n| n.to_str())
@@ -356,7 +611,7 @@ fn find_in_unlisted(dir: &Path, listed: &[&str], tensor: &str, cap: u64) -> Opti
         .collect();
     others.sort();
     others.into_iter().find_map(|p| {
-        let shard = Shard::open(&p, cap).ok()?;
+        let shard = Shard::open(&p, opts).ok()?;
         shard
             .header
             .tensors
@@ -368,7 +623,7 @@ fn find_in_unlisted(dir: &Path, listed: &[&str], tensor: &str, cap: u64) -> Opti
 }
 
 /// Opens a sharded checkpoint from its index file.
-fn open_index(index: &Path, cap: u64) -> Result<(Vec<Shard>, PathBuf)> {
+fn open_index(index: &Path, opts: &SourceOptions) -> Result<(Vec<Shard>, PathBuf)> {
     let text = std::fs::read_to_string(index).map_err(|e| Error::io("read", index, e))?;
     let raw: RawIndex = serde_json::from_str(&text).map_err(|e| Error::InvalidIndex {
         path: index.to_path_buf(),
@@ -408,7 +663,7 @@ fn open_index(index: &Path, cap: u64) -> Result<(Vec<Shard>, PathBuf)> {
     }
     let shards = names
         .iter()
-        .map(|n| Shard::open(&dir.join(n), cap))
+        .map(|n| Shard::open(&dir.join(n), opts))
         .collect::<Result<Vec<_>>>()?;
     // Where each tensor really is, refusing duplicates across shards.
     let mut found: HashMap<&str, usize> = HashMap::new();
@@ -434,7 +689,7 @@ fn open_index(index: &Path, cap: u64) -> Result<(Vec<Shard>, PathBuf)> {
     for (tensor, shard) in &listed {
         match found.get(tensor) {
             None => {
-                let elsewhere = find_in_unlisted(&dir, &names, tensor, cap);
+                let elsewhere = find_in_unlisted(&dir, &names, tensor, opts);
                 return Err(mismatch(
                     tensor,
                     match elsewhere {
@@ -484,12 +739,76 @@ pub fn open(input: impl AsRef<Path>, opts: &SourceOptions) -> Result<Source> {
     } else {
         input.to_path_buf()
     };
-    let mut source = open_path(&path, opts.max_header_bytes)?;
+    let mut source = open_path(&path, opts)?;
     source.name = name;
     Ok(source)
 }
 
-fn open_path(input: &Path, max_header_bytes: u64) -> Result<Source> {
+/// The conventional names of a PyTorch checkpoint and its shard index.
+pub const TORCH_FILE: &str = "pytorch_model.bin";
+/// The index of a sharded PyTorch checkpoint.
+pub const TORCH_INDEX_FILE: &str = "pytorch_model.bin.index.json";
+
+/// Files in `dir` whose extension passes `keep`, sorted.
+fn files_in(dir: &Path, keep: impl Fn(&Path) -> bool) -> Result<Vec<PathBuf>> {
+    let mut found: Vec<PathBuf> = std::fs::read_dir(dir)
+        .map_err(|e| Error::io("list", dir, e))?
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .filter(|p| p.is_file() && keep(p))
+        .collect();
+    found.sort();
+    Ok(found)
+}
+
+/// The weights of a model directory: a safetensors index or file first, then a
+/// PyTorch index or file; `(shards, index, notices)`.
+fn open_dir(
+    input: &Path,
+    opts: &SourceOptions,
+) -> Result<(Vec<Shard>, Option<PathBuf>, Vec<String>)> {
+    let st = files_in(input, |p| p.extension().is_some_and(|e| e == "safetensors"))?;
+    let bin = files_in(input, is_torch_name)?;
+    let mut notices = Vec::new();
+    let (idx, single, found, kind) = if input.join(INDEX_FILE).is_file() || !st.is_empty() {
+        if input.join(TORCH_INDEX_FILE).is_file() || !bin.is_empty() {
+            notices.push(
+                "the directory has safetensors and PyTorch .bin weights; using safetensors".into(),
+            );
+        }
+        (INDEX_FILE, SINGLE_FILE, st, ".safetensors")
+    } else {
+        (
+            TORCH_INDEX_FILE,
+            TORCH_FILE,
+            bin,
+            "PyTorch (.bin, .pt, .pth)",
+        )
+    };
+    let (idx, single) = (input.join(idx), input.join(single));
+    if idx.is_file() {
+        let (s, _) = open_index(&idx, opts)?;
+        return Ok((s, Some(idx), notices));
+    }
+    if single.is_file() {
+        return Ok((vec![Shard::open(&single, opts)?], None, notices));
+    }
+    match found.as_slice() {
+        [one] => Ok((vec![Shard::open(one, opts)?], None, notices)),
+        [] => Err(Error::NoWeights {
+            path: input.to_path_buf(),
+            reason: format!("no {SINGLE_FILE}, {INDEX_FILE}, {TORCH_FILE} or {TORCH_INDEX_FILE}"),
+        }),
+        many => Err(Error::NoWeights {
+            path: input.to_path_buf(),
+            reason: format!(
+                "{} {kind} files and no index; name one file or the index",
+                many.len()
+            ),
+        }),
+    }
+}
+
+fn open_path(input: &Path, opts: &SourceOptions) -> Result<Source> {
     if cfg!(target_endian = "big") {
         return Err(Error::BigEndianHost);
     }
@@ -498,62 +817,18 @@ fn open_path(input: &Path, max_header_bytes: u64) -> Result<Source> {
         Some(d) if !d.as_os_str().is_empty() => d.to_path_buf(),
         _ => PathBuf::from("."),
     };
-    let (shards, model_dir, index) = if meta.is_dir() {
-        let idx = input.join(INDEX_FILE);
-        let single = input.join(SINGLE_FILE);
-        if idx.is_file() {
-            let (s, d) = open_index(&idx, max_header_bytes)?;
-            (s, d, Some(idx))
-        } else if single.is_file() {
-            (
-                vec![Shard::open(&single, max_header_bytes)?],
-                input.to_path_buf(),
-                None,
-            )
-        } else {
-            let mut found: Vec<PathBuf> = std::fs::read_dir(input)
-                .map_err(|e| Error::io("list", input, e))?
-                .filter_map(|e| e.ok().map(|e| e.path()))
-                .filter(|p| p.extension().is_some_and(|e| e == "safetensors"))
-                .collect();
-            found.sort();
-            match found.len() {
-                1 => (
-                    vec![Shard::open(&found[0], max_header_bytes)?],
-                    input.to_path_buf(),
-                    None,
-                ),
-                0 => {
-                    let bin = input.join("pytorch_model.bin").exists();
-                    return Err(Error::NoWeights {
-                        path: input.to_path_buf(),
-                        reason: if bin {
-                            "only pytorch_model.bin (pickle) found; modelconv reads safetensors"
-                                .into()
-                        } else {
-                            "no model.safetensors, no model.safetensors.index.json".into()
-                        },
-                    });
-                }
-                _ => {
-                    return Err(Error::NoWeights {
-                        path: input.to_path_buf(),
-                        reason: format!(
-                            "{} .safetensors files and no {INDEX_FILE}; name one file or the index",
-                            found.len()
-                        ),
-                    })
-                }
-            }
-        }
+    let (shards, model_dir, index, notices) = if meta.is_dir() {
+        let (s, index, notices) = open_dir(input, opts)?;
+        (s, input.to_path_buf(), index, notices)
     } else if input.extension().is_some_and(|e| e == "json") {
-        let (s, d) = open_index(input, max_header_bytes)?;
-        (s, d, Some(input.to_path_buf()))
+        let (s, d) = open_index(input, opts)?;
+        (s, d, Some(input.to_path_buf()), Vec::new())
     } else {
         (
-            vec![Shard::open(input, max_header_bytes)?],
+            vec![Shard::open(input, opts)?],
             parent(input),
             None,
+            Vec::new(),
         )
     };
     Ok(Source {
@@ -562,5 +837,6 @@ fn open_path(input: &Path, max_header_bytes: u64) -> Result<Source> {
         model_dir,
         index,
         shards,
+        notices,
     })
 }

@@ -7,7 +7,8 @@ use std::sync::Arc;
 
 use clap::{Args, Parser, Subcommand};
 use modelconv::{
-    Codec, ConvertConfig, ExportOptions, Filters, ModelType, Part, SourceOptions, TargetDtype,
+    Codec, ConvertConfig, ExportOptions, Filters, IoMode, ModelType, Part, SourceOptions,
+    TargetDtype,
 };
 
 /// Convert Hugging Face safetensors checkpoints into Parquet weight files, and read them back.
@@ -100,6 +101,9 @@ pub struct SourceArgs {
     /// Hugging Face cache directory for hub ids (default: HF_HUB_CACHE, HF_HOME/hub, ~/.cache/huggingface/hub).
     #[arg(long)]
     hub_cache: Option<PathBuf>,
+    /// How shard data is read: mmap, read (positioned reads, for network file systems) or auto.
+    #[arg(long, default_value = "auto")]
+    io: IoMode,
 }
 
 #[derive(Args, Debug, Clone, Copy)]
@@ -172,6 +176,7 @@ impl SourceArgs {
         SourceOptions {
             max_header_bytes: self.max_header_mb.saturating_mul(MB),
             hub_cache: self.hub_cache.clone(),
+            io: self.io,
         }
     }
 }
@@ -201,6 +206,7 @@ impl ConvertArgs {
             .extract_tokenizer(!self.no_tokenizer)
             .validate(self.validate)
             .max_header_bytes(source.max_header_bytes)
+            .io(source.io)
             .model_type(self.model_type)
             .part(self.part)
             .filters(Filters {
