@@ -38,4 +38,32 @@ pub use write::Codec;
 pub mod internals {
     pub use crate::cast::{cast_and_hash, cast_into, CastStats};
     pub use crate::source::{check_prefix, parse_header, Header};
+
+    /// Runs the pickle interpreter over `data`; the number of values it built.
+    ///
+    /// # Errors
+    ///
+    /// The interpreter's refusal, as text.
+    pub fn pickle_load(data: &[u8]) -> Result<usize, String> {
+        crate::source::fuzzing::pickle_load(data)
+    }
+
+    /// Reads `data` as a PyTorch checkpoint (zip or legacy): every tensor's name,
+    /// element count, and the byte range `[offset, offset + len)` it reads.
+    ///
+    /// # Errors
+    ///
+    /// Every rule of the PyTorch reader.
+    pub fn torch_tensors(data: &[u8]) -> crate::Result<Vec<(String, u64, u64, u64)>> {
+        crate::source::fuzzing::torch_tensors(data)
+    }
+
+    /// The stored entries of a zip archive: name, data offset, data length.
+    ///
+    /// # Errors
+    ///
+    /// The directory's first problem, as text.
+    pub fn zip_entries(data: &[u8]) -> Result<Vec<(String, u64, u64)>, String> {
+        crate::source::fuzzing::zip_entries(data)
+    }
 }

@@ -57,8 +57,13 @@ pub struct ExportReport {
 /// # Memory
 ///
 /// One row group of the weight file at a time, plus its cast copy.
-pub fn export(weights: &Path, out: &Path, opts: &ExportOptions) -> Result<ExportReport> {
+pub fn export(
+    weights: impl AsRef<Path>,
+    out: impl AsRef<Path>,
+    opts: &ExportOptions,
+) -> Result<ExportReport> {
     let wf = WeightFile::open(weights)?;
+    let out = out.as_ref();
     if out.exists() && !opts.force {
         return Err(Error::OutputExists {
             path: out.to_path_buf(),

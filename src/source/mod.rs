@@ -9,6 +9,34 @@ mod pickle;
 mod torch;
 mod zip;
 
+/// Entry points for the fuzz targets (`crate::internals`).
+pub(crate) mod fuzzing {
+    use std::path::Path;
+
+    pub(crate) fn pickle_load(data: &[u8]) -> Result<usize, String> {
+        super::pickle::load(data, 0)
+            .map(|(t, _, _)| t.len())
+            .map_err(|e| format!("{e:?}"))
+    }
+
+    pub(crate) fn torch_tensors(data: &[u8]) -> crate::Result<Vec<(String, u64, u64, u64)>> {
+        let c = super::torch::read(Path::new("fuzz.bin"), data)?;
+        Ok(c.tensors
+            .into_iter()
+            .map(|t| (t.name, t.numel, t.offset, t.len))
+            .collect())
+    }
+
+    pub(crate) fn zip_entries(data: &[u8]) -> Result<Vec<(String, u64, u64)>, String> {
+        let a = super::zip::Archive::read(data)?;
+        a.entries
+            .iter()
+            .filter(|e| e.method == 0)
+            .map(|e| super::zip::Archive::data_range(data, e).map(|(s, l)| (e.name.clone(), s, l)))
+            .collect()
+    }
+}
+
 use std::borrow::Cow;
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::fmt;

@@ -147,6 +147,11 @@ pub(crate) struct Tree {
 }
 
 impl Tree {
+    /// Values built.
+    pub(crate) fn len(&self) -> usize {
+        self.nodes.len()
+    }
+
     pub(crate) fn get(&self, id: Id) -> &Node {
         // Ids are only made by `push`.
         &self.nodes[id]
