@@ -104,26 +104,41 @@ fn llama(dir: &std::path::Path, layers: usize) -> u64 {
 fn main() {
     let tmp = common::tempdir();
     let mut results = Vec::new();
+    let mut results_read = Vec::new();
     for layers in [4usize, 16] {
         let dir = tmp.path().join(format!("llama-{layers}"));
         let size = llama(&dir, layers);
-        let out = tmp.path().join(format!("out-{layers}"));
-        let cfg = modelconv::ConvertConfig::builder()
-            .threads(2)
-            .build()
-            .unwrap();
-        PEAK.store(CURRENT.load(Ordering::Relaxed), Ordering::Relaxed);
-        let base = CURRENT.load(Ordering::Relaxed);
-        modelconv::convert(&dir, &out, &cfg).unwrap();
-        let peak = PEAK.load(Ordering::Relaxed) - base;
-        println!(
-            "llama-shaped, {layers:>2} layers, {:>6.0} MiB f32: peak heap during conversion {:>6.1} MiB",
-            size as f64 / 1048576.0,
-            peak as f64 / 1048576.0
-        );
-        results.push((size, peak));
+        let mut peaks = Vec::new();
+        // mmap, then positioned reads (--io read), whose buffers are heap: both bounded.
+        for io in [modelconv::IoMode::Mmap, modelconv::IoMode::Read] {
+            let out = tmp.path().join(format!("out-{layers}-{io:?}"));
+            let cfg = modelconv::ConvertConfig::builder()
+                .threads(2)
+                .io(io)
+                .build()
+                .unwrap();
+            PEAK.store(CURRENT.load(Ordering::Relaxed), Ordering::Relaxed);
+            let base = CURRENT.load(Ordering::Relaxed);
+            modelconv::convert(&dir, &out, &cfg).unwrap();
+            let peak = PEAK.load(Ordering::Relaxed) - base;
+            println!(
+                "llama-shaped, {layers:>2} layers, {:>6.0} MiB f32, {io:?}: peak heap during conversion {:>6.1} MiB",
+                size as f64 / 1048576.0,
+                peak as f64 / 1048576.0
+            );
+            std::fs::remove_dir_all(&out).unwrap();
+            peaks.push(peak);
+        }
+        results.push((size, peaks[0]));
+        results_read.push((size, peaks[1]));
         std::fs::remove_dir_all(&dir).unwrap();
     }
+    let (r0, r1) = (results_read[0].1, results_read[1].1);
+    println!(
+        "--io read: peak heap ratio {:.2}× for a {:.2}× larger model",
+        r1 as f64 / r0 as f64,
+        results_read[1].0 as f64 / results_read[0].0 as f64
+    );
     let (s0, p0) = results[0];
     let (s1, p1) = results[1];
     println!(
