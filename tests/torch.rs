@@ -541,7 +541,7 @@ fn row_35_views_outside_their_storage_and_bad_sizes_are_refused() {
         (
             "negative",
             T { size: &[-2, 2], ..W },
-            "tensor `w`: size is not a tuple of non-negative integers",
+            "tensor `w`: size is not a tuple of at most 64 non-negative integers",
         ),
         (
             "rank",

@@ -16,6 +16,8 @@ use crate::dtype::Dtype;
 const MAX_NODES: usize = 50_000_000;
 /// Highest pickle protocol understood.
 const MAX_PROTOCOL: u8 = 5;
+/// Most dimensions a tensor may have (torch allows 64).
+pub(crate) const MAX_RANK: usize = 64;
 
 /// A node's index in the [`Tree`].
 pub(crate) type Id = usize;
@@ -414,7 +416,14 @@ impl Machine<'_> {
             Callable::TorchSize => {
                 arity(&[1])?;
                 match self.tree.get(a[0]) {
-                    t @ Node::Tuple(_) => Ok(t.clone()),
+                    Node::Tuple(t) if t.len() <= MAX_RANK => Ok(Node::Tuple(t.clone())),
+                    Node::Tuple(t) => Err(invalid(
+                        at,
+                        format!(
+                            "`torch.Size` of {} dimensions (at most {MAX_RANK})",
+                            t.len()
+                        ),
+                    )),
                     other => Err(invalid(at, format!("`torch.Size` of {}", other.kind()))),
                 }
             }

@@ -10,7 +10,7 @@ use std::collections::HashMap;
 use std::path::Path;
 
 use super::header::TensorInfo;
-use super::pickle::{self, Callable, Id, Node, PickleError, Tree};
+use super::pickle::{self, Callable, Id, Node, PickleError, Tree, MAX_RANK};
 use super::zip::Archive;
 use crate::dtype::Dtype;
 use crate::error::{sanitize, Error, Result};
@@ -19,6 +19,8 @@ use crate::error::{sanitize, Error, Result};
 const LEGACY_MAGIC: u128 = 0x1950a86a20f9469cfc6c;
 /// The legacy format's protocol version, the second pickle.
 const LEGACY_PROTOCOL: i64 = 1001;
+/// Longest storage key accepted (torch writes decimal numbers).
+const MAX_KEY_LEN: usize = 1024;
 
 /// What a PyTorch checkpoint holds: its tensors (in file order) and which of them are
 /// the same view of the same storage as an earlier one (`(name, tied to)`).
@@ -377,10 +379,16 @@ fn state_dict(path: &Path, tree: &Tree, root: Id, legacy: bool) -> Result<Vec<Ra
             persistent_storage(tree, storage, legacy).map_err(|r| bad(&r))?;
         let offset = uint(tree, offset)
             .ok_or_else(|| bad("storage offset is not a non-negative integer"))?;
-        let size =
-            uints(tree, size).ok_or_else(|| bad("size is not a tuple of non-negative integers"))?;
-        let stride = uints(tree, stride)
-            .ok_or_else(|| bad("stride is not a tuple of non-negative integers"))?;
+        let size = uints(tree, size).ok_or_else(|| {
+            bad(&format!(
+                "size is not a tuple of at most {MAX_RANK} non-negative integers"
+            ))
+        })?;
+        let stride = uints(tree, stride).ok_or_else(|| {
+            bad(&format!(
+                "stride is not a tuple of at most {MAX_RANK} non-negative integers"
+            ))
+        })?;
         if size.len() != stride.len() {
             return Err(bad("size and stride have different lengths"));
         }
@@ -424,6 +432,11 @@ fn persistent_storage(
     let Node::Str(key) = tree.get(t[2]) else {
         return Err("its storage key is not a string".into());
     };
+    if key.len() > MAX_KEY_LEN {
+        return Err(format!(
+            "its storage key is longer than {MAX_KEY_LEN} bytes"
+        ));
+    }
     let numel = uint(tree, t[4]).ok_or("its storage size is not a non-negative integer")?;
     let view = match legacy.then(|| tree.get(t[5])) {
         None | Some(Node::None) => None,
@@ -444,9 +457,13 @@ fn uint(tree: &Tree, id: Id) -> Option<u64> {
     }
 }
 
+/// A shape or stride: a tuple of at most [`MAX_RANK`] non-negative integers (the
+/// limit also keeps a huge tuple shared by many tensors from costing time per tensor).
 fn uints(tree: &Tree, id: Id) -> Option<Vec<u64>> {
     match tree.get(id) {
-        Node::Tuple(items) => items.iter().map(|&i| uint(tree, i)).collect(),
+        Node::Tuple(items) if items.len() <= MAX_RANK => {
+            items.iter().map(|&i| uint(tree, i)).collect()
+        }
         _ => None,
     }
 }

@@ -5,7 +5,7 @@
 //! central entry inside the file, names that are plain relative paths, no duplicates,
 //! and for each entry that is used, its local header agreeing with the central one.
 
-use std::collections::HashSet;
+use std::collections::HashMap;
 
 /// End of central directory record signature and minimum size.
 const EOCD_SIG: u32 = 0x0605_4b50;
@@ -51,6 +51,8 @@ fn u64_at(b: &[u8], at: usize) -> Option<u64> {
 #[derive(Debug)]
 pub(crate) struct Archive {
     pub(crate) entries: Vec<Entry>,
+    /// Entry index by name.
+    by_name: std::collections::HashMap<String, usize>,
 }
 
 impl Archive {
@@ -70,7 +72,7 @@ impl Archive {
             .ok_or("the central directory lies outside the file (truncated?)")?;
         let mut at = usize::try_from(dir_off).map_err(|_| "directory offset too large")?;
         let mut entries = Vec::new();
-        let mut names = HashSet::new();
+        let mut names = HashMap::new();
         for i in 0..count {
             if at as u64 >= dir_end || u32_at(b, at) != Some(CENTRAL_SIG) {
                 return Err(format!("central directory entry {i} is damaged"));
@@ -97,7 +99,7 @@ impl Archive {
                 .ok_or("truncated directory entry")?;
             zip64_sizes(extra, &mut size, &mut compressed, &mut local)?;
             check_name(&name)?;
-            if !names.insert(name.clone()) {
+            if names.insert(name.clone(), entries.len()).is_some() {
                 return Err(format!(
                     "entry `{}` appears twice",
                     crate::error::sanitize(&name)
@@ -112,12 +114,15 @@ impl Archive {
             });
             at = name_at + name_len + extra_len + comment_len;
         }
-        Ok(Archive { entries })
+        Ok(Archive {
+            entries,
+            by_name: names,
+        })
     }
 
     /// The entry called `name`.
     pub(crate) fn entry(&self, name: &str) -> Option<&Entry> {
-        self.entries.iter().find(|e| e.name == name)
+        self.by_name.get(name).map(|&i| &self.entries[i])
     }
 
     /// The byte range of `e`'s data inside `b`, from its local header: stored (not
