@@ -285,6 +285,15 @@ pub enum Error {
         /// What is wrong.
         reason: String,
     },
+    /// A tensor chosen for quantization holds values no scale can represent.
+    Quantization {
+        /// The shard.
+        path: PathBuf,
+        /// The tensor.
+        tensor: String,
+        /// What is wrong.
+        reason: String,
+    },
     /// An option or a combination of options is invalid.
     InvalidOption {
         /// What is wrong.
@@ -532,6 +541,9 @@ impl fmt::Display for Error {
             NotAStateDict { path, reason } => write!(f, "{}: not a state dict: {reason}", P(path)),
             TorchTensor { path, tensor, reason } => {
                 write!(f, "{}: tensor {}: {reason}", P(path), Name(tensor))
+            }
+            Quantization { path, tensor, reason } => {
+                write!(f, "{}: tensor {}: cannot quantize: {reason}", P(path), Name(tensor))
             }
             InvalidOption { reason } => write!(f, "{reason}"),
             Parquet { path, tensor, message } => match tensor {

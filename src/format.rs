@@ -37,6 +37,8 @@ pub const KEY_CHECKSUM: &str = "modelconv.checksum";
 pub const KEY_METADATA: &str = "modelconv.metadata";
 /// Footer key: the tensor index ([`TensorIndex`] as JSON).
 pub const KEY_INDEX: &str = "modelconv.index";
+/// Footer key of a V2 file: the quantization options (`{"bits", "scheme", "group_size"}`).
+pub const KEY_QUANTIZATION: &str = "modelconv.quantization";
 /// The checksum algorithm's name.
 pub const CHECKSUM_ALGO: &str = "xxh3_64";
 
@@ -50,6 +52,16 @@ pub const COL_DTYPE: &str = "dtype";
 pub const COL_DATA: &str = "data";
 #[allow(missing_docs)]
 pub const COL_NUM_PARAMS: &str = "num_params";
+/// V2: `int8`, `fp16` or `fp32` (the seed's `int2` is read by neither side here).
+pub const COL_QUANT_TYPE: &str = "quant_type";
+/// V2: f32 little-endian scales, one per channel or group of the row.
+pub const COL_SCALES: &str = "scales";
+/// V2: f32 little-endian zero points (integer values).
+pub const COL_ZERO_POINTS: &str = "zero_points";
+/// V2: -1 per-tensor or per-group, 0 per-channel along axis 0.
+pub const COL_QUANT_AXIS: &str = "quant_axis";
+/// V2: 0 none, G > 0 groups of G over the flattened tensor.
+pub const COL_GROUP_SIZE: &str = "group_size";
 #[allow(missing_docs)]
 pub const COL_CHUNK_OFFSET: &str = "chunk_offset";
 #[allow(missing_docs)]
@@ -60,18 +72,31 @@ pub fn shape_item_field() -> Arc<Field> {
     Arc::new(Field::new_list_field(DataType::Int32, true))
 }
 
-/// The Arrow schema of the files we write. Fields are nullable, as pyarrow's defaults
-/// make them in the seed's files.
-pub fn schema() -> SchemaRef {
-    Arc::new(Schema::new(vec![
+/// The Arrow schema of the files we write: the seed's V1 columns, the five V2 columns
+/// when `quantized`, then ours. Fields are nullable, as pyarrow's defaults make them in
+/// the seed's files (we never write a null).
+pub fn schema(quantized: bool) -> SchemaRef {
+    let mut fields = vec![
         Field::new(COL_NAME, DataType::Utf8, true),
         Field::new(COL_SHAPE, DataType::List(shape_item_field()), true),
         Field::new(COL_DTYPE, DataType::Utf8, true),
         Field::new(COL_DATA, DataType::Binary, true),
         Field::new(COL_NUM_PARAMS, DataType::Int64, true),
+    ];
+    if quantized {
+        fields.extend([
+            Field::new(COL_QUANT_TYPE, DataType::Utf8, true),
+            Field::new(COL_SCALES, DataType::Binary, true),
+            Field::new(COL_ZERO_POINTS, DataType::Binary, true),
+            Field::new(COL_QUANT_AXIS, DataType::Int32, true),
+            Field::new(COL_GROUP_SIZE, DataType::Int32, true),
+        ]);
+    }
+    fields.extend([
         Field::new(COL_CHUNK_OFFSET, DataType::Int64, true),
         Field::new(COL_CHECKSUM, DataType::UInt64, true),
-    ]))
+    ]);
+    Arc::new(Schema::new(fields))
 }
 
 /// One tensor's entry in the footer index.
@@ -93,6 +118,35 @@ pub(crate) struct IndexEntry {
     pub row: u64,
     /// Number of consecutive rows holding it.
     pub rows: u64,
+    /// How it is quantized (V2 files), if it is.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub quant: Option<QuantInfo>,
+}
+
+/// How a stored tensor is quantized: int8 codes, with `scales` scales and zero points
+/// (one per channel along axis 0, or per group of `group_size` elements).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct QuantInfo {
+    /// The V2 `quant_axis`: 0 per-channel, -1 per-group.
+    pub axis: i32,
+    /// The V2 `group_size`: 0 per-channel.
+    pub group_size: u64,
+    /// Scales (and zero points) over all its rows.
+    pub scales: u64,
+}
+
+impl QuantInfo {
+    /// Elements sharing one scale, for a tensor of `shape`.
+    pub(crate) fn unit(&self, shape: &[u64]) -> u64 {
+        if self.group_size > 0 {
+            self.group_size
+        } else {
+            let n: u64 = shape.iter().product();
+            shape
+                .first()
+                .map_or(n, |&d0| n.checked_div(d0).unwrap_or(0))
+        }
+    }
 }
 
 /// The footer index: every tensor, in row order.
@@ -118,6 +172,11 @@ impl TensorIndex {
                     bytes: t.out_len,
                     row: t.first_row,
                     rows: t.rows,
+                    quant: t.quant.map(|q| QuantInfo {
+                        axis: q.axis,
+                        group_size: q.group_size,
+                        scales: t.src.numel.div_ceil(q.unit),
+                    }),
                 })
                 .collect(),
         }
@@ -130,15 +189,20 @@ pub(crate) fn footer(plan: &Plan, metadata: &Value) -> Vec<KeyValue> {
     let index = serde_json::to_string(&TensorIndex::of(plan));
     // Serialising plain strings and numbers cannot fail.
     debug_assert!(index.is_ok());
+    let quant = plan.quantize.as_ref().map(|q| {
+        serde_json::json!({"bits": 8, "scheme": q.scheme.as_str(), "group_size": q.group_size})
+            .to_string()
+    });
     [
-        (KEY_FORMAT, FORMAT_VERSION.to_string()),
-        (KEY_CAST, plan.target.as_str().to_string()),
-        (KEY_CHECKSUM, CHECKSUM_ALGO.to_string()),
-        (KEY_METADATA, metadata.to_string()),
-        (KEY_INDEX, index.unwrap_or_default()),
+        (KEY_FORMAT, Some(FORMAT_VERSION.to_string())),
+        (KEY_CAST, Some(plan.target.as_str().to_string())),
+        (KEY_CHECKSUM, Some(CHECKSUM_ALGO.to_string())),
+        (KEY_METADATA, Some(metadata.to_string())),
+        (KEY_INDEX, Some(index.unwrap_or_default())),
+        (KEY_QUANTIZATION, quant),
     ]
     .into_iter()
-    .map(|(k, v)| KeyValue::new(k.to_string(), v))
+    .filter_map(|(k, v)| Some(KeyValue::new(k.to_string(), v?)))
     .collect()
 }
 
@@ -163,6 +227,8 @@ pub struct TensorInfo {
     pub source: Option<String>,
     /// Source dtype, when the file records it.
     pub source_dtype: Option<String>,
+    /// How it is quantized (V2 files): `dtype` is then int8.
+    pub quant: Option<QuantInfo>,
 }
 
 /// Parses the footer index of the file at `path` (the [`footer`]'s twin) and checks it
@@ -185,7 +251,15 @@ pub(crate) fn parse_index(path: &Path, text: &str, total_rows: u64) -> Result<Ve
             })?;
             let numel = e.shape.iter().try_fold(1u64, |a, &d| a.checked_mul(d));
             let end = e.row.checked_add(e.rows);
+            let quant_ok = e.quant.is_none_or(|q| {
+                let unit = q.unit(&e.shape);
+                dtype == Dtype::I8
+                    && unit > 0
+                    && numel.is_some_and(|n| n.div_ceil(unit) == q.scales)
+                    && (q.group_size > 0 || q.axis == 0)
+            });
             let ok = numel.and_then(|n| n.checked_mul(dtype.size() as u64)) == Some(e.bytes)
+                && quant_ok
                 && e.row == next_row
                 && e.rows >= 1
                 && end.is_some_and(|end| end <= total_rows);
@@ -207,6 +281,7 @@ pub(crate) fn parse_index(path: &Path, text: &str, total_rows: u64) -> Result<Ve
                 rows: e.rows,
                 source: Some(e.source),
                 source_dtype: Some(e.source_dtype),
+                quant: e.quant,
             })
         })
         .collect()

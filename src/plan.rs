@@ -5,6 +5,7 @@
 
 use std::collections::HashMap;
 
+use crate::cast::{QuantSpec, Quantize};
 use crate::dtype::{Dtype, TargetDtype};
 use crate::error::{Error, Result};
 use crate::source::{Source, TensorInfo};
@@ -41,6 +42,8 @@ pub(crate) struct PlannedTensor {
     pub(crate) first_row: u64,
     /// Rows it spans (1 unless split).
     pub(crate) rows: u64,
+    /// How it is quantized (`dtype` is then int8), if it is.
+    pub(crate) quant: Option<QuantSpec>,
 }
 
 /// One row: a whole tensor, or a chunk of one.
@@ -76,6 +79,8 @@ pub(crate) struct Plan {
     pub(crate) groups: Vec<GroupPlan>,
     /// The cast policy.
     pub(crate) target: TargetDtype,
+    /// The quantization options, for a V2 file.
+    pub(crate) quantize: Option<Quantize>,
 }
 
 impl Plan {
@@ -92,6 +97,7 @@ impl Plan {
         source: &Source,
         selection: &[Selected],
         target: TargetDtype,
+        quantize: Option<&Quantize>,
         max_row_bytes: u64,
         group_bytes: u64,
     ) -> Result<Plan> {
@@ -120,7 +126,11 @@ impl Plan {
                     dim,
                 });
             }
-            let dtype = target.output_for(src.dtype);
+            let quant = quantize.and_then(|q| q.spec_for(&s.name, src.dtype, &src.shape));
+            let dtype = match quant {
+                Some(_) => Dtype::I8,
+                None => target.output_for(src.dtype),
+            };
             let size = dtype.size() as u64;
             // numel * size fits: size <= 8 and the source size numel * src_size fit u64,
             // but a 1-byte source widened to 8 bytes could not; check anyway.
@@ -131,7 +141,19 @@ impl Plan {
                     path: shard.path.clone(),
                     tensor: src.name.clone(),
                 })?;
-            let per_row = (max_row_bytes / size).max(1);
+            // A quantized row holds whole units (channels or groups), each with its scale.
+            let per_row = match quant {
+                Some(q) if q.unit > max_row_bytes => {
+                    return Err(Error::option(format!(
+                        "tensor `{}`: a channel of {} elements is larger than the row limit; \
+                         quantize it per group (a group size) or raise the row limit",
+                        crate::error::sanitize(&s.name),
+                        q.unit
+                    )))
+                }
+                Some(q) => max_row_bytes / q.unit * q.unit,
+                None => (max_row_bytes / size).max(1),
+            };
             let first_row = rows.len() as u64;
             let mut start = 0u64;
             loop {
@@ -154,6 +176,7 @@ impl Plan {
                 out_len,
                 first_row,
                 rows: rows.len() as u64 - first_row,
+                quant,
             });
         }
         let groups = group_rows(&tensors, &rows, group_bytes);
@@ -162,6 +185,7 @@ impl Plan {
             rows,
             groups,
             target,
+            quantize: quantize.cloned(),
         })
     }
 

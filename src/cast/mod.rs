@@ -4,15 +4,20 @@
 //! ([`kernels`]) know dtypes only; this stage knows where a row's bytes live and how to
 //! stream them: a large row is cast in pieces (source pages mapped in one call and
 //! released once cast, or read into a buffer in read mode, or gathered from a strided
-//! PyTorch view), so the input never stays resident.
+//! PyTorch view), so the input never stays resident. A tensor chosen for quantization
+//! takes the same path into int8 codes and per-unit scales ([`quant`]).
 
 mod kernels;
+mod quant;
 
 pub(crate) use kernels::value_f64;
 pub use kernels::{cast_and_hash, cast_into, CastStats};
+pub(crate) use quant::{dequantize, params as quant_params, quantize, QuantSpec};
+pub use quant::{QuantError, QuantScheme, Quantize, TensorQuantError, MIN_QUANT_ELEMENTS};
 
 use kernels::{cast_hashing, Xxh3};
 
+use crate::dtype::Dtype;
 use crate::error::{Error, Result};
 use crate::plan::{Plan, RowPlan};
 use crate::source::Source;
@@ -21,12 +26,22 @@ use crate::source::Source;
 const PIECE_BYTES: u64 = 16 << 20;
 
 /// What casting one row produced, besides its bytes.
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone)]
 pub(crate) struct RowCast {
     /// What the cast saw (NaN, inf, overflow).
     pub(crate) stats: CastStats,
     /// XXH3-64 of the output bytes.
     pub(crate) checksum: u64,
+    /// For a quantized row: its scales, zero points and error.
+    pub(crate) quant: Option<RowQuant>,
+}
+
+/// The V2 side of a quantized row: one scale and zero point per unit of the row.
+#[derive(Debug, Clone, Default)]
+pub(crate) struct RowQuant {
+    pub(crate) scales: Vec<f32>,
+    pub(crate) zero_points: Vec<f32>,
+    pub(crate) error: QuantError,
 }
 
 /// Casts `row` of `plan` from `source` into `dst` (exactly the row's output bytes).
@@ -44,6 +59,9 @@ pub(crate) fn cast_row(
     allow_overflow: bool,
 ) -> Result<RowCast> {
     let t = &plan.tensors[row.tensor];
+    if let Some(spec) = t.quant {
+        return quantize_row(source, plan, row, dst, spec);
+    }
     let shard = &source.shards[t.shard];
     let (ss, os) = (t.src.dtype.size() as u64, t.dtype.size() as u64);
     debug_assert_eq!(dst.len() as u64, row.elems * os);
@@ -82,5 +100,99 @@ pub(crate) fn cast_row(
     Ok(RowCast {
         stats,
         checksum: hash.digest(),
+        quant: None,
     })
+}
+
+/// Quantizes `row` of a tensor with `spec` into `dst` (one code per element), unit by
+/// unit: each unit's source values are widened to f32 while in cache, its scale and
+/// zero point computed, its codes written and its error measured.
+///
+/// # Errors
+///
+/// `Quantization` naming the tensor when a unit holds NaN or infinities (no scale
+/// represents them) or spans more than f32 holds.
+fn quantize_row(
+    source: &Source,
+    plan: &Plan,
+    row: &RowPlan,
+    dst: &mut [u8],
+    spec: QuantSpec,
+) -> Result<RowCast> {
+    let t = &plan.tensors[row.tensor];
+    let shard = &source.shards[t.shard];
+    let ss = t.src.dtype.size() as u64;
+    debug_assert_eq!(dst.len() as u64, row.elems);
+    debug_assert_eq!(row.elem_start % spec.unit, 0);
+    let fail = |reason: String| Error::Quantization {
+        path: shard.path.clone(),
+        tensor: t.name.clone(),
+        reason,
+    };
+    let units_per_piece = (PIECE_BYTES / (spec.unit * ss)).max(1);
+    let mut out = RowQuant::default();
+    let mut hash = Xxh3::new();
+    let mut x: Vec<f32> = Vec::with_capacity(spec.unit.min(PIECE_BYTES) as usize);
+    for (k, d_piece) in dst
+        .chunks_mut((units_per_piece * spec.unit) as usize)
+        .enumerate()
+    {
+        let first = row.elem_start + k as u64 * units_per_piece * spec.unit;
+        let n = d_piece.len() as u64;
+        let s_piece = shard.elements(&t.src, first, n)?;
+        let units = s_piece
+            .chunks((spec.unit * ss) as usize)
+            .zip(d_piece.chunks_mut(spec.unit as usize));
+        for (src, q) in units {
+            x.clear();
+            widen(t.src.dtype, src, &mut x);
+            let bad = x.iter().filter(|v| !v.is_finite()).count();
+            if bad > 0 {
+                return Err(fail(format!(
+                    "it holds {bad} NaN or infinite value{} (no scale represents them); skip it with a quantize-skip glob",
+                    if bad == 1 { "" } else { "s" }
+                )));
+            }
+            let (scale, zp) = quant::params(spec.scheme, &x)
+                .ok_or_else(|| fail("its values span more than f32 can hold".into()))?;
+            quant::quantize(&x, scale, zp, q, &mut out.error);
+            out.scales.push(scale);
+            out.zero_points.push(zp);
+        }
+        hash.update(d_piece);
+        drop(s_piece);
+        // SAFETY: this piece is quantized and hashed, and its slice dropped; no other
+        // slice of these source elements is read again by this row.
+        unsafe { shard.release(&t.src, first, n) };
+    }
+    Ok(RowCast {
+        stats: CastStats::default(),
+        checksum: hash.digest(),
+        quant: Some(out),
+    })
+}
+
+/// Appends the elements of a float source to `out` as f32 (exact for f16, bf16 and
+/// f32; f64 rounds to nearest).
+pub(crate) fn widen(dtype: Dtype, src: &[u8], out: &mut Vec<f32>) {
+    match dtype {
+        Dtype::F32 => out.extend(
+            src.chunks_exact(4)
+                .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]])),
+        ),
+        Dtype::Bf16 => out.extend(
+            src.chunks_exact(2)
+                .map(|b| f32::from_bits((u16::from_le_bytes([b[0], b[1]]) as u32) << 16)),
+        ),
+        Dtype::F16 => out.extend(
+            src.chunks_exact(2)
+                .map(|b| half::f16::from_le_bytes([b[0], b[1]]).to_f32()),
+        ),
+        Dtype::F64 => {
+            out.extend(src.chunks_exact(8).map(|b| {
+                f64::from_le_bytes([b[0], b[1], b[2], b[3], b[4], b[5], b[6], b[7]]) as f32
+            }))
+        }
+        _ => {}
+    }
 }

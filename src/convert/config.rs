@@ -8,6 +8,7 @@ use std::sync::Arc;
 use parquet::basic::{Compression, ZstdLevel};
 use serde_json::{json, Value};
 
+use crate::cast::Quantize;
 use crate::dtype::TargetDtype;
 use crate::error::{Error, Result};
 use crate::model::{CompiledFilters, Filters, ModelType, Part};
@@ -52,6 +53,7 @@ pub struct ConvertConfig {
     pub(crate) model_type: ModelType,
     pub(crate) part: Part,
     pub(crate) filters: CompiledFilters,
+    pub(crate) quantize: Option<Quantize>,
     pub(crate) source: SourceOptions,
     pub(crate) cancel: Arc<AtomicBool>,
 }
@@ -74,6 +76,7 @@ impl Default for ConvertConfig {
             model_type: ModelType::Auto,
             part: Part::Default,
             filters: CompiledFilters::default(),
+            quantize: None,
             source: SourceOptions::default(),
             cancel: Arc::new(AtomicBool::new(false)),
         }
@@ -138,12 +141,13 @@ impl ConvertConfig {
                 .saturating_mul(self.inflight_per_thread)
                 .saturating_mul(self.row_group_bytes),
             pool_max_bytes: self.row_group_bytes,
+            quantized: self.quantize.is_some(),
         }
     }
 
     /// The options as `metadata.json` records them (the seed's names first).
     pub(crate) fn as_json(&self) -> Value {
-        json!({
+        let mut v = json!({
             "compression": self.codec.as_str(),
             "compression_level": self.level,
             "use_float16": self.dtype == TargetDtype::F16,
@@ -153,7 +157,20 @@ impl ConvertConfig {
             "allow_overflow": self.allow_overflow,
             "max_row_bytes": self.max_row_bytes,
             "row_group_bytes": self.row_group_bytes,
-        })
+        });
+        if let (Some(q), Some(o)) = (&self.quantize, v.as_object_mut()) {
+            o.insert(
+                "quantization".into(),
+                json!({
+                    "bits": 8,
+                    "scheme": q.scheme.as_str(),
+                    "group_size": q.group_size,
+                    "skip": q.skip,
+                    "min_elements": crate::cast::MIN_QUANT_ELEMENTS,
+                }),
+            );
+        }
+        v
     }
 }
 
@@ -189,6 +206,7 @@ pub struct ConvertConfigBuilder {
     model_type: ModelType,
     part: Part,
     filters: Filters,
+    quantize: Option<Quantize>,
     hub_cache: Option<PathBuf>,
     io: IoMode,
     cancel: Arc<AtomicBool>,
@@ -212,6 +230,7 @@ impl Default for ConvertConfigBuilder {
             model_type: ModelType::Auto,
             part: Part::Default,
             filters: Filters::default(),
+            quantize: None,
             hub_cache: None,
             io: IoMode::Auto,
             cancel: Arc::new(AtomicBool::new(false)),
@@ -260,6 +279,8 @@ impl ConvertConfigBuilder {
     setter!(/// How shard data is read: mapped, positioned reads, or chosen per file
         /// system (default auto).
         io: IoMode);
+    setter!(/// int8 quantization into the seed's V2 schema (default none: V1 output).
+        quantize: Option<Quantize>);
     setter!(/// Include / exclude / rename filters (compiled by `build`).
         filters: Filters);
     setter!(/// The cancellation flag (default: a fresh one; see
@@ -329,6 +350,14 @@ impl ConvertConfigBuilder {
             None if low_memory => 1,
             None => DEFAULT_INFLIGHT_PER_THREAD,
         };
+        if let Some(q) = &self.quantize {
+            if q.group_size > i32::MAX as u64 {
+                return Err(Error::option(format!(
+                    "group size {} does not fit the V2 schema's int32 `group_size`",
+                    q.group_size
+                )));
+            }
+        }
         if self.max_header_bytes == 0 {
             return Err(Error::option("the header cap must be at least 1 byte"));
         }
@@ -352,6 +381,7 @@ impl ConvertConfigBuilder {
             model_type: self.model_type,
             part: self.part,
             filters: self.filters.compile()?,
+            quantize: self.quantize,
             source: SourceOptions {
                 max_header_bytes: self.max_header_bytes,
                 hub_cache: self.hub_cache,

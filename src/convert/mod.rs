@@ -17,9 +17,11 @@ pub use config::{
     DEFAULT_ROW_GROUP_MB, DEFAULT_ZSTD_LEVEL, LOW_MEMORY_ROW_MB, MAX_BUDGET_BYTES,
 };
 pub use output::TOKENIZER_FILES;
-pub use report::{ConversionPlan, ConversionReport, Event, Observer, PlannedEntry, Silent};
+pub use report::{
+    ConversionPlan, ConversionReport, Event, Observer, PlannedEntry, QuantReport, Silent,
+};
 
-use crate::cast::CastStats;
+use crate::cast::{CastStats, QuantError, TensorQuantError};
 use crate::error::{sanitize, Error, Result};
 use crate::format;
 use crate::model::{self, MetadataInput, ModelFiles, Recipe, Selection};
@@ -81,8 +83,9 @@ pub fn convert_with(
     let mut writer = WeightWriter::create(out.weights(), config.write_options())?;
     let sink = ObserverSink { observer, total };
     let stats = writer.write(&job.source, &job.plan, &config.cancel, &sink)?;
-    job.notice_overflow(&stats, observer);
-    let metadata = job.metadata(config, &out, &stats);
+    job.notice_overflow(&stats.cast, observer);
+    let quant = job.quant_report(&stats.quant);
+    let metadata = job.metadata(config, &out, &stats.cast, quant.as_ref());
     let written = writer.finish(format::footer(&job.plan, &metadata))?;
     let staged = out.stage(&metadata)?;
     if config.cancel.load(Ordering::Relaxed) {
@@ -99,13 +102,13 @@ pub fn convert_with(
     } else {
         None
     };
-    Ok(job.report(
-        &out,
-        written.file_bytes,
+    let outcome = Outcome {
+        file_bytes: written.file_bytes,
         metadata,
         validation_passed,
-        started,
-    ))
+        quantization: quant,
+    };
+    Ok(job.report(&out, outcome, started))
 }
 
 /// Works out what [`convert`] would do, reading only headers and config files.
@@ -146,6 +149,14 @@ impl ProgressSink for ObserverSink<'_> {
     }
 }
 
+/// What writing produced, for the report.
+struct Outcome {
+    file_bytes: u64,
+    metadata: Value,
+    validation_passed: Option<bool>,
+    quantization: Option<QuantReport>,
+}
+
 /// An open source with its model knowledge applied: what will be converted, and how.
 struct Job {
     source: Source,
@@ -170,6 +181,7 @@ impl Job {
             &source,
             &selection.selected,
             config.dtype,
+            config.quantize.as_ref(),
             config.max_row_bytes,
             config.row_group_bytes,
         )?;
@@ -226,8 +238,37 @@ impl Job {
         }
     }
 
-    /// `metadata.json`, with the cast counts that matter (NaN, inf, overflow).
-    fn metadata(&self, config: &ConvertConfig, out: &OutputLayout, stats: &[CastStats]) -> Value {
+    /// What quantization did, from the per-tensor errors the writer measured.
+    fn quant_report(&self, errors: &[QuantError]) -> Option<QuantReport> {
+        let q = self.plan.quantize.as_ref()?;
+        let mut model = QuantError::default();
+        let mut tensors = Vec::new();
+        for (t, e) in self.plan.tensors.iter().zip(errors) {
+            if t.quant.is_some() {
+                model.merge(e);
+                tensors.push(TensorQuantError::new(&t.name, e));
+            }
+        }
+        tensors.sort_by(|a, b| a.sqnr_db.total_cmp(&b.sqnr_db));
+        Some(QuantReport {
+            scheme: q.scheme.as_str().to_string(),
+            group_size: q.group_size,
+            quantized_tensors: tensors.len(),
+            unquantized_tensors: self.plan.tensors.len() - tensors.len(),
+            model: TensorQuantError::new("model", &model),
+            tensors,
+        })
+    }
+
+    /// `metadata.json`, with the cast counts that matter (NaN, inf, overflow) and the
+    /// quantization report.
+    fn metadata(
+        &self,
+        config: &ConvertConfig,
+        out: &OutputLayout,
+        stats: &[CastStats],
+        quant: Option<&QuantReport>,
+    ) -> Value {
         let mut cast_report = Map::new();
         for (t, s) in self.plan.tensors.iter().zip(stats) {
             if s.nan + s.inf + s.overflow > 0 {
@@ -245,7 +286,7 @@ impl Job {
             }
         }
         let tensors = self.plan.tensors.iter();
-        model::build_metadata(&MetadataInput {
+        let mut metadata = model::build_metadata(&MetadataInput {
             model_name: self.source.name(),
             recipe: &self.recipe,
             files: &self.files,
@@ -261,17 +302,23 @@ impl Job {
             cast_report: Value::Object(cast_report),
             converted_at: conversion_time(),
             ties: self.ties(),
-        })
+        });
+        if let (Some(q), Some(o)) = (quant, metadata.as_object_mut()) {
+            o.insert(
+                "quantization".into(),
+                serde_json::to_value(q).unwrap_or_default(),
+            );
+        }
+        metadata
     }
 
-    fn report(
-        &self,
-        out: &OutputLayout,
-        file_bytes: u64,
-        metadata: Value,
-        validation_passed: Option<bool>,
-        started: Instant,
-    ) -> ConversionReport {
+    fn report(&self, out: &OutputLayout, outcome: Outcome, started: Instant) -> ConversionReport {
+        let Outcome {
+            file_bytes,
+            metadata,
+            validation_passed,
+            quantization,
+        } = outcome;
         let src = self.plan.src_bytes();
         ConversionReport {
             success: true,
@@ -295,6 +342,7 @@ impl Job {
             source_bytes: src,
             output_bytes: file_bytes,
             notices: self.recipe.notices.clone(),
+            quantization,
         }
     }
 

@@ -7,6 +7,7 @@ use std::path::{Path, PathBuf};
 use serde::Serialize;
 use serde_json::Value;
 
+use crate::cast::TensorQuantError;
 use crate::error::Error;
 
 /// What a conversion tells its observer.
@@ -83,6 +84,25 @@ pub struct ConversionReport {
     pub output_bytes: u64,
     /// Notices (unknown architecture, tied weights, overflow allowed, ...).
     pub notices: Vec<String>,
+    /// What quantization did, for a quantized conversion.
+    pub quantization: Option<QuantReport>,
+}
+
+/// What `--quantize int8` did to the model.
+#[derive(Debug, Clone, Serialize, PartialEq)]
+pub struct QuantReport {
+    /// `symmetric` or `asymmetric`.
+    pub scheme: String,
+    /// 0 per-channel, else the group size.
+    pub group_size: u64,
+    /// Tensors stored as int8.
+    pub quantized_tensors: usize,
+    /// Tensors stored as floats or integers (`fp16`/`fp32` rows).
+    pub unquantized_tensors: usize,
+    /// Model-wide over the quantized tensors: max |x − x̂|, ‖x − x̂‖ / ‖x‖, SQNR (dB).
+    pub model: TensorQuantError,
+    /// Every quantized tensor, worst (lowest SQNR) first.
+    pub tensors: Vec<TensorQuantError>,
 }
 
 impl ConversionReport {
@@ -106,6 +126,7 @@ impl ConversionReport {
             source_bytes: 0,
             output_bytes: 0,
             notices: Vec::new(),
+            quantization: None,
         }
     }
 }

@@ -9,8 +9,8 @@ use std::path::{Path, PathBuf};
 
 use serde_json::Value;
 
-pub(crate) use filter::CompiledFilters;
 pub use filter::Filters;
+pub(crate) use filter::{glob_match, CompiledFilters};
 pub(crate) use metadata::{build as build_metadata, MetadataInput};
 
 use crate::error::{Error, Result};

@@ -89,8 +89,31 @@ pub fn export(
     for rg in 0..wf.num_row_groups() {
         wf.scan_row_group(rg, &mut |r: Row| {
             let t = &wf.tensors()[r.tensor];
-            let d = out_dtype(opts, t.dtype);
-            let bytes: &[u8] = if d == t.dtype {
+            let d = out_dtype(opts, t);
+            let bytes: &[u8] = if let Some(q) = t.quant {
+                // Dequantized (the row holds whole units, each with its scale), then
+                // cast to the export dtype.
+                let (mut scales, mut zps) = (Vec::new(), Vec::new());
+                super::f32s_into(r.scales, &mut scales);
+                super::f32s_into(r.zero_points, &mut zps);
+                let unit = q.unit(&t.shape);
+                if unit == 0
+                    || (r.data.len() as u64).div_ceil(unit) != scales.len() as u64
+                    || zps.len() != scales.len()
+                {
+                    return Err(Error::corrupt(
+                        wf.path(),
+                        Some(&t.name),
+                        "a row's scales do not match its codes",
+                    ));
+                }
+                let values = super::dequantize_units(r.data, unit, &scales, &zps);
+                let f: &[u8] = bytemuck::cast_slice(&values);
+                scratch.resize(values.len() * d.size(), 0);
+                cast_into(Dtype::F32, d, f, &mut scratch)
+                    .ok_or_else(|| Error::internal("dequantized row length"))?;
+                &scratch
+            } else if d == t.dtype {
                 r.data
             } else {
                 scratch.resize(r.data.len() / t.dtype.size() * d.size(), 0);
@@ -143,7 +166,7 @@ fn header(wf: &WeightFile, opts: &ExportOptions) -> Result<(String, u64)> {
     header.insert("__metadata__".into(), serde_json::Value::Object(meta));
     let mut offset = 0u64;
     for t in wf.tensors() {
-        let d = out_dtype(opts, t.dtype);
+        let d = out_dtype(opts, t);
         let end = t
             .num_params
             .checked_mul(d.size() as u64)
@@ -163,10 +186,13 @@ fn header(wf: &WeightFile, opts: &ExportOptions) -> Result<(String, u64)> {
     Ok((text, offset))
 }
 
-/// What a stored dtype becomes in the export: `Keep` writes it as stored.
-fn out_dtype(opts: &ExportOptions, d: Dtype) -> Dtype {
-    match opts.dtype {
-        TargetDtype::Keep => d,
-        t => t.output_for(d),
+/// What a stored tensor becomes in the export: `Keep` writes it as stored, except a
+/// quantized tensor, which is written dequantized as f32 (f16 or bf16 when asked).
+fn out_dtype(opts: &ExportOptions, t: &super::TensorInfo) -> Dtype {
+    match (opts.dtype, t.quant) {
+        (TargetDtype::Keep, Some(_)) => Dtype::F32,
+        (TargetDtype::Keep, None) => t.dtype,
+        (target, Some(_)) => target.output_for(Dtype::F32),
+        (target, None) => target.output_for(t.dtype),
     }
 }

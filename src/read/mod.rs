@@ -31,6 +31,7 @@ pub use inspect::{inspect, InspectReport, RowGroupInfo};
 pub use io::RangeLog;
 pub use verify::{verify, TensorCheck, VerifyOptions, VerifyReport};
 
+use crate::cast::dequantize;
 use crate::dtype::{Dtype, TargetDtype};
 use crate::error::{Error, Result};
 use crate::format;
@@ -64,15 +65,54 @@ pub struct Tensor {
     pub dtype: Dtype,
     /// Dimensions.
     pub shape: Vec<u64>,
-    /// Little-endian element bytes, row-major.
+    /// Little-endian element bytes, row-major (int8 codes for a quantized tensor).
     pub data: Vec<u8>,
+    /// For a quantized tensor (V2): its scales and zero points, over all its rows.
+    pub quant: Option<QuantData>,
+}
+
+/// The scales of a quantized tensor as stored: `(q - zero_point) * scale` is the value.
+#[derive(Debug, Clone, PartialEq)]
+pub struct QuantData {
+    /// 0 per-channel along axis 0, -1 per-group.
+    pub axis: i32,
+    /// 0 per-channel, else elements per group of the flattened tensor.
+    pub group_size: u64,
+    /// One per channel or group.
+    pub scales: Vec<f32>,
+    /// One per channel or group (integer values; 0 when symmetric).
+    pub zero_points: Vec<f32>,
 }
 
 impl Tensor {
-    /// The elements as f32: floats widened (or narrowed from f64), integers converted.
+    /// The elements as f32: floats widened (or narrowed from f64), integers converted,
+    /// int8 codes of a quantized tensor dequantized with the seed loader's formula,
+    /// `(q - zero_point) * scale` in f32.
     pub fn to_f32(&self) -> Vec<f32> {
-        to_f32(self.dtype, &self.data)
+        match &self.quant {
+            Some(q) => {
+                let info = crate::format::QuantInfo {
+                    axis: q.axis,
+                    group_size: q.group_size,
+                    scales: q.scales.len() as u64,
+                };
+                let unit = info.unit(&self.shape);
+                dequantize_units(&self.data, unit, &q.scales, &q.zero_points)
+            }
+            None => to_f32(self.dtype, &self.data),
+        }
     }
+}
+
+/// Dequantizes `codes` whose consecutive runs of `unit` elements share a scale and a
+/// zero point. Callers check there is one of each per unit.
+pub(crate) fn dequantize_units(codes: &[u8], unit: u64, scales: &[f32], zps: &[f32]) -> Vec<f32> {
+    let unit = unit.max(1) as usize;
+    codes
+        .chunks(unit)
+        .zip(scales.iter().zip(zps))
+        .flat_map(|(c, (&s, &z))| c.iter().map(move |&q| dequantize(q, s, z)))
+        .collect()
 }
 
 /// Converts element bytes of `dtype` to f32.
@@ -119,8 +159,20 @@ pub(crate) fn to_f32(dtype: Dtype, data: &[u8]) -> Vec<f32> {
     out
 }
 
-/// A row callback: global row, data, stored checksum, stored chunk offset.
-type RowFn<'a> = dyn FnMut(u64, &[u8], Option<u64>, Option<i64>) -> Result<()> + 'a;
+/// The cells of one row that the readers use.
+struct Cells<'a> {
+    row: u64,
+    data: &'a [u8],
+    checksum: Option<u64>,
+    offset: Option<i64>,
+    /// V2: f32 little-endian scales and zero points (empty for V1 files and unquantized
+    /// rows).
+    scales: &'a [u8],
+    zero_points: &'a [u8],
+}
+
+/// A row callback.
+type RowFn<'a> = dyn FnMut(Cells) -> Result<()> + 'a;
 
 /// An open weight file.
 #[derive(Debug, Clone)]
@@ -133,6 +185,8 @@ pub struct WeightFile {
     rg_first_row: Vec<u64>,
     kv: HashMap<String, String>,
     has_checksums: bool,
+    /// V2: the file has the quantization columns.
+    quantized: bool,
 }
 
 /// One row as the scanner hands it out.
@@ -148,6 +202,9 @@ pub(crate) struct Row<'a> {
     pub(crate) data: &'a [u8],
     /// The stored checksum, when the file has them.
     pub(crate) checksum: Option<u64>,
+    /// V2: the row's scales and zero points, f32 little-endian (empty otherwise).
+    pub(crate) scales: &'a [u8],
+    pub(crate) zero_points: &'a [u8],
 }
 
 impl WeightFile {
@@ -198,6 +255,13 @@ impl WeightFile {
             }
         }
         let has_checksums = schema.field_with_name(format::COL_CHECKSUM).is_ok();
+        let quantized = [
+            format::COL_QUANT_TYPE,
+            format::COL_SCALES,
+            format::COL_ZERO_POINTS,
+        ]
+        .iter()
+        .all(|c| schema.field_with_name(c).is_ok());
         let kv: HashMap<String, String> = meta
             .metadata()
             .file_metadata()
@@ -224,6 +288,7 @@ impl WeightFile {
             rg_first_row,
             kv,
             has_checksums,
+            quantized,
         };
         let tensors = match wf.kv.get(format::KEY_INDEX) {
             Some(idx) => {
@@ -318,6 +383,7 @@ impl WeightFile {
                             rows: 1,
                             source: None,
                             source_dtype: None,
+                            quant: None,
                         })
                     }
                 }
@@ -357,6 +423,13 @@ impl WeightFile {
     pub fn cast_policy(&self) -> Option<TargetDtype> {
         self.key_value(format::KEY_CAST)
             .and_then(|c| c.parse().ok())
+    }
+
+    /// The quantization scheme of a V2 file written by modelconv.
+    pub fn quant_scheme(&self) -> Option<crate::cast::QuantScheme> {
+        let v: serde_json::Value =
+            serde_json::from_str(self.key_value(format::KEY_QUANTIZATION)?).ok()?;
+        v.get("scheme")?.as_str()?.parse().ok()
     }
 
     /// True when rows carry checksums.
@@ -411,6 +484,9 @@ impl WeightFile {
             {
                 cols.push(format::COL_CHUNK_OFFSET);
             }
+            if self.quantized {
+                cols.extend([format::COL_SCALES, format::COL_ZERO_POINTS]);
+            }
             let batches = guard(path, tensor, || {
                 let mask =
                     ProjectionMask::columns(self.meta.parquet_schema(), cols.iter().copied());
@@ -447,13 +523,28 @@ impl WeightFile {
                 let offs = batch
                     .column_by_name(format::COL_CHUNK_OFFSET)
                     .and_then(|c| c.as_any().downcast_ref::<Int64Array>());
+                let quant = if self.quantized {
+                    Some((
+                        col::<BinaryArray>(&batch, format::COL_SCALES, path)?,
+                        col::<BinaryArray>(&batch, format::COL_ZERO_POINTS, path)?,
+                    ))
+                } else {
+                    None
+                };
                 for i in 0..batch.num_rows() {
                     if row >= end {
                         return Err(Error::corrupt(path, tensor, "more rows than selected"));
                     }
-                    let sum = sums.and_then(|s| (!s.is_null(i)).then(|| s.value(i)));
-                    let off = offs.and_then(|o| (!o.is_null(i)).then(|| o.value(i)));
-                    f(row, data.value(i), sum, off)?;
+                    let (scales, zero_points) =
+                        quant.map_or((&[][..], &[][..]), |(s, z)| (s.value(i), z.value(i)));
+                    f(Cells {
+                        row,
+                        data: data.value(i),
+                        checksum: sums.and_then(|s| (!s.is_null(i)).then(|| s.value(i))),
+                        offset: offs.and_then(|o| (!o.is_null(i)).then(|| o.value(i))),
+                        scales,
+                        zero_points,
+                    })?;
                     row += 1;
                 }
             }
@@ -487,15 +578,20 @@ impl WeightFile {
             Error::corrupt(&self.path, Some(name), "tensor too large for this machine")
         })?;
         let mut data = Vec::with_capacity(cap.min(1 << 30));
-        self.read_rows(t.row, t.rows, Some(name), &mut |_, bytes, _, _| {
-            if (data.len() + bytes.len()) as u64 > t.bytes {
+        let (mut scales, mut zero_points) = (Vec::new(), Vec::new());
+        self.read_rows(t.row, t.rows, Some(name), &mut |c| {
+            if (data.len() + c.data.len()) as u64 > t.bytes {
                 return Err(Error::corrupt(
                     &self.path,
                     Some(name),
                     "rows hold more bytes than the shape needs",
                 ));
             }
-            data.extend_from_slice(bytes);
+            data.extend_from_slice(c.data);
+            if t.quant.is_some() {
+                f32s_into(c.scales, &mut scales);
+                f32s_into(c.zero_points, &mut zero_points);
+            }
             Ok(())
         })?;
         if data.len() as u64 != t.bytes {
@@ -509,11 +605,35 @@ impl WeightFile {
                 ),
             ));
         }
+        let quant = match t.quant {
+            Some(q) => {
+                if scales.len() as u64 != q.scales || zero_points.len() as u64 != q.scales {
+                    return Err(Error::corrupt(
+                        &self.path,
+                        Some(name),
+                        format!(
+                            "rows hold {} scales and {} zero points, the tensor needs {}",
+                            scales.len(),
+                            zero_points.len(),
+                            q.scales
+                        ),
+                    ));
+                }
+                Some(QuantData {
+                    axis: q.axis,
+                    group_size: q.group_size,
+                    scales,
+                    zero_points,
+                })
+            }
+            None => None,
+        };
         Ok(Tensor {
             name: t.name.clone(),
             dtype: t.dtype,
             shape: t.shape.clone(),
             data,
+            quant,
         })
     }
 
@@ -538,7 +658,8 @@ impl WeightFile {
             .ok_or_else(|| Error::corrupt(&self.path, None, format!("no row group {rg}")))?;
         let n = self.rg_first_row.get(rg + 1).copied().unwrap_or(first) - first;
         let mut ti = self.tensor_at_row(first);
-        self.read_rows(first, n, None, &mut |row, data, checksum, off| {
+        self.read_rows(first, n, None, &mut |c| {
+            let row = c.row;
             while ti < self.tensors.len() && self.tensors[ti].row + self.tensors[ti].rows <= row {
                 ti += 1;
             }
@@ -549,7 +670,7 @@ impl WeightFile {
                     format!("row {row} belongs to no tensor"),
                 ));
             }
-            let offset = match off {
+            let offset = match c.offset {
                 Some(o) => u64::try_from(o).map_err(|_| {
                     Error::corrupt(
                         &self.path,
@@ -563,8 +684,10 @@ impl WeightFile {
                 row,
                 tensor: ti,
                 offset,
-                data,
-                checksum,
+                data: c.data,
+                checksum: c.checksum,
+                scales: c.scales,
+                zero_points: c.zero_points,
             })
         })
     }
@@ -594,8 +717,9 @@ impl WeightFile {
                 let last = self.rg_first_row[rg + 1];
                 self.scan_row_group(rg, &mut |r: Row| {
                     let t = &self.tensors[r.tensor];
-                    if t.row < first || t.row + t.rows > last {
-                        return Ok(()); // spans row groups: read whole below
+                    if t.row < first || t.row + t.rows > last || t.quant.is_some() {
+                        // Spans row groups, or needs its scales: read whole below.
+                        return Ok(());
                     }
                     if t.rows == 1 {
                         f(t, to_f32(t.dtype, r.data));
@@ -622,12 +746,22 @@ impl WeightFile {
             else {
                 continue;
             };
-            if a != b {
+            if a != b || t.quant.is_some() {
                 f(t, self.tensor_f32(&t.name)?);
             }
         }
         Ok(())
     }
+}
+
+/// Appends f32 little-endian values (a partial trailing value is ignored: counts are
+/// checked by the caller).
+pub(crate) fn f32s_into(bytes: &[u8], out: &mut Vec<f32>) {
+    out.extend(
+        bytes
+            .chunks_exact(4)
+            .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]])),
+    );
 }
 
 fn col<'a, T: 'static>(b: &'a RecordBatch, name: &str, path: &Path) -> Result<&'a T> {

@@ -12,9 +12,12 @@ use serde::Serialize;
 use xxhash_rust::xxh3::xxh3_64;
 
 use super::{Row, TensorInfo, WeightFile};
-use crate::cast::{cast_into, value_f64};
+use crate::cast::{
+    cast_into, quant_params, quantize, value_f64, widen, QuantError, QuantScheme, TensorQuantError,
+};
 use crate::dtype::{Dtype, TargetDtype};
 use crate::error::{sanitize, Error, Result};
+use crate::format::QuantInfo;
 use crate::source::{Source, TensorInfo as SourceTensor};
 
 /// Options of [`verify`].
@@ -39,6 +42,11 @@ pub struct TensorCheck {
     pub max_rel_error: f64,
     /// Problems found (wrong dtype, missing in the source, unreadable rows).
     pub problems: Vec<String>,
+    /// With a source, for a quantized tensor: the error its codes make against the
+    /// source values after dequantization.
+    pub quant: Option<TensorQuantError>,
+    #[serde(skip)]
+    quant_err: Option<QuantError>,
 }
 
 impl TensorCheck {
@@ -50,6 +58,8 @@ impl TensorCheck {
             max_abs_error: 0.0,
             max_rel_error: 0.0,
             problems: Vec::new(),
+            quant: None,
+            quant_err: None,
         }
     }
 
@@ -149,6 +159,7 @@ pub fn verify(
             .map(|(si, t)| (t.name.as_str(), (si, t)))
             .collect(),
         policy: wf.cast_policy(),
+        scheme: wf.quant_scheme(),
     });
     // Per tensor: its verdict and the bytes its rows held so far.
     let tallies: Vec<Mutex<(TensorCheck, u64)>> = wf
@@ -198,6 +209,7 @@ pub fn verify(
             }
             // Problems repeat per row of a split tensor; say each once.
             c.problems.dedup();
+            c.quant = c.quant_err.map(|e| TensorQuantError::new(&c.name, &e));
             c
         })
         .collect();
@@ -216,6 +228,78 @@ pub fn verify(
     })
 }
 
+impl Against<'_> {
+    /// Quantizes the source's values of a stored int8 row again and requires the same
+    /// codes, scales and zero points; measures the error the codes make.
+    fn check_quantized_row(
+        &self,
+        check: &mut TensorCheck,
+        t: &TensorInfo,
+        q: QuantInfo,
+        si: usize,
+        st: &SourceTensor,
+        row: &Row,
+    ) {
+        let Some(scheme) = self.scheme else {
+            return check
+                .problems
+                .push("quantized, but the file does not record its scheme".into());
+        };
+        let (first, elems) = (row.offset, row.data.len() as u64);
+        let unit = q.unit(&t.shape);
+        if st.shape != t.shape || unit == 0 || first % unit != 0 {
+            return check.problems.push(format!(
+                "shape {:?} or row layout differs from the source's {:?}",
+                t.shape, st.shape
+            ));
+        }
+        if first.checked_add(elems).is_none_or(|end| end > st.numel) {
+            return check.problems.push(format!(
+                "a row at element {first} holds more than the source's {} elements",
+                st.numel
+            ));
+        }
+        let src = match self.src.shards[si].elements(st, first, elems) {
+            Ok(s) => s,
+            Err(e) => return check.problems.push(e.to_string()),
+        };
+        let (mut scales, mut zps) = (Vec::new(), Vec::new());
+        super::f32s_into(row.scales, &mut scales);
+        super::f32s_into(row.zero_points, &mut zps);
+        let units = elems.div_ceil(unit) as usize;
+        if scales.len() != units || zps.len() != units {
+            return check.problems.push(format!(
+                "a row holds {} scales and {} zero points for {units} units",
+                scales.len(),
+                zps.len()
+            ));
+        }
+        let ss = st.dtype.size();
+        let err = check.quant_err.get_or_insert_with(QuantError::default);
+        let mut x = Vec::new();
+        let mut codes = Vec::new();
+        let pieces = src
+            .chunks(unit as usize * ss)
+            .zip(row.data.chunks(unit as usize));
+        for (u, (s, stored)) in pieces.enumerate() {
+            x.clear();
+            widen(st.dtype, s, &mut x);
+            let Some((scale, zp)) = quant_params(scheme, &x) else {
+                check.value_mismatches += stored.len() as u64;
+                continue;
+            };
+            codes.clear();
+            codes.resize(stored.len(), 0);
+            quantize(&x, scale, zp, &mut codes, err);
+            check.value_mismatches +=
+                codes.iter().zip(stored).filter(|(a, b)| a != b).count() as u64;
+            if scale.to_bits() != scales[u].to_bits() || zp.to_bits() != zps[u].to_bits() {
+                check.value_mismatches += 1;
+            }
+        }
+    }
+}
+
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|p| p.into_inner())
 }
@@ -226,6 +310,8 @@ struct Against<'a> {
     by_name: HashMap<&'a str, (usize, &'a SourceTensor)>,
     /// The cast policy the file records (none for the seed's files).
     policy: Option<TargetDtype>,
+    /// The quantization scheme a V2 file records.
+    scheme: Option<QuantScheme>,
 }
 
 impl Against<'_> {
@@ -237,6 +323,9 @@ impl Against<'_> {
                 .problems
                 .push(format!("source has no tensor `{}`", sanitize(sname)));
         };
+        if let Some(q) = t.quant {
+            return self.check_quantized_row(check, t, q, si, st, row);
+        }
         let expect = self.policy.map_or(t.dtype, |p| p.output_for(st.dtype));
         if expect != t.dtype {
             return check.problems.push(format!(

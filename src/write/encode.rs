@@ -6,12 +6,12 @@
 use std::sync::{Arc, Mutex};
 
 use arrow_array::builder::{Int32Builder, ListBuilder};
-use arrow_array::{ArrayRef, BinaryArray, Int64Array, StringArray, UInt64Array};
+use arrow_array::{ArrayRef, BinaryArray, Int32Array, Int64Array, StringArray, UInt64Array};
 use arrow_buffer::{MutableBuffer, OffsetBuffer};
 use arrow_schema::SchemaRef;
 use parquet::arrow::arrow_writer::{compute_leaves, ArrowColumnChunk, ArrowRowGroupWriterFactory};
 
-use crate::cast::{cast_row, CastStats};
+use crate::cast::{cast_row, CastStats, QuantError, RowQuant};
 use crate::error::{Error, Result};
 use crate::format;
 use crate::plan::{GroupPlan, Plan};
@@ -22,6 +22,8 @@ pub(super) struct Encoded {
     pub(super) chunks: Vec<ArrowColumnChunk>,
     /// `(tensor, stats)` for the rows whose cast saw NaN, inf or overflow.
     pub(super) stats: Vec<(usize, CastStats)>,
+    /// `(tensor, error)` for quantized rows.
+    pub(super) quant: Vec<(usize, QuantError)>,
 }
 
 /// Value buffers handed back after encoding, so later row groups reuse memory that is
@@ -103,6 +105,8 @@ impl Encoder<'_> {
         let mut lens = Vec::with_capacity(rows.len());
         let mut checksums = Vec::with_capacity(rows.len());
         let mut stats = Vec::new();
+        let mut quant = Vec::with_capacity(rows.len());
+        let mut errors = Vec::new();
         let mut rest = values.as_slice_mut();
         for row in rows {
             let n = (row.elems * plan.tensors[row.tensor].dtype.size() as u64) as usize;
@@ -114,14 +118,22 @@ impl Encoder<'_> {
             }
             checksums.push(cast.checksum);
             lens.push(n);
+            if let Some(q) = &cast.quant {
+                errors.push((row.tensor, q.error));
+            }
+            quant.push(cast.quant);
         }
         debug_assert!(rest.is_empty());
         let data = Arc::new(
             BinaryArray::try_new(OffsetBuffer::<i32>::from_lengths(lens), values.into(), None)
                 .map_err(|e| Error::internal(format!("row group {index}: {e}")))?,
         );
-        let chunks = self.encode_columns(group, index, data, checksums)?;
-        Ok(Encoded { chunks, stats })
+        let chunks = self.encode_columns(group, index, data, checksums, quant)?;
+        Ok(Encoded {
+            chunks,
+            stats,
+            quant: errors,
+        })
     }
 
     /// The columns of a row group around its `data`, encoded; the value buffer goes
@@ -132,6 +144,7 @@ impl Encoder<'_> {
         index: usize,
         data: Arc<BinaryArray>,
         checksums: Vec<u64>,
+        quant: Vec<Option<RowQuant>>,
     ) -> Result<Vec<ArrowColumnChunk>> {
         let plan = self.plan;
         let rows = &plan.rows[group.rows.clone()];
@@ -145,24 +158,31 @@ impl Encoder<'_> {
             }
             shapes.append(true);
         }
-        let cols: Vec<ArrayRef> = vec![
+        // A quantized row's `dtype` is the original one (the seed's loader ignores it
+        // for int8 rows); every other row's names the bytes stored.
+        let dtype = |r: &crate::plan::RowPlan| match tensor(r).quant {
+            Some(_) => tensor(r).src.dtype.torch_name(),
+            None => tensor(r).dtype.torch_name(),
+        };
+        let mut cols: Vec<ArrayRef> = vec![
             Arc::new(StringArray::from_iter_values(
                 rows.iter().map(|r| tensor(r).name.as_str()),
             )),
             Arc::new(shapes.finish()),
-            Arc::new(StringArray::from_iter_values(
-                rows.iter().map(|r| tensor(r).dtype.torch_name()),
-            )),
+            Arc::new(StringArray::from_iter_values(rows.iter().map(dtype))),
             data.clone(),
             Arc::new(Int64Array::from_iter_values(
                 rows.iter().map(|r| tensor(r).src.numel as i64),
             )),
-            Arc::new(Int64Array::from_iter_values(
-                rows.iter()
-                    .map(|r| (r.elem_start * tensor(r).dtype.size() as u64) as i64),
-            )),
-            Arc::new(UInt64Array::from(checksums)),
         ];
+        if plan.quantize.is_some() {
+            cols.extend(v2_columns(plan, rows, &quant));
+        }
+        cols.push(Arc::new(Int64Array::from_iter_values(
+            rows.iter()
+                .map(|r| (r.elem_start * tensor(r).dtype.size() as u64) as i64),
+        )));
+        cols.push(Arc::new(UInt64Array::from(checksums)));
         let first = rows.first().map(|r| tensor(r).name.as_str());
         let perr = |e: parquet::errors::ParquetError| Error::parquet(self.out_path, first, e);
         let mut writers = self.factory.create_column_writers(index).map_err(perr)?;
@@ -188,4 +208,50 @@ impl Encoder<'_> {
             .collect::<parquet::errors::Result<Vec<_>>>()
             .map_err(perr)
     }
+}
+
+/// The five V2 columns of `rows`: quantized rows carry their scales and zero points;
+/// every other row is `fp16` or `fp32` by the bytes it stores, with empty scales.
+fn v2_columns(
+    plan: &Plan,
+    rows: &[crate::plan::RowPlan],
+    quant: &[Option<RowQuant>],
+) -> [ArrayRef; 5] {
+    let f32_bytes = |v: &[f32]| -> Vec<u8> { v.iter().flat_map(|x| x.to_le_bytes()).collect() };
+    let mut kind = Vec::with_capacity(rows.len());
+    let mut scales = Vec::with_capacity(rows.len());
+    let mut zeros = Vec::with_capacity(rows.len());
+    let mut axis = Vec::with_capacity(rows.len());
+    let mut group = Vec::with_capacity(rows.len());
+    for (r, q) in rows.iter().zip(quant) {
+        let t = &plan.tensors[r.tensor];
+        match (t.quant, q) {
+            (Some(spec), Some(q)) => {
+                kind.push("int8");
+                scales.push(f32_bytes(&q.scales));
+                zeros.push(f32_bytes(&q.zero_points));
+                axis.push(spec.axis);
+                // Checked to fit i32 when the options were built.
+                group.push(spec.group_size as i32);
+            }
+            _ => {
+                kind.push(if t.dtype.size() == 2 && t.dtype.is_castable_float() {
+                    "fp16"
+                } else {
+                    "fp32"
+                });
+                scales.push(Vec::new());
+                zeros.push(Vec::new());
+                axis.push(-1);
+                group.push(0);
+            }
+        }
+    }
+    [
+        Arc::new(StringArray::from_iter_values(kind)),
+        Arc::new(BinaryArray::from_iter_values(scales)),
+        Arc::new(BinaryArray::from_iter_values(zeros)),
+        Arc::new(Int32Array::from(axis)),
+        Arc::new(Int32Array::from(group)),
+    ]
 }

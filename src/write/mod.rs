@@ -32,7 +32,7 @@ use parquet::file::properties::{EnabledStatistics, WriterProperties};
 use parquet::file::writer::SerializedFileWriter;
 use parquet::schema::types::ColumnPath;
 
-use crate::cast::CastStats;
+use crate::cast::{CastStats, QuantError};
 use crate::error::{Error, Result};
 use crate::format;
 use crate::plan::Plan;
@@ -94,6 +94,17 @@ pub(crate) struct WriteOptions {
     pub(crate) inflight_bytes: u64,
     /// Largest value buffer kept for reuse.
     pub(crate) pool_max_bytes: u64,
+    /// Write the V2 schema (quantized output).
+    pub(crate) quantized: bool,
+}
+
+/// What the cast stage saw, per planned tensor.
+#[derive(Debug, Clone)]
+pub(crate) struct WriteStats {
+    /// NaN, inf and overflow counts.
+    pub(crate) cast: Vec<CastStats>,
+    /// Quantization error (zero for tensors not quantized).
+    pub(crate) quant: Vec<QuantError>,
 }
 
 /// Progress reports from the writer: source bytes done so far.
@@ -146,7 +157,7 @@ impl WeightWriter {
     pub(crate) fn create(target: &std::path::Path, opts: WriteOptions) -> Result<WeightWriter> {
         let tmp = TempPath::beside(target);
         let file = tmp.create_file()?;
-        let schema = format::schema();
+        let schema = format::schema(opts.quantized);
         let perr = |e| Error::parquet(target, None, e);
         let writer = ArrowWriter::try_new_with_options(
             BufWriter::with_capacity(8 << 20, file),
@@ -177,7 +188,7 @@ impl WeightWriter {
         plan: &Plan,
         cancel: &AtomicBool,
         progress: &dyn ProgressSink,
-    ) -> Result<Vec<CastStats>> {
+    ) -> Result<WriteStats> {
         let threads = self.opts.threads.max(1);
         let pool = rayon::ThreadPoolBuilder::new()
             .num_threads(threads)
@@ -313,6 +324,7 @@ struct Appender<'a> {
     next: usize,
     done_bytes: u64,
     stats: Vec<CastStats>,
+    quant: Vec<QuantError>,
     error: Option<Error>,
 }
 
@@ -332,6 +344,7 @@ impl<'a> Appender<'a> {
             next: 0,
             done_bytes: 0,
             stats: vec![CastStats::default(); plan.tensors.len()],
+            quant: vec![QuantError::default(); plan.tensors.len()],
             error: None,
         }
     }
@@ -407,11 +420,14 @@ impl<'a> Appender<'a> {
         for (t, s) in enc.stats {
             self.stats[t].merge(&s);
         }
+        for (t, e) in enc.quant {
+            self.quant[t].merge(&e);
+        }
         self.done_bytes += self.plan.groups[self.next].src_bytes;
         self.progress.advanced(self.done_bytes);
     }
 
-    fn finish(self, cancel: &AtomicBool) -> Result<Vec<CastStats>> {
+    fn finish(self, cancel: &AtomicBool) -> Result<WriteStats> {
         match self.error {
             Some(e) => Err(e),
             None if cancel.load(Ordering::Relaxed) => Err(Error::Cancelled),
@@ -420,7 +436,10 @@ impl<'a> Appender<'a> {
                 self.next,
                 self.plan.groups.len()
             ))),
-            None => Ok(self.stats),
+            None => Ok(WriteStats {
+                cast: self.stats,
+                quant: self.quant,
+            }),
         }
     }
 }

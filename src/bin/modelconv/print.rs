@@ -71,6 +71,28 @@ pub fn summary(r: &ConversionReport) {
             eprintln!("  {what:<10} {}", p.display());
         }
     }
+    if let Some(q) = &r.quantization {
+        let m = &q.model;
+        eprintln!(
+            "  quantized  {} tensors to int8 ({}{}), {} kept as floats: SQNR {:.1} dB, relative RMS error {:.2e}, max abs error {:.3e}",
+            q.quantized_tensors,
+            q.scheme,
+            if q.group_size > 0 { format!(", groups of {}", q.group_size) } else { ", per channel".into() },
+            q.unquantized_tensors,
+            m.sqnr_db,
+            m.rel_rms,
+            m.max_abs_error
+        );
+        for t in q.tensors.iter().take(3) {
+            eprintln!(
+                "    worst    {:<48} SQNR {:.1} dB, relative RMS {:.2e}, max abs {:.3e}",
+                sanitize(&t.name),
+                t.sqnr_db,
+                t.rel_rms,
+                t.max_abs_error
+            );
+        }
+    }
     if let Some(v) = r.validation_passed {
         let verdict = if v {
             "passed: every value matches the source"
@@ -140,11 +162,19 @@ pub fn inspect(r: &InspectReport, row_groups: bool) {
     );
     for (t, n) in r.tensors.iter().zip(&names) {
         let shape = format!("{:?}", t.shape);
-        let split = if t.rows > 1 {
+        let mut split = if t.rows > 1 {
             format!("  ({} rows)", t.rows)
         } else {
             String::new()
         };
+        if let Some(q) = t.quant {
+            let how = if q.group_size > 0 {
+                format!("groups of {}", q.group_size)
+            } else {
+                format!("axis {}", q.axis)
+            };
+            split.push_str(&format!("  int8, {how}, {} scales", q.scales));
+        }
         println!(
             "{n:<w$}  {:<16}  {shape:<20}  {:>12}  {:>10}{split}",
             t.dtype.torch_name(),
@@ -223,6 +253,22 @@ pub fn verify(report: &VerifyReport) {
     let worst = report.checks.iter().fold((0f64, 0f64), |a, c| {
         (a.0.max(c.max_abs_error), a.1.max(c.max_rel_error))
     });
+    let quantized: Vec<_> = report
+        .checks
+        .iter()
+        .filter_map(|c| c.quant.as_ref())
+        .collect();
+    if let Some(worst) = quantized
+        .iter()
+        .min_by(|a, b| a.sqnr_db.total_cmp(&b.sqnr_db))
+    {
+        println!(
+            "quantized tensors: {} re-quantized from the source with identical codes and scales; lowest SQNR {:.1} dB (`{}`)",
+            quantized.len(),
+            worst.sqnr_db,
+            sanitize(&worst.name)
+        );
+    }
     let checksums = if report.checksums_present {
         ", checksums verified"
     } else {

@@ -1,0 +1,254 @@
+//! int8 quantization, one unit (a channel, or a group of the flattened tensor) at a
+//! time, while the unit is in cache: its range, then its scale and zero point, then its
+//! codes, and the error the codes make against the source values.
+//!
+//! The arithmetic is the seed quantizer's, in f32 like its numpy code: symmetric
+//! `scale = max|x| / 127`, zero point 0; asymmetric `scale = (max - min) / 255`, zero
+//! point `-128 - min / scale` rounded to the nearest integer (the seed truncates, which
+//! can push the largest values past 127: rounding never loses more); a unit whose range
+//! is zero gets scale 1; codes are `round_half_even(x / scale) + zero_point` clipped to
+//! [-128, 127]. Dequantization is `(q - zero_point) * scale` in f32, the seed loader's.
+
+use serde::Serialize;
+
+/// How int8 codes map to values (`--quant-scheme`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum QuantScheme {
+    /// `scale = max|x| / 127`, zero point 0 (default).
+    #[default]
+    Symmetric,
+    /// 256 levels over `[min, max]` with an integer zero point.
+    Asymmetric,
+}
+
+impl std::str::FromStr for QuantScheme {
+    type Err = String;
+    fn from_str(s: &str) -> std::result::Result<Self, String> {
+        match s {
+            "symmetric" => Ok(QuantScheme::Symmetric),
+            "asymmetric" => Ok(QuantScheme::Asymmetric),
+            o => Err(format!(
+                "unknown quantization scheme `{o}` (expected symmetric or asymmetric)"
+            )),
+        }
+    }
+}
+
+impl QuantScheme {
+    /// The name used on the command line and in metadata.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            QuantScheme::Symmetric => "symmetric",
+            QuantScheme::Asymmetric => "asymmetric",
+        }
+    }
+}
+
+/// What `--quantize int8` does.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct Quantize {
+    /// How codes map to values.
+    pub scheme: QuantScheme,
+    /// Elements per group of the flattened tensor; 0 (default) is per channel along
+    /// axis 0.
+    pub group_size: u64,
+    /// Tensors never quantized, by glob on the output name (`--quantize-skip`).
+    pub skip: Vec<String>,
+}
+
+/// Tensors smaller than this stay unquantized: their scales would cost more than the
+/// codes save, and their error weighs more (a LayerNorm-sized vector).
+pub const MIN_QUANT_ELEMENTS: u64 = 4096;
+
+/// How one tensor is quantized.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct QuantSpec {
+    pub(crate) scheme: QuantScheme,
+    /// Elements sharing one scale: a channel (per-channel) or a group.
+    pub(crate) unit: u64,
+    /// The V2 `quant_axis`: 0 per-channel, -1 per-group.
+    pub(crate) axis: i32,
+    /// The V2 `group_size`: 0 per-channel.
+    pub(crate) group_size: u64,
+}
+
+impl Quantize {
+    /// How the tensor `name` of `shape` and source `dtype` is quantized, if it is: a
+    /// floating-point matrix (rank ≥ 2) of at least [`MIN_QUANT_ELEMENTS`] that no skip
+    /// glob names. Biases, norms, scalars and integer or bool buffers never are.
+    pub(crate) fn spec_for(
+        &self,
+        name: &str,
+        dtype: crate::Dtype,
+        shape: &[u64],
+    ) -> Option<QuantSpec> {
+        let numel: u64 = shape.iter().product();
+        let eligible = dtype.is_castable_float()
+            && shape.len() >= 2
+            && numel >= MIN_QUANT_ELEMENTS
+            && !self.skip.iter().any(|g| crate::model::glob_match(g, name));
+        if !eligible {
+            return None;
+        }
+        Some(if self.group_size > 0 {
+            QuantSpec {
+                scheme: self.scheme,
+                unit: self.group_size,
+                axis: -1,
+                group_size: self.group_size,
+            }
+        } else {
+            QuantSpec {
+                scheme: self.scheme,
+                unit: numel / shape[0],
+                axis: 0,
+                group_size: 0,
+            }
+        })
+    }
+}
+
+/// The error quantization made, summed so that parts merge.
+#[derive(Debug, Clone, Copy, Default, PartialEq)]
+pub struct QuantError {
+    /// Σ x² over the source values.
+    pub sum_x2: f64,
+    /// Σ (x − x̂)² over the source values.
+    pub sum_e2: f64,
+    /// max |x − x̂|.
+    pub max_abs: f64,
+    /// Values quantized.
+    pub count: u64,
+}
+
+impl QuantError {
+    /// Adds another part.
+    pub fn merge(&mut self, o: &QuantError) {
+        self.sum_x2 += o.sum_x2;
+        self.sum_e2 += o.sum_e2;
+        self.max_abs = self.max_abs.max(o.max_abs);
+        self.count += o.count;
+    }
+
+    /// ‖x − x̂‖ / ‖x‖ (0 for a zero tensor).
+    pub fn rel_rms(&self) -> f64 {
+        if self.sum_x2 > 0.0 {
+            (self.sum_e2 / self.sum_x2).sqrt()
+        } else {
+            0.0
+        }
+    }
+
+    /// Signal to quantization noise ratio in dB, `10 log10(Σx² / Σe²)`; infinite when
+    /// the codes are exact.
+    pub fn sqnr_db(&self) -> f64 {
+        10.0 * (self.sum_x2 / self.sum_e2).log10()
+    }
+}
+
+/// The error quantization made in one tensor (or a whole model), measured against its
+/// source values.
+#[derive(Debug, Clone, Serialize, PartialEq)]
+pub struct TensorQuantError {
+    /// Output name (`model` for the model-wide figure).
+    pub name: String,
+    /// max |x − x̂|.
+    pub max_abs_error: f64,
+    /// ‖x − x̂‖ / ‖x‖.
+    pub rel_rms: f64,
+    /// 10 log10(Σx² / Σ(x − x̂)²) in dB (`null` in JSON when exact).
+    pub sqnr_db: f64,
+}
+
+impl TensorQuantError {
+    /// The figures of `e`, under `name`.
+    pub fn new(name: &str, e: &QuantError) -> Self {
+        TensorQuantError {
+            name: name.to_string(),
+            max_abs_error: e.max_abs,
+            rel_rms: e.rel_rms(),
+            sqnr_db: e.sqnr_db(),
+        }
+    }
+}
+
+/// The scale and zero point of one unit of finite values; `None` when the range does
+/// not fit f32 (values near ±3.4e38 of both signs).
+pub(crate) fn params(scheme: QuantScheme, x: &[f32]) -> Option<(f32, f32)> {
+    match scheme {
+        QuantScheme::Symmetric => {
+            let amax = x.iter().fold(0f32, |m, v| m.max(v.abs()));
+            let scale = amax / 127.0;
+            Some((if scale > 0.0 { scale } else { 1.0 }, 0.0))
+        }
+        QuantScheme::Asymmetric => {
+            let (lo, hi) = x
+                .iter()
+                .fold((f32::INFINITY, f32::NEG_INFINITY), |(l, h), &v| {
+                    (l.min(v), h.max(v))
+                });
+            let scale = (hi - lo) / 255.0;
+            if !scale.is_finite() {
+                return (x.is_empty()).then_some((1.0, 0.0));
+            }
+            if scale <= 0.0 {
+                return Some((1.0, 0.0));
+            }
+            let zp = (-128.0 - lo / scale).round_ties_even().clamp(-128.0, 127.0);
+            Some((scale, zp))
+        }
+    }
+}
+
+/// Quantizes one unit into `q` with `scale` and `zp`, adding its error to `err`.
+pub(crate) fn quantize(x: &[f32], scale: f32, zp: f32, q: &mut [u8], err: &mut QuantError) {
+    let (mut sx, mut se, mut mx) = (0f64, 0f64, 0f64);
+    for (o, &v) in q.iter_mut().zip(x) {
+        let c = ((v / scale).round_ties_even() + zp).clamp(-128.0, 127.0);
+        *o = c as i8 as u8;
+        let back = (c - zp) * scale;
+        let e = (v as f64) - (back as f64);
+        sx += (v as f64) * (v as f64);
+        se += e * e;
+        mx = mx.max(e.abs());
+    }
+    err.sum_x2 += sx;
+    err.sum_e2 += se;
+    err.max_abs = err.max_abs.max(mx);
+    err.count += x.len() as u64;
+}
+
+/// The value of code `q` (the seed loader's formula, in f32).
+#[inline]
+pub(crate) fn dequantize(q: u8, scale: f32, zp: f32) -> f32 {
+    ((q as i8) as f32 - zp) * scale
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn symmetric_and_asymmetric_codes() {
+        let x = [0.5f32, -1.0, 0.25, 1.27];
+        let (s, z) = params(QuantScheme::Symmetric, &x).unwrap();
+        assert_eq!((s, z), (1.27 / 127.0, 0.0));
+        let mut q = [0u8; 4];
+        let mut e = QuantError::default();
+        quantize(&x, s, z, &mut q, &mut e);
+        let codes: Vec<i8> = q.iter().map(|&b| b as i8).collect();
+        assert_eq!(codes, vec![50, -100, 25, 127]);
+        assert_eq!(e.count, 4);
+        // A zero unit: scale 1, codes 0, no error.
+        let (s, z) = params(QuantScheme::Symmetric, &[0.0; 3]).unwrap();
+        assert_eq!((s, z), (1.0, 0.0));
+        let (s, z) = params(QuantScheme::Asymmetric, &[2.0; 3]).unwrap();
+        assert_eq!((s, z), (1.0, 0.0));
+        // Asymmetric over [0, 2.55]: scale 0.01, zero point -128.
+        let (s, z) = params(QuantScheme::Asymmetric, &[0.0, 2.55, 1.0]).unwrap();
+        assert_eq!((s, z), (2.55 / 255.0, -128.0));
+        assert_eq!(dequantize(0x80, s, z), 0.0);
+        assert_eq!(params(QuantScheme::Asymmetric, &[-3e38, 3e38]), None);
+    }
+}
