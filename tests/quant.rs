@@ -347,3 +347,60 @@ fn a_v1_conversion_is_unchanged_by_the_v2_code() {
     assert!(m.get("quantization").is_none());
     assert!(m["conversion_config"].get("quantization").is_none());
 }
+
+#[test]
+fn v2_files_written_by_the_seeds_quantizer_read_back_dequantized() {
+    // A V2 file as the seed's quantizer writes it (pyarrow, no footer index, original
+    // dtypes in `dtype`): per-channel, per-group and per-tensor-free int8 rows and an
+    // fp16 row; the expected floats come from the seed's formula in numpy.
+    let tmp = tempdir();
+    let path = tmp.path().join("seed-v2.parquet");
+    let script = r#"
+import sys, json, numpy as np, pyarrow as pa, pyarrow.parquet as pq
+rng = np.random.default_rng(1)
+rows, want = [], {}
+def add(name, shape, q, scales, zps, axis, group):
+    q = np.asarray(q, np.int8); s = np.asarray(scales, np.float32); z = np.asarray(zps, np.float32)
+    rows.append((name, list(shape), "torch.float32", q.tobytes(), int(np.prod(shape)), "int8", s.tobytes(), z.tobytes(), axis, group))
+    f = q.astype(np.float32).reshape(-1)
+    if group > 0:
+        idx = np.arange(f.size) // group
+        x = (f - z[idx]) * s[idx]
+    else:
+        x = ((f.reshape(shape[0], -1) - z[:, None]) * s[:, None]).reshape(-1)
+    want[name] = [int(v) for v in x.astype(np.float32).view(np.uint32)]
+add("w", (4, 3), rng.integers(-128, 128, 12), rng.random(4) / 100, [0, 3, -5, 0], 0, 0)
+add("g", (5,), rng.integers(-128, 128, 5), rng.random(3) / 100, [1, 0, -2], -1, 2)
+b = np.array([0.5, -1.25, 3.0], np.float16)
+rows.append(("b", [3], "torch.float16", b.tobytes(), 3, "fp16", b"", b"", -1, 0))
+want["b"] = [int(v) for v in b.astype(np.float32).view(np.uint32)]
+cols = list(zip(*rows))
+t = pa.table({"layer_name": pa.array(cols[0]), "shape": pa.array(cols[1], pa.list_(pa.int32())),
+              "dtype": pa.array(cols[2]), "data": pa.array(cols[3], pa.binary()),
+              "num_params": pa.array(cols[4], pa.int64()), "quant_type": pa.array(cols[5]),
+              "scales": pa.array(cols[6], pa.binary()), "zero_points": pa.array(cols[7], pa.binary()),
+              "quant_axis": pa.array(cols[8], pa.int32()), "group_size": pa.array(cols[9], pa.int32())})
+pq.write_table(t, sys.argv[1])
+print(json.dumps(want))
+"#;
+    let o = Command::new(python())
+        .args(["-c", script, s(&path)])
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let want: std::collections::BTreeMap<String, Vec<u32>> =
+        serde_json::from_slice(&o.stdout).unwrap();
+    let wf = WeightFile::open(&path).unwrap();
+    assert!(!wf.has_index());
+    for (name, bits) in want {
+        let got: Vec<u32> = wf
+            .tensor_f32(&name)
+            .unwrap()
+            .iter()
+            .map(|v| v.to_bits())
+            .collect();
+        assert_eq!(got, bits, "{name}");
+    }
+    let g = wf.info("g").unwrap();
+    assert_eq!(g.quant.unwrap().scales, 3, "5 elements in groups of 2");
+}

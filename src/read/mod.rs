@@ -33,8 +33,9 @@ pub use verify::{verify, TensorCheck, VerifyOptions, VerifyReport};
 
 use crate::cast::dequantize;
 use crate::dtype::{Dtype, TargetDtype};
+use crate::error::sanitize;
 use crate::error::{Error, Result};
-use crate::format;
+use crate::format::{self, QuantInfo};
 use io::MappedFile;
 
 /// Runs a Parquet call, turning a panic inside the parquet crate into an error.
@@ -311,10 +312,15 @@ impl WeightFile {
     fn tensors_from_scan(&self) -> Result<Vec<TensorInfo>> {
         let path = self.path.clone();
         let batches = guard(&path, None, || {
-            let mask = ProjectionMask::columns(
-                self.meta.parquet_schema(),
-                [format::COL_NAME, format::COL_SHAPE, format::COL_DTYPE],
-            );
+            let mut cols = vec![format::COL_NAME, format::COL_SHAPE, format::COL_DTYPE];
+            if self.quantized {
+                cols.extend([
+                    format::COL_QUANT_TYPE,
+                    format::COL_QUANT_AXIS,
+                    format::COL_GROUP_SIZE,
+                ]);
+            }
+            let mask = ProjectionMask::columns(self.meta.parquet_schema(), cols);
             let rdr = ParquetRecordBatchReaderBuilder::new_with_metadata(
                 self.file.clone(),
                 self.meta.clone(),
@@ -335,12 +341,45 @@ impl WeightFile {
             let names = col::<StringArray>(b, format::COL_NAME, &path)?;
             let dtypes = col::<StringArray>(b, format::COL_DTYPE, &path)?;
             let shapes = col::<ListArray>(b, format::COL_SHAPE, &path)?;
+            let v2 = if self.quantized {
+                Some((
+                    col::<StringArray>(b, format::COL_QUANT_TYPE, &path)?,
+                    col::<arrow_array::Int32Array>(b, format::COL_QUANT_AXIS, &path)?,
+                    col::<arrow_array::Int32Array>(b, format::COL_GROUP_SIZE, &path)?,
+                ))
+            } else {
+                None
+            };
             for i in 0..b.num_rows() {
                 let name = names.value(i).to_string();
                 let dtype_s = dtypes.value(i);
-                let dtype = Dtype::from_torch(dtype_s).ok_or_else(|| {
+                let mut dtype = Dtype::from_torch(dtype_s).ok_or_else(|| {
                     Error::corrupt(&path, Some(&name), format!("unknown dtype `{dtype_s}`"))
                 })?;
+                // A V2 int8 row stores codes whatever its `dtype` says (the original).
+                let mut quant = None;
+                if let Some((kind, axis, group)) = v2 {
+                    match kind.value(i) {
+                        "fp16" | "fp32" => {}
+                        "int8" => {
+                            dtype = Dtype::I8;
+                            let group_size = u64::try_from(group.value(i)).map_err(|_| {
+                                Error::corrupt(&path, Some(&name), "negative group size")
+                            })?;
+                            quant = Some((axis.value(i), group_size));
+                        }
+                        other => {
+                            return Err(Error::corrupt(
+                                &path,
+                                Some(&name),
+                                format!(
+                                    "quant_type `{}` is not read by modelconv",
+                                    sanitize(other)
+                                ),
+                            ))
+                        }
+                    }
+                }
                 let dims = shapes.value(i);
                 let dims = dims
                     .as_any()
@@ -361,6 +400,28 @@ impl WeightFile {
                 let bytes = numel
                     .checked_mul(dtype.size() as u64)
                     .ok_or_else(|| Error::corrupt(&path, Some(&name), "shape overflows"))?;
+                let quant = match quant {
+                    Some((axis, group_size)) => {
+                        let mut q = QuantInfo {
+                            axis,
+                            group_size,
+                            scales: 0,
+                        };
+                        if group_size == 0 && axis != 0 {
+                            return Err(Error::corrupt(
+                                &path,
+                                Some(&name),
+                                format!(
+                                    "quant_axis {axis} without groups is not read by modelconv"
+                                ),
+                            ));
+                        }
+                        let unit = q.unit(&shape);
+                        q.scales = if unit == 0 { 0 } else { numel.div_ceil(unit) };
+                        Some(q)
+                    }
+                    None => None,
+                };
                 match out.last_mut() {
                     Some(last) if last.name == name && last.row + last.rows == row => {
                         last.rows += 1
@@ -383,7 +444,7 @@ impl WeightFile {
                             rows: 1,
                             source: None,
                             source_dtype: None,
-                            quant: None,
+                            quant,
                         })
                     }
                 }
