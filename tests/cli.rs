@@ -331,69 +331,57 @@ fn ctrl_c_exits_130_and_leaves_nothing() {
     assert!(left.is_empty(), "left behind: {left:?}");
 }
 
+/// Runs `convert` with `args` after the input and output, expects exit 2 with exactly
+/// `error: {want}`, and nothing created.
+fn refused_usage(input: &str, out: &Path, args: &[&str], want: &str) {
+    let mut all = vec!["convert", s(Path::new(input)), "-o", s(out)];
+    all.extend(args);
+    let o = modelconv(&all);
+    assert_eq!(
+        o.status.code(),
+        Some(2),
+        "{args:?}: an option value is a usage error"
+    );
+    assert_eq!(text(&o.stderr), format!("error: {want}\n"));
+    assert!(!out.exists(), "nothing may be created for a refused option");
+}
+
 #[test]
 fn option_values_are_checked_before_anything_is_created() {
     let tmp = tempdir();
     let out = tmp.path().join("o");
-    let o = modelconv(&[
-        "convert",
-        s(&fixture("tiny-bert")),
-        "-o",
-        s(&out),
-        "--level",
-        "99",
-    ]);
-    assert_eq!(o.status.code(), Some(2), "an option value is a usage error");
-    assert_eq!(
-        text(&o.stderr),
-        "error: zstd level 99 is out of range (-131072 to 22)\n"
+    let bert = fixture("tiny-bert");
+    let bert = bert.to_str().unwrap();
+    refused_usage(
+        bert,
+        &out,
+        &["--level", "99"],
+        "zstd level 99 is out of range (-131072 to 22)",
     );
-    assert!(!out.exists(), "nothing may be created for a refused option");
-    let o = modelconv(&[
-        "convert",
-        s(&fixture("tiny-bert")),
-        "-o",
-        s(&out),
-        "--row-group-mb",
-        "0",
-    ]);
-    assert_eq!(o.status.code(), Some(2));
-    assert_eq!(
-        text(&o.stderr),
-        "error: the row-group budget must be between 1 byte and 1024 MiB, not 0 bytes\n"
+    refused_usage(
+        bert,
+        &out,
+        &["--row-group-mb", "0"],
+        "the row-group budget must be between 1 byte and 1024 MiB, not 0 bytes",
     );
-    assert!(!out.exists());
 }
 
 #[test]
 fn a_part_on_a_family_without_parts_is_refused() {
     let tmp = tempdir();
     let out = tmp.path().join("o");
-    let o = modelconv(&[
-        "convert",
-        s(&fixture("tiny-bert")),
-        "-o",
-        s(&out),
-        "--part",
-        "vision",
-    ]);
-    assert_eq!(o.status.code(), Some(2));
-    assert_eq!(
-        text(&o.stderr),
-        "error: --part vision applies to clip and whisper only, not bert\n"
+    let (bert, whisper) = (fixture("tiny-bert"), fixture("tiny-whisper"));
+    refused_usage(
+        bert.to_str().unwrap(),
+        &out,
+        &["--part", "vision"],
+        "--part vision applies to clip and whisper only, not bert",
     );
-    assert!(!out.exists());
-    let o = modelconv(&[
-        "convert",
-        s(&fixture("tiny-whisper")),
-        "-o",
-        s(&out),
-        "--part",
-        "vision",
-    ]);
-    assert_eq!(
-        text(&o.stderr),
-        "error: --part vision does not exist for whisper (choose encoder, decoder or all)\n"
+    refused_usage(
+        whisper.to_str().unwrap(),
+        &out,
+        &["--part", "vision"],
+        "--part vision does not exist for whisper (choose encoder, decoder or all)",
     );
 }
 

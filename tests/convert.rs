@@ -167,17 +167,7 @@ fn tensors_over_the_row_limit_split_and_read_back_whole() {
     assert_eq!(embed.rows, 32768u64.div_ceil(500));
     assert!(wf.tensors().iter().filter(|t| t.rows > 1).count() > 10);
     assert_matches_source(&out, &src, &same_names(&src), "f16");
-    let report = modelconv::verify(
-        &out,
-        Some(&open_source(&fixture("tiny-llama-sharded-bf16"))),
-        &Default::default(),
-    )
-    .unwrap();
-    assert!(
-        report.passed(),
-        "{:?}",
-        report.failures().collect::<Vec<_>>()
-    );
+    assert_verifies(&out, &fixture("tiny-llama-sharded-bf16"));
 }
 
 fn overflow_checkpoint(dir: &Path) {

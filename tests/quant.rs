@@ -155,8 +155,7 @@ fn error_figures_equal_an_independent_computation() {
         report.tensors[0].name.as_str()
     );
     // verify re-quantizes from the source and finds the same codes and scales.
-    let v = modelconv::verify(&out, Some(&open_source(&minilm())), &Default::default()).unwrap();
-    assert!(v.passed(), "{:?}", v.failures().collect::<Vec<_>>());
+    let v = assert_verifies(&out, &minilm());
     let worst = v
         .checks
         .iter()
@@ -262,13 +261,7 @@ fn split_quantized_tensors_keep_whole_units_per_row_and_read_back() {
             .tensor("model.embed_tokens.weight")
             .unwrap();
         assert_eq!(a, b, "group {group}");
-        let v = modelconv::verify(
-            &out,
-            Some(&open_source(&fixture("tiny-llama-sharded-bf16"))),
-            &Default::default(),
-        )
-        .unwrap();
-        assert!(v.passed(), "{:?}", v.failures().collect::<Vec<_>>());
+        assert_verifies(&out, &fixture("tiny-llama-sharded-bf16"));
     }
 }
 

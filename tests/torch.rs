@@ -108,17 +108,7 @@ fn tricky_storages_come_out_as_torch_materialises_them() {
         );
     }
     // verify --source on the .bin compares every value bit for bit, views included.
-    let report = modelconv::verify(
-        tmp.path().join("f16"),
-        Some(&open_source(&dir.join("pytorch_model.bin"))),
-        &Default::default(),
-    )
-    .unwrap();
-    assert!(
-        report.passed(),
-        "{:?}",
-        report.failures().collect::<Vec<_>>()
-    );
+    assert_verifies(&tmp.path().join("f16"), &dir.join("pytorch_model.bin"));
     // export of the keep conversion gives torch's contiguous view of every tensor.
     let st = tmp.path().join("back.safetensors");
     modelconv::export(tmp.path().join("keep"), &st, &Default::default()).unwrap();

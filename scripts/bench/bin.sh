@@ -19,17 +19,7 @@ bin="$root/target/release/modelconv"
 [ -f "$work/llama22/config.json" ] || "$py" "$root/scripts/bench/make_llama.py" "$work/llama22" 22 3 --f16-raw "$work/llama22.f16"
 [ -f "$work/llama22-bin/config.json" ] || "$py" "$root/scripts/bench/make_llama.py" "$work/llama22-bin" 22 3 --bin
 
-secs() { # wall seconds and peak RSS (KiB) of a command
-  local log; log="$(mktemp)"
-  /usr/bin/time -v "$@" >/dev/null 2>"$log" || { cat "$log"; exit 1; }
-  local wall rss
-  wall="$(grep 'Elapsed (wall clock)' "$log" | awk '{print $NF}' | awk -F: '{ if (NF==3) print $1*3600+$2*60+$3; else print $1*60+$2 }')"
-  rss="$(grep 'Maximum resident set size' "$log" | awk '{print $NF}')"
-  rm -f "$log"
-  echo "$wall $rss"
-}
-best() { awk -v a="$1" -v b="$2" 'BEGIN { print (a < b ? a : b) }'; }
-ratio() { awk -v a="$1" -v b="$2" 'BEGIN { printf "%.2f", a / b }'; }
+. "$root/scripts/bench/lib.sh"
 cat "$work"/llama22/*.safetensors "$work"/llama22-bin/*.bin >/dev/null
 
 st=(); bn=(); rd=(); rss_st=0; rss_bin=0; rss_read=0

@@ -19,15 +19,7 @@ bin="$root/target/release/modelconv"
 [ -f "$work/llama22/config.json" ] || "$py" "$root/scripts/bench/make_llama.py" "$work/llama22" 22 3 --f16-raw "$work/llama22.f16"
 [ -f "$work/llama6/config.json" ] || "$py" "$root/scripts/bench/make_llama.py" "$work/llama6" 6 3
 
-secs() { # run a command, print its wall seconds and peak RSS (KiB) as "S R"
-  local log; log="$(mktemp)"
-  /usr/bin/time -v "$@" >/dev/null 2>"$log" || { cat "$log"; exit 1; }
-  local wall rss
-  wall="$(grep 'Elapsed (wall clock)' "$log" | awk '{print $NF}' | awk -F: '{ if (NF==3) print $1*3600+$2*60+$3; else print $1*60+$2 }')"
-  rss="$(grep 'Maximum resident set size' "$log" | awk '{print $NF}')"
-  rm -f "$log"
-  echo "$wall $rss"
-}
+. "$root/scripts/bench/lib.sh"
 warm() { cat "$@" >/dev/null; }
 
 shards=("$work"/llama22/model-*.safetensors)
@@ -52,8 +44,6 @@ rm -rf "$work/out-none" "$work/cp"
 warm "$work"/llama6/model-*.safetensors
 read -r _ rss6 < <(secs "$bin" convert "$work/llama6" -o "$work/out6" --force --quiet)
 
-ratio() { awk -v a="$1" -v b="$2" 'BEGIN { printf "%.2f", a / b }'; }
-best() { awk -v a="$1" -v b="$2" 'BEGIN { print (a < b ? a : b) }'; }
 z="$(best "${zs[0]}" "${zs[1]}")"; c="$(best "${cps[0]}" "${cps[1]}")"
 zsy="$(best "${zss[0]}" "${zss[1]}")"; csy="$(best "${cpss[0]}" "${cpss[1]}")"
 t_conv="$(best "${cs[0]}" "${cs[1]}")"; t_none="$(best "${ns[0]}" "${ns[1]}")"

@@ -20,17 +20,7 @@ if [[ "${2:-}" != "--skip-7b" ]]; then
   [ -f "$work/llama7b/config.json" ] || "$py" "$root/scripts/bench/make_llama.py" "$work/llama7b" 32 5 --7b --bf16
   models+=(llama7b)
 fi
-secs() {
-  local log; log="$(mktemp)"
-  /usr/bin/time -v "$@" >/dev/null 2>"$log" || { cat "$log"; exit 1; }
-  local wall rss
-  wall="$(grep 'Elapsed (wall clock)' "$log" | awk '{print $NF}' | awk -F: '{ if (NF==3) print $1*3600+$2*60+$3; else print $1*60+$2 }')"
-  rss="$(grep 'Maximum resident set size' "$log" | awk '{print $NF}')"
-  rm -f "$log"
-  echo "$wall $rss"
-}
-best() { awk -v a="$1" -v b="$2" 'BEGIN { print (a < b ? a : b) }'; }
-ratio() { awk -v a="$1" -v b="$2" 'BEGIN { printf "%.2f", a / b }'; }
+. "$root/scripts/bench/lib.sh"
 for m in "${models[@]}"; do
   cat "$work/$m"/*.safetensors >/dev/null
   f=(); q=(); rss_f=0; rss_q=0; size_f=0; size_q=0

@@ -362,3 +362,15 @@ pub fn assert_safetensors_equal_source(path: &Path, src: &BTreeMap<String, Src>)
 pub fn open_source(p: &Path) -> modelconv::Source {
     modelconv::open_source(p, &Default::default()).unwrap()
 }
+
+/// Verifies `out` against the checkpoint at `source`, value for value, and requires it
+/// to pass.
+pub fn assert_verifies(out: &Path, source: &Path) -> modelconv::VerifyReport {
+    let report = modelconv::verify(out, Some(&open_source(source)), &Default::default()).unwrap();
+    assert!(
+        report.passed(),
+        "{:?}",
+        report.failures().collect::<Vec<_>>()
+    );
+    report
+}
