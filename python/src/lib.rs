@@ -1,0 +1,415 @@
+//! `modelconv._native`: the library's conversion and reader behind a thin PyO3 layer.
+//! The Python package (`modelconv/__init__.py`) gives it the seed's API and typed
+//! exceptions; everything here only translates.
+//!
+//! The GIL: a conversion runs on its own thread; the calling thread waits for it with
+//! the GIL released, taking it back only to poll for signals (Ctrl-C sets the library's
+//! cancel flag) and to call the progress callback, at most every 200 ms. The rayon pool
+//! never touches Python. Reads and upcasts run with the GIL released too.
+
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{mpsc, Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use modelconv::{
+    Codec, ConvertConfig, Dtype, Event, Filters, IoMode, ModelType, Observer, Part, QuantScheme,
+    Quantize, TargetDtype, WeightFile,
+};
+use pyo3::exceptions::{PyException, PyTypeError};
+use pyo3::prelude::*;
+use pyo3::types::{PyDict, PyTuple};
+
+pyo3::create_exception!(
+    _native,
+    NativeError,
+    PyException,
+    "A modelconv error: args are (kind, message); the Python package re-raises it typed."
+);
+
+/// The library's error as `NativeError(kind, message)`, the message the CLI prints.
+fn err(e: modelconv::Error) -> PyErr {
+    use modelconv::Error as E;
+    let kind = match &e {
+        E::Io { .. } => "io",
+        E::OutputExists { .. } => "output_exists",
+        E::OutputIsInput { .. } | E::OutputNotDirectory { .. } => "output",
+        E::Overflow { .. } => "overflow",
+        E::Quantization { .. } => "quantization",
+        E::InvalidOption { .. } => "option",
+        E::Parquet { .. } | E::CorruptWeights { .. } => "corrupt",
+        E::TensorNotFound { .. } => "not_found",
+        E::Cancelled => "cancelled",
+        E::ForbiddenGlobal { .. } | E::PickledModule { .. } => "unsafe",
+        E::NotInHubCache { .. } | E::NoWeights { .. } => "not_found_input",
+        E::Internal { .. } | E::ThreadPool { .. } | E::BigEndianHost => "internal",
+        _ => "input",
+    };
+    NativeError::new_err((kind, e.to_string()))
+}
+
+fn option_err(msg: impl Into<String>) -> PyErr {
+    NativeError::new_err(("option", msg.into()))
+}
+
+fn parse<T: std::str::FromStr<Err = String>>(v: &str) -> PyResult<T> {
+    v.parse().map_err(option_err)
+}
+
+/// Builds the validated configuration from keyword options (the CLI's names).
+fn config(opts: Option<&Bound<'_, PyDict>>, cancel: Arc<AtomicBool>) -> PyResult<ConvertConfig> {
+    let mut b = ConvertConfig::builder().cancel(cancel);
+    let mut filters = Filters::default();
+    let mut quant: Option<Quantize> = None;
+    let mut q = Quantize::default();
+    let mib = |v: u64| v.saturating_mul(1 << 20);
+    if let Some(opts) = opts {
+        for (k, v) in opts.iter() {
+            let key: String = k.extract()?;
+            if v.is_none() {
+                continue;
+            }
+            b = match key.as_str() {
+                "dtype" => b.dtype(parse::<TargetDtype>(&v.extract::<String>()?)?),
+                "compression" => b.compression(parse::<Codec>(&v.extract::<String>()?)?),
+                "compression_level" | "level" => b.level(v.extract()?),
+                "threads" => b.threads(v.extract()?),
+                "max_row_mb" => b.max_row_bytes(mib(v.extract()?)),
+                "row_group_mb" => b.row_group_bytes(mib(v.extract()?)),
+                "allow_overflow" => b.allow_overflow(v.extract()?),
+                "force" => b.force(v.extract()?),
+                "extract_tokenizer" => b.extract_tokenizer(v.extract()?),
+                "validate" | "validate_output" => b.validate(v.extract()?),
+                "model_type" => b.model_type(parse::<ModelType>(&v.extract::<String>()?)?),
+                "part" => b.part(parse::<Part>(&v.extract::<String>()?)?),
+                "max_header_mb" => {
+                    b.max_header_bytes(v.extract::<u64>()?.saturating_mul(1_000_000))
+                }
+                "hub_cache" => b.hub_cache(v.extract::<PathBuf>()?),
+                "io" => b.io(parse::<IoMode>(&v.extract::<String>()?)?),
+                "include" => {
+                    filters.include = v.extract()?;
+                    b
+                }
+                "exclude" => {
+                    filters.exclude = v.extract()?;
+                    b
+                }
+                "rename" => {
+                    filters.rename = v.extract::<Vec<(String, String)>>()?;
+                    b
+                }
+                "quantize" => {
+                    let what: String = v.extract()?;
+                    if what != "int8" {
+                        return Err(option_err(format!(
+                            "quantize `{what}`: only int8 is supported"
+                        )));
+                    }
+                    quant = Some(Quantize::default());
+                    b
+                }
+                "group_size" => {
+                    q.group_size = v.extract()?;
+                    b
+                }
+                "quant_scheme" => {
+                    q.scheme = parse::<QuantScheme>(&v.extract::<String>()?)?;
+                    b
+                }
+                "quantize_skip" => {
+                    q.skip = v.extract()?;
+                    b
+                }
+                other => {
+                    return Err(PyTypeError::new_err(format!(
+                        "convert() got an unexpected keyword argument '{other}'"
+                    )))
+                }
+            };
+        }
+    }
+    let quant = quant.map(|_| q);
+    b.filters(filters).quantize(quant).build().map_err(err)
+}
+
+/// Progress and notices, shared between the converting thread and the caller.
+#[derive(Default)]
+struct Shared {
+    done: AtomicU64,
+    total: AtomicU64,
+    notices: Mutex<Vec<String>>,
+}
+
+struct Recorder(Arc<Shared>);
+
+impl Observer for Recorder {
+    fn event(&self, e: &Event) {
+        match e {
+            Event::Planned { source_bytes, .. } => {
+                self.0.total.store(*source_bytes, Ordering::Relaxed)
+            }
+            Event::Progress { done, total } => {
+                self.0.total.store(*total, Ordering::Relaxed);
+                self.0.done.store(*done, Ordering::Relaxed);
+            }
+            Event::Notice(n) => {
+                if let Ok(mut v) = self.0.notices.lock() {
+                    v.push(n.to_string());
+                }
+            }
+            Event::Validating => {}
+        }
+    }
+}
+
+/// How often the waiting thread takes the GIL back: signals, and the progress callback.
+const POLL: Duration = Duration::from_millis(200);
+
+/// Converts `input` into `output` and returns the report as JSON text (the CLI's
+/// `--json`). Keyword options are the CLI's, with underscores. `progress`, when given, is
+/// called as `progress(done_bytes, total_bytes)` at most every 200 ms.
+///
+/// Raises `NativeError(kind, message)`; `KeyboardInterrupt` when interrupted (the
+/// conversion stops at its next unit of work and leaves nothing behind).
+#[pyfunction]
+#[pyo3(signature = (input, output, progress=None, **options))]
+fn convert(
+    py: Python<'_>,
+    input: PathBuf,
+    output: PathBuf,
+    progress: Option<Py<PyAny>>,
+    options: Option<&Bound<'_, PyDict>>,
+) -> PyResult<String> {
+    let cancel = Arc::new(AtomicBool::new(false));
+    let cfg = config(options, cancel.clone())?;
+    let shared = Arc::new(Shared::default());
+    let (tx, rx) = mpsc::channel();
+    // Receiver is Send but not Sync; the closure that waits on it borrows it.
+    let rx = Mutex::new(rx);
+    let recorder = Recorder(shared.clone());
+    let worker = std::thread::Builder::new()
+        .name("modelconv-convert".into())
+        .spawn(move || {
+            let r = modelconv::convert_with(&input, &output, &cfg, &recorder);
+            let _ = tx.send(r);
+        })
+        .map_err(|e| NativeError::new_err(("internal", format!("cannot start a thread: {e}"))))?;
+    let mut interrupted: Option<PyErr> = None;
+    let mut last = Instant::now();
+    let result = loop {
+        let wait = || {
+            rx.lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .recv_timeout(POLL)
+        };
+        match py.detach(wait) {
+            Ok(r) => break r,
+            Err(mpsc::RecvTimeoutError::Disconnected) => {
+                break Err(modelconv::Error::Cancelled);
+            }
+            Err(mpsc::RecvTimeoutError::Timeout) => {}
+        }
+        if interrupted.is_none() {
+            if let Err(e) = py.check_signals() {
+                // Stop at the next unit of work; the worker removes its temp files.
+                cancel.store(true, Ordering::SeqCst);
+                interrupted = Some(e);
+                continue;
+            }
+        }
+        if let Some(cb) = &progress {
+            if last.elapsed() >= POLL {
+                last = Instant::now();
+                let (d, t) = (
+                    shared.done.load(Ordering::Relaxed),
+                    shared.total.load(Ordering::Relaxed),
+                );
+                if let Err(e) = cb.call1(py, (d, t)) {
+                    cancel.store(true, Ordering::SeqCst);
+                    interrupted = Some(e);
+                }
+            }
+        }
+    };
+    let _ = py.detach(|| worker.join());
+    if let Some(e) = interrupted {
+        return Err(e);
+    }
+    let report = result.map_err(err)?;
+    if let Some(cb) = &progress {
+        let t = shared.total.load(Ordering::Relaxed);
+        cb.call1(py, (t, t))?;
+    }
+    serde_json::to_string(&report).map_err(|e| NativeError::new_err(("internal", e.to_string())))
+}
+
+/// A tensor's bytes owned by Rust and shown to numpy without a copy through
+/// `__array_interface__`: the array's base is this object, which keeps them alive.
+#[pyclass(frozen, module = "modelconv._native")]
+struct TensorBuffer {
+    data: Vec<u8>,
+    shape: Vec<u64>,
+    /// numpy typestr (`<f2`, `<f4`, `<u2` for bf16 bits, `|i1`, ...).
+    typestr: &'static str,
+    /// The element type's name (`float16`, `bfloat16`, ...).
+    #[pyo3(get)]
+    dtype: &'static str,
+}
+
+#[pymethods]
+impl TensorBuffer {
+    /// The numpy array interface (version 3), read-only.
+    #[getter]
+    fn __array_interface__<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyDict>> {
+        let d = PyDict::new(py);
+        d.set_item("shape", PyTuple::new(py, &self.shape)?)?;
+        d.set_item("typestr", self.typestr)?;
+        d.set_item("data", (self.data.as_ptr() as usize, true))?;
+        d.set_item("version", 3)?;
+        Ok(d)
+    }
+
+    /// Bytes held.
+    fn __len__(&self) -> usize {
+        self.data.len()
+    }
+}
+
+/// numpy's typestr and name of an element type (raw bytes for the fp8 kinds, which
+/// the Python side views through `ml_dtypes` when it is installed).
+fn np_type(d: Dtype) -> (&'static str, &'static str) {
+    match d {
+        Dtype::F16 => ("<f2", "float16"),
+        Dtype::Bf16 => ("<u2", "bfloat16"),
+        Dtype::F32 => ("<f4", "float32"),
+        Dtype::F64 => ("<f8", "float64"),
+        Dtype::I8 => ("|i1", "int8"),
+        Dtype::U8 => ("|u1", "uint8"),
+        Dtype::I16 => ("<i2", "int16"),
+        Dtype::U16 => ("<u2", "uint16"),
+        Dtype::I32 => ("<i4", "int32"),
+        Dtype::U32 => ("<u4", "uint32"),
+        Dtype::I64 => ("<i8", "int64"),
+        Dtype::U64 => ("<u8", "uint64"),
+        Dtype::Bool => ("|b1", "bool"),
+        Dtype::C64 => ("<c8", "complex64"),
+        Dtype::F8E5M2 => ("|u1", "float8_e5m2"),
+        Dtype::F8E4M3 => ("|u1", "float8_e4m3fn"),
+        Dtype::F8E8M0 => ("|u1", "float8_e8m0fnu"),
+        Dtype::F8E4M3Fnuz => ("|u1", "float8_e4m3fnuz"),
+        Dtype::F8E5M2Fnuz => ("|u1", "float8_e5m2fnuz"),
+    }
+}
+
+/// An open weight file.
+#[pyclass(frozen, name = "WeightFile", module = "modelconv._native")]
+struct PyWeightFile {
+    inner: WeightFile,
+}
+
+#[pymethods]
+impl PyWeightFile {
+    /// Opens a weights.parquet (or the directory holding it), reading only its footer.
+    #[new]
+    fn new(py: Python<'_>, path: PathBuf) -> PyResult<Self> {
+        let inner = py.detach(|| WeightFile::open(&path)).map_err(err)?;
+        Ok(PyWeightFile { inner })
+    }
+
+    /// Tensor names, in row order.
+    fn keys(&self) -> Vec<String> {
+        self.inner
+            .tensors()
+            .iter()
+            .map(|t| t.name.clone())
+            .collect()
+    }
+
+    fn __len__(&self) -> usize {
+        self.inner.tensors().len()
+    }
+
+    fn __contains__(&self, name: &str) -> bool {
+        self.inner.info(name).is_some()
+    }
+
+    /// The `metadata.json` content stored in the footer, as JSON text (or None).
+    fn metadata_json(&self) -> Option<String> {
+        self.inner.metadata().map(|m| m.to_string())
+    }
+
+    /// Every tensor's description as JSON text.
+    fn tensors_json(&self) -> PyResult<String> {
+        serde_json::to_string(self.inner.tensors())
+            .map_err(|e| NativeError::new_err(("internal", e.to_string())))
+    }
+
+    /// The path of the file.
+    fn path(&self) -> PathBuf {
+        self.inner.path().to_path_buf()
+    }
+
+    /// One tensor's bytes: as stored (`upcast=False`; quantized tensors are always
+    /// dequantized), or as float32.
+    #[pyo3(signature = (name, upcast=false))]
+    fn get_tensor(&self, py: Python<'_>, name: &str, upcast: bool) -> PyResult<TensorBuffer> {
+        let inner = &self.inner;
+        py.detach(|| {
+            let t = inner.tensor(name)?;
+            let shape = t.shape.clone();
+            if upcast || t.quant.is_some() {
+                let v = t.to_f32();
+                let mut data = Vec::with_capacity(v.len() * 4);
+                for x in v {
+                    data.extend_from_slice(&x.to_le_bytes());
+                }
+                return Ok(TensorBuffer {
+                    data,
+                    shape,
+                    typestr: "<f4",
+                    dtype: "float32",
+                });
+            }
+            let (typestr, dtype) = np_type(t.dtype);
+            Ok(TensorBuffer {
+                data: t.data,
+                shape,
+                typestr,
+                dtype,
+            })
+        })
+        .map_err(err)
+    }
+}
+
+/// Verifies a weight file, optionally against its source; the report as JSON text.
+#[pyfunction]
+#[pyo3(signature = (path, source=None, threads=0))]
+fn verify(
+    py: Python<'_>,
+    path: PathBuf,
+    source: Option<PathBuf>,
+    threads: usize,
+) -> PyResult<String> {
+    py.detach(|| {
+        let src = match &source {
+            Some(s) => Some(modelconv::open_source(s, &Default::default())?),
+            None => None,
+        };
+        let r = modelconv::verify(&path, src.as_ref(), &modelconv::VerifyOptions { threads })?;
+        Ok(serde_json::to_string(&r).unwrap_or_default())
+    })
+    .map_err(err)
+}
+
+#[pymodule]
+fn _native(m: &Bound<'_, PyModule>) -> PyResult<()> {
+    m.add("NativeError", m.py().get_type::<NativeError>())?;
+    m.add_function(wrap_pyfunction!(convert, m)?)?;
+    m.add_function(wrap_pyfunction!(verify, m)?)?;
+    m.add_class::<PyWeightFile>()?;
+    m.add_class::<TensorBuffer>()?;
+    m.add("__version__", env!("CARGO_PKG_VERSION"))?;
+    Ok(())
+}

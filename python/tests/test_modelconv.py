@@ -1,0 +1,252 @@
+"""The Python package against real inputs: the seed's own usage verbatim, round trips
+of every fixture against numpy reads of the safetensors source, zero-copy reads, the
+GIL released, bounded progress calls, Ctrl-C, the error hierarchy, threads."""
+import _thread
+import json
+import os
+import struct
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+import modelconv
+
+ROOT = Path(__file__).resolve().parents[2]
+FIXTURES = ROOT / "tests" / "fixtures"
+sys.path.insert(0, str(ROOT / "tests" / "python"))
+from seed_loader import bf16_to_f32, expected, read_safetensors  # noqa: E402
+
+NAMES = ["tiny-bert", "tiny-sentence-transformer", "tiny-clip", "tiny-whisper", "tiny-llama-sharded-bf16"]
+MINILM = ROOT / ".cache" / "all-MiniLM-L6-v2"
+
+
+def header(path):
+    raw = Path(path).read_bytes()
+    n = struct.unpack("<Q", raw[:8])[0]
+    return {k: v for k, v in json.loads(raw[8:8 + n]).items() if k != "__metadata__"}
+
+
+def test_the_seeds_usage_verbatim_fills_every_result_field(tmp_path):
+    from modelconv import ModelConverter, ConversionConfig
+
+    out = tmp_path / "clip"
+    result = ModelConverter(ConversionConfig()).convert(str(FIXTURES / "tiny-clip"), str(out), model_type="clip")
+    assert result.success is True
+    assert result.error_message is None
+    assert result.model_name == str(FIXTURES / "tiny-clip")
+    assert result.output_dir == str(out)
+    assert result.parquet_path == str(out / "weights.parquet")
+    assert result.metadata_path == str(out / "metadata.json")
+    # tiny-clip ships no tokenizer files: the seed reports None then.
+    assert not any((FIXTURES / "tiny-clip" / f).exists() for f in ["tokenizer.json", "vocab.json", "merges.txt"])
+    assert result.tokenizer_path is None and not (out / "tokenizer").exists()
+    vision = {k: v for k, v in header(FIXTURES / "tiny-clip" / "model.safetensors").items()
+              if k.startswith("vision_model.") or k == "visual_projection.weight"}
+    numel = sum(int(np.prod(v["shape"])) for v in vision.values())
+    src_bytes = sum(v["data_offsets"][1] - v["data_offsets"][0] for v in vision.values())
+    size = (out / "weights.parquet").stat().st_size
+    assert result.total_parameters == numel
+    assert result.file_size_mb == size / 2**20
+    assert result.compression_ratio == pytest.approx(src_bytes / size, rel=1e-12)
+    assert result.conversion_time_sec > 0
+    assert result.validation_passed is True  # validate_output=True by default, as in the seed
+    assert result.metadata == json.loads((out / "metadata.json").read_text())
+    assert result.metadata["model_type"] == "CLIP Vision Transformer"
+
+
+def test_a_failed_conversion_is_reported_not_raised(tmp_path):
+    r = modelconv.ModelConverter().convert(str(tmp_path / "nope"), str(tmp_path / "o"))
+    assert r.success is False
+    assert r.error_message == f"{tmp_path / 'nope'}: cannot open: No such file or directory (os error 2)"
+    assert r.total_parameters == 0 and r.parquet_path is None
+
+
+@pytest.mark.parametrize("name", NAMES)
+@pytest.mark.parametrize("target", ["f16", "f32", "keep"])
+def test_every_fixture_reads_back_exactly_under_the_cast_rules(tmp_path, name, target):
+    out = tmp_path / "o"
+    modelconv.convert(FIXTURES / name, out, model_type="causallm", dtype=target, validate=False)
+    src = read_safetensors(FIXTURES / name)
+    f = modelconv.open(out)
+    assert sorted(f.keys()) == sorted(src)
+    for key, (src_dtype, arr) in src.items():
+        got = f.get_tensor(key)
+        _, want = expected(src_dtype, arr, target)
+        if src_dtype == "BF16" and target == "keep":
+            # No ml_dtypes here: bfloat16 comes back as float32, exactly.
+            want = bf16_to_f32(want)
+        assert got.shape == arr.shape, key
+        assert got.dtype == want.dtype, key
+        assert got.tobytes() == np.ascontiguousarray(want).tobytes(), key
+        up = f.get_tensor(key, dtype="float32")
+        assert up.dtype == np.float32
+        if want.dtype.kind == "f":
+            assert np.array_equal(up.view(np.uint32), want.astype(np.float32).view(np.uint32)), key
+
+
+def test_reads_are_zero_copy_views_kept_alive_by_their_base(tmp_path):
+    out = tmp_path / "o"
+    modelconv.convert(FIXTURES / "tiny-bert", out)
+    f = modelconv.open(out)
+    a = f.get_tensor("embeddings.word_embeddings.weight")
+    assert not a.flags.owndata
+    assert not a.flags.writeable
+    assert type(a.base).__name__ == "TensorBuffer"
+    # The array is the buffer's memory itself, not a copy of it.
+    assert np.shares_memory(a, np.asarray(a.base))
+    assert a.__array_interface__["data"][0] == a.base.__array_interface__["data"][0]
+    b = a.base
+    del f
+    assert a[0, 0] == np.asarray(b)[0, 0]
+
+
+def test_the_gil_is_released_while_converting(tmp_path):
+    ticks = 0
+    stop = threading.Event()
+
+    def count():
+        nonlocal ticks
+        while not stop.is_set():
+            ticks += 1
+            time.sleep(0.001)
+
+    t = threading.Thread(target=count)
+    t.start()
+    started = time.monotonic()
+    modelconv.convert(MINILM, tmp_path / "o", threads=1, compression_level=9, validate=False)
+    elapsed = time.monotonic() - started
+    stop.set()
+    t.join()
+    # With the GIL held for the whole conversion the counter could not move at all.
+    assert elapsed > 0.1
+    assert ticks > elapsed * 100, (ticks, elapsed)
+
+
+def test_progress_calls_are_few_and_end_at_the_total(tmp_path):
+    calls = []
+    started = time.monotonic()
+    modelconv.convert(MINILM, tmp_path / "o", threads=1, compression_level=9, validate=False,
+                      progress=lambda done, total: calls.append((time.monotonic(), done, total)))
+    elapsed = time.monotonic() - started
+    assert calls, "at least the final call"
+    assert len(calls) <= elapsed / 0.2 + 2, (len(calls), elapsed)
+    assert calls[-1][1] == calls[-1][2] > 80_000_000
+    assert all(a[1] <= b[1] for a, b in zip(calls, calls[1:]))
+
+
+def test_keyboard_interrupt_stops_and_leaves_nothing(tmp_path):
+    out = tmp_path / "o"
+    timer = threading.Timer(0.3, _thread.interrupt_main)
+    timer.start()
+    started = time.monotonic()
+    with pytest.raises(KeyboardInterrupt):
+        modelconv.convert(MINILM, out, threads=1, compression_level=19, row_group_mb=1, validate=False)
+    assert time.monotonic() - started < 10
+    left = sorted(os.listdir(out)) if out.exists() else []
+    assert not [n for n in left if ".tmp-" in n or n in ("weights.parquet", "metadata.json")], left
+
+
+def test_errors_are_typed_and_carry_the_clis_messages(tmp_path):
+    out = tmp_path / "o"
+    modelconv.convert(FIXTURES / "tiny-bert", out)
+    with pytest.raises(modelconv.OutputExistsError) as e:
+        modelconv.convert(FIXTURES / "tiny-bert", out)
+    assert isinstance(e.value, modelconv.Error) and isinstance(e.value, FileExistsError)
+    assert str(e.value) == f"{out / 'weights.parquet'}: output already holds a conversion"
+    with pytest.raises(modelconv.OptionError) as e:
+        modelconv.convert(FIXTURES / "tiny-bert", tmp_path / "o2", compression_level=99)
+    assert str(e.value) == "zstd level 99 is out of range (-131072 to 22)"
+    assert not (tmp_path / "o2").exists()
+    with pytest.raises(modelconv.UnsafeCheckpointError) as e:
+        modelconv.convert(FIXTURES / "hostile-bin" / "reduce-system.bin", tmp_path / "o3")
+    assert "refused global `posix.system`" in str(e.value)
+    assert isinstance(e.value, modelconv.InputError) and isinstance(e.value, ValueError)
+    with pytest.raises(modelconv.TensorNotFoundError) as e:
+        modelconv.open(out).get_tensor("nope")
+    assert isinstance(e.value, KeyError)
+    assert str(e.value) == f"{out / 'weights.parquet'}: no tensor named `nope`"
+    with pytest.raises(modelconv.CorruptFileError):
+        bad = tmp_path / "bad.parquet"
+        bad.write_bytes(b"PAR1 not really")
+        modelconv.open(bad)
+    with pytest.raises(TypeError):
+        modelconv.convert(FIXTURES / "tiny-bert", tmp_path / "o4", no_such_option=1)
+    # The same message the CLI prints after `error: `.
+    cli = ROOT / "target" / "debug" / "modelconv"
+    if cli.exists():
+        o = subprocess.run([str(cli), "convert", str(FIXTURES / "tiny-bert"), "-o", str(out)], capture_output=True, text=True)
+        assert o.stderr.startswith(f"error: {out / 'weights.parquet'}: output already holds a conversion")
+
+
+def test_conversions_from_several_threads_at_once(tmp_path):
+    errors = []
+
+    def run(i):
+        try:
+            modelconv.convert(FIXTURES / NAMES[i], tmp_path / f"o{i}", model_type="causallm", validate=True)
+        except Exception as e:  # pragma: no cover - reported below
+            errors.append(e)
+
+    threads = [threading.Thread(target=run, args=(i,)) for i in range(len(NAMES))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert errors == []
+    for i, name in enumerate(NAMES):
+        assert len(modelconv.open(tmp_path / f"o{i}")) == len(read_safetensors(FIXTURES / name))
+
+
+def test_quantized_tensors_come_back_dequantized_like_the_seed_loader(tmp_path):
+    out = tmp_path / "o"
+    modelconv.convert(MINILM, out, quantize="int8", validate=False)
+    t = pq.read_table(out / "weights.parquet")
+    f = modelconv.open(out)
+    i = t.column("layer_name").to_pylist().index("encoder.layer.0.attention.self.query.weight")
+    q = np.frombuffer(t.column("data")[i].as_py(), np.int8).astype(np.float32).reshape(384, 384)
+    s = np.frombuffer(t.column("scales")[i].as_py(), np.float32)
+    z = np.frombuffer(t.column("zero_points")[i].as_py(), np.float32)
+    want = (q - z[:, None]) * s[:, None]
+    got = f.get_tensor("encoder.layer.0.attention.self.query.weight")
+    assert got.dtype == np.float32 and np.array_equal(got.view(np.uint32), want.view(np.uint32))
+    assert f.info("encoder.layer.0.attention.self.query.weight")["quant"] == {"axis": 0, "group_size": 0, "scales": 384}
+
+
+def test_files_written_by_the_seed_and_load_file(tmp_path):
+    path = tmp_path / "seed.parquet"
+    w = np.arange(6, dtype=np.float16).reshape(2, 3)
+    ids = np.arange(4, dtype=np.int64)
+    pq.write_table(pa.table({
+        "layer_name": ["w", "ids"],
+        "shape": pa.array([[2, 3], [4]], pa.list_(pa.int32())),
+        "dtype": ["torch.float16", "torch.int64"],
+        "data": pa.array([w.tobytes(), ids.tobytes()], pa.binary()),
+        "num_params": pa.array([6, 4], pa.int64()),
+    }), path)
+    all_ = modelconv.load_file(path)
+    assert list(all_) == ["w", "ids"]
+    assert np.array_equal(all_["w"], w) and all_["w"].dtype == np.float16
+    assert np.array_equal(all_["ids"], ids)
+    assert modelconv.open(path).metadata is None
+
+
+def test_verify_from_python(tmp_path):
+    out = tmp_path / "o"
+    modelconv.convert(FIXTURES / "tiny-llama-sharded-bin", out, validate=False)
+    r = modelconv.verify(out, FIXTURES / "tiny-llama-sharded-bin")
+    assert r["passed"] and r["compared_with_source"] and r["tensors"] == 39
+
+
+def test_tokenizer_files_come_along_and_the_path_is_reported(tmp_path):
+    out = tmp_path / "minilm"
+    r = modelconv.ModelConverter(modelconv.ConversionConfig(validate_output=False)).convert(str(MINILM), str(out))
+    assert r.success and r.tokenizer_path == str(out / "tokenizer")
+    for name in ["tokenizer.json", "vocab.txt", "special_tokens_map.json"]:
+        assert (out / "tokenizer" / name).read_bytes() == (MINILM / name).read_bytes()
