@@ -352,76 +352,10 @@ impl WeightFile {
             };
             for i in 0..b.num_rows() {
                 let name = names.value(i).to_string();
-                let dtype_s = dtypes.value(i);
-                let mut dtype = Dtype::from_torch(dtype_s).ok_or_else(|| {
-                    Error::corrupt(&path, Some(&name), format!("unknown dtype `{dtype_s}`"))
-                })?;
-                // A V2 int8 row stores codes whatever its `dtype` says (the original).
-                let mut quant = None;
-                if let Some((kind, axis, group)) = v2 {
-                    match kind.value(i) {
-                        "fp16" | "fp32" => {}
-                        "int8" => {
-                            dtype = Dtype::I8;
-                            let group_size = u64::try_from(group.value(i)).map_err(|_| {
-                                Error::corrupt(&path, Some(&name), "negative group size")
-                            })?;
-                            quant = Some((axis.value(i), group_size));
-                        }
-                        other => {
-                            return Err(Error::corrupt(
-                                &path,
-                                Some(&name),
-                                format!(
-                                    "quant_type `{}` is not read by modelconv",
-                                    sanitize(other)
-                                ),
-                            ))
-                        }
-                    }
-                }
+                let v2_cells = v2.map(|(k, a, g)| (k.value(i), a.value(i), g.value(i)));
                 let dims = shapes.value(i);
-                let dims = dims
-                    .as_any()
-                    .downcast_ref::<arrow_array::Int32Array>()
-                    .ok_or_else(|| {
-                        Error::corrupt(&path, Some(&name), "shape is not a list of int32")
-                    })?;
-                let shape = dims
-                    .values()
-                    .iter()
-                    .map(|&d| u64::try_from(d))
-                    .collect::<std::result::Result<Vec<u64>, _>>()
-                    .map_err(|_| Error::corrupt(&path, Some(&name), "negative dimension"))?;
-                let numel = shape
-                    .iter()
-                    .try_fold(1u64, |a, &d| a.checked_mul(d))
-                    .ok_or_else(|| Error::corrupt(&path, Some(&name), "shape overflows"))?;
-                let bytes = numel
-                    .checked_mul(dtype.size() as u64)
-                    .ok_or_else(|| Error::corrupt(&path, Some(&name), "shape overflows"))?;
-                let quant = match quant {
-                    Some((axis, group_size)) => {
-                        let mut q = QuantInfo {
-                            axis,
-                            group_size,
-                            scales: 0,
-                        };
-                        if group_size == 0 && axis != 0 {
-                            return Err(Error::corrupt(
-                                &path,
-                                Some(&name),
-                                format!(
-                                    "quant_axis {axis} without groups is not read by modelconv"
-                                ),
-                            ));
-                        }
-                        let unit = q.unit(&shape);
-                        q.scales = if unit == 0 { 0 } else { numel.div_ceil(unit) };
-                        Some(q)
-                    }
-                    None => None,
-                };
+                let (dtype, shape, numel, bytes, quant) =
+                    scanned_row(&path, &name, dtypes.value(i), dims.as_ref(), v2_cells)?;
                 match out.last_mut() {
                     Some(last) if last.name == name && last.row + last.rows == row => {
                         last.rows += 1
@@ -823,6 +757,72 @@ pub(crate) fn f32s_into(bytes: &[u8], out: &mut Vec<f32>) {
             .chunks_exact(4)
             .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]])),
     );
+}
+
+/// One row of a file without our footer index: `(stored dtype, shape, elements, bytes,
+/// quantization)` from its `dtype` and `shape` cells, and for a V2 file its
+/// `(quant_type, quant_axis, group_size)` cells (an int8 row stores codes whatever its
+/// `dtype` says: the original dtype).
+#[allow(clippy::type_complexity)]
+fn scanned_row(
+    path: &Path,
+    name: &str,
+    dtype_s: &str,
+    dims: &dyn Array,
+    v2: Option<(&str, i32, i32)>,
+) -> Result<(Dtype, Vec<u64>, u64, u64, Option<QuantInfo>)> {
+    let bad = |why: String| Error::corrupt(path, Some(name), why);
+    let mut dtype =
+        Dtype::from_torch(dtype_s).ok_or_else(|| bad(format!("unknown dtype `{dtype_s}`")))?;
+    let mut quant = None;
+    if let Some((kind, axis, group)) = v2 {
+        match kind {
+            "fp16" | "fp32" => {}
+            "int8" => {
+                dtype = Dtype::I8;
+                let group_size =
+                    u64::try_from(group).map_err(|_| bad("negative group size".into()))?;
+                if group_size == 0 && axis != 0 {
+                    return Err(bad(format!(
+                        "quant_axis {axis} without groups is not read by modelconv"
+                    )));
+                }
+                quant = Some(QuantInfo {
+                    axis,
+                    group_size,
+                    scales: 0,
+                });
+            }
+            other => {
+                return Err(bad(format!(
+                    "quant_type `{}` is not read by modelconv",
+                    sanitize(other)
+                )))
+            }
+        }
+    }
+    let dims = dims
+        .as_any()
+        .downcast_ref::<arrow_array::Int32Array>()
+        .ok_or_else(|| bad("shape is not a list of int32".into()))?;
+    let shape = dims
+        .values()
+        .iter()
+        .map(|&d| u64::try_from(d))
+        .collect::<std::result::Result<Vec<u64>, _>>()
+        .map_err(|_| bad("negative dimension".into()))?;
+    let numel = shape
+        .iter()
+        .try_fold(1u64, |a, &d| a.checked_mul(d))
+        .ok_or_else(|| bad("shape overflows".into()))?;
+    let bytes = numel
+        .checked_mul(dtype.size() as u64)
+        .ok_or_else(|| bad("shape overflows".into()))?;
+    if let Some(q) = &mut quant {
+        let unit = q.unit(&shape);
+        q.scales = if unit == 0 { 0 } else { numel.div_ceil(unit) };
+    }
+    Ok((dtype, shape, numel, bytes, quant))
 }
 
 fn col<'a, T: 'static>(b: &'a RecordBatch, name: &str, path: &Path) -> Result<&'a T> {

@@ -221,18 +221,48 @@ fn read_legacy(path: &Path, b: &[u8]) -> Result<(Vec<Raw>, HashMap<String, Stora
     let (tree, root) = next("state dict")?;
     let raws = state_dict(path, &tree, root, true)?;
     let (t, keys) = next("storage keys")?;
+    let storages = legacy_storages(path, b, pos as u64, &raws, &t, keys)?;
+    if let Some(r) = raws.iter().find(|r| !storages.contains_key(&r.key)) {
+        return Err(archive_err(
+            path,
+            format!(
+                "tensor `{}`: storage `{}` is not in the file",
+                sanitize(&r.name),
+                sanitize(&r.key)
+            ),
+        ));
+    }
+    Ok((raws, storages))
+}
+
+/// The raw storages that follow a legacy file's pickles, in the order of the key list
+/// `keys`: each an 8-byte element count, then its bytes. Checked against what the state
+/// dict's persistent ids declare.
+fn legacy_storages(
+    path: &Path,
+    b: &[u8],
+    mut at: u64,
+    raws: &[Raw],
+    t: &Tree,
+    keys: Id,
+) -> Result<HashMap<String, Storage>> {
     let Node::List(keys) = t.get(keys) else {
         return Err(archive_err(path, "the storage key list is not a list"));
     };
     let mut declared: HashMap<&str, (Dtype, u64)> = HashMap::new();
-    for r in &raws {
+    for r in raws {
         // A key declared twice differently is refused when the tensors are built.
         declared
             .entry(r.key.as_str())
             .or_insert((r.dtype, r.declared));
     }
+    let cut = |key: &str| {
+        archive_err(
+            path,
+            format!("storage `{}` is cut off (truncated file)", sanitize(key)),
+        )
+    };
     let mut storages = HashMap::new();
-    let mut at = pos as u64;
     for &k in keys {
         let Node::Str(key) = t.get(k) else {
             return Err(archive_err(path, "a storage key is not a string"));
@@ -246,22 +276,13 @@ fn read_legacy(path: &Path, b: &[u8]) -> Result<(Vec<Raw>, HashMap<String, Stora
                 ),
             )
         })?;
-        let count = at
+        let start = at
             .checked_add(8)
             .filter(|&e| e <= b.len() as u64)
-            .map(|e| {
-                u64::from_le_bytes(
-                    b[(e - 8) as usize..e as usize]
-                        .try_into()
-                        .unwrap_or_default(),
-                )
-            })
-            .ok_or_else(|| {
-                archive_err(
-                    path,
-                    format!("storage `{}` is cut off (truncated file)", sanitize(key)),
-                )
-            })?;
+            .ok_or_else(|| cut(key))?;
+        let mut count = [0u8; 8];
+        count.copy_from_slice(&b[(start - 8) as usize..start as usize]);
+        let count = u64::from_le_bytes(count);
         if count != numel {
             return Err(archive_err(
                 path,
@@ -271,17 +292,11 @@ fn read_legacy(path: &Path, b: &[u8]) -> Result<(Vec<Raw>, HashMap<String, Stora
                 ),
             ));
         }
-        let start = at + 8;
         let end = numel
             .checked_mul(dtype.size() as u64)
             .and_then(|n| start.checked_add(n))
             .filter(|&e| e <= b.len() as u64)
-            .ok_or_else(|| {
-                archive_err(
-                    path,
-                    format!("storage `{}` is cut off (truncated file)", sanitize(key)),
-                )
-            })?;
+            .ok_or_else(|| cut(key))?;
         storages.insert(
             key.clone(),
             Storage {
@@ -292,23 +307,13 @@ fn read_legacy(path: &Path, b: &[u8]) -> Result<(Vec<Raw>, HashMap<String, Stora
         );
         at = end;
     }
-    if let Some(r) = raws.iter().find(|r| !storages.contains_key(&r.key)) {
-        return Err(archive_err(
-            path,
-            format!(
-                "tensor `{}`: storage `{}` is not in the file",
-                sanitize(&r.name),
-                sanitize(&r.key)
-            ),
-        ));
-    }
     if at != b.len() as u64 {
         return Err(archive_err(
             path,
             format!("{} bytes after the last storage", b.len() as u64 - at),
         ));
     }
-    Ok((raws, storages))
+    Ok(storages)
 }
 
 fn not_state_dict(path: &Path, reason: impl Into<String>) -> Error {
