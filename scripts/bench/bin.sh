@@ -9,17 +9,12 @@
 # usage: scripts/bench/bin.sh [WORKDIR]   (needs ~9 GB of disk and ~2.5 GB of /dev/shm)
 set -euo pipefail
 root="$(cd "$(dirname "$0")/../.." && pwd)"
-work="${1:-$root/.cache/bench-e2e}"
+. "$root/scripts/bench/lib.sh"
+bench_init "${1:-}"
 out="/dev/shm/modelconv-bench-bin"
-mkdir -p "$work"
-"$root/scripts/setup-test-env.sh" >/dev/null
-py="$root/.venv/bin/python"
-cargo build --release --quiet --manifest-path "$root/Cargo.toml"
-bin="$root/target/release/modelconv"
 [ -f "$work/llama22/config.json" ] || "$py" "$root/scripts/bench/make_llama.py" "$work/llama22" 22 3 --f16-raw "$work/llama22.f16"
 [ -f "$work/llama22-bin/config.json" ] || "$py" "$root/scripts/bench/make_llama.py" "$work/llama22-bin" 22 3 --bin
 
-. "$root/scripts/bench/lib.sh"
 cat "$work"/llama22/*.safetensors "$work"/llama22-bin/*.bin >/dev/null
 
 st=(); bn=(); rd=(); rss_st=0; rss_bin=0; rss_read=0

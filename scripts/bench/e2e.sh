@@ -8,18 +8,13 @@
 # usage: scripts/bench/e2e.sh [WORKDIR]
 set -euo pipefail
 root="$(cd "$(dirname "$0")/../.." && pwd)"
-work="${1:-$root/.cache/bench-e2e}"
+. "$root/scripts/bench/lib.sh"
+bench_init "${1:-}"
 cores="$(nproc)"
-mkdir -p "$work"
-"$root/scripts/setup-test-env.sh" >/dev/null
-py="$root/.venv/bin/python"
-cargo build --release --quiet --manifest-path "$root/Cargo.toml"
-bin="$root/target/release/modelconv"
 
 [ -f "$work/llama22/config.json" ] || "$py" "$root/scripts/bench/make_llama.py" "$work/llama22" 22 3 --f16-raw "$work/llama22.f16"
 [ -f "$work/llama6/config.json" ] || "$py" "$root/scripts/bench/make_llama.py" "$work/llama6" 6 3
 
-. "$root/scripts/bench/lib.sh"
 warm() { cat "$@" >/dev/null; }
 
 shards=("$work"/llama22/model-*.safetensors)

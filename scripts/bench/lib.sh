@@ -1,4 +1,15 @@
-# Shared by the bench scripts (sourced): timing and ratio helpers.
+# Shared by the bench scripts (sourced after setting $root): setup, timing and ratios.
+
+# bench_init [WORKDIR]: sets $work (default .cache/bench-e2e), $py (the test venv's
+# Python, with numpy) and $bin (the release binary, built now).
+bench_init() {
+  work="${1:-$root/.cache/bench-e2e}"
+  mkdir -p "$work"
+  "$root/scripts/setup-test-env.sh" >/dev/null
+  py="$root/.venv/bin/python"
+  cargo build --release --quiet --manifest-path "$root/Cargo.toml"
+  bin="$root/target/release/modelconv"
+}
 
 # secs CMD...: wall seconds and peak RSS (KiB) of a command, as "S R".
 secs() {

@@ -7,20 +7,15 @@
 # usage: scripts/bench/quant.sh [WORKDIR] [--skip-7b]   (needs ~20 GB of disk, ~8 GB of /dev/shm)
 set -euo pipefail
 root="$(cd "$(dirname "$0")/../.." && pwd)"
-work="${1:-$root/.cache/bench-e2e}"
+. "$root/scripts/bench/lib.sh"
+bench_init "${1:-}"
 out="/dev/shm/modelconv-bench-quant"
-mkdir -p "$work"
-"$root/scripts/setup-test-env.sh" >/dev/null
-py="$root/.venv/bin/python"
-cargo build --release --quiet --manifest-path "$root/Cargo.toml"
-bin="$root/target/release/modelconv"
 [ -f "$work/llama22/config.json" ] || "$py" "$root/scripts/bench/make_llama.py" "$work/llama22" 22 3 --f16-raw "$work/llama22.f16"
 models=(llama22)
 if [[ "${2:-}" != "--skip-7b" ]]; then
   [ -f "$work/llama7b/config.json" ] || "$py" "$root/scripts/bench/make_llama.py" "$work/llama7b" 32 5 --7b --bf16
   models+=(llama7b)
 fi
-. "$root/scripts/bench/lib.sh"
 for m in "${models[@]}"; do
   cat "$work/$m"/*.safetensors >/dev/null
   f=(); q=(); rss_f=0; rss_q=0; size_f=0; size_q=0
