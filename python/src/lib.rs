@@ -248,7 +248,7 @@ fn convert(
 /// `__array_interface__`: the array's base is this object, which keeps them alive.
 #[pyclass(frozen, module = "modelconv._native")]
 struct TensorBuffer {
-    data: Vec<u8>,
+    data: Data,
     shape: Vec<u64>,
     /// numpy typestr (`<f2`, `<f4`, `<u2` for bf16 bits, `|i1`, ...).
     typestr: &'static str,
@@ -265,7 +265,7 @@ impl TensorBuffer {
         let d = PyDict::new(py);
         d.set_item("shape", PyTuple::new(py, &self.shape)?)?;
         d.set_item("typestr", self.typestr)?;
-        d.set_item("data", (self.data.as_ptr() as usize, true))?;
+        d.set_item("data", (self.data.ptr(), true))?;
         d.set_item("version", 3)?;
         Ok(d)
     }
@@ -273,6 +273,29 @@ impl TensorBuffer {
     /// Bytes held.
     fn __len__(&self) -> usize {
         self.data.len()
+    }
+}
+
+/// The bytes behind a [`TensorBuffer`]: as read, or widened to f32 (kept as `f32`s so
+/// no byte copy is made).
+enum Data {
+    Bytes(Vec<u8>),
+    F32(Vec<f32>),
+}
+
+impl Data {
+    fn ptr(&self) -> usize {
+        match self {
+            Data::Bytes(b) => b.as_ptr() as usize,
+            Data::F32(v) => v.as_ptr() as usize,
+        }
+    }
+
+    fn len(&self) -> usize {
+        match self {
+            Data::Bytes(b) => b.len(),
+            Data::F32(v) => v.len() * 4,
+        }
     }
 }
 
@@ -359,13 +382,8 @@ impl PyWeightFile {
             let t = inner.tensor(name)?;
             let shape = t.shape.clone();
             if upcast || t.quant.is_some() {
-                let v = t.to_f32();
-                let mut data = Vec::with_capacity(v.len() * 4);
-                for x in v {
-                    data.extend_from_slice(&x.to_le_bytes());
-                }
                 return Ok(TensorBuffer {
-                    data,
+                    data: Data::F32(t.to_f32()),
                     shape,
                     typestr: "<f4",
                     dtype: "float32",
@@ -373,7 +391,7 @@ impl PyWeightFile {
             }
             let (typestr, dtype) = np_type(t.dtype);
             Ok(TensorBuffer {
-                data: t.data,
+                data: Data::Bytes(t.data),
                 shape,
                 typestr,
                 dtype,

@@ -146,8 +146,9 @@ fn quantize_row(
         for (src, q) in units {
             x.clear();
             widen(t.src.dtype, src, &mut x);
-            let bad = x.iter().filter(|v| !v.is_finite()).count();
-            if bad > 0 {
+            // One vectorized pass; the count only when something is wrong.
+            if x.iter().fold(false, |acc, v| acc | !v.is_finite()) {
+                let bad = x.iter().filter(|v| !v.is_finite()).count();
                 return Err(fail(format!(
                     "it holds {bad} NaN or infinite value{} (no scale represents them); skip it with a quantize-skip glob",
                     if bad == 1 { "" } else { "s" }
