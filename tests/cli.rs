@@ -412,3 +412,54 @@ fn the_binary_adds_the_command_line_hint_to_library_errors() {
     );
     assert!(!out.join("weights.parquet").exists());
 }
+
+#[test]
+fn a_killed_conversion_leaves_a_named_temp_file_that_the_next_run_removes() {
+    let tmp = tempdir();
+    let out = tmp.path().join("o");
+    // Slow enough to be caught mid-write: zstd 19 on one thread, 1 MiB row groups.
+    let mut child = Command::new(env!("CARGO_BIN_EXE_modelconv"))
+        .args(["convert", s(&minilm()), "-o", s(&out), "-q"])
+        .args(["--level", "19", "--threads", "1", "--row-group-mb", "1"])
+        .spawn()
+        .unwrap();
+    let temp = |out: &Path| -> Vec<String> {
+        std::fs::read_dir(out)
+            .map(|d| {
+                d.map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+                    .filter(|n| n.contains(".tmp-"))
+                    .collect()
+            })
+            .unwrap_or_default()
+    };
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(120);
+    while temp(&out).is_empty() {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "no temp file appeared"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    std::thread::sleep(std::time::Duration::from_millis(200));
+    child.kill().unwrap(); // SIGKILL: no handler runs
+    child.wait().unwrap();
+    let left = temp(&out);
+    assert_eq!(left.len(), 1, "{left:?}");
+    assert!(
+        left[0].starts_with(&format!(".weights.parquet.tmp-{}-", child.id())),
+        "the temp file names the weights and the killed process: {left:?}"
+    );
+    assert!(!out.join("weights.parquet").exists());
+    // The next conversion into the directory removes it and says so.
+    let o = modelconv(&["convert", s(&fixture("tiny-bert")), "-o", s(&out), "-q"]);
+    assert!(o.status.success(), "{}", text(&o.stderr));
+    assert_eq!(
+        text(&o.stderr),
+        format!(
+            "note: removed `{}`, left by a conversion that no longer runs\n",
+            left[0]
+        )
+    );
+    assert!(temp(&out).is_empty());
+    assert!(out.join("weights.parquet").exists());
+}

@@ -69,11 +69,9 @@ pub fn convert_with(
 ) -> Result<ConversionReport> {
     let started = Instant::now();
     let job = Job::prepare(source::open(input, config.source_options())?, config)?;
-    for n in &job.recipe.notices {
-        observer.event(&Event::Notice(n));
-    }
     let out = OutputLayout::plan(output.as_ref(), &job.source, &job.files, config)?;
-    out.create_dir()?;
+    let stale = out.create_dir()?;
+    job.notify(observer, &stale);
     let total = job.plan.src_bytes();
     observer.event(&Event::Planned {
         tensors: job.plan.tensors.len(),
@@ -205,6 +203,20 @@ impl Job {
             ));
         }
         Ok(job)
+    }
+
+    /// Tells the observer what the user should know: the recipe's notices, and the temp
+    /// files of killed conversions that were removed from the output directory.
+    fn notify(&self, observer: &dyn Observer, stale: &[String]) {
+        for n in &self.recipe.notices {
+            observer.event(&Event::Notice(n));
+        }
+        for s in stale {
+            observer.event(&Event::Notice(&format!(
+                "removed `{}`, left by a conversion that no longer runs",
+                sanitize(s)
+            )));
+        }
     }
 
     /// Source ties between tensors that are both converted, under their output names.

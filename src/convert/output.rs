@@ -14,7 +14,7 @@ use crate::error::{Error, Result};
 use crate::format;
 use crate::model::ModelFiles;
 use crate::source::Source;
-use crate::write::atomic::{sync_dir, TempPath};
+use crate::write::atomic::{remove_stale_temp_files, sync_dir, TempPath};
 
 /// The tokenizer and preprocessing files copied into `tokenizer/`.
 pub const TOKENIZER_FILES: &[&str] = &[
@@ -121,13 +121,15 @@ impl OutputLayout {
         config.chain(tok).chain(st)
     }
 
-    /// Creates the output directory.
+    /// Creates the output directory, and removes the temp files a killed conversion
+    /// left in it; returns their names.
     ///
     /// # Errors
     ///
     /// `Io` naming the directory.
-    pub(crate) fn create_dir(&self) -> Result<()> {
-        std::fs::create_dir_all(&self.dir).map_err(|e| Error::io("create", &self.dir, e))
+    pub(crate) fn create_dir(&self) -> Result<Vec<String>> {
+        std::fs::create_dir_all(&self.dir).map_err(|e| Error::io("create", &self.dir, e))?;
+        Ok(remove_stale_temp_files(&self.dir))
     }
 
     /// The output directory.

@@ -130,3 +130,64 @@ pub(crate) fn sync_dir(dir: &Path) {
         let _ = d.sync_all();
     }
 }
+
+/// The process id in a temp file name of ours (`.NAME.tmp-PID-NONCE`), if it is one.
+fn temp_owner(name: &str) -> Option<u32> {
+    let rest = name.strip_prefix('.')?;
+    let (_, tail) = rest.rsplit_once(".tmp-")?;
+    let (pid, nonce) = tail.split_once('-')?;
+    let hex = !nonce.is_empty() && nonce.bytes().all(|b| b.is_ascii_hexdigit());
+    hex.then(|| pid.parse().ok()).flatten()
+}
+
+/// Removes the temp files (and staged directories) in `dir` that a process which no
+/// longer exists left behind (a conversion killed with SIGKILL or by the OOM killer),
+/// and returns their names. Those of live processes (another conversion into the same
+/// directory) are left alone. Linux: liveness is `/proc/PID`.
+pub(crate) fn remove_stale_temp_files(dir: &Path) -> Vec<String> {
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        return Vec::new();
+    };
+    let me = std::process::id();
+    let mut removed = Vec::new();
+    for e in entries.flatten() {
+        let name = e.file_name().to_string_lossy().into_owned();
+        let Some(pid) = temp_owner(&name) else {
+            continue;
+        };
+        if pid == me || Path::new("/proc").join(pid.to_string()).exists() {
+            continue;
+        }
+        let p = e.path();
+        let gone = if p.is_dir() {
+            std::fs::remove_dir_all(&p)
+        } else {
+            std::fs::remove_file(&p)
+        };
+        if gone.is_ok() {
+            removed.push(name);
+        }
+    }
+    removed.sort();
+    removed
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn temp_names_give_their_owner() {
+        assert_eq!(temp_owner(".weights.parquet.tmp-4242-0a1b2c3d"), Some(4242));
+        assert_eq!(temp_owner(".tokenizer.tmp-7-ff"), Some(7));
+        for other in [
+            "weights.parquet",
+            ".weights.parquet",
+            ".x.tmp-abc-12",
+            ".x.tmp-12-",
+            "x.tmp-12-ab",
+        ] {
+            assert_eq!(temp_owner(other), None, "{other}");
+        }
+    }
+}

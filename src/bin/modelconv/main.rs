@@ -171,6 +171,12 @@ fn run_verify(a: VerifyArgs) -> Outcome {
 }
 
 fn run_export(a: ExportArgs) -> Outcome {
+    // Export has one temp file and nothing else to finish: any Ctrl-C or SIGTERM
+    // removes it and exits.
+    let _ = ctrlc::set_handler(|| {
+        modelconv::remove_temp_files();
+        std::process::exit(Exit::Interrupted as i32);
+    });
     let r = modelconv::export(&a.path, &a.output, &a.options())?;
     if a.out.json {
         print::json(&r)?;
