@@ -281,54 +281,105 @@ fn verify_names_a_tensor_with_a_flipped_byte() {
     assert_eq!(bad[0]["value_mismatches"], 1);
 }
 
+/// Starts the real binary with `args`, waits until `ready` holds (it is writing), sends
+/// `signals` (with `gap` between them), and returns its output.
+fn signalled(args: &[&str], ready: &dyn Fn() -> bool, signals: &[i32], gap: u64) -> Output {
+    let child = Command::new(env!("CARGO_BIN_EXE_modelconv"))
+        .args(args)
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let start = std::time::Instant::now();
+    while !ready() && start.elapsed() < std::time::Duration::from_secs(120) {
+        std::thread::sleep(std::time::Duration::from_millis(10));
+    }
+    assert!(ready(), "the command never got going");
+    for &sig in signals {
+        std::thread::sleep(std::time::Duration::from_millis(gap));
+        // SAFETY: sending a signal to our own child process.
+        unsafe {
+            libc::kill(child.id() as i32, sig);
+        }
+    }
+    child.wait_with_output().unwrap()
+}
+
+fn entries(dir: &Path) -> Vec<String> {
+    std::fs::read_dir(dir)
+        .map(|d| {
+            d.map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
 #[test]
-fn ctrl_c_exits_130_and_leaves_nothing() {
+fn signals_stop_convert_and_export_and_leave_nothing() {
     let tmp = tempdir();
     let model = tmp.path().join("clip");
     build_from_manifest(&fixture("manifests/clip-vit-base-patch32.json"), &model);
     let out = tmp.path().join("o");
-    // zstd level 19 on one thread takes minutes for this model; 1 MiB row groups make
-    // the cancellation point frequent.
-    let child = Command::new(env!("CARGO_BIN_EXE_modelconv"))
-        .args([
-            "convert",
-            s(&model),
-            "-o",
-            s(&out),
-            "--part",
-            "all",
-            "--level",
-            "19",
-            "--threads",
-            "1",
-            "--row-group-mb",
-            "1",
-        ])
-        .stderr(std::process::Stdio::piped())
-        .spawn()
-        .unwrap();
-    // Wait until the output directory exists (the conversion is writing), then interrupt.
-    let start = std::time::Instant::now();
-    while !out.exists() && start.elapsed() < std::time::Duration::from_secs(60) {
-        std::thread::sleep(std::time::Duration::from_millis(20));
+    // zstd level 19 on one thread takes minutes for this 600 MB model; 1 MiB row groups
+    // make the cancellation point frequent.
+    let slow = [
+        "convert",
+        s(&model),
+        "-o",
+        s(&out),
+        "--part",
+        "all",
+        "--level",
+        "19",
+        "--threads",
+        "1",
+        "--row-group-mb",
+        "1",
+    ];
+    let writing = || entries(&out).iter().any(|n| n.contains(".tmp-"));
+    // Ctrl-C, then SIGTERM: the conversion stops at its next row group, cleans up, 130.
+    for sig in [libc::SIGINT, libc::SIGTERM] {
+        let o = signalled(&slow, &writing, &[sig], 300);
+        assert_eq!(o.status.code(), Some(130), "{sig}: {}", text(&o.stderr));
+        assert_eq!(text(&o.stderr), "error: cancelled\n");
+        assert!(entries(&out).is_empty(), "{sig}: left {:?}", entries(&out));
     }
-    std::thread::sleep(std::time::Duration::from_millis(300));
-    // SAFETY: sending a signal to our own child process.
-    unsafe {
-        libc::kill(child.id() as i32, libc::SIGINT);
-    }
-    let o = child.wait_with_output().unwrap();
+    // A second Ctrl-C exits at once, still leaving no file that looks complete.
+    let o = signalled(&slow, &writing, &[libc::SIGINT, libc::SIGINT], 100);
     assert_eq!(o.status.code(), Some(130), "{}", text(&o.stderr));
-    assert!(
-        text(&o.stderr).trim_end().ends_with("error: cancelled"),
-        "{}",
-        text(&o.stderr)
-    );
-    let left: Vec<String> = std::fs::read_dir(&out)
-        .unwrap()
-        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
-        .collect();
-    assert!(left.is_empty(), "left behind: {left:?}");
+    assert!(entries(&out).is_empty(), "left {:?}", entries(&out));
+    // export: convert quickly, then interrupt the export of every tensor as f32.
+    let o = modelconv(&[
+        "convert",
+        s(&model),
+        "-o",
+        s(&out),
+        "--part",
+        "all",
+        "-q",
+        "--compression",
+        "none",
+    ]);
+    assert!(o.status.success(), "{}", text(&o.stderr));
+    let st = tmp.path().join("x.safetensors");
+    let exporting = || {
+        entries(tmp.path())
+            .iter()
+            .any(|n| n.starts_with(".x.safetensors.tmp-"))
+    };
+    for sig in [libc::SIGINT, libc::SIGTERM] {
+        let o = signalled(
+            &["export", s(&out), s(&st), "--dtype", "f32"],
+            &exporting,
+            &[sig],
+            0,
+        );
+        assert_eq!(o.status.code(), Some(130), "{sig}: {}", text(&o.stderr));
+        let left: Vec<String> = entries(tmp.path())
+            .into_iter()
+            .filter(|n| n.contains("x.safetensors"))
+            .collect();
+        assert!(left.is_empty(), "{sig}: left {left:?}");
+    }
 }
 
 /// Runs `convert` with `args` after the input and output, expects exit 2 with exactly
