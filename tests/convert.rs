@@ -852,3 +852,79 @@ fn full_size_clip_layout_converts() {
     assert!(report.passed());
     assert_eq!(report.tensors, 200);
 }
+
+#[test]
+fn force_never_mixes_a_new_conversion_with_an_earlier_ones_files() {
+    let tmp = tempdir();
+    let out = tmp.path().join("o");
+    let st = ConvertConfig::default();
+    convert(fixture("tiny-sentence-transformer"), &out, &st).unwrap();
+    for f in [
+        "modules.json",
+        "sentence_bert_config.json",
+        "1_Pooling/config.json",
+        "config.json",
+    ] {
+        assert!(out.join(f).exists(), "{f}");
+    }
+    // A different model into the same directory: nothing of the first may remain.
+    let force = ConvertConfig::builder().force(true).build().unwrap();
+    convert(fixture("tiny-clip"), &out, &force).unwrap();
+    let mut left: Vec<String> = Vec::new();
+    let mut stack = vec![out.clone()];
+    while let Some(d) = stack.pop() {
+        for e in std::fs::read_dir(&d).unwrap() {
+            let p = e.unwrap().path();
+            if p.is_dir() {
+                stack.push(p.clone());
+            }
+            left.push(p.strip_prefix(&out).unwrap().display().to_string());
+        }
+    }
+    left.sort();
+    assert_eq!(left, ["config.json", "metadata.json", "weights.parquet"]);
+    let m: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(out.join("metadata.json")).unwrap()).unwrap();
+    assert_eq!(
+        m["files"],
+        serde_json::json!(["weights.parquet", "metadata.json", "config.json"])
+    );
+    assert_eq!(
+        std::fs::read(out.join("config.json")).unwrap(),
+        std::fs::read(fixture("tiny-clip/config.json")).unwrap()
+    );
+}
+
+#[test]
+fn a_rename_that_fails_leaves_the_earlier_conversion_and_no_temp_file() {
+    // `weights.parquet` replaced by a non-empty directory: the final rename fails
+    // (EISDIR) after the whole file was written and synced, whoever runs the test.
+    let tmp = tempdir();
+    let out = tmp.path().join("o");
+    convert(fixture("tiny-bert"), &out, &ConvertConfig::default()).unwrap();
+    let meta = std::fs::read(out.join("metadata.json")).unwrap();
+    std::fs::remove_file(out.join("weights.parquet")).unwrap();
+    std::fs::create_dir_all(out.join("weights.parquet/keep")).unwrap();
+    let force = ConvertConfig::builder().force(true).build().unwrap();
+    let err = convert(fixture("tiny-bert"), &out, &force).unwrap_err();
+    assert!(matches!(err, Error::Io { .. }), "{err:?}");
+    assert!(
+        err.to_string().starts_with(&format!(
+            "{}: cannot rename into: ",
+            out.join("weights.parquet").display()
+        )),
+        "{err}"
+    );
+    no_temp_files_anywhere(&out);
+    assert_eq!(std::fs::read(out.join("metadata.json")).unwrap(), meta);
+    assert!(out.join("weights.parquet/keep").is_dir());
+}
+
+fn no_temp_files_anywhere(dir: &Path) {
+    let left: Vec<String> = std::fs::read_dir(dir)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .filter(|n| n.contains(".tmp-"))
+        .collect();
+    assert!(left.is_empty(), "temp files left: {left:?}");
+}

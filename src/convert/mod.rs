@@ -315,11 +315,12 @@ impl Job {
             converted_at: conversion_time(),
             ties: self.ties(),
         });
-        if let (Some(q), Some(o)) = (quant, metadata.as_object_mut()) {
-            o.insert(
-                "quantization".into(),
-                serde_json::to_value(q).unwrap_or_default(),
-            );
+        if let Some(o) = metadata.as_object_mut() {
+            if let Some(q) = quant {
+                let q = serde_json::to_value(q).unwrap_or_default();
+                o.insert("quantization".into(), q);
+            }
+            o.insert("files".into(), json!(out.written()));
         }
         metadata
     }

@@ -147,6 +147,55 @@ impl OutputLayout {
         &self.metadata
     }
 
+    /// Every path this conversion writes, relative to the output directory (recorded in
+    /// `metadata.json` as `files`, so that a later `--force` conversion can remove what
+    /// it does not replace).
+    pub(crate) fn written(&self) -> Vec<String> {
+        let mut files = vec![
+            format::WEIGHTS_FILE.to_string(),
+            format::METADATA_FILE.to_string(),
+        ];
+        if self.config.is_some() {
+            files.push("config.json".into());
+        }
+        if !self.tokenizer.is_empty() {
+            files.push("tokenizer".into());
+        }
+        files.extend(
+            self.st_files
+                .iter()
+                .map(|f| f.to_string_lossy().into_owned()),
+        );
+        files
+    }
+
+    /// What an earlier conversion in the directory wrote (its `metadata.json` `files`,
+    /// or the side files every version writes) that this one does not: plain relative
+    /// paths only.
+    fn leftovers(&self) -> Vec<PathBuf> {
+        let old: Vec<String> = std::fs::read(&self.metadata)
+            .ok()
+            .and_then(|b| serde_json::from_slice::<Value>(&b).ok())
+            .map(|m| match m.get("files").and_then(Value::as_array) {
+                Some(files) => files
+                    .iter()
+                    .filter_map(|f| f.as_str().map(str::to_owned))
+                    .collect(),
+                None => vec!["config.json".into(), "tokenizer".into()],
+            })
+            .unwrap_or_default();
+        let new = self.written();
+        old.into_iter()
+            .filter(|f| !new.contains(f))
+            .map(PathBuf::from)
+            .filter(|p| {
+                p.components()
+                    .all(|c| matches!(c, std::path::Component::Normal(_)))
+            })
+            .map(|p| self.dir.join(p))
+            .collect()
+    }
+
     /// `tokenizer/`, when tokenizer files are copied.
     pub(crate) fn tokenizer_dir(&self) -> Option<PathBuf> {
         (!self.tokenizer.is_empty()).then(|| self.dir.join("tokenizer"))
@@ -198,6 +247,7 @@ impl OutputLayout {
             dir: self.dir.clone(),
             files,
             metadata: meta,
+            leftovers: self.leftovers(),
         })
     }
 }
@@ -208,20 +258,40 @@ pub(crate) struct Staged {
     dir: PathBuf,
     files: Vec<TempPath>,
     metadata: TempPath,
+    /// Files of an earlier conversion this one does not replace (`--force`).
+    leftovers: Vec<PathBuf>,
 }
 
 impl Staged {
-    /// Renames `weights`, then every side file, then `metadata.json` into place, and
-    /// syncs the directory: a `metadata.json` beside the weights means a whole
-    /// conversion.
+    /// Renames `weights`, then every side file into place, removes what an earlier
+    /// conversion wrote and this one does not, then renames `metadata.json` and syncs
+    /// the directory: a `metadata.json` beside the weights means a whole conversion,
+    /// never mixed with another's files.
     ///
     /// # Errors
     ///
-    /// `Io` naming the target that could not be replaced.
+    /// `Io` naming the target that could not be replaced or removed.
     pub(crate) fn commit(self, weights: TempPath) -> Result<()> {
         weights.commit()?;
         for t in self.files {
             t.commit()?;
+        }
+        for old in &self.leftovers {
+            let gone = if old.is_dir() {
+                std::fs::remove_dir_all(old)
+            } else {
+                std::fs::remove_file(old)
+            };
+            match gone {
+                Ok(()) => {
+                    // A module file's folder (`1_Pooling/`) goes with its last file.
+                    if let Some(parent) = old.parent().filter(|p| *p != self.dir) {
+                        let _ = std::fs::remove_dir(parent);
+                    }
+                }
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+                Err(e) => return Err(Error::io("remove", old, e)),
+            }
         }
         self.metadata.commit()?;
         sync_dir(&self.dir);
