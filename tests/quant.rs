@@ -287,7 +287,7 @@ i = next(k for k, s in enumerate(rows) if s)
 s = np.frombuffer(rows[i], np.float32).copy(); s[0] *= 2
 rows[i] = s.tobytes()
 t = t.set_column(t.schema.get_field_index("scales"), "scales", pa.array(rows, pa.binary()))
-t = t.replace_schema_metadata(f.schema_arrow.metadata)
+t = t.replace_schema_metadata({k: v for k, v in f.metadata.metadata.items() if k != b"ARROW:schema"})
 pq.write_table(t, p)
 print(t.column("layer_name")[i])
 "#;

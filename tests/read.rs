@@ -452,3 +452,60 @@ fn a_damaged_or_inconsistent_footer_index_is_refused() {
     );
     assert!(WeightFile::open(&path).unwrap().has_index());
 }
+
+#[test]
+fn verify_names_rows_whose_description_cells_were_damaged() {
+    // RELIABILITY row 44: layer_name, shape, dtype or num_params changed in a row whose
+    // data (and so its checksum) is intact: verify compares every cell with the footer
+    // index and names the row.
+    let tmp = tempdir();
+    let out = tmp.path().join("o");
+    convert(fixture("tiny-bert"), &out, &ConvertConfig::default()).unwrap();
+    let path = out.join("weights.parquet");
+    let good = std::fs::read(&path).unwrap();
+    let script = r#"
+import sys, pyarrow as pa, pyarrow.parquet as pq
+p, col, row = sys.argv[1], sys.argv[2], int(sys.argv[3])
+f = pq.ParquetFile(p)
+t = f.read()
+v = t.column(col).to_pylist()
+v[row] = "renamed" if col == "layer_name" else "torch.float32" if col == "dtype" else v[row] + 1 if col == "num_params" else [7, 7]
+t = t.set_column(t.schema.get_field_index(col), col, pa.array(v, t.schema.field(col).type))
+pq.write_table(t.replace_schema_metadata({k: v for k, v in f.metadata.metadata.items() if k != b"ARROW:schema"}), p)
+"#;
+    let cases = [
+        (
+            "layer_name",
+            "row 5: layer_name `renamed` differs from the index's",
+        ),
+        ("shape", "row 5: shape [7, 7] differs from the index's [32]"),
+        (
+            "dtype",
+            "row 5: dtype `torch.float32` differs from the index's",
+        ),
+        (
+            "num_params",
+            "row 5: num_params 33 differs from the index's 32",
+        ),
+    ];
+    for (col, want) in cases {
+        std::fs::write(&path, &good).unwrap();
+        let o = std::process::Command::new(python())
+            .args(["-c", script, path.to_str().unwrap(), col, "5"])
+            .output()
+            .unwrap();
+        assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+        let r = verify(&out, None, &Default::default()).unwrap();
+        assert!(!r.passed(), "{col}");
+        let failed: Vec<(String, Vec<String>)> = r
+            .failures()
+            .map(|c| (c.name.clone(), c.problems.clone()))
+            .collect();
+        let name = WeightFile::open(&out).unwrap().tensors()[5].name.clone();
+        assert_eq!(failed, vec![(name, vec![want.to_string()])], "{col}");
+        assert_eq!(
+            r.checks.iter().map(|c| c.checksum_mismatches).sum::<u64>(),
+            0
+        );
+    }
+}

@@ -87,7 +87,7 @@ pub fn export(
     let mut written = 0u64;
     let mut scratch = Vec::new();
     for rg in 0..wf.num_row_groups() {
-        wf.scan_row_group(rg, &mut |r: Row| {
+        wf.scan_row_group(rg, false, &mut |r: Row| {
             let t = &wf.tensors()[r.tensor];
             let d = out_dtype(opts, t);
             let bytes: &[u8] = if let Some(q) = t.quant {

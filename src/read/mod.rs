@@ -170,6 +170,17 @@ struct Cells<'a> {
     /// rows).
     scales: &'a [u8],
     zero_points: &'a [u8],
+    /// With `describe`: the row's own description cells.
+    described: Option<Described<'a>>,
+}
+
+/// A row's description cells as stored (`verify` compares them with the footer index).
+#[derive(Debug, Clone)]
+pub(crate) struct Described<'a> {
+    pub(crate) name: &'a str,
+    pub(crate) dtype: &'a str,
+    pub(crate) shape: Vec<i64>,
+    pub(crate) num_params: Option<i64>,
 }
 
 /// A row callback.
@@ -206,6 +217,8 @@ pub(crate) struct Row<'a> {
     /// V2: the row's scales and zero points, f32 little-endian (empty otherwise).
     pub(crate) scales: &'a [u8],
     pub(crate) zero_points: &'a [u8],
+    /// With `describe`: the row's own name, dtype, shape and count cells.
+    pub(crate) described: Option<Described<'a>>,
 }
 
 impl WeightFile {
@@ -457,7 +470,14 @@ impl WeightFile {
     /// Reads rows `[first, first + n)` (the `data`, `chunk_offset` and `checksum`
     /// columns), calling `f` per row in order. Only the row groups (and, with the offset
     /// index, the pages) holding those rows are read.
-    fn read_rows(&self, first: u64, n: u64, tensor: Option<&str>, f: &mut RowFn) -> Result<()> {
+    fn read_rows(
+        &self,
+        first: u64,
+        n: u64,
+        tensor: Option<&str>,
+        describe: bool,
+        f: &mut RowFn,
+    ) -> Result<()> {
         let path = &self.path;
         let end = first.saturating_add(n);
         let mut row = first;
@@ -481,6 +501,14 @@ impl WeightFile {
             }
             if self.quantized {
                 cols.extend([format::COL_SCALES, format::COL_ZERO_POINTS]);
+            }
+            if describe {
+                cols.extend([
+                    format::COL_NAME,
+                    format::COL_DTYPE,
+                    format::COL_SHAPE,
+                    format::COL_NUM_PARAMS,
+                ]);
             }
             let batches = guard(path, tensor, || {
                 let mask =
@@ -526,10 +554,40 @@ impl WeightFile {
                 } else {
                     None
                 };
+                let described = if describe {
+                    Some((
+                        col::<StringArray>(&batch, format::COL_NAME, path)?,
+                        col::<StringArray>(&batch, format::COL_DTYPE, path)?,
+                        col::<ListArray>(&batch, format::COL_SHAPE, path)?,
+                        batch
+                            .column_by_name(format::COL_NUM_PARAMS)
+                            .and_then(|c| c.as_any().downcast_ref::<Int64Array>()),
+                    ))
+                } else {
+                    None
+                };
                 for i in 0..batch.num_rows() {
                     if row >= end {
                         return Err(Error::corrupt(path, tensor, "more rows than selected"));
                     }
+                    let described = described.map(|(names, dtypes, shapes, counts)| {
+                        let dims = shapes.value(i);
+                        let shape = dims
+                            .as_any()
+                            .downcast_ref::<arrow_array::Int32Array>()
+                            .map(|d| d.values().iter().map(|&x| x as i64).collect())
+                            .unwrap_or_default();
+                        Described {
+                            name: if names.is_null(i) { "" } else { names.value(i) },
+                            dtype: if dtypes.is_null(i) {
+                                ""
+                            } else {
+                                dtypes.value(i)
+                            },
+                            shape,
+                            num_params: counts.and_then(|c| (!c.is_null(i)).then(|| c.value(i))),
+                        }
+                    });
                     let (scales, zero_points) =
                         quant.map_or((&[][..], &[][..]), |(s, z)| (s.value(i), z.value(i)));
                     f(Cells {
@@ -539,6 +597,7 @@ impl WeightFile {
                         offset: offs.and_then(|o| (!o.is_null(i)).then(|| o.value(i))),
                         scales,
                         zero_points,
+                        described,
                     })?;
                     row += 1;
                 }
@@ -574,7 +633,7 @@ impl WeightFile {
         })?;
         let mut data = Vec::with_capacity(cap.min(1 << 30));
         let (mut scales, mut zero_points) = (Vec::new(), Vec::new());
-        self.read_rows(t.row, t.rows, Some(name), &mut |c| {
+        self.read_rows(t.row, t.rows, Some(name), false, &mut |c| {
             if (data.len() + c.data.len()) as u64 > t.bytes {
                 return Err(Error::corrupt(
                     &self.path,
@@ -641,10 +700,12 @@ impl WeightFile {
         self.tensor(name).map(|t| t.to_f32())
     }
 
-    /// Calls `f` for every row of row group `rg`, in order.
+    /// Calls `f` for every row of row group `rg`, in order; with `describe`, each row
+    /// carries its name, dtype, shape and count cells too.
     pub(crate) fn scan_row_group(
         &self,
         rg: usize,
+        describe: bool,
         f: &mut dyn FnMut(Row) -> Result<()>,
     ) -> Result<()> {
         let first = *self
@@ -653,7 +714,7 @@ impl WeightFile {
             .ok_or_else(|| Error::corrupt(&self.path, None, format!("no row group {rg}")))?;
         let n = self.rg_first_row.get(rg + 1).copied().unwrap_or(first) - first;
         let mut ti = self.tensor_at_row(first);
-        self.read_rows(first, n, None, &mut |c| {
+        self.read_rows(first, n, None, describe, &mut |c| {
             let row = c.row;
             while ti < self.tensors.len() && self.tensors[ti].row + self.tensors[ti].rows <= row {
                 ti += 1;
@@ -683,6 +744,7 @@ impl WeightFile {
                 checksum: c.checksum,
                 scales: c.scales,
                 zero_points: c.zero_points,
+                described: c.described,
             })
         })
     }
@@ -710,7 +772,7 @@ impl WeightFile {
                 let mut pending: Option<(usize, Vec<u8>)> = None;
                 let first = self.rg_first_row[rg];
                 let last = self.rg_first_row[rg + 1];
-                self.scan_row_group(rg, &mut |r: Row| {
+                self.scan_row_group(rg, false, &mut |r: Row| {
                     let t = &self.tensors[r.tensor];
                     if t.row < first || t.row + t.rows > last || t.quant.is_some() {
                         // Spans row groups, or needs its scales: read whole below.

@@ -161,11 +161,11 @@ pub fn verify(
         policy: wf.cast_policy(),
         scheme: wf.quant_scheme(),
     });
-    // Per tensor: its verdict and the bytes its rows held so far.
-    let tallies: Vec<Mutex<(TensorCheck, u64)>> = wf
+    // Per tensor: its verdict and the (chunk offset, length) of every row seen.
+    let tallies: Vec<Mutex<Tally>> = wf
         .tensors()
         .iter()
-        .map(|t| Mutex::new((TensorCheck::new(&t.name), 0)))
+        .map(|t| Mutex::new((TensorCheck::new(&t.name), Vec::new())))
         .collect();
     let pool = rayon::ThreadPoolBuilder::new()
         .num_threads(opts.threads)
@@ -177,16 +177,17 @@ pub fn verify(
     let file_problems = Mutex::new(Vec::new());
     pool.install(|| {
         (0..wf.num_row_groups()).into_par_iter().for_each(|rg| {
-            let r = wf.scan_row_group(rg, &mut |row: Row| {
+            let r = wf.scan_row_group(rg, true, &mut |row: Row| {
                 let t = &wf.tensors()[row.tensor];
                 let mut tally = tallies[row.tensor]
                     .lock()
                     .unwrap_or_else(|p| p.into_inner());
-                let (check, bytes) = &mut *tally;
+                let (check, spans) = &mut *tally;
                 if row.checksum.is_some_and(|sum| xxh3_64(row.data) != sum) {
                     check.checksum_mismatches += 1;
                 }
-                *bytes = bytes.saturating_add(row.data.len() as u64);
+                check_description(check, t, &row);
+                spans.push((row.offset, row.data.len() as u64));
                 if let Some(a) = &against {
                     a.check_row(check, t, &row);
                 }
@@ -202,10 +203,24 @@ pub fn verify(
         .into_iter()
         .zip(wf.tensors())
         .map(|(m, t)| {
-            let (mut c, b) = m.into_inner().unwrap_or_else(|p| p.into_inner());
+            let (mut c, mut spans) = m.into_inner().unwrap_or_else(|p| p.into_inner());
+            let b = spans.iter().fold(0u64, |a, s| a.saturating_add(s.1));
             if b != t.bytes {
                 c.problems
                     .push(format!("rows hold {b} bytes, the shape needs {}", t.bytes));
+            } else if wf.has_index() {
+                // The rows' chunk offsets must tile the tensor exactly, in order.
+                spans.sort_unstable();
+                let mut at = 0u64;
+                for (off, len) in spans {
+                    if off != at {
+                        c.problems.push(format!(
+                            "a row's chunk offset is {off}, the rows before it end at {at}"
+                        ));
+                        break;
+                    }
+                    at = at.saturating_add(len);
+                }
             }
             // Problems repeat per row of a split tensor; say each once.
             c.problems.dedup();
@@ -297,6 +312,54 @@ impl Against<'_> {
                 check.value_mismatches += 1;
             }
         }
+    }
+}
+
+/// A tensor's verdict so far, and the `(chunk offset, length)` of every row seen.
+type Tally = (TensorCheck, Vec<(u64, u64)>);
+
+/// Compares a row's own cells (name, shape, dtype, count) with the footer index.
+fn check_description(check: &mut TensorCheck, t: &TensorInfo, row: &Row) {
+    let Some(d) = &row.described else { return };
+    let r = row.row;
+    if d.name != t.name {
+        check.problems.push(format!(
+            "row {r}: layer_name `{}` differs from the index's",
+            sanitize(d.name)
+        ));
+    }
+    let shape_ok = d.shape.len() == t.shape.len()
+        && d.shape
+            .iter()
+            .zip(&t.shape)
+            .all(|(&a, &b)| u64::try_from(a) == Ok(b));
+    if !shape_ok {
+        check.problems.push(format!(
+            "row {r}: shape {:?} differs from the index's {:?}",
+            d.shape, t.shape
+        ));
+    }
+    // A quantized row's `dtype` names the original (source) dtype.
+    let want = match (&t.quant, &t.source_dtype) {
+        (Some(_), Some(src)) => Dtype::from_safetensors(src).map(|d| d.torch_name()),
+        // A V2 file without our index does not say what the original dtype was.
+        (Some(_), None) => None,
+        (None, _) => Some(t.dtype.torch_name()),
+    };
+    if want.is_some_and(|w| w != d.dtype) {
+        check.problems.push(format!(
+            "row {r}: dtype `{}` differs from the index's",
+            sanitize(d.dtype)
+        ));
+    }
+    if d.num_params
+        .is_some_and(|n| u64::try_from(n) != Ok(t.num_params))
+    {
+        check.problems.push(format!(
+            "row {r}: num_params {} differs from the index's {}",
+            d.num_params.unwrap_or_default(),
+            t.num_params
+        ));
     }
 }
 
