@@ -150,9 +150,12 @@ fn small_file(tmp: &std::path::Path, codec: Codec) -> std::path::PathBuf {
 
 /// Opens, reads every tensor and verifies; returns whether anything noticed a problem.
 fn damage_noticed(path: &std::path::Path) -> bool {
+    // A panic caught inside the reader is a failure here, never a clean rejection.
+    let not_internal = |e: &Error| assert!(!matches!(e, Error::Internal { .. }), "{e}");
     let wf = match WeightFile::open(path) {
         Ok(wf) => wf,
         Err(e) => {
+            not_internal(&e);
             assert!(
                 e.to_string().starts_with(&path.display().to_string()),
                 "error names the file: {e}"
@@ -162,13 +165,24 @@ fn damage_noticed(path: &std::path::Path) -> bool {
     };
     for t in wf.tensors() {
         if let Err(e) = wf.tensor(&t.name) {
+            not_internal(&e);
             assert!(e.to_string().contains(&path.display().to_string()), "{e}");
             return true;
         }
     }
     match verify(path, None, &Default::default()) {
-        Ok(r) => !r.passed(),
-        Err(_) => true,
+        Ok(r) => {
+            let panicked = r
+                .problems
+                .iter()
+                .any(|p| p.contains("parquet reader panicked"));
+            assert!(!panicked, "{:?}", r.problems);
+            !r.passed()
+        }
+        Err(e) => {
+            not_internal(&e);
+            true
+        }
     }
 }
 

@@ -38,7 +38,8 @@ use crate::error::{Error, Result};
 use crate::format::{self, QuantInfo};
 use io::MappedFile;
 
-/// Runs a Parquet call, turning a panic inside the parquet crate into an error.
+/// Runs a Parquet call, turning a panic inside the parquet crate into an `Internal`
+/// error naming the file (and the tensor).
 fn guard<T>(path: &Path, tensor: Option<&str>, f: impl FnOnce() -> Result<T>) -> Result<T> {
     match catch_unwind(AssertUnwindSafe(f)) {
         Ok(r) => r,
@@ -48,11 +49,15 @@ fn guard<T>(path: &Path, tensor: Option<&str>, f: impl FnOnce() -> Result<T>) ->
                 .cloned()
                 .or_else(|| p.downcast_ref::<&str>().map(|s| s.to_string()))
                 .unwrap_or_else(|| "unknown panic".into());
-            Err(Error::corrupt(
-                path,
-                tensor,
-                format!("damaged file (the parquet reader failed: {msg})"),
-            ))
+            // The parquet crate panicked on this file: reported as a bug (ours to wrap,
+            // or the crate's), never as a clean rejection.
+            let at = match tensor {
+                Some(t) => format!("{}, tensor `{}`", path.display(), crate::error::sanitize(t)),
+                None => path.display().to_string(),
+            };
+            Err(Error::internal(format!(
+                "{at}: the parquet reader panicked: {msg}"
+            )))
         }
     }
 }
@@ -253,6 +258,10 @@ impl WeightFile {
             ArrowReaderMetadata::load(&file, opts)
                 .map_err(|e| Error::corrupt(&p, None, format!("not a readable Parquet file: {e}")))
         })?;
+        let file_len = std::fs::metadata(&path)
+            .map_err(|e| Error::io("stat", &path, e))?
+            .len();
+        check_offset_index(&path, meta.metadata(), file_len)?;
         let schema = meta.schema().clone();
         for (col, want) in [
             (format::COL_NAME, "utf8"),
@@ -809,6 +818,52 @@ impl WeightFile {
         }
         Ok(())
     }
+}
+
+/// Checks the offset index before the parquet reader trusts it (a damaged
+/// `first_row_index` makes it subtract past zero): per column chunk, pages start at row
+/// 0, in increasing row order inside the row group, and lie inside the file.
+fn check_offset_index(
+    path: &Path,
+    meta: &parquet::file::metadata::ParquetMetaData,
+    file_len: u64,
+) -> Result<()> {
+    if meta.page_index().is_none() {
+        return Ok(());
+    }
+    for (rg, group) in meta.row_groups().iter().enumerate() {
+        let rows = group.num_rows();
+        let index = meta.page_index_for_row_group(rg);
+        for col in 0..group.num_columns() {
+            let Some(pages) = index.page_locations(col) else {
+                continue;
+            };
+            // Pages lie inside their column chunk, which lies inside the file.
+            let (start, len) = group.column(col).byte_range();
+            let chunk_end = start.checked_add(len).filter(|&e| e <= file_len);
+            let mut prev: Option<i64> = None;
+            for page in pages {
+                let begin = u64::try_from(page.offset).ok();
+                let end = begin
+                    .zip(u64::try_from(page.compressed_page_size).ok())
+                    .and_then(|(o, n)| o.checked_add(n));
+                let ok = (0..rows).contains(&page.first_row_index)
+                    && prev.map_or(page.first_row_index == 0, |p| page.first_row_index > p)
+                    && page.compressed_page_size > 0
+                    && begin.is_some_and(|b| b >= start)
+                    && end.zip(chunk_end).is_some_and(|(e, c)| e <= c);
+                if !ok {
+                    return Err(Error::corrupt(
+                        path,
+                        None,
+                        format!("the offset index of row group {rg}, column {col} is damaged"),
+                    ));
+                }
+                prev = Some(page.first_row_index);
+            }
+        }
+    }
+    Ok(())
 }
 
 /// Appends f32 little-endian values (a partial trailing value is ignored: counts are
