@@ -496,29 +496,7 @@ impl WeightFile {
             })?;
             let rg_rows = self.rg_first_row[rg + 1] - self.rg_first_row[rg];
             let take = (end - row).min(rg_rows - in_rg);
-            let mut cols = vec![format::COL_DATA];
-            if self.has_checksums {
-                cols.push(format::COL_CHECKSUM);
-            }
-            if self
-                .meta
-                .schema()
-                .field_with_name(format::COL_CHUNK_OFFSET)
-                .is_ok()
-            {
-                cols.push(format::COL_CHUNK_OFFSET);
-            }
-            if self.quantized {
-                cols.extend([format::COL_SCALES, format::COL_ZERO_POINTS]);
-            }
-            if describe {
-                cols.extend([
-                    format::COL_NAME,
-                    format::COL_DTYPE,
-                    format::COL_SHAPE,
-                    format::COL_NUM_PARAMS,
-                ]);
-            }
+            let cols = self.row_columns(describe);
             let batches = guard(path, tensor, || {
                 let mask =
                     ProjectionMask::columns(self.meta.parquet_schema(), cols.iter().copied());
@@ -546,70 +524,11 @@ impl WeightFile {
                 let batch = batch.map_err(|e| {
                     Error::corrupt(path, tensor, format!("cannot decode row group {rg}: {e}"))
                 })?;
-                let data = col::<BinaryArray>(&batch, format::COL_DATA, path)?;
-                let sums = if self.has_checksums {
-                    Some(col::<UInt64Array>(&batch, format::COL_CHECKSUM, path)?)
-                } else {
-                    None
-                };
-                let offs = batch
-                    .column_by_name(format::COL_CHUNK_OFFSET)
-                    .and_then(|c| c.as_any().downcast_ref::<Int64Array>());
-                let quant = if self.quantized {
-                    Some((
-                        col::<BinaryArray>(&batch, format::COL_SCALES, path)?,
-                        col::<BinaryArray>(&batch, format::COL_ZERO_POINTS, path)?,
-                    ))
-                } else {
-                    None
-                };
-                let described = if describe {
-                    Some((
-                        col::<StringArray>(&batch, format::COL_NAME, path)?,
-                        col::<StringArray>(&batch, format::COL_DTYPE, path)?,
-                        col::<ListArray>(&batch, format::COL_SHAPE, path)?,
-                        batch
-                            .column_by_name(format::COL_NUM_PARAMS)
-                            .and_then(|c| c.as_any().downcast_ref::<Int64Array>()),
-                    ))
-                } else {
-                    None
-                };
-                for i in 0..batch.num_rows() {
-                    if row >= end {
-                        return Err(Error::corrupt(path, tensor, "more rows than selected"));
-                    }
-                    let described = described.map(|(names, dtypes, shapes, counts)| {
-                        let dims = shapes.value(i);
-                        let shape = dims
-                            .as_any()
-                            .downcast_ref::<arrow_array::Int32Array>()
-                            .map(|d| d.values().iter().map(|&x| x as i64).collect())
-                            .unwrap_or_default();
-                        Described {
-                            name: if names.is_null(i) { "" } else { names.value(i) },
-                            dtype: if dtypes.is_null(i) {
-                                ""
-                            } else {
-                                dtypes.value(i)
-                            },
-                            shape,
-                            num_params: counts.and_then(|c| (!c.is_null(i)).then(|| c.value(i))),
-                        }
-                    });
-                    let (scales, zero_points) =
-                        quant.map_or((&[][..], &[][..]), |(s, z)| (s.value(i), z.value(i)));
-                    f(Cells {
-                        row,
-                        data: data.value(i),
-                        checksum: sums.and_then(|s| (!s.is_null(i)).then(|| s.value(i))),
-                        offset: offs.and_then(|o| (!o.is_null(i)).then(|| o.value(i))),
-                        scales,
-                        zero_points,
-                        described,
-                    })?;
-                    row += 1;
+                if row.saturating_add(batch.num_rows() as u64) > end {
+                    return Err(Error::corrupt(path, tensor, "more rows than selected"));
                 }
+                self.each_row(&batch, row, describe, f)?;
+                row += batch.num_rows() as u64;
             }
             if row < first.saturating_add(n).min(self.rg_first_row[rg + 1]) {
                 return Err(Error::corrupt(
@@ -618,6 +537,104 @@ impl WeightFile {
                     format!("row group {rg} ended early"),
                 ));
             }
+        }
+        Ok(())
+    }
+
+    /// The columns a row read needs: `data` and our extras, the V2 scales, and with
+    /// `describe` the description cells.
+    fn row_columns(&self, describe: bool) -> Vec<&'static str> {
+        let mut cols = vec![format::COL_DATA];
+        if self.has_checksums {
+            cols.push(format::COL_CHECKSUM);
+        }
+        let schema = self.meta.schema();
+        if schema.field_with_name(format::COL_CHUNK_OFFSET).is_ok() {
+            cols.push(format::COL_CHUNK_OFFSET);
+        }
+        if self.quantized {
+            cols.extend([format::COL_SCALES, format::COL_ZERO_POINTS]);
+        }
+        if describe {
+            cols.extend([
+                format::COL_NAME,
+                format::COL_DTYPE,
+                format::COL_SHAPE,
+                format::COL_NUM_PARAMS,
+            ]);
+        }
+        cols
+    }
+
+    /// Calls `f` with the cells of every row of `batch`, the first being global row
+    /// `first`.
+    fn each_row(
+        &self,
+        batch: &RecordBatch,
+        first: u64,
+        describe: bool,
+        f: &mut RowFn,
+    ) -> Result<()> {
+        let path = &self.path;
+        let data = col::<BinaryArray>(batch, format::COL_DATA, path)?;
+        let sums = if self.has_checksums {
+            Some(col::<UInt64Array>(batch, format::COL_CHECKSUM, path)?)
+        } else {
+            None
+        };
+        let offs = batch
+            .column_by_name(format::COL_CHUNK_OFFSET)
+            .and_then(|c| c.as_any().downcast_ref::<Int64Array>());
+        let quant = if self.quantized {
+            Some((
+                col::<BinaryArray>(batch, format::COL_SCALES, path)?,
+                col::<BinaryArray>(batch, format::COL_ZERO_POINTS, path)?,
+            ))
+        } else {
+            None
+        };
+        let described = if describe {
+            Some((
+                col::<StringArray>(batch, format::COL_NAME, path)?,
+                col::<StringArray>(batch, format::COL_DTYPE, path)?,
+                col::<ListArray>(batch, format::COL_SHAPE, path)?,
+                batch
+                    .column_by_name(format::COL_NUM_PARAMS)
+                    .and_then(|c| c.as_any().downcast_ref::<Int64Array>()),
+            ))
+        } else {
+            None
+        };
+        fn text(a: &StringArray, i: usize) -> &str {
+            if a.is_null(i) {
+                ""
+            } else {
+                a.value(i)
+            }
+        }
+        for i in 0..batch.num_rows() {
+            let described = described.map(|(names, dtypes, shapes, counts)| Described {
+                name: text(names, i),
+                dtype: text(dtypes, i),
+                shape: shapes
+                    .value(i)
+                    .as_any()
+                    .downcast_ref::<arrow_array::Int32Array>()
+                    .map(|d| d.values().iter().map(|&x| x as i64).collect())
+                    .unwrap_or_default(),
+                num_params: counts.and_then(|c| (!c.is_null(i)).then(|| c.value(i))),
+            });
+            let (scales, zero_points) =
+                quant.map_or((&[][..], &[][..]), |(s, z)| (s.value(i), z.value(i)));
+            f(Cells {
+                row: first + i as u64,
+                data: data.value(i),
+                checksum: sums.and_then(|s| (!s.is_null(i)).then(|| s.value(i))),
+                offset: offs.and_then(|o| (!o.is_null(i)).then(|| o.value(i))),
+                scales,
+                zero_points,
+                described,
+            })?;
         }
         Ok(())
     }
