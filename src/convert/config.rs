@@ -38,9 +38,8 @@ pub use crate::plan::MAX_BUDGET_BYTES;
 pub struct ConvertConfig {
     pub(crate) dtype: TargetDtype,
     pub(crate) codec: Codec,
+    /// The zstd level (checked by `build` when the codec is zstd).
     pub(crate) level: i32,
-    /// The Parquet codec, level included.
-    pub(crate) compression: Compression,
     pub(crate) max_row_bytes: u64,
     pub(crate) row_group_bytes: u64,
     /// Resolved: never 0.
@@ -64,7 +63,6 @@ impl Default for ConvertConfig {
             dtype: TargetDtype::F16,
             codec: Codec::Zstd,
             level: DEFAULT_ZSTD_LEVEL,
-            compression: Compression::ZSTD(ZstdLevel::default()),
             max_row_bytes: DEFAULT_MAX_ROW_MB << 20,
             row_group_bytes: DEFAULT_ROW_GROUP_MB << 20,
             threads: all_cores(),
@@ -131,10 +129,21 @@ impl ConvertConfig {
         &self.source
     }
 
+    /// The Parquet codec, level included.
+    fn compression(&self) -> Compression {
+        match self.codec {
+            // `build` refused levels the codec does not accept.
+            Codec::Zstd => Compression::ZSTD(ZstdLevel::try_new(self.level).unwrap_or_default()),
+            Codec::Lz4 => Compression::LZ4_RAW,
+            Codec::Snappy => Compression::SNAPPY,
+            Codec::None => Compression::UNCOMPRESSED,
+        }
+    }
+
     /// What the writer needs of these options.
     pub(crate) fn write_options(&self) -> WriteOptions {
         WriteOptions {
-            compression: self.compression,
+            compression: self.compression(),
             threads: self.threads,
             allow_overflow: self.allow_overflow,
             inflight_bytes: (self.threads as u64)
@@ -327,18 +336,13 @@ impl ConvertConfigBuilder {
         };
         let max_row_bytes = budget(self.max_row_bytes, "row limit")?;
         let row_group_bytes = budget(self.row_group_bytes, "row-group budget")?;
-        let compression = match self.codec {
-            Codec::Zstd => Compression::ZSTD(ZstdLevel::try_new(self.level).map_err(|_| {
-                let (lo, hi) = ZSTD_LEVELS;
-                Error::option(format!(
-                    "zstd level {} is out of range ({lo} to {hi})",
-                    self.level
-                ))
-            })?),
-            Codec::Lz4 => Compression::LZ4_RAW,
-            Codec::Snappy => Compression::SNAPPY,
-            Codec::None => Compression::UNCOMPRESSED,
-        };
+        if self.codec == Codec::Zstd && ZstdLevel::try_new(self.level).is_err() {
+            let (lo, hi) = ZSTD_LEVELS;
+            return Err(Error::option(format!(
+                "zstd level {} is out of range ({lo} to {hi})",
+                self.level
+            )));
+        }
         let low_memory = max_row_bytes <= LOW_MEMORY_ROW_MB << 20;
         let inflight_per_thread = match self.inflight_per_thread {
             Some(0) => {
@@ -365,7 +369,6 @@ impl ConvertConfigBuilder {
             dtype: self.dtype,
             codec: self.codec,
             level: self.level,
-            compression,
             max_row_bytes,
             row_group_bytes,
             threads: if self.threads == 0 {
@@ -398,6 +401,13 @@ const ZSTD_LEVELS: (i32, i32) = (-131_072, 22);
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_default_and_the_built_default_compress_alike() {
+        let want = Compression::ZSTD(ZstdLevel::try_new(DEFAULT_ZSTD_LEVEL).unwrap());
+        assert_eq!(ConvertConfig::default().compression(), want);
+        assert_eq!(ConvertConfig::builder().build().unwrap().compression(), want);
+    }
 
     #[test]
     fn zstd_level_range_is_the_codecs() {
