@@ -114,6 +114,39 @@ pub(crate) fn value_f64(dtype: Dtype, b: &[u8]) -> f64 {
     }
 }
 
+/// Appends the elements of a float source to `out` as f32 (exact for f16, bf16 and
+/// f32; f64 rounds to nearest); other dtypes append nothing.
+pub(crate) fn widen(dtype: Dtype, src: &[u8], out: &mut Vec<f32>) {
+    match dtype {
+        Dtype::F32 => out.extend(
+            src.chunks_exact(4)
+                .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]])),
+        ),
+        Dtype::Bf16 => out.extend(
+            src.chunks_exact(2)
+                .map(|b| f32::from_bits((u16::from_le_bytes([b[0], b[1]]) as u32) << 16)),
+        ),
+        Dtype::F16 => {
+            let start = out.len();
+            out.resize(start + src.len() / 2, 0.0);
+            match bytemuck::try_cast_slice::<u8, f16>(&src[..src.len() / 2 * 2]) {
+                Ok(h) => h.convert_to_f32_slice(&mut out[start..]),
+                Err(_) => {
+                    for (o, b) in out[start..].iter_mut().zip(src.chunks_exact(2)) {
+                        *o = f16::from_le_bytes([b[0], b[1]]).to_f32();
+                    }
+                }
+            }
+        }
+        Dtype::F64 => {
+            out.extend(src.chunks_exact(8).map(|b| {
+                f64::from_le_bytes([b[0], b[1], b[2], b[3], b[4], b[5], b[6], b[7]]) as f32
+            }))
+        }
+        _ => {}
+    }
+}
+
 /// Reads element `i` of a float source as f64.
 fn src_value(dtype: Dtype, src: &[u8], i: usize) -> f64 {
     let s = dtype.size();

@@ -10,14 +10,13 @@
 mod kernels;
 mod quant;
 
-pub(crate) use kernels::value_f64;
 pub use kernels::{cast_and_hash, cast_into, CastStats};
-pub(crate) use quant::{dequantize, params as quant_params, quantize, QuantSpec};
+pub(crate) use kernels::{value_f64, widen};
+pub(crate) use quant::{dequantize, quantize_unit, QuantSpec};
 pub use quant::{QuantError, QuantScheme, Quantize, TensorQuantError, MIN_QUANT_ELEMENTS};
 
 use kernels::{cast_hashing, Xxh3};
 
-use crate::dtype::Dtype;
 use crate::error::{Error, Result};
 use crate::plan::{Plan, RowPlan};
 use crate::source::Source;
@@ -144,19 +143,9 @@ fn quantize_row(
             .chunks((spec.unit * ss) as usize)
             .zip(d_piece.chunks_mut(spec.unit as usize));
         for (src, q) in units {
-            x.clear();
-            widen(t.src.dtype, src, &mut x);
-            // One vectorized pass; the count only when something is wrong.
-            if x.iter().fold(false, |acc, v| acc | !v.is_finite()) {
-                let bad = x.iter().filter(|v| !v.is_finite()).count();
-                return Err(fail(format!(
-                    "it holds {bad} NaN or infinite value{} (no scale represents them); skip it with a quantize-skip glob",
-                    if bad == 1 { "" } else { "s" }
-                )));
-            }
-            let (scale, zp) = quant::params(spec.scheme, &x)
-                .ok_or_else(|| fail("its values span more than f32 can hold".into()))?;
-            quant::quantize(&x, scale, zp, q, &mut out.error);
+            let (scale, zp) =
+                quant::quantize_unit(spec.scheme, t.src.dtype, src, &mut x, q, &mut out.error)
+                    .map_err(|e| fail(e.to_string()))?;
             out.scales.push(scale);
             out.zero_points.push(zp);
         }
@@ -171,29 +160,4 @@ fn quantize_row(
         checksum: hash.digest(),
         quant: Some(out),
     })
-}
-
-/// Appends the elements of a float source to `out` as f32 (exact for f16, bf16 and
-/// f32; f64 rounds to nearest).
-pub(crate) fn widen(dtype: Dtype, src: &[u8], out: &mut Vec<f32>) {
-    match dtype {
-        Dtype::F32 => out.extend(
-            src.chunks_exact(4)
-                .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]])),
-        ),
-        Dtype::Bf16 => out.extend(
-            src.chunks_exact(2)
-                .map(|b| f32::from_bits((u16::from_le_bytes([b[0], b[1]]) as u32) << 16)),
-        ),
-        Dtype::F16 => out.extend(
-            src.chunks_exact(2)
-                .map(|b| half::f16::from_le_bytes([b[0], b[1]]).to_f32()),
-        ),
-        Dtype::F64 => {
-            out.extend(src.chunks_exact(8).map(|b| {
-                f64::from_le_bytes([b[0], b[1], b[2], b[3], b[4], b[5], b[6], b[7]]) as f32
-            }))
-        }
-        _ => {}
-    }
 }

@@ -235,6 +235,53 @@ fn round_even(y: f32) -> f32 {
     }
 }
 
+/// Why one unit cannot be quantized.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum UnitError {
+    /// It holds this many NaN or infinite values: no scale represents them.
+    NonFinite(usize),
+    /// Its values span more than f32 holds.
+    Span,
+}
+
+impl std::fmt::Display for UnitError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            UnitError::NonFinite(n) => write!(
+                f,
+                "it holds {n} NaN or infinite value{} (no scale represents them); skip it with a quantize-skip glob",
+                if *n == 1 { "" } else { "s" }
+            ),
+            UnitError::Span => write!(f, "its values span more than f32 can hold"),
+        }
+    }
+}
+
+/// Quantizes one unit (a channel or a group) of `src`, elements of `dtype`: widened
+/// into the scratch `x` while in cache, checked finite, its scale and zero point
+/// computed, its codes written into `q` and its error added to `err`. The cast stage
+/// and `verify` both quantize through it.
+pub(crate) fn quantize_unit(
+    scheme: QuantScheme,
+    dtype: crate::Dtype,
+    src: &[u8],
+    x: &mut Vec<f32>,
+    q: &mut [u8],
+    err: &mut QuantError,
+) -> Result<(f32, f32), UnitError> {
+    x.clear();
+    super::widen(dtype, src, x);
+    // One vectorized pass; the count only when something is wrong.
+    if x.iter().fold(false, |acc, v| acc | !v.is_finite()) {
+        return Err(UnitError::NonFinite(
+            x.iter().filter(|v| !v.is_finite()).count(),
+        ));
+    }
+    let (scale, zp) = params(scheme, x).ok_or(UnitError::Span)?;
+    quantize(x, scale, zp, q, err);
+    Ok((scale, zp))
+}
+
 /// The value of code `q` (the seed loader's formula, in f32).
 #[inline]
 pub(crate) fn dequantize(q: u8, scale: f32, zp: f32) -> f32 {

@@ -406,7 +406,10 @@ mod tests {
     fn the_default_and_the_built_default_compress_alike() {
         let want = Compression::ZSTD(ZstdLevel::try_new(DEFAULT_ZSTD_LEVEL).unwrap());
         assert_eq!(ConvertConfig::default().compression(), want);
-        assert_eq!(ConvertConfig::builder().build().unwrap().compression(), want);
+        assert_eq!(
+            ConvertConfig::builder().build().unwrap().compression(),
+            want
+        );
     }
 
     #[test]

@@ -17,7 +17,6 @@ use std::path::{Path, PathBuf};
 use arrow_array::{
     Array, BinaryArray, Int64Array, ListArray, RecordBatch, StringArray, UInt64Array,
 };
-use half::slice::HalfFloatSliceExt;
 use parquet::arrow::arrow_reader::{
     ArrowReaderMetadata, ArrowReaderOptions, ParquetRecordBatchReaderBuilder, RowSelection,
     RowSelector,
@@ -123,46 +122,25 @@ pub(crate) fn dequantize_units(codes: &[u8], unit: u64, scales: &[f32], zps: &[f
 
 /// Converts element bytes of `dtype` to f32.
 pub(crate) fn to_f32(dtype: Dtype, data: &[u8]) -> Vec<f32> {
-    let n = data.len() / dtype.size();
-    let mut out = vec![0f32; n];
-    match dtype {
-        Dtype::F32 => {
-            for (o, b) in out.iter_mut().zip(data.chunks_exact(4)) {
-                *o = f32::from_le_bytes([b[0], b[1], b[2], b[3]]);
-            }
-        }
-        Dtype::F16 => match bytemuck::try_cast_slice::<u8, half::f16>(data) {
-            Ok(h) => h.convert_to_f32_slice(&mut out),
-            Err(_) => {
-                for (o, b) in out.iter_mut().zip(data.chunks_exact(2)) {
-                    *o = half::f16::from_le_bytes([b[0], b[1]]).to_f32();
-                }
-            }
-        },
-        Dtype::Bf16 => {
-            for (o, b) in out.iter_mut().zip(data.chunks_exact(2)) {
-                *o = f32::from_bits((u16::from_le_bytes([b[0], b[1]]) as u32) << 16);
-            }
-        }
-        _ => {
-            let s = dtype.size();
-            for (o, b) in out.iter_mut().zip(data.chunks_exact(s)) {
-                *o = match dtype {
-                    Dtype::F64 => f64::from_le_bytes(b.try_into().unwrap_or([0; 8])) as f32,
-                    Dtype::I64 => i64::from_le_bytes(b.try_into().unwrap_or([0; 8])) as f32,
-                    Dtype::U64 => u64::from_le_bytes(b.try_into().unwrap_or([0; 8])) as f32,
-                    Dtype::I32 => i32::from_le_bytes(b.try_into().unwrap_or([0; 4])) as f32,
-                    Dtype::U32 => u32::from_le_bytes(b.try_into().unwrap_or([0; 4])) as f32,
-                    Dtype::I16 => i16::from_le_bytes(b.try_into().unwrap_or([0; 2])) as f32,
-                    Dtype::U16 => u16::from_le_bytes(b.try_into().unwrap_or([0; 2])) as f32,
-                    Dtype::I8 => b[0] as i8 as f32,
-                    Dtype::U8 | Dtype::Bool => b[0] as f32,
-                    _ => f32::NAN,
-                };
-            }
-        }
+    if dtype.is_castable_float() {
+        let mut out = Vec::with_capacity(data.len() / dtype.size());
+        crate::cast::widen(dtype, data, &mut out);
+        return out;
     }
-    out
+    let s = dtype.size();
+    data.chunks_exact(s)
+        .map(|b| match dtype {
+            Dtype::I64 => i64::from_le_bytes(b.try_into().unwrap_or([0; 8])) as f32,
+            Dtype::U64 => u64::from_le_bytes(b.try_into().unwrap_or([0; 8])) as f32,
+            Dtype::I32 => i32::from_le_bytes(b.try_into().unwrap_or([0; 4])) as f32,
+            Dtype::U32 => u32::from_le_bytes(b.try_into().unwrap_or([0; 4])) as f32,
+            Dtype::I16 => i16::from_le_bytes(b.try_into().unwrap_or([0; 2])) as f32,
+            Dtype::U16 => u16::from_le_bytes(b.try_into().unwrap_or([0; 2])) as f32,
+            Dtype::I8 => b[0] as i8 as f32,
+            Dtype::U8 | Dtype::Bool => b[0] as f32,
+            _ => f32::NAN,
+        })
+        .collect()
 }
 
 /// The cells of one row that the readers use.

@@ -12,9 +12,7 @@ use serde::Serialize;
 use xxhash_rust::xxh3::xxh3_64;
 
 use super::{Row, TensorInfo, WeightFile};
-use crate::cast::{
-    cast_into, quant_params, quantize, value_f64, widen, QuantError, QuantScheme, TensorQuantError,
-};
+use crate::cast::{cast_into, quantize_unit, value_f64, QuantError, QuantScheme, TensorQuantError};
 use crate::dtype::{Dtype, TargetDtype};
 use crate::error::{sanitize, Error, Result};
 use crate::format::QuantInfo;
@@ -297,15 +295,13 @@ impl Against<'_> {
             .chunks(unit as usize * ss)
             .zip(row.data.chunks(unit as usize));
         for (u, (s, stored)) in pieces.enumerate() {
-            x.clear();
-            widen(st.dtype, s, &mut x);
-            let Some((scale, zp)) = quant_params(scheme, &x) else {
+            codes.clear();
+            codes.resize(stored.len(), 0);
+            let Ok((scale, zp)) = quantize_unit(scheme, st.dtype, s, &mut x, &mut codes, err)
+            else {
                 check.value_mismatches += stored.len() as u64;
                 continue;
             };
-            codes.clear();
-            codes.resize(stored.len(), 0);
-            quantize(&x, scale, zp, &mut codes, err);
             check.value_mismatches +=
                 codes.iter().zip(stored).filter(|(a, b)| a != b).count() as u64;
             if scale.to_bits() != scales[u].to_bits() || zp.to_bits() != zps[u].to_bits() {
