@@ -41,6 +41,30 @@ pub mod internals {
     pub use crate::cast::{cast_and_hash, cast_into, CastStats};
     pub use crate::source::{check_prefix, parse_header, Header};
 
+    /// The Parquet writer properties of every weight file, for tests that rebuild a
+    /// converted file with the parquet crate's own column writers.
+    pub fn writer_properties(
+        compression: parquet::basic::Compression,
+    ) -> parquet::file::properties::WriterProperties {
+        crate::write::writer_properties(compression)
+    }
+
+    /// Opens `input` as a checkpoint (every header and index check): each tensor's
+    /// shard file and name, in source order.
+    ///
+    /// # Errors
+    ///
+    /// Every rule of [`crate::open_source`].
+    pub fn source_tensors(
+        input: &std::path::Path,
+    ) -> crate::Result<Vec<(std::path::PathBuf, String)>> {
+        let source = crate::source::open(input, &crate::SourceOptions::default())?;
+        Ok(source
+            .tensors()
+            .map(|(i, t)| (source.shards[i].path.clone(), t.name.clone()))
+            .collect())
+    }
+
     /// Runs the pickle interpreter over `data`; the number of values it built.
     ///
     /// # Errors

@@ -170,6 +170,101 @@ fn tensors_over_the_row_limit_split_and_read_back_whole() {
     assert_verifies(&out, &fixture("tiny-llama-sharded-bf16"));
 }
 
+/// `file` written again by the parquet crate's own `ArrowWriter`, row group by row
+/// group, with the weight files' writer properties and key-value metadata.
+fn rewritten_by_the_column_writer(
+    file: &Path,
+    compression: parquet::basic::Compression,
+) -> Vec<u8> {
+    use parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder;
+    let open = || {
+        ParquetRecordBatchReaderBuilder::try_new(std::fs::File::open(file).unwrap())
+            .unwrap()
+            .with_batch_size(1 << 20)
+    };
+    let builder = open();
+    let meta = builder.metadata().clone();
+    let mut out = Vec::new();
+    let props = modelconv::internals::writer_properties(compression);
+    // The reader puts the file's key-value metadata on the schema; the writer's own
+    // `ARROW:schema` has none.
+    let schema = std::sync::Arc::new(
+        builder
+            .schema()
+            .as_ref()
+            .clone()
+            .with_metadata(std::collections::HashMap::<String, String>::new()),
+    );
+    let mut w = parquet::arrow::ArrowWriter::try_new(&mut out, schema, Some(props)).unwrap();
+    for rg in 0..meta.num_row_groups() {
+        for batch in open().with_row_groups(vec![rg]).build().unwrap() {
+            w.write(&batch.unwrap()).unwrap();
+        }
+        w.flush().unwrap();
+    }
+    for kv in meta.file_metadata().key_value_metadata().unwrap() {
+        if kv.key != "ARROW:schema" {
+            w.append_key_value_metadata(kv.clone());
+        }
+    }
+    w.close().unwrap();
+    out
+}
+
+#[test]
+fn data_pages_are_the_bytes_the_parquet_column_writer_writes() {
+    // The writer compresses `data` pages itself, from the cast buffer; the file must
+    // be the one the parquet crate's column writer makes of the same rows.
+    use parquet::basic::{Compression, ZstdLevel};
+    let zstd = |l| Compression::ZSTD(ZstdLevel::try_new(l).unwrap());
+    let cases: [(&str, &str, u32, Compression, bool); 7] = [
+        ("tiny-llama-sharded-bf16", "zstd", 3, zstd(3), false),
+        ("tiny-llama-sharded-bf16", "zstd", 9, zstd(9), true),
+        ("tiny-whisper", "lz4", 3, Compression::LZ4_RAW, false),
+        ("tiny-clip", "snappy", 3, Compression::SNAPPY, false),
+        ("tiny-bert", "none", 3, Compression::UNCOMPRESSED, false),
+        ("tiny-bert", "none", 3, Compression::UNCOMPRESSED, true),
+        ("tiny-clip", "zstd", 1, zstd(1), true),
+    ];
+    for (name, codec, level, compression, quantize) in cases {
+        let tmp = tempdir();
+        let out = tmp.path().join("o");
+        let mut b = ConvertConfig::builder();
+        b = b
+            .model_type(ModelType::CausalLm)
+            .compression(codec.parse::<modelconv::Codec>().unwrap())
+            .level(level as i32)
+            // Split rows and many rows per group.
+            .max_row_bytes(3000)
+            .row_group_bytes(20_000);
+        if quantize {
+            b = b.quantize(Some(modelconv::Quantize {
+                scheme: modelconv::QuantScheme::Asymmetric,
+                group_size: 16,
+                skip: Vec::new(),
+            }));
+        }
+        convert(fixture(name), &out, &b.build().unwrap()).unwrap();
+        let file = out.join("weights.parquet");
+        let ours = std::fs::read(&file).unwrap();
+        let wf = WeightFile::open(&out).unwrap();
+        assert!(
+            wf.tensors().iter().any(|t| t.rows > 1),
+            "{name}: no split rows"
+        );
+        let theirs = rewritten_by_the_column_writer(&file, compression);
+        assert_eq!(
+            ours.len(),
+            theirs.len(),
+            "{name} {codec} quantize={quantize}"
+        );
+        assert!(
+            ours == theirs,
+            "{name} {codec} quantize={quantize}: bytes differ"
+        );
+    }
+}
+
 fn overflow_checkpoint(dir: &Path) {
     std::fs::create_dir_all(dir).unwrap();
     let big = half::bf16::from_f32(1e5);

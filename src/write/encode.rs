@@ -1,25 +1,37 @@
 //! One row group, from plan to encoded column chunks: its rows are cast by the cast
-//! stage straight into one Arrow value buffer, the small columns are built beside it,
-//! and the parquet column writers encode and compress them. Runs on the rayon pool,
+//! stage straight into one value buffer, laid out as the `data` column's pages (see
+//! [`super::pages`]), which are compressed from there; the small columns are built
+//! beside it and encoded by the parquet column writers. Runs on the rayon pool,
 //! several row groups at once.
 
 use std::sync::{Arc, Mutex};
 
 use arrow_array::builder::{Int32Builder, ListBuilder};
 use arrow_array::{ArrayRef, BinaryArray, Int32Array, Int64Array, StringArray, UInt64Array};
-use arrow_buffer::{MutableBuffer, OffsetBuffer};
 use arrow_schema::SchemaRef;
+use bytes::Bytes;
 use parquet::arrow::arrow_writer::{compute_leaves, ArrowColumnChunk, ArrowRowGroupWriterFactory};
+use parquet::basic::Compression;
+use parquet::schema::types::ColumnDescPtr;
 
+use super::pages::{write_prefix, DataChunk, DataChunkBuilder, PageCodec, PAGE_PREFIX};
 use crate::cast::{cast_row, CastStats, QuantError, RowQuant};
 use crate::error::{Error, Result};
 use crate::format;
 use crate::plan::{GroupPlan, Plan};
 use crate::source::Source;
 
+/// One encoded column chunk of a row group.
+pub(super) enum Chunk {
+    /// Encoded by the parquet column writer.
+    Parquet(ArrowColumnChunk),
+    /// The `data` column, written by [`super::pages`].
+    Data(DataChunk),
+}
+
 /// A row group, encoded, waiting for its turn to be appended.
 pub(super) struct Encoded {
-    pub(super) chunks: Vec<ArrowColumnChunk>,
+    pub(super) chunks: Vec<Chunk>,
     /// `(tensor, stats)` for the rows whose cast saw NaN, inf or overflow.
     pub(super) stats: Vec<(usize, CastStats)>,
     /// `(tensor, error)` for quantized rows.
@@ -29,7 +41,7 @@ pub(super) struct Encoded {
 /// Value buffers handed back after encoding, so later row groups reuse memory that is
 /// already mapped instead of faulting in (and zeroing) fresh pages for every group.
 pub(super) struct BufferPool {
-    free: Mutex<Vec<MutableBuffer>>,
+    free: Mutex<Vec<Vec<u8>>>,
     keep: usize,
     /// Larger buffers (a single big row) are freed, not kept.
     max_bytes: usize,
@@ -45,7 +57,7 @@ impl BufferPool {
     }
 
     /// A buffer of exactly `len` bytes; its contents are overwritten by the caller.
-    fn take(&self, len: usize) -> MutableBuffer {
+    fn take(&self, len: usize) -> Vec<u8> {
         let reused = self.free.lock().ok().and_then(|mut f| {
             // Prefer the smallest buffer that is already large enough.
             let best = f
@@ -63,11 +75,11 @@ impl BufferPool {
                 b.resize(len, 0);
                 b
             }
-            None => MutableBuffer::from_len_zeroed(len),
+            None => vec![0; len],
         }
     }
 
-    fn give(&self, b: MutableBuffer) {
+    fn give(&self, b: Vec<u8>) {
         if b.capacity() > self.max_bytes {
             return;
         }
@@ -85,13 +97,17 @@ pub(super) struct Encoder<'a> {
     pub(super) plan: &'a Plan,
     pub(super) factory: &'a ArrowRowGroupWriterFactory,
     pub(super) schema: &'a SchemaRef,
+    /// The `data` leaf of the Parquet schema.
+    pub(super) data_descr: ColumnDescPtr,
+    pub(super) compression: Compression,
     pub(super) allow_overflow: bool,
     pub(super) out_path: &'a std::path::Path,
     pub(super) pool: &'a BufferPool,
 }
 
 impl Encoder<'_> {
-    /// Casts row group `index` into one value buffer and encodes every column.
+    /// Casts row group `index` into one value buffer, compresses its `data` pages from
+    /// there and encodes the other columns.
     pub(super) fn encode(&self, group: &GroupPlan, index: usize) -> Result<Encoded> {
         let (plan, source) = (self.plan, self.source);
         let rows = &plan.rows[group.rows.clone()];
@@ -100,34 +116,38 @@ impl Encoder<'_> {
         for s in shards {
             source.shards[s].check_unchanged()?;
         }
-        // The plan's budgets are at most 1 GiB.
-        let mut values = self.pool.take(group.out_bytes as usize);
-        let mut lens = Vec::with_capacity(rows.len());
+        // The plan's budgets are at most 1 GiB, a row's bytes at most 2 GiB - 1.
+        let mut values = self
+            .pool
+            .take(group.out_bytes as usize + rows.len() * PAGE_PREFIX);
+        let mut pages = Vec::with_capacity(rows.len());
         let mut checksums = Vec::with_capacity(rows.len());
         let mut stats = Vec::new();
         let mut quant = Vec::with_capacity(rows.len());
         let mut errors = Vec::new();
-        let mut rest = values.as_slice_mut();
+        let mut rest = values.as_mut_slice();
+        let mut at = 0;
         for row in rows {
             let n = (row.elems * plan.tensors[row.tensor].dtype.size() as u64) as usize;
-            let (dst, tail) = std::mem::take(&mut rest).split_at_mut(n);
+            let (page, tail) = std::mem::take(&mut rest).split_at_mut(PAGE_PREFIX + n);
             rest = tail;
+            let (prefix, dst) = page.split_at_mut(PAGE_PREFIX);
+            write_prefix(prefix, n as u32);
             let cast = cast_row(source, plan, row, dst, self.allow_overflow)?;
             if cast.stats != CastStats::default() {
                 stats.push((row.tensor, cast.stats));
             }
             checksums.push(cast.checksum);
-            lens.push(n);
+            pages.push(at..at + PAGE_PREFIX + n);
+            at += PAGE_PREFIX + n;
             if let Some(q) = &cast.quant {
                 errors.push((row.tensor, q.error));
             }
             quant.push(cast.quant);
         }
         debug_assert!(rest.is_empty());
-        let data = Arc::new(
-            BinaryArray::try_new(OffsetBuffer::<i32>::from_lengths(lens), values.into(), None)
-                .map_err(|e| Error::internal(format!("row group {index}: {e}")))?,
-        );
+        let first = rows.first().map(|r| plan.tensors[r.tensor].name.as_str());
+        let data = self.data_chunk(first, values, pages)?;
         let chunks = self.encode_columns(group, index, data, checksums, quant)?;
         Ok(Encoded {
             chunks,
@@ -136,16 +156,41 @@ impl Encoder<'_> {
         })
     }
 
-    /// The columns of a row group around its `data`, encoded; the value buffer goes
-    /// back to the pool once the encoder has copied it.
+    /// The `data` column chunk of the pages laid out in `values`; the buffer goes back
+    /// to the pool once they are compressed.
+    fn data_chunk(
+        &self,
+        first: Option<&str>,
+        values: Vec<u8>,
+        pages: Vec<std::ops::Range<usize>>,
+    ) -> Result<DataChunk> {
+        let perr = |e: parquet::errors::ParquetError| Error::parquet(self.out_path, first, e);
+        let mut chunk = DataChunkBuilder::new(self.data_descr.clone(), self.compression);
+        let mut codec = PageCodec::new(self.compression)
+            .map_err(|e| perr(parquet::errors::ParquetError::External(Box::new(e))))?;
+        if let PageCodec::None = codec {
+            let values = Bytes::from(values);
+            for p in pages {
+                chunk.push_uncompressed(values.slice(p)).map_err(perr)?;
+            }
+        } else {
+            for p in pages {
+                chunk.push(&mut codec, &values[p]).map_err(perr)?;
+            }
+            self.pool.give(values);
+        }
+        chunk.finish().map_err(perr)
+    }
+
+    /// The columns of a row group around its `data` chunk, encoded.
     fn encode_columns(
         &self,
         group: &GroupPlan,
         index: usize,
-        data: Arc<BinaryArray>,
+        data: DataChunk,
         checksums: Vec<u64>,
         quant: Vec<Option<RowQuant>>,
-    ) -> Result<Vec<ArrowColumnChunk>> {
+    ) -> Result<Vec<Chunk>> {
         let plan = self.plan;
         let rows = &plan.rows[group.rows.clone()];
         let tensor = |r: &crate::plan::RowPlan| &plan.tensors[r.tensor];
@@ -164,49 +209,60 @@ impl Encoder<'_> {
             Some(_) => tensor(r).src.dtype.torch_name(),
             None => tensor(r).dtype.torch_name(),
         };
-        let mut cols: Vec<ArrayRef> = vec![
-            Arc::new(StringArray::from_iter_values(
+        // `None` stands for the `data` column, written apart.
+        let mut cols: Vec<Option<ArrayRef>> = vec![
+            Some(Arc::new(StringArray::from_iter_values(
                 rows.iter().map(|r| tensor(r).name.as_str()),
-            )),
-            Arc::new(shapes.finish()),
-            Arc::new(StringArray::from_iter_values(rows.iter().map(dtype))),
-            data.clone(),
-            Arc::new(Int64Array::from_iter_values(
+            ))),
+            Some(Arc::new(shapes.finish())),
+            Some(Arc::new(StringArray::from_iter_values(
+                rows.iter().map(dtype),
+            ))),
+            None,
+            Some(Arc::new(Int64Array::from_iter_values(
                 rows.iter().map(|r| tensor(r).src.numel as i64),
-            )),
+            ))),
         ];
         if plan.quantize.is_some() {
-            cols.extend(v2_columns(plan, rows, &quant));
+            cols.extend(v2_columns(plan, rows, &quant).map(Some));
         }
-        cols.push(Arc::new(Int64Array::from_iter_values(
+        cols.push(Some(Arc::new(Int64Array::from_iter_values(
             rows.iter()
                 .map(|r| (r.elem_start * tensor(r).dtype.size() as u64) as i64),
-        )));
-        cols.push(Arc::new(UInt64Array::from(checksums)));
+        ))));
+        cols.push(Some(Arc::new(UInt64Array::from(checksums))));
         let first = rows.first().map(|r| tensor(r).name.as_str());
         let perr = |e: parquet::errors::ParquetError| Error::parquet(self.out_path, first, e);
         let mut writers = self.factory.create_column_writers(index).map_err(perr)?;
-        let mut w = writers.iter_mut();
-        for (field, arr) in self.schema.fields().iter().zip(&cols) {
-            for leaf in compute_leaves(field, arr).map_err(perr)? {
-                let writer = w.next().ok_or_else(|| {
-                    Error::internal("the schema has more leaves than column writers")
-                })?;
-                writer.write(&leaf).map_err(perr)?;
+        if writers.len() != cols.len() {
+            return Err(Error::internal(format!(
+                "{} column writers for {} columns",
+                writers.len(),
+                cols.len()
+            )));
+        }
+        let mut data = Some(data);
+        let mut chunks = Vec::with_capacity(cols.len());
+        // Every field of the schema is a single leaf (the shape list included).
+        for ((field, col), mut writer) in
+            self.schema.fields().iter().zip(cols).zip(writers.drain(..))
+        {
+            match col {
+                Some(arr) => {
+                    for leaf in compute_leaves(field, &arr).map_err(perr)? {
+                        writer.write(&leaf).map_err(perr)?;
+                    }
+                    chunks.push(Chunk::Parquet(writer.close().map_err(perr)?));
+                }
+                None => {
+                    let d = data
+                        .take()
+                        .ok_or_else(|| Error::internal("two `data` columns"))?;
+                    chunks.push(Chunk::Data(d));
+                }
             }
         }
-        drop(cols);
-        if let Ok(data) = Arc::try_unwrap(data) {
-            let (_, values, _) = data.into_parts();
-            if let Ok(buf) = values.into_mutable() {
-                self.pool.give(buf);
-            }
-        }
-        writers
-            .into_iter()
-            .map(|w| w.close())
-            .collect::<parquet::errors::Result<Vec<_>>>()
-            .map_err(perr)
+        Ok(chunks)
     }
 }
 

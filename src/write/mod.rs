@@ -9,12 +9,14 @@
 //! A producer thread dispatches row groups only while the output bytes in flight stay
 //! under a budget (threads × in-flight groups per thread × row-group budget, and always
 //! at least one group), and the appender releases a group's bytes once it is written.
-//! A group holds its Arrow value buffer, the encoder's copy and the compressed pages,
-//! so peak memory is a small multiple of that budget and of the largest row, never of
-//! the model size. Source pages are released from the mapping once cast.
+//! A group holds its value buffer (the cast rows, laid out as the `data` pages) and
+//! their compressed pages, which [`pages`] compresses straight from it, so peak memory
+//! is about twice that budget plus twice the largest row, never a multiple of the
+//! model size. Source pages are released from the mapping once cast.
 
 pub(crate) mod atomic;
 mod encode;
+mod pages;
 
 use std::collections::BTreeMap;
 use std::fs::File;
@@ -30,7 +32,7 @@ use parquet::basic::{Compression, Encoding};
 use parquet::file::metadata::KeyValue;
 use parquet::file::properties::{EnabledStatistics, WriterProperties};
 use parquet::file::writer::SerializedFileWriter;
-use parquet::schema::types::ColumnPath;
+use parquet::schema::types::{ColumnDescPtr, ColumnPath};
 
 use crate::cast::{CastStats, QuantError};
 use crate::error::{Error, Result};
@@ -38,7 +40,7 @@ use crate::format;
 use crate::plan::Plan;
 use crate::source::Source;
 use atomic::TempPath;
-use encode::{BufferPool, Encoded, Encoder};
+use encode::{BufferPool, Chunk, Encoded, Encoder};
 
 /// Page compression of the output (`--compression`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
@@ -113,7 +115,10 @@ pub(crate) trait ProgressSink: Sync {
     fn advanced(&self, done: u64);
 }
 
-fn writer_properties(compression: Compression) -> WriterProperties {
+/// The properties of every weight file. The `data` column's pages are written by
+/// [`pages`]; these settings are the ones its bytes match (one row per page, PLAIN, no
+/// statistics).
+pub(crate) fn writer_properties(compression: Compression) -> WriterProperties {
     let data = ColumnPath::from(format::COL_DATA);
     let name = ColumnPath::from(format::COL_NAME);
     WriterProperties::builder()
@@ -137,6 +142,8 @@ pub(crate) struct WeightWriter {
     file: SerializedFileWriter<BufWriter<File>>,
     factory: ArrowRowGroupWriterFactory,
     schema: SchemaRef,
+    /// The `data` leaf of the Parquet schema.
+    data_descr: ColumnDescPtr,
     opts: WriteOptions,
 }
 
@@ -166,11 +173,19 @@ impl WeightWriter {
         )
         .map_err(perr)?;
         let (file, factory) = writer.into_serialized_writer().map_err(perr)?;
+        let data_descr = file
+            .schema_descr()
+            .columns()
+            .iter()
+            .find(|c| c.path().string() == format::COL_DATA)
+            .cloned()
+            .ok_or_else(|| Error::internal("the schema has no `data` leaf"))?;
         Ok(WeightWriter {
             tmp,
             file,
             factory,
             schema,
+            data_descr,
             opts,
         })
     }
@@ -203,6 +218,8 @@ impl WeightWriter {
             plan,
             factory: &self.factory,
             schema: &self.schema,
+            data_descr: self.data_descr.clone(),
+            compression: self.opts.compression,
             allow_overflow: self.opts.allow_overflow,
             out_path: self.tmp.target(),
             pool: &buffers,
@@ -410,7 +427,10 @@ impl<'a> Appender<'a> {
         let appended = (|| {
             let mut rg = self.file.next_row_group()?;
             for c in enc.chunks {
-                c.append_to_row_group(&mut rg)?;
+                match c {
+                    Chunk::Parquet(c) => c.append_to_row_group(&mut rg)?,
+                    Chunk::Data(d) => rg.append_column(&d.pages, d.close)?,
+                }
             }
             rg.close().map(|_| ())
         })();

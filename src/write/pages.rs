@@ -1,0 +1,321 @@
+//! The `data` column, written page by page without the Parquet column writer.
+//!
+//! Every row is one PLAIN data page (format v1). Its uncompressed bytes (definition
+//! levels, the value's length, the value) are laid out in the row group's value buffer
+//! by the cast stage, so a page is compressed straight from the buffer the cast
+//! filled. The column writer would first copy the value into its encoder buffer, then
+//! into a page buffer, and only then compress: for a 262 MB row, four copies alive at
+//! once where this keeps two (the cast row and its compressed page), and with
+//! `--compression none` one.
+//!
+//! The bytes are the ones the column writer writes for the same rows under
+//! [`super::writer_properties`] (one row per page, PLAIN, no statistics, an offset
+//! index): `tests/convert.rs` rebuilds converted files with the column writer and
+//! compares them byte for byte, for every codec.
+
+use std::collections::VecDeque;
+use std::io::{Cursor, Read};
+
+use bytes::{Buf, Bytes};
+use parquet::basic::{Compression, Encoding, EncodingMask, PageType};
+use parquet::column::writer::ColumnCloseResult;
+use parquet::errors::{ParquetError, Result as PqResult};
+use parquet::file::metadata::{ColumnChunkMetaData, OffsetIndexBuilder, PageEncodingStats};
+use parquet::file::reader::{ChunkReader, Length};
+use parquet::schema::types::ColumnDescPtr;
+
+/// Bytes before each value in its page: the definition levels (their 4-byte length,
+/// then one RLE run: count 1, value 1) and the value's 4-byte length.
+pub(super) const PAGE_PREFIX: usize = 10;
+
+/// Room kept in front of a compressed page for its header (at most 29 bytes).
+const HEADER_ROOM: usize = 32;
+
+/// Writes the page prefix of a value of `len` bytes into `dst[..PAGE_PREFIX]`.
+pub(super) fn write_prefix(dst: &mut [u8], len: u32) {
+    dst[..6].copy_from_slice(&[2, 0, 0, 0, 2, 1]);
+    dst[6..PAGE_PREFIX].copy_from_slice(&len.to_le_bytes());
+}
+
+/// The Thrift compact encoding of a v1 data page header for one PLAIN value with RLE
+/// levels and no statistics or CRC, as the column writer writes it.
+fn page_header(uncompressed: i32, compressed: i32) -> ([u8; HEADER_ROOM], usize) {
+    struct Out([u8; HEADER_ROOM], usize);
+    impl Out {
+        fn byte(&mut self, b: u8) {
+            self.0[self.1] = b;
+            self.1 += 1;
+        }
+        /// A field header (id delta 1, type i32) and the zigzag varint of `v`.
+        fn i32_field(&mut self, v: i32) {
+            self.byte(0x15);
+            let mut z = ((v << 1) ^ (v >> 31)) as u32;
+            while z >= 0x80 {
+                self.byte((z & 0x7f) as u8 | 0x80);
+                z >>= 7;
+            }
+            self.byte(z as u8);
+        }
+    }
+    let mut out = Out([0; HEADER_ROOM], 0);
+    out.i32_field(PageType::DATA_PAGE as i32); // 1: type
+    out.i32_field(uncompressed); // 2: uncompressed_page_size
+    out.i32_field(compressed); // 3: compressed_page_size
+    out.byte(0x2c); // 5: data_page_header, a struct (id delta 2, type 12)
+    out.i32_field(1); //   1: num_values
+    out.i32_field(Encoding::PLAIN as i32); //   2: encoding
+    out.i32_field(Encoding::RLE as i32); //   3: definition_level_encoding
+    out.i32_field(Encoding::RLE as i32); //   4: repetition_level_encoding
+    out.byte(0); //   end of data_page_header
+    out.byte(0); // end of the page header
+    (out.0, out.1)
+}
+
+/// A page compressor with the parquet crate's settings for each codec.
+pub(super) enum PageCodec {
+    None,
+    Zstd(zstd::bulk::Compressor<'static>),
+    Lz4Raw,
+    Snappy(Box<snap::raw::Encoder>),
+}
+
+impl PageCodec {
+    /// The compressor for `compression`; `None` for codecs the writer never uses.
+    pub(super) fn new(compression: Compression) -> std::io::Result<PageCodec> {
+        Ok(match compression {
+            Compression::UNCOMPRESSED => PageCodec::None,
+            Compression::ZSTD(level) => {
+                PageCodec::Zstd(zstd::bulk::Compressor::new(level.compression_level())?)
+            }
+            Compression::LZ4_RAW => PageCodec::Lz4Raw,
+            Compression::SNAPPY => PageCodec::Snappy(Box::new(snap::raw::Encoder::new())),
+            other => {
+                return Err(std::io::Error::other(format!(
+                    "page codec {other} is not one the writer uses"
+                )))
+            }
+        })
+    }
+
+    /// `page` compressed into a new buffer that starts with [`HEADER_ROOM`] spare bytes.
+    fn compress(&mut self, page: &[u8]) -> std::io::Result<Vec<u8>> {
+        let mut out = Vec::new();
+        match self {
+            PageCodec::None => {
+                out.reserve_exact(HEADER_ROOM + page.len());
+                out.resize(HEADER_ROOM, 0);
+                out.extend_from_slice(page);
+            }
+            PageCodec::Zstd(c) => {
+                out.reserve_exact(HEADER_ROOM + zstd::zstd_safe::compress_bound(page.len()));
+                out.resize(HEADER_ROOM, 0);
+                let mut cursor = Cursor::new(&mut out);
+                cursor.set_position(HEADER_ROOM as u64);
+                c.compress_to_buffer(page, &mut cursor)?;
+            }
+            PageCodec::Lz4Raw => {
+                let bound = lz4_flex::block::get_maximum_output_size(page.len());
+                out.resize(HEADER_ROOM + bound, 0);
+                let n = lz4_flex::block::compress_into(page, &mut out[HEADER_ROOM..])
+                    .map_err(std::io::Error::other)?;
+                out.truncate(HEADER_ROOM + n);
+                out.shrink_to_fit();
+            }
+            PageCodec::Snappy(e) => {
+                let bound = snap::raw::max_compress_len(page.len());
+                out.resize(HEADER_ROOM + bound, 0);
+                let n = e.compress(page, &mut out[HEADER_ROOM..])?;
+                out.truncate(HEADER_ROOM + n);
+                out.shrink_to_fit();
+            }
+        }
+        Ok(out)
+    }
+}
+
+/// Builds the `data` column chunk of one row group, one page per row.
+pub(super) struct DataChunkBuilder {
+    descr: ColumnDescPtr,
+    compression: Compression,
+    pieces: Vec<Bytes>,
+    len: u64,
+    uncompressed: u64,
+    offsets: OffsetIndexBuilder,
+    pages: usize,
+}
+
+impl DataChunkBuilder {
+    pub(super) fn new(descr: ColumnDescPtr, compression: Compression) -> Self {
+        DataChunkBuilder {
+            descr,
+            compression,
+            pieces: Vec::new(),
+            len: 0,
+            uncompressed: 0,
+            offsets: OffsetIndexBuilder::new(),
+            pages: 0,
+        }
+    }
+
+    /// Appends the page of one row: `page` is its prefix and value, `PAGE_PREFIX`
+    /// bytes longer than the value.
+    pub(super) fn push(&mut self, codec: &mut PageCodec, page: &[u8]) -> PqResult<()> {
+        let out = codec.compress(page)?;
+        self.push_compressed(out, page.len())
+    }
+
+    /// Appends a page whose uncompressed bytes are `page` itself (no compression),
+    /// without copying them.
+    pub(super) fn push_uncompressed(&mut self, page: Bytes) -> PqResult<()> {
+        let (header, h) = page_header_for(page.len(), page.len())?;
+        self.pieces.push(Bytes::copy_from_slice(&header[..h]));
+        self.record(h, page.len(), page.len());
+        self.pieces.push(page);
+        Ok(())
+    }
+
+    fn push_compressed(&mut self, mut out: Vec<u8>, uncompressed: usize) -> PqResult<()> {
+        let compressed = out.len() - HEADER_ROOM;
+        let (header, h) = page_header_for(uncompressed, compressed)?;
+        out[HEADER_ROOM - h..HEADER_ROOM].copy_from_slice(&header[..h]);
+        self.pieces.push(Bytes::from(out).slice(HEADER_ROOM - h..));
+        self.record(h, compressed, uncompressed);
+        Ok(())
+    }
+
+    /// Accounts for a page of `header` + `compressed` bytes holding `uncompressed`
+    /// bytes, as the column writer's page metrics and offset index do.
+    fn record(&mut self, header: usize, compressed: usize, uncompressed: usize) {
+        let page = (header + compressed) as u64;
+        // Sizes fit i32: `page_header_for` checked them.
+        self.offsets
+            .append_offset_and_size(self.len as i64, page as i32);
+        self.offsets.append_row_count(1);
+        self.offsets
+            .append_unencoded_byte_array_data_bytes(Some((uncompressed - PAGE_PREFIX) as i64));
+        self.len += page;
+        self.uncompressed += (header + uncompressed) as u64;
+        self.pages += 1;
+    }
+
+    /// The finished chunk and what the row group writer needs to splice it.
+    pub(super) fn finish(self) -> PqResult<DataChunk> {
+        let stats = vec![PageEncodingStats {
+            page_type: PageType::DATA_PAGE,
+            encoding: Encoding::PLAIN,
+            count: self.pages as i32,
+        }];
+        let metadata = ColumnChunkMetaData::builder(self.descr)
+            .set_compression(self.compression)
+            .set_encodings_mask(EncodingMask::new_from_encodings(
+                [Encoding::PLAIN, Encoding::RLE].iter(),
+            ))
+            .set_page_encoding_stats(stats)
+            .set_total_compressed_size(self.len as i64)
+            .set_total_uncompressed_size(self.uncompressed as i64)
+            .set_num_values(self.pages as i64)
+            .set_data_page_offset(0)
+            .set_dictionary_page_offset(None)
+            .build()?;
+        Ok(DataChunk {
+            pages: Pages {
+                pieces: self.pieces,
+                len: self.len,
+            },
+            close: ColumnCloseResult {
+                bytes_written: self.len,
+                rows_written: self.pages as u64,
+                metadata,
+                bloom_filter: None,
+                column_index: None,
+                offset_index: Some(self.offsets.build()),
+            },
+        })
+    }
+}
+
+fn page_header_for(uncompressed: usize, compressed: usize) -> PqResult<([u8; HEADER_ROOM], usize)> {
+    let size = |n: usize, what: &str| {
+        i32::try_from(n)
+            .map_err(|_| ParquetError::General(format!("page {what} size overflow: {n}")))
+    };
+    Ok(page_header(
+        size(uncompressed, "uncompressed")?,
+        size(compressed, "compressed")?,
+    ))
+}
+
+/// The `data` column chunk of a row group: its pages and its metadata.
+pub(super) struct DataChunk {
+    pub(super) pages: Pages,
+    pub(super) close: ColumnCloseResult,
+}
+
+/// A column chunk's bytes as the pieces they were written in, read back in order.
+pub(super) struct Pages {
+    pieces: Vec<Bytes>,
+    len: u64,
+}
+
+impl Length for Pages {
+    fn len(&self) -> u64 {
+        self.len
+    }
+}
+
+impl ChunkReader for Pages {
+    type T = PagesRead;
+
+    fn get_read(&self, start: u64) -> PqResult<PagesRead> {
+        let mut read = PagesRead {
+            pieces: self.pieces.iter().cloned().collect(),
+        };
+        let mut skip = start;
+        while skip > 0 {
+            let Some(front) = read.pieces.front_mut() else {
+                return Err(ParquetError::EOF(format!("offset {start} past the chunk")));
+            };
+            let n = skip.min(front.len() as u64) as usize;
+            front.advance(n);
+            skip -= n as u64;
+            if front.is_empty() {
+                read.pieces.pop_front();
+            }
+        }
+        Ok(read)
+    }
+
+    fn get_bytes(&self, start: u64, length: usize) -> PqResult<Bytes> {
+        let mut out = Vec::with_capacity(length);
+        self.get_read(start)?
+            .take(length as u64)
+            .read_to_end(&mut out)?;
+        if out.len() != length {
+            return Err(ParquetError::EOF(format!(
+                "{length} bytes at {start} past the chunk"
+            )));
+        }
+        Ok(out.into())
+    }
+}
+
+/// Reads [`Pages`] from an offset.
+pub(super) struct PagesRead {
+    pieces: VecDeque<Bytes>,
+}
+
+impl Read for PagesRead {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        while let Some(front) = self.pieces.front_mut() {
+            if front.is_empty() {
+                self.pieces.pop_front();
+                continue;
+            }
+            let n = buf.len().min(front.len());
+            buf[..n].copy_from_slice(&front[..n]);
+            front.advance(n);
+            return Ok(n);
+        }
+        Ok(0)
+    }
+}
