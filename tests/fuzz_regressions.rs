@@ -1,67 +1,83 @@
 //! Replays every input kept under `fuzz/regressions/<target>/` (seed inputs and what the
-//! fuzzers found) through the same properties the fuzz targets assert, on every test
-//! run, with or without cargo-fuzz.
+//! fuzzers found: crashes, timeouts, slow units) through the very properties the fuzz
+//! targets assert (`fuzz/fuzz_targets/props.rs`), on every test run, with or without
+//! cargo-fuzz.
 
 mod common;
 
+#[path = "../fuzz/fuzz_targets/props.rs"]
+mod props;
+
 use common::root;
-use modelconv::internals::{pickle_load, torch_tensors, zip_entries};
 
-fn inputs(target: &str) -> Vec<(String, Vec<u8>)> {
-    let dir = root().join("fuzz/regressions").join(target);
-    let mut out: Vec<(String, Vec<u8>)> = std::fs::read_dir(&dir)
+/// Runs `target`'s property over each kept input; a failure names the input.
+fn replay(target: &str) -> usize {
+    let (_, property) = props::TARGETS
+        .iter()
+        .find(|(t, _)| *t == target)
+        .expect("a fuzz target");
+    let inputs = props::regressions(&root(), target);
+    for path in &inputs {
+        let data = std::fs::read(path).unwrap();
+        if std::panic::catch_unwind(|| property(&data)).is_err() {
+            panic!("{target}: {} fails the target's property", path.display());
+        }
+    }
+    inputs.len()
+}
+
+#[test]
+fn every_fuzz_target_has_its_property_here_and_a_directory_of_kept_inputs() {
+    let targets: Vec<String> = std::fs::read_dir(root().join("fuzz/fuzz_targets"))
         .unwrap()
-        .map(|e| {
-            let p = e.unwrap().path();
-            (p.display().to_string(), std::fs::read(&p).unwrap())
-        })
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .filter(|n| n != "props.rs")
+        .map(|n| n.trim_end_matches(".rs").to_string())
         .collect();
-    out.sort();
-    assert!(!out.is_empty(), "no inputs in {}", dir.display());
-    out
-}
-
-#[test]
-fn pickle_regressions_hold_the_target_properties() {
-    for (name, data) in inputs("pickle") {
-        if let Ok(n) = pickle_load(&data) {
-            assert!(
-                n <= data.len(),
-                "{name}: {n} values from {} bytes",
-                data.len()
-            );
-        }
-        if let Ok(tensors) = torch_tensors(&data) {
-            for (t, _, offset, len) in tensors {
-                assert!(
-                    offset
-                        .checked_add(len)
-                        .is_some_and(|e| e <= data.len() as u64),
-                    "{name}: tensor `{t}` reads past the file"
-                );
-            }
-        }
+    assert_eq!(targets.len(), props::TARGETS.len(), "{targets:?}");
+    for t in &targets {
+        assert!(
+            props::TARGETS.iter().any(|(n, _)| n == t),
+            "fuzz target `{t}` has no property in props.rs"
+        );
+        assert!(
+            !props::regressions(&root(), t).is_empty(),
+            "fuzz/regressions/{t}/ has no inputs"
+        );
     }
 }
 
 #[test]
-fn zip_regressions_hold_the_target_properties() {
-    for (name, data) in inputs("zip") {
-        if let Ok(entries) = zip_entries(&data) {
-            let mut names = std::collections::HashSet::new();
-            for (e, start, len) in entries {
-                assert!(
-                    start
-                        .checked_add(len)
-                        .is_some_and(|x| x <= data.len() as u64),
-                    "{name}"
-                );
-                assert!(
-                    !e.starts_with('/') && !e.split('/').any(|c| c == ".."),
-                    "{name}: {e}"
-                );
-                assert!(names.insert(e.clone()), "{name}: duplicate {e}");
-            }
-        }
-    }
+fn header_regressions() {
+    replay("header");
+}
+
+#[test]
+fn cast_regressions() {
+    replay("cast");
+}
+
+#[test]
+fn weights_regressions() {
+    replay("weights");
+}
+
+#[test]
+fn pickle_regressions() {
+    replay("pickle");
+}
+
+#[test]
+fn zip_regressions() {
+    replay("zip");
+}
+
+#[test]
+fn index_regressions() {
+    replay("index");
+}
+
+#[test]
+fn roundtrip_regressions() {
+    replay("roundtrip");
 }
