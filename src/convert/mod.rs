@@ -59,8 +59,9 @@ pub fn convert(
 /// # Memory
 ///
 /// Bounded by the output bytes in flight (threads × in-flight groups per thread ×
-/// row-group budget) times the encoder's copies, plus a few copies of the largest row,
-/// whatever the model size; see the writer's `# Memory`.
+/// row-group budget, or the largest row when it is larger) times about three (cast
+/// rows, compressed pages, reused buffers), whatever the model size; see the writer's
+/// `# Memory`.
 pub fn convert_with(
     input: impl AsRef<Path>,
     output: impl AsRef<Path>,
@@ -70,26 +71,15 @@ pub fn convert_with(
     let started = Instant::now();
     let job = Job::prepare(source::open(input, config.source_options())?, config)?;
     let out = OutputLayout::plan(output.as_ref(), &job.source, &job.files, config)?;
+    // A directory this conversion creates is removed again if it fails (it is empty
+    // by then: the temp file and staged side files are gone).
+    let created = !out.dir().exists();
     let stale = out.create_dir()?;
-    job.notify(observer, &stale);
-    let total = job.plan.src_bytes();
-    observer.event(&Event::Planned {
-        tensors: job.plan.tensors.len(),
-        source_bytes: total,
-    });
-
-    let mut writer = WeightWriter::create(out.weights(), config.write_options())?;
-    let sink = ObserverSink { observer, total };
-    let stats = writer.write(&job.source, &job.plan, &config.cancel, &sink)?;
-    job.notice_overflow(&stats.cast, observer);
-    let quant = job.quant_report(&stats.quant);
-    let metadata = job.metadata(config, &out, &stats.cast, quant.as_ref());
-    let written = writer.finish(format::footer(&job.plan, &metadata))?;
-    let staged = out.stage(&metadata)?;
-    if config.cancel.load(Ordering::Relaxed) {
-        return Err(Error::Cancelled);
+    let written = write_and_commit(&job, &out, config, observer, &stale);
+    if written.is_err() && created {
+        let _ = std::fs::remove_dir(out.dir());
     }
-    staged.commit(written.tmp)?;
+    let (file_bytes, metadata, quant) = written?;
 
     let validation_passed = if config.validate {
         observer.event(&Event::Validating);
@@ -101,12 +91,43 @@ pub fn convert_with(
         None
     };
     let outcome = Outcome {
-        file_bytes: written.file_bytes,
+        file_bytes,
         metadata,
         validation_passed,
         quantization: quant,
     };
     Ok(job.report(&out, outcome, started))
+}
+
+/// Writes the weight file and the side files and commits them: the file's size, the
+/// metadata and the quantization report.
+fn write_and_commit(
+    job: &Job,
+    out: &OutputLayout,
+    config: &ConvertConfig,
+    observer: &dyn Observer,
+    stale: &[String],
+) -> Result<(u64, Value, Option<QuantReport>)> {
+    job.notify(observer, stale);
+    let total = job.plan.src_bytes();
+    observer.event(&Event::Planned {
+        tensors: job.plan.tensors.len(),
+        source_bytes: total,
+    });
+
+    let mut writer = WeightWriter::create(out.weights(), config.write_options())?;
+    let sink = ObserverSink { observer, total };
+    let stats = writer.write(&job.source, &job.plan, &config.cancel, &sink)?;
+    job.notice_overflow(&stats.cast, observer);
+    let quant = job.quant_report(&stats.quant);
+    let metadata = job.metadata(config, out, &stats.cast, quant.as_ref());
+    let written = writer.finish(format::footer(&job.plan, &metadata))?;
+    let staged = out.stage(&metadata)?;
+    if config.cancel.load(Ordering::Relaxed) {
+        return Err(Error::Cancelled);
+    }
+    staged.commit(written.tmp)?;
+    Ok((written.file_bytes, metadata, quant))
 }
 
 /// Works out what [`convert`] would do, reading only headers and config files.

@@ -220,6 +220,7 @@ impl WeightFile {
     ///
     /// As [`WeightFile::open`].
     pub fn open_with(path: impl AsRef<Path>, log: Option<RangeLog>) -> Result<WeightFile> {
+        crate::source::refuse_big_endian_host()?;
         let mut path = path.as_ref().to_path_buf();
         if path.is_dir() {
             path = path.join(format::WEIGHTS_FILE);
