@@ -65,6 +65,32 @@ pub mod internals {
             .collect())
     }
 
+    /// Quantizes `src` (elements of `dtype`) unit by unit, `unit` elements each, into
+    /// `dst` (one code per element): every unit's scale and zero point. The cast
+    /// stage's per-unit quantizer, for the benches.
+    ///
+    /// # Errors
+    ///
+    /// A unit that cannot be quantized (non-finite values, a span past f32), as text.
+    pub fn quantize_units(
+        scheme: crate::QuantScheme,
+        dtype: crate::Dtype,
+        src: &[u8],
+        unit: usize,
+        dst: &mut [u8],
+    ) -> Result<Vec<(f32, f32)>, String> {
+        let size = dtype.size();
+        let mut x = Vec::with_capacity(unit);
+        let mut err = crate::cast::QuantError::default();
+        src.chunks(unit * size)
+            .zip(dst.chunks_mut(unit))
+            .map(|(s, q)| {
+                crate::cast::quantize_unit(scheme, dtype, s, &mut x, q, &mut err)
+                    .map_err(|e| e.to_string())
+            })
+            .collect()
+    }
+
     /// Runs the pickle interpreter over `data`; the number of values it built.
     ///
     /// # Errors
