@@ -376,6 +376,20 @@ class WeightFile:
             raise OptionError(f"framework `{framework}`: np or pt")
         return arr
 
+    def get_tensors(self, dtype: Optional[str] = None) -> Dict[str, np.ndarray]:
+        """Every tensor as numpy arrays, by name in row order, read in parallel in Rust
+        with the GIL released (the same values as ``get_tensor`` one by one)."""
+        if dtype not in (None, "float32"):
+            raise OptionError(f"dtype `{dtype}`: get_tensors returns the stored dtype or float32")
+        bufs = _call(self._f.get_tensors, dtype == "float32", _ml_dtypes is None)
+        out: Dict[str, np.ndarray] = {}
+        for name, buf in bufs:
+            arr = np.asarray(buf)
+            if _ml_dtypes is not None and (buf.dtype == "bfloat16" or buf.dtype.startswith("float8")):
+                arr = arr.view(getattr(_ml_dtypes, buf.dtype))
+            out[name] = arr
+        return out
+
 
 def open(path: PathLike) -> WeightFile:  # noqa: A001 - the name users expect
     """Opens a weight file (or the directory holding its ``weights.parquet``)."""
@@ -384,5 +398,4 @@ def open(path: PathLike) -> WeightFile:  # noqa: A001 - the name users expect
 
 def load_file(path: PathLike, dtype: Optional[str] = None) -> Dict[str, np.ndarray]:
     """Every tensor of a weight file, by name (like ``safetensors.numpy.load_file``)."""
-    f = WeightFile(path)
-    return {name: f.get_tensor(name, dtype) for name in f.keys()}
+    return WeightFile(path).get_tensors(dtype)

@@ -76,6 +76,8 @@ fn config(opts: Option<&Bound<'_, PyDict>>, cancel: Arc<AtomicBool>) -> PyResult
                 "threads" => b.threads(v.extract()?),
                 "max_row_mb" => b.max_row_bytes(mib(v.extract()?)),
                 "row_group_mb" => b.row_group_bytes(mib(v.extract()?)),
+                "max_row_bytes" => b.max_row_bytes(v.extract()?),
+                "row_group_bytes" => b.row_group_bytes(v.extract()?),
                 "allow_overflow" => b.allow_overflow(v.extract()?),
                 "force" => b.force(v.extract()?),
                 "extract_tokenizer" => b.extract_tokenizer(v.extract()?),
@@ -396,6 +398,67 @@ impl PyWeightFile {
                 typestr,
                 dtype,
             })
+        })
+        .map_err(err)
+    }
+
+    /// Every tensor, read in parallel (row groups at once for `upcast`, tensors at
+    /// once otherwise) with the GIL released: `(name, buffer)` in row order. Stored
+    /// bytes unless `upcast` (float32); bfloat16 tensors also become float32 with
+    /// `upcast_bf16`; quantized tensors are always dequantized.
+    #[pyo3(signature = (upcast=false, upcast_bf16=false))]
+    fn get_tensors(
+        &self,
+        py: Python<'_>,
+        upcast: bool,
+        upcast_bf16: bool,
+    ) -> PyResult<Vec<(String, TensorBuffer)>> {
+        let inner = &self.inner;
+        let f32_buffer = |shape: Vec<u64>, v: Vec<f32>| TensorBuffer {
+            data: Data::F32(v),
+            shape,
+            typestr: "<f4",
+            dtype: "float32",
+        };
+        py.detach(|| {
+            let mut out: Vec<(usize, String, TensorBuffer)> = if upcast {
+                let found = std::sync::Mutex::new(Vec::with_capacity(inner.tensors().len()));
+                inner.for_each_f32(&|t, v| {
+                    let b = (
+                        t.row as usize,
+                        t.name.clone(),
+                        f32_buffer(t.shape.clone(), v),
+                    );
+                    if let Ok(mut f) = found.lock() {
+                        f.push(b);
+                    }
+                })?;
+                found.into_inner().unwrap_or_default()
+            } else {
+                use rayon::prelude::*;
+                inner
+                    .tensors()
+                    .par_iter()
+                    .map(|info| {
+                        let t = inner.tensor(&info.name)?;
+                        let shape = t.shape.clone();
+                        let b = if t.quant.is_some() || (upcast_bf16 && t.dtype == Dtype::Bf16) {
+                            f32_buffer(shape, t.to_f32())
+                        } else {
+                            let (typestr, dtype) = np_type(t.dtype);
+                            TensorBuffer {
+                                data: Data::Bytes(t.data),
+                                shape,
+                                typestr,
+                                dtype,
+                            }
+                        };
+                        Ok((info.row as usize, info.name.clone(), b))
+                    })
+                    .collect::<modelconv::Result<Vec<_>>>()?
+            };
+            out.sort_by_key(|(row, _, _)| *row);
+            Ok(out.into_iter().map(|(_, n, b)| (n, b)).collect())
         })
         .map_err(err)
     }

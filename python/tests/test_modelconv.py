@@ -91,6 +91,23 @@ def test_every_fixture_reads_back_exactly_under_the_cast_rules(tmp_path, name, t
             assert np.array_equal(up.view(np.uint32), want.astype(np.float32).view(np.uint32)), key
 
 
+@pytest.mark.parametrize("name", NAMES)
+def test_get_tensors_reads_in_parallel_what_get_tensor_reads_one_by_one(tmp_path, name):
+    out = tmp_path / "o"
+    # Small rows and row groups: tensors split over rows and across row groups.
+    modelconv.convert(FIXTURES / name, out, model_type="causallm", dtype="keep", validate=False,
+                      max_row_bytes=2000, row_group_bytes=10_000)
+    f = modelconv.open(out)
+    for dtype in (None, "float32"):
+        every = f.get_tensors(dtype)
+        assert list(every) == f.keys()
+        for key, got in every.items():
+            want = f.get_tensor(key, dtype)
+            assert (got.dtype, got.shape) == (want.dtype, want.shape), key
+            assert got.tobytes() == want.tobytes(), key
+    assert list(modelconv.load_file(out)) == f.keys()
+
+
 def test_reads_are_zero_copy_views_kept_alive_by_their_base(tmp_path):
     out = tmp_path / "o"
     modelconv.convert(FIXTURES / "tiny-bert", out)
@@ -217,6 +234,8 @@ def test_quantized_tensors_come_back_dequantized_like_the_seed_loader(tmp_path):
     got = f.get_tensor("encoder.layer.0.attention.self.query.weight")
     assert got.dtype == np.float32 and np.array_equal(got.view(np.uint32), want.view(np.uint32))
     assert f.info("encoder.layer.0.attention.self.query.weight")["quant"] == {"axis": 0, "group_size": 0, "scales": 384}
+    every = f.get_tensors()
+    assert every["encoder.layer.0.attention.self.query.weight"].tobytes() == got.tobytes()
 
 
 def test_files_written_by_the_seed_and_load_file(tmp_path):
