@@ -1,6 +1,9 @@
 //! The cast stage alone, in bytes of source per second: our checked casts next to
 //! `half`'s unchecked slice conversion (the floor) and a scalar loop.
 
+#[path = "../tests/common/mod.rs"]
+mod common;
+
 use criterion::{criterion_group, criterion_main, Criterion, Throughput};
 use half::slice::HalfFloatSliceExt;
 use half::{bf16, f16};
@@ -10,24 +13,9 @@ use std::hint::black_box;
 
 const N: usize = 4 << 20; // elements
 
-fn data_f32() -> Vec<u8> {
-    let mut x = 0x9E37_79B9_7F4A_7C15u64;
-    (0..N)
-        .flat_map(|_| {
-            x ^= x << 13;
-            x ^= x >> 7;
-            x ^= x << 17;
-            (((x >> 40) as f32 / (1u64 << 24) as f32 - 0.5) * 0.1).to_le_bytes()
-        })
-        .collect()
-}
-
 fn bench(c: &mut Criterion) {
-    let f32s = data_f32();
-    let bf16s: Vec<u8> = f32s
-        .chunks_exact(4)
-        .flat_map(|b| bf16::from_f32(f32::from_le_bytes([b[0], b[1], b[2], b[3]])).to_le_bytes())
-        .collect();
+    let f32s = common::weights_f32(N);
+    let bf16s = common::f32_bytes_to_bf16(&f32s);
     let mut out = vec![0u8; N * 4];
 
     let mut g = c.benchmark_group("cast");

@@ -374,3 +374,25 @@ pub fn assert_verifies(out: &Path, source: &Path) -> modelconv::VerifyReport {
     );
     report
 }
+
+/// `n` f32 values in [-0.05, 0.05) from a xorshift stream, as little-endian bytes: the
+/// magnitude of trained weights, every value f16-representable without overflow.
+pub fn weights_f32(n: usize) -> Vec<u8> {
+    let mut x = 0x9E37_79B9_7F4A_7C15u64;
+    (0..n)
+        .flat_map(|_| {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            (((x >> 40) as f32 / (1u64 << 24) as f32 - 0.5) * 0.1).to_le_bytes()
+        })
+        .collect()
+}
+
+/// f32 element bytes rounded to bf16 element bytes.
+pub fn f32_bytes_to_bf16(bytes: &[u8]) -> Vec<u8> {
+    bytes
+        .chunks_exact(4)
+        .flat_map(|b| bf16::from_f32(f32::from_le_bytes([b[0], b[1], b[2], b[3]])).to_le_bytes())
+        .collect()
+}
