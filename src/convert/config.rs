@@ -149,7 +149,14 @@ impl ConvertConfig {
             inflight_bytes: (self.threads as u64)
                 .saturating_mul(self.inflight_per_thread)
                 .saturating_mul(self.row_group_bytes),
-            pool_max_bytes: self.row_group_bytes,
+            // A group's cast buffer (its rows and their page leads) or its compressed
+            // pages (at most the codec's bound).
+            pool_max_bytes: self.row_group_bytes + self.row_group_bytes / 64 + (2 << 20),
+            // The chunk buffers of the groups in flight, a cast buffer per thread, a spare.
+            pool_keep: (self.threads as u64)
+                .saturating_mul(self.inflight_per_thread + 1)
+                .saturating_add(1)
+                .min(64) as usize,
             quantized: self.quantize.is_some(),
         }
     }

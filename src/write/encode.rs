@@ -9,12 +9,13 @@ use std::sync::{Arc, Mutex};
 use arrow_array::builder::{Int32Builder, ListBuilder};
 use arrow_array::{ArrayRef, BinaryArray, Int32Array, Int64Array, StringArray, UInt64Array};
 use arrow_schema::SchemaRef;
-use bytes::Bytes;
 use parquet::arrow::arrow_writer::{compute_leaves, ArrowColumnChunk, ArrowRowGroupWriterFactory};
 use parquet::basic::Compression;
 use parquet::schema::types::ColumnDescPtr;
 
-use super::pages::{write_prefix, DataChunk, DataChunkBuilder, PageCodec, PAGE_PREFIX};
+use super::pages::{
+    write_prefix, DataChunk, DataChunkBuilder, PageCodec, HEADER_ROOM, PAGE_LEAD, PAGE_PREFIX,
+};
 use crate::cast::{cast_row, CastStats, QuantError, RowQuant};
 use crate::error::{Error, Result};
 use crate::format;
@@ -38,8 +39,9 @@ pub(super) struct Encoded {
     pub(super) quant: Vec<(usize, QuantError)>,
 }
 
-/// Value buffers handed back after encoding, so later row groups reuse memory that is
-/// already mapped instead of faulting in (and zeroing) fresh pages for every group.
+/// Buffers handed back once used (cast buffers after their pages are compressed,
+/// chunk buffers after their pages are appended), so later row groups reuse memory that
+/// is already mapped instead of faulting in (and the kernel zeroing) fresh pages.
 pub(super) struct BufferPool {
     free: Mutex<Vec<Vec<u8>>>,
     keep: usize,
@@ -56,36 +58,63 @@ impl BufferPool {
         }
     }
 
+    /// The smallest kept buffer with room for `cap` bytes.
+    fn reuse(&self, cap: usize) -> Option<Vec<u8>> {
+        let mut f = self.free.lock().ok()?;
+        let best = f
+            .iter()
+            .enumerate()
+            .filter(|(_, b)| b.capacity() >= cap)
+            .min_by_key(|(_, b)| b.capacity())
+            .map(|(i, _)| i)?;
+        Some(f.swap_remove(best))
+    }
+
     /// A buffer of exactly `len` bytes; its contents are overwritten by the caller.
-    fn take(&self, len: usize) -> Vec<u8> {
-        let reused = self.free.lock().ok().and_then(|mut f| {
-            // Prefer the smallest buffer that is already large enough.
-            let best = f
-                .iter()
-                .enumerate()
-                .filter(|(_, b)| b.capacity() >= len)
-                .min_by_key(|(_, b)| b.capacity())
-                .map(|(i, _)| i)
-                .or_else(|| (!f.is_empty()).then_some(0))?;
-            Some(f.swap_remove(best))
-        });
-        match reused {
+    pub(super) fn take(&self, len: usize) -> Vec<u8> {
+        match self.reuse(len) {
             Some(mut b) => {
-                // Growth is zero-filled; shrinking only moves the length.
-                b.resize(len, 0);
+                // Only bytes past its current length are zero-filled.
+                if b.len() < len {
+                    b.resize(len, 0);
+                } else {
+                    b.truncate(len);
+                }
                 b
             }
+            // Zeroed by the allocator (fresh pages are zero already).
             None => vec![0; len],
         }
     }
 
-    fn give(&self, b: Vec<u8>) {
-        if b.capacity() > self.max_bytes {
+    /// An empty buffer with room for `cap` bytes.
+    pub(super) fn take_empty(&self, cap: usize) -> Vec<u8> {
+        match self.reuse(cap) {
+            Some(mut b) => {
+                b.clear();
+                b
+            }
+            None => Vec::with_capacity(cap),
+        }
+    }
+
+    /// Keeps `b` for reuse, unless it is too large; when the pool is full, the smallest
+    /// buffer goes.
+    pub(super) fn give(&self, b: Vec<u8>) {
+        if b.capacity() > self.max_bytes || self.keep == 0 {
             return;
         }
         if let Ok(mut f) = self.free.lock() {
-            if f.len() < self.keep {
-                f.push(b);
+            f.push(b);
+            if f.len() > self.keep {
+                if let Some(i) = f
+                    .iter()
+                    .enumerate()
+                    .min_by_key(|(_, b)| b.capacity())
+                    .map(|(i, _)| i)
+                {
+                    f.swap_remove(i);
+                }
             }
         }
     }
@@ -119,7 +148,7 @@ impl Encoder<'_> {
         // The plan's budgets are at most 1 GiB, a row's bytes at most 2 GiB - 1.
         let mut values = self
             .pool
-            .take(group.out_bytes as usize + rows.len() * PAGE_PREFIX);
+            .take(group.out_bytes as usize + rows.len() * PAGE_LEAD);
         let mut pages = Vec::with_capacity(rows.len());
         let mut checksums = Vec::with_capacity(rows.len());
         let mut stats = Vec::new();
@@ -129,17 +158,17 @@ impl Encoder<'_> {
         let mut at = 0;
         for row in rows {
             let n = (row.elems * plan.tensors[row.tensor].dtype.size() as u64) as usize;
-            let (page, tail) = std::mem::take(&mut rest).split_at_mut(PAGE_PREFIX + n);
+            let (page, tail) = std::mem::take(&mut rest).split_at_mut(PAGE_LEAD + n);
             rest = tail;
-            let (prefix, dst) = page.split_at_mut(PAGE_PREFIX);
+            let (prefix, dst) = page[HEADER_ROOM..].split_at_mut(PAGE_PREFIX);
             write_prefix(prefix, n as u32);
             let cast = cast_row(source, plan, row, dst, self.allow_overflow)?;
             if cast.stats != CastStats::default() {
                 stats.push((row.tensor, cast.stats));
             }
             checksums.push(cast.checksum);
-            pages.push(at..at + PAGE_PREFIX + n);
-            at += PAGE_PREFIX + n;
+            pages.push(at..at + PAGE_LEAD + n);
+            at += PAGE_LEAD + n;
             if let Some(q) = &cast.quant {
                 errors.push((row.tensor, q.error));
             }
@@ -156,8 +185,9 @@ impl Encoder<'_> {
         })
     }
 
-    /// The `data` column chunk of the pages laid out in `values`; the buffer goes back
-    /// to the pool once they are compressed.
+    /// The `data` column chunk of the pages laid out in `values` (each of `pages` is
+    /// header room, prefix and value): compressed into a pooled buffer, after which
+    /// `values` goes back to the pool; uncompressed, `values` is the chunk.
     fn data_chunk(
         &self,
         first: Option<&str>,
@@ -165,20 +195,25 @@ impl Encoder<'_> {
         pages: Vec<std::ops::Range<usize>>,
     ) -> Result<DataChunk> {
         let perr = |e: parquet::errors::ParquetError| Error::parquet(self.out_path, first, e);
-        let mut chunk = DataChunkBuilder::new(self.data_descr.clone(), self.compression);
-        let mut codec = PageCodec::new(self.compression)
+        let (descr, compression) = (self.data_descr.clone(), self.compression);
+        let mut codec = PageCodec::new(compression)
             .map_err(|e| perr(parquet::errors::ParquetError::External(Box::new(e))))?;
-        if let PageCodec::None = codec {
-            let values = Bytes::from(values);
-            for p in pages {
-                chunk.push_uncompressed(values.slice(p)).map_err(perr)?;
-            }
+        let chunk = if let PageCodec::None = codec {
+            DataChunkBuilder::uncompressed(descr, compression, values, &pages).map_err(perr)?
         } else {
+            let cap = pages
+                .iter()
+                .map(|p| HEADER_ROOM + codec.bound(p.len() - HEADER_ROOM))
+                .sum();
+            let mut chunk = DataChunkBuilder::new(descr, compression, self.pool.take_empty(cap));
             for p in pages {
-                chunk.push(&mut codec, &values[p]).map_err(perr)?;
+                chunk
+                    .push(&mut codec, &values[p.start + HEADER_ROOM..p.end])
+                    .map_err(perr)?;
             }
             self.pool.give(values);
-        }
+            chunk
+        };
         chunk.finish().map_err(perr)
     }
 

@@ -94,8 +94,10 @@ pub(crate) struct WriteOptions {
     pub(crate) allow_overflow: bool,
     /// Output bytes allowed in flight.
     pub(crate) inflight_bytes: u64,
-    /// Largest value buffer kept for reuse.
+    /// Largest buffer kept for reuse.
     pub(crate) pool_max_bytes: u64,
+    /// Buffers kept for reuse.
+    pub(crate) pool_keep: usize,
     /// Write the V2 schema (quantized output).
     pub(crate) quantized: bool,
 }
@@ -212,7 +214,8 @@ impl WeightWriter {
             .map_err(|e| Error::ThreadPool {
                 reason: e.to_string(),
             })?;
-        let buffers = BufferPool::new(threads + 1, self.opts.pool_max_bytes);
+        // The chunk buffers of the groups in flight, a cast buffer per thread, a spare.
+        let buffers = BufferPool::new(self.opts.pool_keep, self.opts.pool_max_bytes);
         let encoder = Encoder {
             source,
             plan,
@@ -228,7 +231,8 @@ impl WeightWriter {
         let stop = AtomicBool::new(false);
         let halted = || stop.load(Ordering::Relaxed) || cancel.load(Ordering::Relaxed);
         let (tx, rx) = crossbeam_channel::unbounded::<(usize, Result<Encoded>)>();
-        let mut appender = Appender::new(&mut self.file, self.tmp.target(), plan, progress);
+        let mut appender =
+            Appender::new(&mut self.file, self.tmp.target(), plan, progress, &buffers);
         std::thread::scope(|ts| {
             // The producer is a plain thread: it blocks on the budget, never a rayon
             // worker.
@@ -337,6 +341,8 @@ struct Appender<'a> {
     target: &'a std::path::Path,
     plan: &'a Plan,
     progress: &'a dyn ProgressSink,
+    /// Where appended chunks' buffers go back.
+    pool: &'a BufferPool,
     pending: BTreeMap<usize, Result<Encoded>>,
     next: usize,
     done_bytes: u64,
@@ -351,12 +357,14 @@ impl<'a> Appender<'a> {
         target: &'a std::path::Path,
         plan: &'a Plan,
         progress: &'a dyn ProgressSink,
+        pool: &'a BufferPool,
     ) -> Self {
         Appender {
             file,
             target,
             plan,
             progress,
+            pool,
             pending: BTreeMap::new(),
             next: 0,
             done_bytes: 0,
@@ -429,7 +437,12 @@ impl<'a> Appender<'a> {
             for c in enc.chunks {
                 match c {
                     Chunk::Parquet(c) => c.append_to_row_group(&mut rg)?,
-                    Chunk::Data(d) => rg.append_column(&d.pages, d.close)?,
+                    Chunk::Data(d) => {
+                        rg.append_column(&d.pages, d.close)?;
+                        if let Some(b) = d.pages.into_buffer() {
+                            self.pool.give(b);
+                        }
+                    }
                 }
             }
             rg.close().map(|_| ())

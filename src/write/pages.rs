@@ -2,11 +2,14 @@
 //!
 //! Every row is one PLAIN data page (format v1). Its uncompressed bytes (definition
 //! levels, the value's length, the value) are laid out in the row group's value buffer
-//! by the cast stage, so a page is compressed straight from the buffer the cast
-//! filled. The column writer would first copy the value into its encoder buffer, then
-//! into a page buffer, and only then compress: for a 262 MB row, four copies alive at
-//! once where this keeps two (the cast row and its compressed page), and with
-//! `--compression none` one.
+//! by the cast stage, after room for the page header, so a page is compressed straight
+//! from the buffer the cast filled, into one buffer for the whole chunk (again with
+//! room for each header in front of its page). The column writer would first copy the
+//! value into its encoder buffer, then into a page buffer, and only then compress: for
+//! a 262 MB row, four copies alive at once where this keeps two (the cast row and its
+//! compressed page), and with `--compression none` one, the cast buffer itself. Both
+//! buffers come from the writer's pool and go back to it, so steady state allocates
+//! nothing (fresh memory costs a page fault and the kernel's zeroing per page).
 //!
 //! The bytes are the ones the column writer writes for the same rows under
 //! [`super::writer_properties`] (one row per page, PLAIN, no statistics, an offset
@@ -15,8 +18,10 @@
 
 use std::collections::VecDeque;
 use std::io::{Cursor, Read};
+use std::ops::Range;
+use std::sync::Arc;
 
-use bytes::{Buf, Bytes};
+use bytes::Bytes;
 use parquet::basic::{Compression, Encoding, EncodingMask, PageType};
 use parquet::column::writer::ColumnCloseResult;
 use parquet::errors::{ParquetError, Result as PqResult};
@@ -28,8 +33,11 @@ use parquet::schema::types::ColumnDescPtr;
 /// then one RLE run: count 1, value 1) and the value's 4-byte length.
 pub(super) const PAGE_PREFIX: usize = 10;
 
-/// Room kept in front of a compressed page for its header (at most 29 bytes).
-const HEADER_ROOM: usize = 32;
+/// Room kept in front of every page for its header (at most 29 bytes are used).
+pub(super) const HEADER_ROOM: usize = 32;
+
+/// Bytes a page takes in the cast buffer before its value.
+pub(super) const PAGE_LEAD: usize = HEADER_ROOM + PAGE_PREFIX;
 
 /// Writes the page prefix of a value of `len` bytes into `dst[..PAGE_PREFIX]`.
 pub(super) fn write_prefix(dst: &mut [u8], len: u32) {
@@ -97,47 +105,50 @@ impl PageCodec {
         })
     }
 
-    /// `page` compressed into a new buffer that starts with [`HEADER_ROOM`] spare bytes.
-    fn compress(&mut self, page: &[u8]) -> std::io::Result<Vec<u8>> {
-        let mut out = Vec::new();
+    /// At most how many bytes `n` bytes compress to.
+    pub(super) fn bound(&self, n: usize) -> usize {
         match self {
-            PageCodec::None => {
-                out.reserve_exact(HEADER_ROOM + page.len());
-                out.resize(HEADER_ROOM, 0);
-                out.extend_from_slice(page);
-            }
+            PageCodec::None => n,
+            PageCodec::Zstd(_) => zstd::zstd_safe::compress_bound(n),
+            PageCodec::Lz4Raw => lz4_flex::block::get_maximum_output_size(n),
+            PageCodec::Snappy(_) => snap::raw::max_compress_len(n),
+        }
+    }
+
+    /// Appends `page`, compressed, to `out`.
+    fn compress_into(&mut self, page: &[u8], out: &mut Vec<u8>) -> std::io::Result<()> {
+        let at = out.len();
+        match self {
+            PageCodec::None => out.extend_from_slice(page),
             PageCodec::Zstd(c) => {
-                out.reserve_exact(HEADER_ROOM + zstd::zstd_safe::compress_bound(page.len()));
-                out.resize(HEADER_ROOM, 0);
-                let mut cursor = Cursor::new(&mut out);
-                cursor.set_position(HEADER_ROOM as u64);
+                out.reserve(zstd::zstd_safe::compress_bound(page.len()));
+                let mut cursor = Cursor::new(out);
+                cursor.set_position(at as u64);
                 c.compress_to_buffer(page, &mut cursor)?;
             }
             PageCodec::Lz4Raw => {
-                let bound = lz4_flex::block::get_maximum_output_size(page.len());
-                out.resize(HEADER_ROOM + bound, 0);
-                let n = lz4_flex::block::compress_into(page, &mut out[HEADER_ROOM..])
+                out.resize(at + lz4_flex::block::get_maximum_output_size(page.len()), 0);
+                let n = lz4_flex::block::compress_into(page, &mut out[at..])
                     .map_err(std::io::Error::other)?;
-                out.truncate(HEADER_ROOM + n);
-                out.shrink_to_fit();
+                out.truncate(at + n);
             }
             PageCodec::Snappy(e) => {
-                let bound = snap::raw::max_compress_len(page.len());
-                out.resize(HEADER_ROOM + bound, 0);
-                let n = e.compress(page, &mut out[HEADER_ROOM..])?;
-                out.truncate(HEADER_ROOM + n);
-                out.shrink_to_fit();
+                out.resize(at + snap::raw::max_compress_len(page.len()), 0);
+                let n = e.compress(page, &mut out[at..])?;
+                out.truncate(at + n);
             }
         }
-        Ok(out)
+        Ok(())
     }
 }
 
-/// Builds the `data` column chunk of one row group, one page per row.
+/// Builds the `data` column chunk of one row group, one page per row, in one buffer.
 pub(super) struct DataChunkBuilder {
     descr: ColumnDescPtr,
     compression: Compression,
-    pieces: Vec<Bytes>,
+    buf: Vec<u8>,
+    /// Each page (its header and bytes) in `buf`, in order.
+    ranges: Vec<Range<usize>>,
     len: u64,
     uncompressed: u64,
     offsets: OffsetIndexBuilder,
@@ -145,11 +156,14 @@ pub(super) struct DataChunkBuilder {
 }
 
 impl DataChunkBuilder {
-    pub(super) fn new(descr: ColumnDescPtr, compression: Compression) -> Self {
+    /// A chunk whose pages are compressed into `buf` (emptied; its capacity is reused).
+    pub(super) fn new(descr: ColumnDescPtr, compression: Compression, mut buf: Vec<u8>) -> Self {
+        buf.clear();
         DataChunkBuilder {
             descr,
             compression,
-            pieces: Vec::new(),
+            buf,
+            ranges: Vec::new(),
             len: 0,
             uncompressed: 0,
             offsets: OffsetIndexBuilder::new(),
@@ -157,28 +171,42 @@ impl DataChunkBuilder {
         }
     }
 
-    /// Appends the page of one row: `page` is its prefix and value, `PAGE_PREFIX`
-    /// bytes longer than the value.
+    /// Compresses the page of one row into the chunk: `page` is its prefix and value,
+    /// `PAGE_PREFIX` bytes longer than the value.
     pub(super) fn push(&mut self, codec: &mut PageCodec, page: &[u8]) -> PqResult<()> {
-        let out = codec.compress(page)?;
-        self.push_compressed(out, page.len())
+        let room = self.buf.len();
+        self.buf.resize(room + HEADER_ROOM, 0);
+        codec.compress_into(page, &mut self.buf)?;
+        let compressed = self.buf.len() - room - HEADER_ROOM;
+        self.place(room, compressed, page.len())
     }
 
-    /// Appends a page whose uncompressed bytes are `page` itself (no compression),
-    /// without copying them.
-    pub(super) fn push_uncompressed(&mut self, page: Bytes) -> PqResult<()> {
-        let (header, h) = page_header_for(page.len(), page.len())?;
-        self.pieces.push(Bytes::copy_from_slice(&header[..h]));
-        self.record(h, page.len(), page.len());
-        self.pieces.push(page);
-        Ok(())
+    /// The chunk of uncompressed pages that are already in `buf`: each of `pages` is
+    /// [`HEADER_ROOM`] bytes of room, then the page's prefix and value. No byte moves.
+    pub(super) fn uncompressed(
+        descr: ColumnDescPtr,
+        compression: Compression,
+        buf: Vec<u8>,
+        pages: &[Range<usize>],
+    ) -> PqResult<Self> {
+        let mut chunk = DataChunkBuilder {
+            buf,
+            ..DataChunkBuilder::new(descr, compression, Vec::new())
+        };
+        for p in pages {
+            let n = p.len() - HEADER_ROOM;
+            chunk.place(p.start, n, n)?;
+        }
+        Ok(chunk)
     }
 
-    fn push_compressed(&mut self, mut out: Vec<u8>, uncompressed: usize) -> PqResult<()> {
-        let compressed = out.len() - HEADER_ROOM;
+    /// Writes the header of the page after the room at `room` into the end of that
+    /// room and records the page.
+    fn place(&mut self, room: usize, compressed: usize, uncompressed: usize) -> PqResult<()> {
         let (header, h) = page_header_for(uncompressed, compressed)?;
-        out[HEADER_ROOM - h..HEADER_ROOM].copy_from_slice(&header[..h]);
-        self.pieces.push(Bytes::from(out).slice(HEADER_ROOM - h..));
+        let start = room + HEADER_ROOM - h;
+        self.buf[start..room + HEADER_ROOM].copy_from_slice(&header[..h]);
+        self.ranges.push(start..room + HEADER_ROOM + compressed);
         self.record(h, compressed, uncompressed);
         Ok(())
     }
@@ -219,7 +247,8 @@ impl DataChunkBuilder {
             .build()?;
         Ok(DataChunk {
             pages: Pages {
-                pieces: self.pieces,
+                buf: Arc::new(self.buf),
+                ranges: self.ranges,
                 len: self.len,
             },
             close: ColumnCloseResult {
@@ -251,10 +280,18 @@ pub(super) struct DataChunk {
     pub(super) close: ColumnCloseResult,
 }
 
-/// A column chunk's bytes as the pieces they were written in, read back in order.
+/// A column chunk's pages, ranges of one buffer, read back in order.
 pub(super) struct Pages {
-    pieces: Vec<Bytes>,
+    buf: Arc<Vec<u8>>,
+    ranges: Vec<Range<usize>>,
     len: u64,
+}
+
+impl Pages {
+    /// The buffer, for reuse, once nothing reads it any more.
+    pub(super) fn into_buffer(self) -> Option<Vec<u8>> {
+        Arc::try_unwrap(self.buf).ok()
+    }
 }
 
 impl Length for Pages {
@@ -268,18 +305,19 @@ impl ChunkReader for Pages {
 
     fn get_read(&self, start: u64) -> PqResult<PagesRead> {
         let mut read = PagesRead {
-            pieces: self.pieces.iter().cloned().collect(),
+            buf: self.buf.clone(),
+            ranges: self.ranges.iter().cloned().collect(),
         };
         let mut skip = start;
         while skip > 0 {
-            let Some(front) = read.pieces.front_mut() else {
+            let Some(front) = read.ranges.front_mut() else {
                 return Err(ParquetError::EOF(format!("offset {start} past the chunk")));
             };
             let n = skip.min(front.len() as u64) as usize;
-            front.advance(n);
+            front.start += n;
             skip -= n as u64;
-            if front.is_empty() {
-                read.pieces.pop_front();
+            if front.start >= front.end {
+                read.ranges.pop_front();
             }
         }
         Ok(read)
@@ -301,19 +339,20 @@ impl ChunkReader for Pages {
 
 /// Reads [`Pages`] from an offset.
 pub(super) struct PagesRead {
-    pieces: VecDeque<Bytes>,
+    buf: Arc<Vec<u8>>,
+    ranges: VecDeque<Range<usize>>,
 }
 
 impl Read for PagesRead {
-    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
-        while let Some(front) = self.pieces.front_mut() {
-            if front.is_empty() {
-                self.pieces.pop_front();
+    fn read(&mut self, out: &mut [u8]) -> std::io::Result<usize> {
+        while let Some(front) = self.ranges.front_mut() {
+            if front.start >= front.end {
+                self.ranges.pop_front();
                 continue;
             }
-            let n = buf.len().min(front.len());
-            buf[..n].copy_from_slice(&front[..n]);
-            front.advance(n);
+            let n = out.len().min(front.len());
+            out[..n].copy_from_slice(&self.buf[front.start..front.start + n]);
+            front.start += n;
             return Ok(n);
         }
         Ok(0)
