@@ -468,6 +468,24 @@ fn a_damaged_or_inconsistent_footer_index_is_refused() {
 }
 
 #[test]
+fn a_footer_index_naming_two_tensors_alike_is_refused() {
+    // Found by the `weights` fuzz target: a mutated footer index named two tensors
+    // `half.weight`; listing gave both, reading by name gave the first one's bytes for
+    // the second.
+    let path =
+        root().join("fuzz/regressions/weights/found-4358fe792039b33d7a1be7af2f6e77332e6c12fa");
+    let err = WeightFile::open(&path).unwrap_err();
+    assert!(matches!(err, Error::CorruptWeights { .. }), "{err:?}");
+    assert_eq!(
+        err.to_string(),
+        format!(
+            "{}: tensor `half.weight`: the file holds two tensors of this name",
+            path.display()
+        )
+    );
+}
+
+#[test]
 fn verify_names_rows_whose_description_cells_were_damaged() {
     // RELIABILITY row 44: layer_name, shape, dtype or num_params changed in a row whose
     // data (and so its checksum) is intact: verify compares every cell with the footer

@@ -299,11 +299,19 @@ impl WeightFile {
             }
             None => wf.tensors_from_scan()?,
         };
-        wf.by_name = tensors
-            .iter()
-            .enumerate()
-            .map(|(i, t)| (t.name.clone(), i))
-            .collect();
+        // Names are keys: a second tensor of a name would be unreachable by name, and
+        // reading "it" would give the first one's bytes.
+        let mut by_name = HashMap::with_capacity(tensors.len());
+        for (i, t) in tensors.iter().enumerate() {
+            if by_name.insert(t.name.clone(), i).is_some() {
+                return Err(Error::corrupt(
+                    &wf.path,
+                    Some(&t.name),
+                    "the file holds two tensors of this name",
+                ));
+            }
+        }
+        wf.by_name = by_name;
         wf.tensors = tensors;
         Ok(wf)
     }
