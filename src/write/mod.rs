@@ -8,7 +8,8 @@
 //!
 //! A producer thread dispatches row groups only while the output bytes in flight stay
 //! under a budget (threads × in-flight groups per thread × row-group budget, and always
-//! at least one group), and the appender releases a group's bytes once it is written.
+//! at least one group, plus one group larger than that budget at a time), and the
+//! appender releases a group's bytes once it is written.
 //! A group holds its value buffer (the cast rows, laid out as the `data` pages) and
 //! their compressed pages, which [`pages`] compresses straight from it, so peak memory
 //! is about twice that budget plus twice the largest row, never a multiple of the
@@ -259,7 +260,7 @@ impl WeightWriter {
             });
             appender.run(&rx, budget, &stop, cancel);
             stop.store(true, Ordering::Relaxed);
-            budget.release(u64::MAX);
+            budget.open();
         });
         appender.finish(cancel)
     }
@@ -294,26 +295,48 @@ impl WeightWriter {
 }
 
 /// Bytes in flight, bounded; waits are on plain threads only, never on rayon workers.
+///
+/// Groups within the cap share it; a group larger than the cap (one big row) has a
+/// budget of its own, one such group at a time, so the other threads go on with the
+/// small groups after it instead of idling while one thread casts and compresses it.
+/// In flight at most: the cap plus the largest group.
 struct Budget {
-    used: Mutex<u64>,
+    used: Mutex<Used>,
     cv: Condvar,
     cap: u64,
+}
+
+#[derive(Default)]
+struct Used {
+    small: u64,
+    big: u64,
+    /// Set when the write stops: every wait ends.
+    open: bool,
 }
 
 impl Budget {
     fn new(cap: u64) -> Budget {
         Budget {
-            used: Mutex::new(0),
+            used: Mutex::new(Used::default()),
             cv: Condvar::new(),
             cap: cap.max(1),
         }
     }
 
-    /// Waits until `bytes` fit (one group always fits when nothing is in flight);
-    /// false when `halted` says to stop.
+    /// Waits until `bytes` fit (a group always fits when nothing of its kind is in
+    /// flight); false when `halted` says to stop.
     fn acquire(&self, bytes: u64, halted: &dyn Fn() -> bool) -> bool {
         let mut used = self.used.lock().unwrap_or_else(|p| p.into_inner());
-        while *used > 0 && used.saturating_add(bytes) > self.cap {
+        let big = bytes > self.cap;
+        let fits = |u: &Used| {
+            u.open
+                || if big {
+                    u.big == 0
+                } else {
+                    u.small == 0 || u.small.saturating_add(bytes) <= self.cap
+                }
+        };
+        while !fits(&used) {
             if halted() {
                 return false;
             }
@@ -323,13 +346,28 @@ impl Budget {
                 .unwrap_or_else(|p| p.into_inner())
                 .0;
         }
-        *used = used.saturating_add(bytes);
+        if big {
+            used.big = used.big.saturating_add(bytes);
+        } else {
+            used.small = used.small.saturating_add(bytes);
+        }
         !halted()
     }
 
     fn release(&self, bytes: u64) {
         let mut used = self.used.lock().unwrap_or_else(|p| p.into_inner());
-        *used = used.saturating_sub(bytes);
+        if bytes > self.cap {
+            used.big = used.big.saturating_sub(bytes);
+        } else {
+            used.small = used.small.saturating_sub(bytes);
+        }
+        self.cv.notify_all();
+    }
+
+    /// Ends every wait: the write is stopping.
+    fn open(&self) {
+        let mut used = self.used.lock().unwrap_or_else(|p| p.into_inner());
+        used.open = true;
         self.cv.notify_all();
     }
 }
@@ -414,7 +452,7 @@ impl<'a> Appender<'a> {
             }
             if self.error.is_some() {
                 stop.store(true, Ordering::Relaxed);
-                budget.release(u64::MAX);
+                budget.open();
                 // Drain so the producer can finish, keeping the first real error.
                 for (_, r) in rx.iter() {
                     if let Err(e) = r {
