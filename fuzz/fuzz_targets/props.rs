@@ -68,21 +68,53 @@ pub fn cast(data: &[u8]) {
     }
 }
 
-/// Any bytes as weights.parquet: opening, listing, reading and verifying never panic;
-/// a tensor that reads back has exactly the bytes its shape needs.
+/// Panics of the parquet crate this version cannot prevent; the reader contains them
+/// and reports them as internal errors naming the file. parquet 60.1's packed
+/// definition-level decoder reads a bit-packed run longer than the page's level data
+/// without a bounds check (`PackedDecoder::read`); only the decompressed page shows it.
+/// Found by the `weights` target (`fuzz/regressions/weights/found-e829c170…`).
+pub const KNOWN_UPSTREAM_PANICS: &[&str] =
+    &["the parquet reader panicked: offset + len out of bounds"];
+
+/// Fails on an internal error (a bug, or a panic the reader caught), except the known
+/// upstream panics.
+fn no_internal_error(what: &str) {
+    let known = KNOWN_UPSTREAM_PANICS.iter().any(|k| what.contains(k));
+    assert!(
+        !what.contains("internal error") || known,
+        "a reader bug: {what}"
+    );
+}
+
+/// Any bytes as weights.parquet: opening, listing, reading and verifying never panic
+/// and never fail with an internal error; a tensor that reads back has exactly the bytes
+/// its shape needs.
 pub fn weights(data: &[u8]) {
     let dir = tempfile::tempdir().expect("tempdir");
     let path = dir.path().join("weights.parquet");
     std::fs::write(&path, data).expect("write");
-    let Ok(wf) = WeightFile::open(&path) else {
-        return;
+    let wf = match WeightFile::open(&path) {
+        Ok(wf) => wf,
+        Err(e) => return no_internal_error(&e.to_string()),
     };
     for t in wf.tensors().iter().take(64) {
-        if let Ok(x) = wf.tensor(&t.name) {
-            assert_eq!(x.data.len() as u64, t.bytes);
+        match wf.tensor(&t.name) {
+            Ok(x) => assert_eq!(x.data.len() as u64, t.bytes),
+            Err(e) => no_internal_error(&e.to_string()),
         }
     }
-    let _ = modelconv::verify(&path, None, &Default::default());
+    match modelconv::verify(&path, None, &Default::default()) {
+        Ok(r) => {
+            for p in r
+                .problems
+                .iter()
+                .chain(r.checks.iter().flat_map(|c| &c.problems))
+            {
+                no_internal_error(p);
+            }
+        }
+        Err(e) => no_internal_error(&e.to_string()),
+    }
 }
 
 /// Any bytes as a pickle, then as a whole PyTorch checkpoint (zip or legacy): memory
