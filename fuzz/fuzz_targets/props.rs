@@ -7,6 +7,10 @@
 use std::path::{Path, PathBuf};
 
 use half::{bf16, f16};
+
+#[path = "../../tests/common/rounding.rs"]
+mod rounding;
+
 use modelconv::internals::{
     cast_into, check_prefix, parse_header, pickle_load, source_tensors, torch_tensors, zip_entries,
 };
@@ -235,11 +239,12 @@ fn value(dtype: Dtype, data: &[u8], i: usize) -> f64 {
     }
 }
 
-/// `v` rounded to nearest-even in `dtype`, as little-endian bytes.
+/// `v` rounded to nearest-even in `dtype`, as little-endian bytes (f16 and bf16 by the
+/// midpoint reference: `half`'s `from_f64` rounds some values wrongly).
 fn rounded(dtype: Dtype, v: f64) -> Vec<u8> {
     match dtype {
-        Dtype::F16 => f16::from_f64(v).to_le_bytes().to_vec(),
-        Dtype::Bf16 => bf16::from_f64(v).to_le_bytes().to_vec(),
+        Dtype::F16 => rounding::round_f64(v, false).to_le_bytes().to_vec(),
+        Dtype::Bf16 => rounding::round_f64(v, true).to_le_bytes().to_vec(),
         Dtype::F32 => (v as f32).to_le_bytes().to_vec(),
         Dtype::F64 => v.to_le_bytes().to_vec(),
         other => panic!("{other} is not a castable float"),

@@ -10,6 +10,8 @@ use std::path::{Path, PathBuf};
 use half::{bf16, f16};
 use safetensors::{Dtype as StDtype, SafeTensors};
 
+pub mod rounding;
+
 pub fn root() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR"))
 }
@@ -119,9 +121,10 @@ pub fn expected(src: &Src, target: &str) -> (Vec<u8>, &'static str) {
                     .iter()
                     .flat_map(|x| f16::from_f32(*x as f32).to_le_bytes())
                     .collect(),
+                // f64 rounds once, f64 → f16 (not through half's from_f64: see rounding).
                 _ => v
                     .iter()
-                    .flat_map(|x| f16::from_f64(*x).to_le_bytes())
+                    .flat_map(|x| rounding::round_f64(*x, false).to_le_bytes())
                     .collect(),
             };
             (out, "torch.float16")
@@ -130,7 +133,7 @@ pub fn expected(src: &Src, target: &str) -> (Vec<u8>, &'static str) {
             let out = match src.dtype {
                 StDtype::F64 => v
                     .iter()
-                    .flat_map(|x| bf16::from_f64(*x).to_le_bytes())
+                    .flat_map(|x| rounding::round_f64(*x, true).to_le_bytes())
                     .collect(),
                 _ => v
                     .iter()
