@@ -154,8 +154,6 @@ fn src_value(dtype: Dtype, src: &[u8], i: usize) -> f64 {
         .map_or(0.0, |b| value_f64(dtype, b))
 }
 
-/// f32 → bf16 bits, round-to-nearest-even, NaN kept quiet (as `half::bf16::from_f32`).
-#[inline(always)]
 /// `v` as f32 rounded to odd: truncated toward zero, its last bit set when that lost
 /// anything. Rounding the result to nearest-even in a format at least two bits
 /// narrower (f16, bf16) rounds `v` correctly, once; rounding `v` to nearest f32 first
@@ -175,6 +173,8 @@ fn f64_to_f32_odd(v: f64) -> f32 {
     f32::from_bits(bits | 1)
 }
 
+/// f32 → bf16 bits, round-to-nearest-even, NaN kept quiet (as `half::bf16::from_f32`).
+#[inline(always)]
 fn f32_to_bf16_bits(x: u32) -> u16 {
     if x & 0x7fff_ffff > 0x7f80_0000 {
         ((x >> 16) | 0x0040) as u16
