@@ -3,12 +3,14 @@
 //! targets assert (`fuzz/fuzz_targets/props.rs`), on every test run, with or without
 //! cargo-fuzz.
 
-mod common;
-
 #[path = "../fuzz/fuzz_targets/props.rs"]
 mod props;
 
-use common::root;
+/// The repository (props.rs brings the shared rounding reference; tests/common would
+/// bring it a second time).
+fn root() -> std::path::PathBuf {
+    std::path::PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+}
 
 /// Runs `target`'s property over each kept input; a failure names the input.
 fn replay(target: &str) -> usize {

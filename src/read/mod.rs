@@ -484,14 +484,21 @@ impl WeightFile {
             let rg_rows = self.rg_first_row[rg + 1] - self.rg_first_row[rg];
             let take = (end - row).min(rg_rows - in_rg);
             let cols = self.row_columns(describe);
+            let mask = ProjectionMask::columns(self.meta.parquet_schema(), cols.iter().copied());
+            // Rows before `in_rg` are skipped only up to a page start of every binary
+            // column read; the rest are read and dropped below. parquet 60.1 skips
+            // binary values inside a page without bounds checks, and a damaged length
+            // there made a later read ask the allocator for exabytes (an abort, not a
+            // panic). Our files start a `data` page at every row, so nothing changes
+            // for them; a page skipped whole is never decoded.
+            let skip = self.safe_skip(rg, in_rg, &mask);
+            let mut drop_rows = in_rg - skip;
             let batches = guard(path, tensor, || {
-                let mask =
-                    ProjectionMask::columns(self.meta.parquet_schema(), cols.iter().copied());
                 let mut sel = Vec::new();
-                if in_rg > 0 {
-                    sel.push(RowSelector::skip(in_rg as usize));
+                if skip > 0 {
+                    sel.push(RowSelector::skip(skip as usize));
                 }
-                sel.push(RowSelector::select(take as usize));
+                sel.push(RowSelector::select((in_rg - skip + take) as usize));
                 let rdr = ParquetRecordBatchReaderBuilder::new_with_metadata(
                     self.file.clone(),
                     self.meta.clone(),
@@ -511,6 +518,11 @@ impl WeightFile {
                 let batch = batch.map_err(|e| {
                     Error::corrupt(path, tensor, format!("cannot decode row group {rg}: {e}"))
                 })?;
+                // Batches are one row: the rows before the selection are dropped.
+                if drop_rows > 0 {
+                    drop_rows = drop_rows.saturating_sub(batch.num_rows() as u64);
+                    continue;
+                }
                 if row.saturating_add(batch.num_rows() as u64) > end {
                     return Err(Error::corrupt(path, tensor, "more rows than selected"));
                 }
@@ -526,6 +538,38 @@ impl WeightFile {
             }
         }
         Ok(())
+    }
+
+    /// How many of the first `in_rg` rows of row group `rg` can be skipped without
+    /// skipping values inside a page of a binary column in `mask`: the latest page
+    /// start at or before `in_rg` common to all of them (0 without an offset index).
+    fn safe_skip(&self, rg: usize, in_rg: u64, mask: &ProjectionMask) -> u64 {
+        if in_rg == 0 {
+            return 0;
+        }
+        let meta = self.meta.metadata();
+        if meta.page_index().is_none() {
+            return 0;
+        }
+        let index = meta.page_index_for_row_group(rg);
+        let schema = self.meta.parquet_schema();
+        let mut skip = in_rg;
+        for (c, col) in schema.columns().iter().enumerate() {
+            if !mask.leaf_included(c) || col.physical_type() != parquet::basic::Type::BYTE_ARRAY {
+                continue;
+            }
+            let Some(pages) = index.page_locations(c) else {
+                return 0;
+            };
+            let start = pages
+                .iter()
+                .map(|p| u64::try_from(p.first_row_index).unwrap_or(0))
+                .filter(|&f| f <= skip)
+                .max()
+                .unwrap_or(0);
+            skip = skip.min(start);
+        }
+        skip
     }
 
     /// The columns a row read needs: `data` and our extras, the V2 scales, and with

@@ -12,9 +12,9 @@ fn value(p: u16, bf16: bool) -> f64 {
     let exp = (p >> man_bits) as i32;
     let man = (p & ((1 << man_bits) - 1)) as f64;
     if exp == 0 {
-        man * 2f64.powi(1 - bias - man_bits as i32)
+        man * 2f64.powi(1 - bias - man_bits)
     } else {
-        (man + (1u32 << man_bits) as f64) * 2f64.powi(exp - bias - man_bits as i32)
+        (man + (1u32 << man_bits) as f64) * 2f64.powi(exp - bias - man_bits)
     }
 }
 
