@@ -87,6 +87,19 @@ impl BufferPool {
         }
     }
 
+    /// Frees the kept buffers (before a row larger than any of them is cast: they
+    /// would sit idle beside its two buffers).
+    pub(super) fn clear(&self) {
+        if let Ok(mut f) = self.free.lock() {
+            f.clear();
+        }
+    }
+
+    /// Whether a buffer of `bytes` is too large to keep.
+    pub(super) fn too_large(&self, bytes: usize) -> bool {
+        bytes > self.max_bytes
+    }
+
     /// An empty buffer with room for `cap` bytes.
     pub(super) fn take_empty(&self, cap: usize) -> Vec<u8> {
         match self.reuse(cap) {
@@ -146,6 +159,9 @@ impl Encoder<'_> {
             source.shards[s].check_unchanged()?;
         }
         // The plan's budgets are at most 1 GiB, a row's bytes at most 2 GiB - 1.
+        if self.pool.too_large(group.out_bytes as usize) {
+            self.pool.clear();
+        }
         let mut values = self
             .pool
             .take(group.out_bytes as usize + rows.len() * PAGE_LEAD);

@@ -298,8 +298,13 @@ impl WeightWriter {
 ///
 /// Groups within the cap share it; a group larger than the cap (one big row) has a
 /// budget of its own, one such group at a time, so the other threads go on with the
-/// small groups after it instead of idling while one thread casts and compresses it.
-/// In flight at most: the cap plus the largest group.
+/// small groups after it instead of idling while one thread casts and compresses it,
+/// as long as both together stay small ([`ALONGSIDE_BYTES`]); a bigger row runs alone.
+/// In flight at most: the cap plus the largest group, or the largest group alone.
+/// A big group runs beside small ones while its buffers (about twice its bytes) and
+/// theirs (about three times the cap) stay under this: 768 MiB, leaving room under 1 GiB.
+const ALONGSIDE_BYTES: u64 = 768 << 20;
+
 struct Budget {
     used: Mutex<Used>,
     cv: Condvar,
@@ -328,12 +333,18 @@ impl Budget {
     fn acquire(&self, bytes: u64, halted: &dyn Fn() -> bool) -> bool {
         let mut used = self.used.lock().unwrap_or_else(|p| p.into_inner());
         let big = bytes > self.cap;
+        let alongside = |big: u64| {
+            big.saturating_mul(2)
+                .saturating_add(self.cap.saturating_mul(3))
+                <= ALONGSIDE_BYTES
+        };
         let fits = |u: &Used| {
             u.open
                 || if big {
-                    u.big == 0
+                    u.big == 0 && (u.small == 0 || alongside(bytes))
                 } else {
-                    u.small == 0 || u.small.saturating_add(bytes) <= self.cap
+                    (u.big == 0 || alongside(u.big))
+                        && (u.small == 0 || u.small.saturating_add(bytes) <= self.cap)
                 }
         };
         while !fits(&used) {
