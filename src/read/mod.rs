@@ -886,8 +886,18 @@ fn check_offset_index(
             let Some(pages) = index.page_locations(col) else {
                 continue;
             };
-            // Pages lie inside their column chunk, which lies inside the file.
-            let (start, len) = group.column(col).byte_range();
+            // Pages lie inside their column chunk, which lies inside the file (read
+            // from the fields: `byte_range` asserts they are not negative).
+            let c = group.column(col);
+            let start = c.dictionary_page_offset().unwrap_or(c.data_page_offset());
+            let (Ok(start), Ok(len)) = (u64::try_from(start), u64::try_from(c.compressed_size()))
+            else {
+                return Err(Error::corrupt(
+                    path,
+                    None,
+                    format!("row group {rg}, column {col} has a negative offset or size"),
+                ));
+            };
             let chunk_end = start.checked_add(len).filter(|&e| e <= file_len);
             let mut prev: Option<i64> = None;
             for page in pages {
