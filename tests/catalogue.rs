@@ -593,16 +593,8 @@ fn row_19_a_shard_truncated_during_conversion() {
     // risk of --io mmap, where sizes are re-checked before every row group).
     let child = Command::new(env!("CARGO_BIN_EXE_modelconv"))
         .args(["convert", s(&m), "-o", s(&out), "--model-type", "causallm"])
-        .args([
-            "--io",
-            "read",
-            "--level",
-            "19",
-            "--threads",
-            "1",
-            "--row-group-mb",
-            "1",
-        ])
+        .args(["--io", "read"])
+        .args(SLOW_CONVERT)
         .stderr(std::process::Stdio::piped())
         .spawn()
         .unwrap();

@@ -321,20 +321,8 @@ fn signals_stop_convert_and_export_and_leave_nothing() {
     let out = tmp.path().join("o");
     // zstd level 19 on one thread takes minutes for this 600 MB model; 1 MiB row groups
     // make the cancellation point frequent.
-    let slow = [
-        "convert",
-        s(&model),
-        "-o",
-        s(&out),
-        "--part",
-        "all",
-        "--level",
-        "19",
-        "--threads",
-        "1",
-        "--row-group-mb",
-        "1",
-    ];
+    let mut slow = vec!["convert", s(&model), "-o", s(&out), "--part", "all"];
+    slow.extend(SLOW_CONVERT);
     let writing = || entries(&out).iter().any(|n| n.contains(".tmp-"));
     // Ctrl-C, then SIGTERM: the conversion stops at its next row group, cleans up, 130.
     for sig in [libc::SIGINT, libc::SIGTERM] {
@@ -471,7 +459,7 @@ fn a_killed_conversion_leaves_a_named_temp_file_that_the_next_run_removes() {
     // Slow enough to be caught mid-write: zstd 19 on one thread, 1 MiB row groups.
     let mut child = Command::new(env!("CARGO_BIN_EXE_modelconv"))
         .args(["convert", s(&minilm()), "-o", s(&out), "-q"])
-        .args(["--level", "19", "--threads", "1", "--row-group-mb", "1"])
+        .args(SLOW_CONVERT)
         .spawn()
         .unwrap();
     let temp = |out: &Path| -> Vec<String> {

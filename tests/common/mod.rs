@@ -212,6 +212,10 @@ pub fn minilm() -> PathBuf {
     p
 }
 
+/// Options that make a conversion slow and finely stepped (zstd 19 on one thread, 1 MiB
+/// row groups), for tests that act on a conversion while it writes.
+pub const SLOW_CONVERT: [&str; 6] = ["--level", "19", "--threads", "1", "--row-group-mb", "1"];
+
 pub fn tempdir() -> tempfile::TempDir {
     tempfile::Builder::new()
         .prefix("modelconv-test-")
