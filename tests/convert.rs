@@ -1069,3 +1069,36 @@ fn no_temp_files_anywhere(dir: &Path) {
         .collect();
     assert!(left.is_empty(), "temp files left: {left:?}");
 }
+
+#[test]
+fn read_mode_reuses_its_piece_buffer_across_pieces_and_rows_exactly() {
+    // One thread, so one read buffer serves every piece: a 5,000,003-element f32 tensor
+    // (two 16 MiB pieces, the second short), then smaller and larger rows of other
+    // dtypes after it. A stale byte left from an earlier, longer piece would show.
+    let tmp = tempdir();
+    let dir = tmp.path().join("m");
+    std::fs::create_dir(&dir).unwrap();
+    let big = weights_f32(5_000_003);
+    let bf = f32_bytes_to_bf16(&weights_f32(9_000_001));
+    write_safetensors(
+        &dir.join("model.safetensors"),
+        &[
+            ("a.big", "F32", vec![5_000_003], big),
+            ("b.small", "F32", vec![1000], weights_f32(1000)),
+            ("c.bf16", "BF16", vec![9_000_001], bf),
+            ("d.tail", "F32", vec![7, 3], weights_f32(21)),
+        ],
+    );
+    let source = read_source(&dir);
+    for io in [modelconv::IoMode::Read, modelconv::IoMode::Mmap] {
+        let out = tmp.path().join(format!("{io:?}"));
+        let cfg = ConvertConfig::builder()
+            .model_type(ModelType::CausalLm)
+            .io(io)
+            .threads(1)
+            .build()
+            .unwrap();
+        convert(&dir, &out, &cfg).unwrap();
+        assert_matches_source(&out, &source, &same_names(&source), "f16");
+    }
+}

@@ -24,6 +24,21 @@ use crate::source::Source;
 /// Source bytes cast per piece of a row.
 const PIECE_BYTES: u64 = 16 << 20;
 
+thread_local! {
+    /// Where a worker reads pieces in read mode (and gathers strided views): one buffer
+    /// of at most a piece per thread of the conversion's pool, reused by every row it
+    /// casts instead of a fresh, zeroed allocation per piece.
+    static SCRATCH: std::cell::RefCell<Vec<u8>> = const { std::cell::RefCell::new(Vec::new()) };
+}
+
+/// Runs `f` with this thread's scratch buffer (a fresh one if `f` re-enters).
+fn with_scratch<R>(f: impl FnOnce(&mut Vec<u8>) -> R) -> R {
+    SCRATCH.with(|s| match s.try_borrow_mut() {
+        Ok(mut b) => f(&mut b),
+        Err(_) => f(&mut Vec::new()),
+    })
+}
+
 /// What casting one row produced, besides its bytes.
 #[derive(Debug, Clone)]
 pub(crate) struct RowCast {
@@ -67,25 +82,27 @@ pub(crate) fn cast_row(
     let per = (PIECE_BYTES / ss).max(1);
     let mut hash = Xxh3::new();
     let mut stats = CastStats::default();
-    for (k, d_piece) in dst.chunks_mut((per * os) as usize).enumerate() {
-        let first = row.elem_start + k as u64 * per;
-        let n = d_piece.len() as u64 / os;
-        let s_piece = shard.elements(&t.src, first, n)?;
-        let piece =
-            cast_hashing(t.src.dtype, t.dtype, &s_piece, d_piece, &mut hash).ok_or_else(|| {
-                Error::internal(format!(
-                    "row of `{}`: {} source bytes for {} output bytes",
-                    crate::error::sanitize(&t.name),
-                    s_piece.len(),
-                    d_piece.len()
-                ))
-            })?;
-        stats.merge(&piece);
-        drop(s_piece);
-        // SAFETY: this piece is cast and hashed, and its slice dropped; no other slice
-        // of these source elements is read again by this row.
-        unsafe { shard.release(&t.src, first, n) };
-    }
+    with_scratch(|scratch| {
+        for (k, d_piece) in dst.chunks_mut((per * os) as usize).enumerate() {
+            let first = row.elem_start + k as u64 * per;
+            let n = d_piece.len() as u64 / os;
+            let s_piece = shard.elements(&t.src, first, n, scratch)?;
+            let piece = cast_hashing(t.src.dtype, t.dtype, s_piece, d_piece, &mut hash)
+                .ok_or_else(|| {
+                    Error::internal(format!(
+                        "row of `{}`: {} source bytes for {} output bytes",
+                        crate::error::sanitize(&t.name),
+                        s_piece.len(),
+                        d_piece.len()
+                    ))
+                })?;
+            stats.merge(&piece);
+            // SAFETY: this piece is cast and hashed, and its slice is not used again; no
+            // other slice of these source elements is read again by this row.
+            unsafe { shard.release(&t.src, first, n) };
+        }
+        Ok::<(), Error>(())
+    })?;
     if stats.overflow > 0 && !allow_overflow {
         return Err(Error::Overflow {
             path: shard.path.clone(),
@@ -132,29 +149,31 @@ fn quantize_row(
     let mut out = RowQuant::default();
     let mut hash = Xxh3::new();
     let mut x: Vec<f32> = Vec::with_capacity(spec.unit.min(PIECE_BYTES) as usize);
-    for (k, d_piece) in dst
-        .chunks_mut((units_per_piece * spec.unit) as usize)
-        .enumerate()
-    {
-        let first = row.elem_start + k as u64 * units_per_piece * spec.unit;
-        let n = d_piece.len() as u64;
-        let s_piece = shard.elements(&t.src, first, n)?;
-        let units = s_piece
-            .chunks((spec.unit * ss) as usize)
-            .zip(d_piece.chunks_mut(spec.unit as usize));
-        for (src, q) in units {
-            let (scale, zp) =
-                quant::quantize_unit(spec.scheme, t.src.dtype, src, &mut x, q, &mut out.error)
-                    .map_err(|e| fail(e.to_string()))?;
-            out.scales.push(scale);
-            out.zero_points.push(zp);
+    with_scratch(|scratch| {
+        for (k, d_piece) in dst
+            .chunks_mut((units_per_piece * spec.unit) as usize)
+            .enumerate()
+        {
+            let first = row.elem_start + k as u64 * units_per_piece * spec.unit;
+            let n = d_piece.len() as u64;
+            let s_piece = shard.elements(&t.src, first, n, scratch)?;
+            let units = s_piece
+                .chunks((spec.unit * ss) as usize)
+                .zip(d_piece.chunks_mut(spec.unit as usize));
+            for (src, q) in units {
+                let (scale, zp) =
+                    quant::quantize_unit(spec.scheme, t.src.dtype, src, &mut x, q, &mut out.error)
+                        .map_err(|e| fail(e.to_string()))?;
+                out.scales.push(scale);
+                out.zero_points.push(zp);
+            }
+            hash.update(d_piece);
+            // SAFETY: this piece is quantized and hashed, and its slice is not used
+            // again; no other slice of these source elements is read again by this row.
+            unsafe { shard.release(&t.src, first, n) };
         }
-        hash.update(d_piece);
-        drop(s_piece);
-        // SAFETY: this piece is quantized and hashed, and its slice dropped; no other
-        // slice of these source elements is read again by this row.
-        unsafe { shard.release(&t.src, first, n) };
-    }
+        Ok::<(), Error>(())
+    })?;
     Ok(RowCast {
         stats: CastStats::default(),
         checksum: hash.digest(),

@@ -272,7 +272,8 @@ impl Against<'_> {
                 st.numel
             ));
         }
-        let src = match self.src.shards[si].elements(st, first, elems) {
+        let mut scratch = Vec::new();
+        let src = match self.src.shards[si].elements(st, first, elems, &mut scratch) {
             Ok(s) => s,
             Err(e) => return check.problems.push(e.to_string()),
         };
@@ -410,8 +411,9 @@ impl Against<'_> {
                 row.offset, st.numel
             ));
         }
-        match self.src.shards[si].elements(st, first, elems) {
-            Ok(sb) => compare(check, st.dtype, t.dtype, &sb, row.data),
+        let mut scratch = Vec::new();
+        match self.src.shards[si].elements(st, first, elems, &mut scratch) {
+            Ok(sb) => compare(check, st.dtype, t.dtype, sb, row.data),
             Err(e) => check.problems.push(e.to_string()),
         }
     }

@@ -37,7 +37,6 @@ pub(crate) mod fuzzing {
     }
 }
 
-use std::borrow::Cow;
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::fmt;
 use std::fs::File;
@@ -308,11 +307,21 @@ impl Shard {
     /// `Io` for a failed read; `Internal` if the range is not inside the tensor (ranges
     /// derived from a validated plan always are).
     ///
+    /// Bytes that are not borrowed from the mapping (read mode, strided views) go into
+    /// `scratch`, which the caller keeps across calls: its memory is reused, not
+    /// allocated and zeroed again for every piece.
+    ///
     /// # Memory
     ///
-    /// At most the requested bytes, plus for a strided view in read mode the storage
-    /// span the view covers.
-    pub(crate) fn elements(&self, t: &TensorInfo, first: u64, count: u64) -> Result<Cow<'_, [u8]>> {
+    /// `scratch` grows to the largest request, plus for a strided view in read mode the
+    /// storage span the view covers is read into a buffer of its own.
+    pub(crate) fn elements<'a>(
+        &'a self,
+        t: &TensorInfo,
+        first: u64,
+        count: u64,
+        scratch: &'a mut Vec<u8>,
+    ) -> Result<&'a [u8]> {
         let es = t.dtype.size() as u64;
         let outside = || {
             Error::internal(format!(
@@ -327,41 +336,55 @@ impl Shard {
             return Err(outside());
         }
         if count == 0 {
-            return Ok(Cow::Borrowed(&[]));
+            return Ok(&[]);
         }
         match &t.strides {
             None => self
-                .range(t.offset + first * es, count * es)
+                .range(t.offset + first * es, count * es, scratch)
                 .ok_or_else(outside)?,
             Some(strides) => {
-                let span = self.range(t.offset, t.len).ok_or_else(outside)??;
-                gather(&span, &t.shape, strides, es as usize, first, count)
-                    .map(Cow::Owned)
-                    .ok_or_else(outside)
+                let mut own = Vec::new();
+                let span = self
+                    .range(t.offset, t.len, &mut own)
+                    .ok_or_else(outside)??;
+                gather(span, &t.shape, strides, es as usize, first, count, scratch)
+                    .ok_or_else(outside)?;
+                Ok(scratch.as_slice())
             }
         }
     }
 
-    /// `len` bytes at absolute offset `at`: `None` when outside the file.
-    fn range(&self, at: u64, len: u64) -> Option<Result<Cow<'_, [u8]>>> {
+    /// `len` bytes at absolute offset `at`, borrowed from the mapping or read into
+    /// `scratch`: `None` when outside the file.
+    fn range<'a>(
+        &'a self,
+        at: u64,
+        len: u64,
+        scratch: &'a mut Vec<u8>,
+    ) -> Option<Result<&'a [u8]>> {
         let end = at.checked_add(len).filter(|&e| e <= self.file_len)?;
         match &self.map {
             Some(m) => {
                 let slice = m.get(usize::try_from(at).ok()?..usize::try_from(end).ok()?)?;
                 self.prefetch(at, len);
-                Some(Ok(Cow::Borrowed(slice)))
+                Some(Ok(slice))
             }
             None => {
-                let mut buf = vec![0u8; usize::try_from(len).ok()?];
+                let n = usize::try_from(len).ok()?;
+                // Only growth is zero-filled; the bytes are overwritten by the read.
+                if scratch.len() < n {
+                    scratch.resize(n, 0);
+                }
+                let buf = &mut scratch[..n];
                 Some(
                     self.file
-                        .read_exact_at(&mut buf, at)
-                        .map(|_| Cow::Owned(buf))
+                        .read_exact_at(buf, at)
                         // A read that fails because the file shrank says so.
                         .map_err(|e| match self.check_unchanged() {
                             Err(changed) => changed,
                             Ok(()) => Error::io("read", &self.path, e),
-                        }),
+                        })
+                        .map(|()| &*buf),
                 )
             }
         }
@@ -464,9 +487,9 @@ fn read_safetensors_header(path: &Path, file: &File, file_len: u64, cap: u64) ->
 }
 
 /// Elements `[first, first + count)` in row-major order of a view with `shape` and
-/// element `strides` over `span` (which starts at the view's first element). `None`
-/// when an element falls outside `span` (the view was checked against its storage, so
-/// it does not).
+/// element `strides` over `span` (which starts at the view's first element), into
+/// `out` (cleared first). `None` when an element falls outside `span` (the view was
+/// checked against its storage, so it does not).
 fn gather(
     span: &[u8],
     shape: &[u64],
@@ -474,8 +497,10 @@ fn gather(
     es: usize,
     first: u64,
     count: u64,
-) -> Option<Vec<u8>> {
-    let mut out = Vec::with_capacity(usize::try_from(count).ok()?.checked_mul(es)?);
+    out: &mut Vec<u8>,
+) -> Option<()> {
+    out.clear();
+    out.reserve(usize::try_from(count).ok()?.checked_mul(es)?);
     let nd = shape.len();
     let mut idx = vec![0u64; nd];
     let mut rem = first;
@@ -497,7 +522,7 @@ fn gather(
             idx[d] = 0;
         }
     }
-    Some(out)
+    Some(())
 }
 
 /// An open checkpoint: every header validated, every shard mapped, in order, with the
