@@ -14,7 +14,8 @@ use parquet::basic::Compression;
 use parquet::schema::types::ColumnDescPtr;
 
 use super::pages::{
-    write_prefix, DataChunk, DataChunkBuilder, PageCodec, HEADER_ROOM, PAGE_LEAD, PAGE_PREFIX,
+    with_codec, write_prefix, DataChunk, DataChunkBuilder, PageCodec, HEADER_ROOM, PAGE_LEAD,
+    PAGE_PREFIX,
 };
 use crate::cast::{cast_row, CastStats, QuantError, RowQuant};
 use crate::error::{Error, Result};
@@ -212,24 +213,23 @@ impl Encoder<'_> {
     ) -> Result<DataChunk> {
         let perr = |e: parquet::errors::ParquetError| Error::parquet(self.out_path, first, e);
         let (descr, compression) = (self.data_descr.clone(), self.compression);
-        let mut codec = PageCodec::new(compression)
-            .map_err(|e| perr(parquet::errors::ParquetError::External(Box::new(e))))?;
-        let chunk = if let PageCodec::None = codec {
-            DataChunkBuilder::uncompressed(descr, compression, values, &pages).map_err(perr)?
-        } else {
+        let chunk = with_codec(compression, |codec| {
+            if let PageCodec::None = codec {
+                return DataChunkBuilder::uncompressed(descr, compression, values, &pages);
+            }
             let cap = pages
                 .iter()
                 .map(|p| HEADER_ROOM + codec.bound(p.len() - HEADER_ROOM))
                 .sum();
             let mut chunk = DataChunkBuilder::new(descr, compression, self.pool.take_empty(cap));
             for p in pages {
-                chunk
-                    .push(&mut codec, &values[p.start + HEADER_ROOM..p.end])
-                    .map_err(perr)?;
+                chunk.push(codec, &values[p.start + HEADER_ROOM..p.end])?;
             }
             self.pool.give(values);
-            chunk
-        };
+            Ok(chunk)
+        })
+        .map_err(|e| perr(parquet::errors::ParquetError::External(Box::new(e))))?
+        .map_err(perr)?;
         chunk.finish().map_err(perr)
     }
 

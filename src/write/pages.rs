@@ -79,6 +79,32 @@ fn page_header(uncompressed: i32, compressed: i32) -> ([u8; HEADER_ROOM], usize)
     (out.0, out.1)
 }
 
+thread_local! {
+    /// This thread's page compressor, kept from one row group to the next: a zstd
+    /// context holds megabytes of tables, which a fresh context allocates (and the
+    /// kernel zeroes) again.
+    static CODEC: std::cell::RefCell<Option<(Compression, PageCodec)>> =
+        const { std::cell::RefCell::new(None) };
+}
+
+/// Runs `f` with this thread's compressor for `compression`, made on first use (a
+/// fresh one if `f` re-enters).
+pub(super) fn with_codec<R>(
+    compression: Compression,
+    f: impl FnOnce(&mut PageCodec) -> R,
+) -> std::io::Result<R> {
+    CODEC.with(|cell| {
+        let Ok(mut slot) = cell.try_borrow_mut() else {
+            return Ok(f(&mut PageCodec::new(compression)?));
+        };
+        let codec = match &mut *slot {
+            Some((c, codec)) if *c == compression => codec,
+            other => &mut other.insert((compression, PageCodec::new(compression)?)).1,
+        };
+        Ok(f(codec))
+    })
+}
+
 /// A page compressor with the parquet crate's settings for each codec.
 pub(super) enum PageCodec {
     None,
@@ -118,22 +144,23 @@ impl PageCodec {
     /// Appends `page`, compressed, to `out`.
     fn compress_into(&mut self, page: &[u8], out: &mut Vec<u8>) -> std::io::Result<()> {
         let at = out.len();
+        let bound = self.bound(page.len());
         match self {
             PageCodec::None => out.extend_from_slice(page),
             PageCodec::Zstd(c) => {
-                out.reserve(zstd::zstd_safe::compress_bound(page.len()));
+                out.reserve(bound);
                 let mut cursor = Cursor::new(out);
                 cursor.set_position(at as u64);
                 c.compress_to_buffer(page, &mut cursor)?;
             }
             PageCodec::Lz4Raw => {
-                out.resize(at + lz4_flex::block::get_maximum_output_size(page.len()), 0);
+                out.resize(at + bound, 0);
                 let n = lz4_flex::block::compress_into(page, &mut out[at..])
                     .map_err(std::io::Error::other)?;
                 out.truncate(at + n);
             }
             PageCodec::Snappy(e) => {
-                out.resize(at + snap::raw::max_compress_len(page.len()), 0);
+                out.resize(at + bound, 0);
                 let n = e.compress(page, &mut out[at..])?;
                 out.truncate(at + n);
             }
