@@ -20,6 +20,13 @@ use pyo3::exceptions::{PyException, PyTypeError};
 use pyo3::prelude::*;
 use pyo3::types::{PyDict, PyTuple};
 
+/// The CLI's allocator (see `src/bin/modelconv/main.rs`): with the system allocator a
+/// conversion's buffers and a read's tensors are fresh mappings the kernel zeroes each
+/// time. Every allocation made here is also freed here (numpy arrays hold our buffers
+/// and hand them back through their base object), so the two allocators never mix.
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 pyo3::create_exception!(
     _native,
     NativeError,
