@@ -142,3 +142,6 @@ if BPY != "-":
     print(f"| read every CLIP tensor as f32: Python `load_file(dtype=\"float32\")` | {py:.3f} s | the library's reader (`for_each_f32`): {lib:.3f} s | {py / lib:.2f} | ≤ 1.00 |")
 print(f"| the same through the library | {lib:.3f} s | pyarrow + numpy (the seed's way): {pa:.3f} s | {lib / pa:.2f} | ≤ 1.00 |")
 shutil.rmtree(SHM, ignore_errors=True)
+# Every round, for the spread behind each median (wall / system seconds).
+print(f"\nrounds (wall/sys s): " + "; ".join(
+    f"{k} " + " ".join(f"{x[0]:.2f}/{x[2]:.2f}" for x in v) for k, v in res.items()))
