@@ -158,6 +158,7 @@ impl ConvertConfig {
                 .saturating_add(1)
                 .min(64) as usize,
             quantized: self.quantize.is_some(),
+            lean: self.inflight_per_thread <= 1,
         }
     }
 

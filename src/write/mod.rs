@@ -101,6 +101,9 @@ pub(crate) struct WriteOptions {
     pub(crate) pool_keep: usize,
     /// Write the V2 schema (quantized output).
     pub(crate) quantized: bool,
+    /// Memory over speed (one row group per thread in flight): the in-flight cap holds
+    /// for every group, and groups start in plan order (see [`Budget`], [`start_order`]).
+    pub(crate) lean: bool,
 }
 
 /// What the cast stage saw, per planned tensor.
@@ -235,7 +238,7 @@ impl WeightWriter {
             out_path: self.tmp.target(),
             pool: &buffers,
         };
-        let budget = Budget::new(self.opts.inflight_bytes);
+        let budget = Budget::new(self.opts.inflight_bytes, self.opts.lean);
         let stop = AtomicBool::new(false);
         let halted = || stop.load(Ordering::Relaxed) || cancel.load(Ordering::Relaxed);
         let (tx, rx) = crossbeam_channel::unbounded::<(usize, Result<Encoded>)>();
@@ -249,6 +252,7 @@ impl WeightWriter {
             ts.spawn(move || {
                 let sizes: Vec<u64> = plan.groups.iter().map(|g| g.out_bytes).collect();
                 pool.in_place_scope(|s| {
+                    let threads = if budget.lean { 1 } else { threads };
                     for i in start_order(&sizes, budget.cap, threads) {
                         let g = &plan.groups[i];
                         if !budget.acquire(g.out_bytes, halted) {
@@ -305,13 +309,13 @@ impl WeightWriter {
 
 /// Bytes in flight, bounded; waits are on plain threads only, never on rayon workers.
 ///
-/// Groups within the cap share it. While the groups in flight hold less than the cap,
-/// one more may start even if it overshoots the cap (a row larger than the row-group
-/// budget: an embedding, or a 7B's MLP weights), as long as all their buffers stay
-/// under [`ALONGSIDE_BYTES`]; otherwise such a row would run with every other thread
-/// idle. A group larger than the cap has a budget of its own, one such group at a
-/// time, so the other threads go on with the small groups after it, again as long as
-/// both together stay under [`ALONGSIDE_BYTES`]; a bigger row runs alone.
+/// Groups within the cap share it. The largest group in flight, when it holds more than
+/// half the cap (a row larger than the row-group budget: an embedding, a 7B's MLP
+/// weights), does not count against it, as long as all their buffers stay under
+/// [`ALONGSIDE_BYTES`]; otherwise such a row would run with the other threads idle.
+/// A group larger than the cap has a budget of its own, one such group at a time, so
+/// the other threads go on with the small groups after it, again as long as both
+/// together stay under [`ALONGSIDE_BYTES`]; a bigger row runs alone.
 /// In flight at most: the cap plus the largest group, or the largest group alone.
 /// Buffers in flight are about twice the bytes (cast and compressed); kept ones, about
 /// the cap again. This bounds them beside a big row: 768 MiB, leaving room under 1 GiB.
@@ -348,8 +352,7 @@ fn start_order(out_bytes: &[u64], cap: u64, threads: usize) -> Vec<usize> {
         if h > cap {
             return true; // its own budget, and it may run alongside
         }
-        h.saturating_add(u) <= cap
-            || (h < cap && h.saturating_add(u).saturating_mul(2) <= ALONGSIDE_BYTES)
+        h.saturating_add(u) <= cap || h.saturating_add(u).saturating_mul(2) <= ALONGSIDE_BYTES
     };
     // Groups before `floor` (plan order) are never passed; from it on, positions in
     // `order` are still plan order, since every move stays behind the group that moved.
@@ -380,22 +383,47 @@ struct Budget {
     used: Mutex<Used>,
     cv: Condvar,
     cap: u64,
+    /// No group runs beside the cap (low-memory mode).
+    lean: bool,
 }
 
 #[derive(Default)]
 struct Used {
+    /// The small groups in flight, their bytes, and the sum.
+    small_groups: Vec<u64>,
     small: u64,
     big: u64,
     /// Set when the write stops: every wait ends.
     open: bool,
 }
 
+impl Used {
+    fn add(&mut self, bytes: u64, cap: u64) {
+        if bytes > cap {
+            self.big = self.big.saturating_add(bytes);
+        } else {
+            self.small_groups.push(bytes);
+            self.small = self.small.saturating_add(bytes);
+        }
+    }
+
+    fn remove(&mut self, bytes: u64, cap: u64) {
+        if bytes > cap {
+            self.big = self.big.saturating_sub(bytes);
+        } else if let Some(i) = self.small_groups.iter().position(|&b| b == bytes) {
+            self.small_groups.swap_remove(i);
+            self.small = self.small.saturating_sub(bytes);
+        }
+    }
+}
+
 impl Budget {
-    fn new(cap: u64) -> Budget {
+    fn new(cap: u64, lean: bool) -> Budget {
         Budget {
             used: Mutex::new(Used::default()),
             cv: Condvar::new(),
             cap: cap.max(1),
+            lean,
         }
     }
 
@@ -414,17 +442,26 @@ impl Budget {
             || if bytes > cap {
                 u.big == 0 && (u.small == 0 || (alongside(bytes, cap) && under))
             } else {
+                // The largest small group, this one included, does not count against
+                // the cap when it holds more than half of it: a row larger than the
+                // row-group budget runs while the others go on as usual.
+                let largest = u.small_groups.iter().copied().fold(bytes, u64::max);
+                let free = if largest > cap / 2 && !self.lean {
+                    largest
+                } else {
+                    0
+                };
+                let rest = u.small.saturating_add(bytes).saturating_sub(free);
                 (u.big == 0 || alongside(u.big, cap))
                     && (u.small == 0
                         || u.small.saturating_add(bytes) <= cap
-                        || (u.small < cap && under))
+                        || (rest <= cap && under))
             }
     }
 
     /// Waits until `bytes` fit; false when `halted` says to stop.
     fn acquire(&self, bytes: u64, halted: &dyn Fn() -> bool) -> bool {
         let mut used = self.used.lock().unwrap_or_else(|p| p.into_inner());
-        let big = bytes > self.cap;
         while !self.fits(&used, bytes) {
             if halted() {
                 return false;
@@ -435,21 +472,13 @@ impl Budget {
                 .unwrap_or_else(|p| p.into_inner())
                 .0;
         }
-        if big {
-            used.big = used.big.saturating_add(bytes);
-        } else {
-            used.small = used.small.saturating_add(bytes);
-        }
+        used.add(bytes, self.cap);
         !halted()
     }
 
     fn release(&self, bytes: u64) {
         let mut used = self.used.lock().unwrap_or_else(|p| p.into_inner());
-        if bytes > self.cap {
-            used.big = used.big.saturating_sub(bytes);
-        } else {
-            used.small = used.small.saturating_sub(bytes);
-        }
+        used.remove(bytes, self.cap);
         self.cv.notify_all();
     }
 
@@ -653,28 +682,18 @@ mod tests {
     /// in `order` as soon as they fit (the fullest budget, the worst case), every group
     /// finishes at once, the appender appends in plan order. False on a deadlock: the
     /// next group cannot start and the next to append has not started.
-    fn completes(out_bytes: &[u64], cap: u64, order: &[usize]) -> bool {
-        let b = Budget::new(cap);
-        let mut u = used(0, 0);
-        let (mut started, mut next_start, mut next_append) =
-            (vec![false; out_bytes.len()], 0, 0);
+    fn completes(out_bytes: &[u64], cap: u64, lean: bool, order: &[usize]) -> bool {
+        let b = Budget::new(cap, lean);
+        let mut u = Used::default();
+        let (mut started, mut next_start, mut next_append) = (vec![false; out_bytes.len()], 0, 0);
         while next_append < out_bytes.len() {
             if next_start < order.len() && b.fits(&u, out_bytes[order[next_start]]) {
                 let g = order[next_start];
-                if out_bytes[g] > cap {
-                    u.big += out_bytes[g];
-                } else {
-                    u.small += out_bytes[g];
-                }
+                u.add(out_bytes[g], cap);
                 started[g] = true;
                 next_start += 1;
             } else if started[next_append] {
-                let n = out_bytes[next_append];
-                if n > cap {
-                    u.big -= n;
-                } else {
-                    u.small -= n;
-                }
+                u.remove(out_bytes[next_append], cap);
                 next_append += 1;
             } else {
                 return false;
@@ -720,53 +739,73 @@ mod tests {
                     sorted.sort_unstable();
                     assert_eq!(sorted, (0..sizes.len()).collect::<Vec<_>>());
                     assert!(
-                        completes(sizes, cap, &order),
+                        completes(sizes, cap, false, &order),
                         "deadlock: cap {cap}, {threads} threads, sizes {sizes:?}, order {order:?}"
                     );
                 }
+                // Low-memory mode: plan order, the cap for every group.
+                assert!(completes(sizes, cap, true, &start_order(sizes, cap, 1)));
             }
         }
-        // The check itself finds the order that hung a 7B conversion: each MLP row
-        // moved ahead of the attention rows, the second past those of the first.
-        let sizes = [32 * MIB, 32 * MIB, 32 * MIB, 32 * MIB, 86 * MIB, 86 * MIB];
-        assert!(!completes(&sizes, 128 * MIB, &[0, 4, 5, 1, 2, 3]));
+        // The check itself finds a deadlock: a 7B layer's three MLP rows moved ahead of
+        // its attention rows (an earlier order did this, and hung).
+        let (g, mlp) = (32 * MIB, 86 * MIB);
+        let sizes = [g, g, g, g, mlp, mlp, mlp];
+        assert!(!completes(&sizes, 128 * MIB, false, &[0, 4, 5, 6, 1, 2, 3]));
     }
 
-    fn used(small: u64, big: u64) -> Used {
-        Used {
-            small,
-            big,
-            open: false,
+    /// Small groups of `small` bytes and big ones of `big` bytes in flight.
+    fn used(small: &[u64], big: &[u64]) -> Used {
+        let mut u = Used::default();
+        for &b in small {
+            u.add(b, 128 * MIB);
         }
+        for &b in big {
+            u.add(b, 128 * MIB);
+        }
+        u
     }
 
     #[test]
     fn a_row_larger_than_the_row_group_budget_starts_beside_others_while_memory_allows() {
-        let b = Budget::new(128 * MIB);
+        let b = Budget::new(128 * MIB, false);
+        let g = 32 * MIB;
         // Within the cap: always.
-        assert!(b.fits(&used(96 * MIB, 0), 32 * MIB));
-        // The 125 MiB embedding in flight, a 32 MiB group: over the cap, but in flight
-        // was under it and all buffers stay under 768 MiB.
-        assert!(b.fits(&used(125 * MIB, 0), 32 * MIB));
-        // A 7B's two 86 MiB MLP rows.
-        assert!(b.fits(&used(86 * MIB, 0), 86 * MIB));
-        // Not a third: in flight is over the cap.
-        assert!(!b.fits(&used(172 * MIB, 0), 32 * MIB));
-        // Not a row too big to run beside others.
-        assert!(!b.fits(&used(100 * MIB, 0), 300 * MIB));
+        assert!(b.fits(&used(&[g, g, g], &[]), g));
+        assert!(!b.fits(&used(&[g, g, g, g], &[]), g));
+        // The 125 MiB embedding in flight does not count against the cap: the other
+        // threads go on with four 32 MiB groups beside it, not a fifth.
+        let emb = 125 * MIB;
+        assert!(b.fits(&used(&[emb], &[]), g));
+        assert!(b.fits(&used(&[emb, g, g, g], &[]), g));
+        assert!(!b.fits(&used(&[emb, g, g, g, g], &[]), g));
+        // Nor when it comes second.
+        assert!(b.fits(&used(&[g, g, g], &[]), emb));
+        // A 7B's MLP rows (86 MiB): two, and one beside them, not a third.
+        let mlp = 86 * MIB;
+        assert!(b.fits(&used(&[mlp], &[]), mlp));
+        assert!(b.fits(&used(&[mlp, mlp], &[]), g));
+        assert!(!b.fits(&used(&[mlp, mlp], &[]), mlp));
+        // Not when all buffers would pass 768 MiB: two 125 MiB rows and a third group.
+        assert!(b.fits(&used(&[emb], &[]), emb));
+        assert!(!b.fits(&used(&[emb, emb], &[]), 100 * MIB));
         // Nothing in flight: anything starts.
-        assert!(b.fits(&used(0, 0), 1 << 40));
-        // Beside a big row (over the cap) that may run alongside: small groups within
-        // the cap, and one overshoot while the buffers stay under 768 MiB.
-        assert!(b.fits(&used(96 * MIB, 180 * MIB), 32 * MIB));
-        assert!(b.fits(&used(120 * MIB, 180 * MIB), 32 * MIB));
-        assert!(!b.fits(&used(120 * MIB, 180 * MIB), 100 * MIB));
+        assert!(b.fits(&used(&[], &[]), 1 << 40));
+        // Beside a big row (over the cap) that may run alongside: small groups as usual,
+        // while all buffers stay under 768 MiB.
+        assert!(b.fits(&used(&[g, g, g], &[180 * MIB]), g));
+        assert!(!b.fits(&used(&[100 * MIB, g], &[180 * MIB]), 100 * MIB));
         // A big row that must run alone: small groups wait for it.
-        assert!(!b.fits(&used(0, 200 * MIB), 32 * MIB));
+        assert!(!b.fits(&used(&[], &[200 * MIB]), g));
         // A big row beside small ones only when both fit; one big at a time.
-        assert!(b.fits(&used(64 * MIB, 0), 150 * MIB));
-        assert!(!b.fits(&used(64 * MIB, 150 * MIB), 150 * MIB));
-        assert!(!b.fits(&used(64 * MIB, 0), 262 * 1_000_000));
-        assert!(b.fits(&used(0, 0), 262 * 1_000_000));
+        assert!(b.fits(&used(&[g, g], &[]), 150 * MIB));
+        assert!(!b.fits(&used(&[g, g], &[150 * MIB]), 150 * MIB));
+        assert!(!b.fits(&used(&[g, g], &[]), 262 * 1_000_000));
+        assert!(b.fits(&used(&[], &[]), 262 * 1_000_000));
+        // Low-memory mode: the cap holds for every group.
+        let lean = Budget::new(128 * MIB, true);
+        assert!(!lean.fits(&used(&[emb], &[]), g));
+        assert!(lean.fits(&used(&[g, g, g], &[]), g));
+        assert!(!lean.fits(&used(&[mlp], &[]), mlp));
     }
 }
