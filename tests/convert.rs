@@ -1072,20 +1072,21 @@ fn no_temp_files_anywhere(dir: &Path) {
 
 #[test]
 fn read_mode_reuses_its_piece_buffer_across_pieces_and_rows_exactly() {
-    // One thread, so one read buffer serves every piece: a 5,000,003-element f32 tensor
-    // (two 16 MiB pieces, the second short), then smaller and larger rows of other
-    // dtypes after it. A stale byte left from an earlier, longer piece would show.
+    // One thread, so one read buffer serves every piece: a 4099 x 1280 f32 tensor
+    // (twenty-one 1 MiB pieces, the last short), then smaller and larger rows of other
+    // dtypes after it. A stale byte left from an earlier, longer piece would show. The
+    // same for int8 (per channel and per group), against the mapped conversion.
     let tmp = tempdir();
     let dir = tmp.path().join("m");
     std::fs::create_dir(&dir).unwrap();
-    let big = weights_f32(5_000_003);
-    let bf = f32_bytes_to_bf16(&weights_f32(9_000_001));
+    let big = weights_f32(4099 * 1280);
+    let bf = f32_bytes_to_bf16(&weights_f32(2305 * 3840));
     write_safetensors(
         &dir.join("model.safetensors"),
         &[
-            ("a.big", "F32", vec![5_000_003], big),
+            ("a.big", "F32", vec![4099, 1280], big),
             ("b.small", "F32", vec![1000], weights_f32(1000)),
-            ("c.bf16", "BF16", vec![9_000_001], bf),
+            ("c.bf16", "BF16", vec![2305, 3840], bf),
             ("d.tail", "F32", vec![7, 3], weights_f32(21)),
         ],
     );
@@ -1100,5 +1101,34 @@ fn read_mode_reuses_its_piece_buffer_across_pieces_and_rows_exactly() {
             .unwrap();
         convert(&dir, &out, &cfg).unwrap();
         assert_matches_source(&out, &source, &same_names(&source), "f16");
+    }
+    for group_size in [0, 128] {
+        let mut files = Vec::new();
+        for io in [modelconv::IoMode::Read, modelconv::IoMode::Mmap] {
+            let out = tmp.path().join(format!("q{group_size}-{io:?}"));
+            let cfg = ConvertConfig::builder()
+                .model_type(ModelType::CausalLm)
+                .io(io)
+                .threads(1)
+                .quantize(Some(modelconv::Quantize {
+                    scheme: modelconv::QuantScheme::Symmetric,
+                    group_size,
+                    skip: Vec::new(),
+                }))
+                .build()
+                .unwrap();
+            convert(&dir, &out, &cfg).unwrap();
+            files.push(WeightFile::open(&out).unwrap());
+        }
+        assert_eq!(files[0].tensors(), files[1].tensors());
+        for t in files[0].tensors() {
+            let (a, b) = (
+                files[0].tensor(&t.name).unwrap(),
+                files[1].tensor(&t.name).unwrap(),
+            );
+            let big = t.name == "a.big" || t.name == "c.bf16";
+            assert_eq!(a.quant.is_some(), big, "{}", t.name);
+            assert_eq!(a, b, "{group_size}: {}", t.name);
+        }
     }
 }

@@ -390,6 +390,11 @@ impl Shard {
         }
     }
 
+    /// Whether the shard's data is mapped (else it is read with positioned reads).
+    pub(crate) fn is_mapped(&self) -> bool {
+        self.map.is_some()
+    }
+
     /// Re-checks that the file still has the length it was validated with.
     ///
     /// # Errors
