@@ -6,9 +6,10 @@ Python rows, to time another build of the binary alone).
 Conversions read the ~4.4 GB f32 Llama-shaped checkpoint (22 layers, 3 shards) from the
 page cache and write to /dev/shm, so the disk does not hide the pipeline; the last two
 rows write to the real disk (modelconv fsyncs, so the reference is followed by `sync`).
-Every pair runs in alternation, ROUNDS times after a warm-up round; the table shows
-medians. Wall, user and system seconds and peak RSS come from wait4 on each child."""
+Every measure runs once per round, in an order shuffled per round, ROUNDS times after a
+warm-up round; the table shows medians. Wall, user and system seconds and peak RSS come from wait4 on each child."""
 import os
+import random
 import shutil
 import statistics
 import subprocess
@@ -80,8 +81,14 @@ MEASURES = {
 res = {k: [] for k in MEASURES}
 # A warm-up round, not counted: the first runs after the inputs are read in are the
 # slowest of every measure alike (the VM settling its memory).
+# Each round runs the measures in its own shuffled order, so that no measure always
+# follows the same one (on this VM a run after one that freed 2 GB of /dev/shm can pay
+# more system time to fault memory back in).
 for r in range(-1, ROUNDS):
-    for name, thunk in MEASURES.items():
+    names = list(MEASURES)
+    random.Random(r).shuffle(names)
+    for name in names:
+        thunk = MEASURES[name]
         clean()
         x = thunk()[:4]
         if r >= 0:
