@@ -1,13 +1,14 @@
 """The end-to-end table: every conversion and reading figure beside the reference run in
 the same script, on the same files. Called by scripts/bench/e2e.sh (which builds and
 generates the inputs); usage: e2e.py WORK BIN READ_BENCH BENCH_PYTHON ROUNDS (BENCH_PYTHON `-` leaves out the
-Python rows, to time another build of the binary alone).
+Python rows, the pyarrow one too, to time another build of the binary alone).
 
 Conversions read the ~4.4 GB f32 Llama-shaped checkpoint (22 layers, 3 shards) from the
 page cache and write to /dev/shm, so the disk does not hide the pipeline; the last two
 rows write to the real disk (modelconv fsyncs, so the reference is followed by `sync`).
 Every measure runs once per round, in an order shuffled per round, ROUNDS times after a
-warm-up round; the table shows medians. Wall, user and system seconds and peak RSS come from wait4 on each child."""
+warm-up round; the table shows medians. Wall, user and system seconds and peak RSS come
+from wait4 on each child."""
 import os
 import random
 import shutil
@@ -121,7 +122,7 @@ rows = [
     ("f16 zstd-3 → disk (fsync)", "disk", f"`zstd -T{CORES} -3 … && sync`", "zstd_sync", ""),
 ]
 src_gb = sum(p.stat().st_size for p in shards) / 1e9
-print(f"\ninput: {src_gb:.2f} GB f32 (3 shards), {CORES} cores, medians of {ROUNDS} alternating rounds\n")
+print(f"\ninput: {src_gb:.2f} GB f32 (3 shards), {CORES} cores, medians of {ROUNDS} rounds (each in its own shuffled order, after a warm-up round)\n")
 print("| measure | modelconv | reference | ratio | goal |")
 print("| --- | --- | --- | --- | --- |")
 for label, a, ref_label, b, goal in rows:
@@ -147,12 +148,11 @@ for _ in range(5):
     del d  # like the library's reader, which drops each tensor once read
 print(best)
 """
-pyarrow_python = BPY if BPY != "-" else sys.executable
-pa = float(run([pyarrow_python, str(Path(__file__).with_name("read_pyarrow.py")), str(weights)])[4].split(":")[2].split()[0])
 if BPY != "-":
     py = float(run([BPY, "-c", PY_READ, str(weights)])[4])
     print(f"| read every CLIP tensor as f32: Python `load_file(dtype=\"float32\")` | {py:.3f} s | the library's reader (`for_each_f32`): {lib:.3f} s | {py / lib:.2f} | ≤ 1.00 |")
-print(f"| the same through the library | {lib:.3f} s | pyarrow + numpy (the seed's way): {pa:.3f} s | {lib / pa:.2f} | ≤ 1.00 |")
+    pa = float(run([BPY, str(Path(__file__).with_name("read_pyarrow.py")), str(weights)])[4].split(":")[2].split()[0])
+    print(f"| the same through the library | {lib:.3f} s | pyarrow + numpy (the seed's way): {pa:.3f} s | {lib / pa:.2f} | ≤ 1.00 |")
 shutil.rmtree(SHM, ignore_errors=True)
 # Every round, for the spread behind each median (wall / system seconds).
 print(f"\nrounds (wall/sys s): " + "; ".join(

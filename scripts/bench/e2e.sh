@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The end-to-end table (scripts/bench/e2e.py): every figure beside its reference run in
-# the same script, medians of alternating rounds. Conversions of the ~4.4 GB f32
-# Llama-shaped checkpoint (22 layers, 3 shards) to /dev/shm: f16 zstd-3 vs
+# the same script, medians of rounds (each in its own shuffled order, after a warm-up
+# round). Conversions of the ~4.4 GB f32 Llama-shaped checkpoint (22 layers, 3 shards)
+# to /dev/shm: f16 zstd-3 vs
 # `zstd -T<cores> -3` on the same f16 bytes (wall and system time), 1 vs all threads
 # against zstd's own scaling, `--compression none` vs `cp`, PyTorch `.bin` vs
 # safetensors, `--io read` vs mmap, `--quantize int8` vs f16, the Python package's
