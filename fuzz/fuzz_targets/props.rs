@@ -252,9 +252,9 @@ fn rounded(dtype: Dtype, v: f64) -> Vec<u8> {
 }
 
 /// An arbitrary small valid checkpoint, built from the input, converted with an
-/// arbitrary target dtype and row limit and read back: every tensor comes back with its
-/// shape, the policy's dtype, and each value the source's rounded to nearest-even in
-/// that dtype (copied bytes identical; NaN stays NaN).
+/// arbitrary target dtype, row limit and I/O mode and read back: every tensor comes
+/// back with its shape, the policy's dtype, and each value the source's rounded to
+/// nearest-even in that dtype (copied bytes identical; NaN stays NaN).
 pub fn roundtrip(data: &[u8]) {
     let mut r = Input(data);
     let targets = [
@@ -288,6 +288,8 @@ pub fn roundtrip(data: &[u8]) {
         tensors.push((format!("layers.{i}.weight"), dtype, shape, bytes));
     }
     let row_limit = 8 + 16 * r.byte() as u64;
+    // Last, so inputs kept before it was read still mean what they meant (mapped).
+    let io = [modelconv::IoMode::Mmap, modelconv::IoMode::Read][r.byte() % 2];
     let dir = tempfile::tempdir().expect("tempdir");
     let input = dir.path().join("model.safetensors");
     std::fs::write(&input, safetensors(&tensors)).expect("write");
@@ -296,6 +298,7 @@ pub fn roundtrip(data: &[u8]) {
         .dtype(target)
         .allow_overflow(true)
         .threads(1)
+        .io(io)
         .max_row_bytes(row_limit)
         .row_group_bytes(3 * row_limit)
         .build()
