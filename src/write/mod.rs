@@ -321,6 +321,12 @@ impl WeightWriter {
 /// the cap again. This bounds them beside a big row: 768 MiB, leaving room under 1 GiB.
 const ALONGSIDE_BYTES: u64 = 768 << 20;
 
+/// Whether a group holds more than half the budget `cap`: it cannot share it with another
+/// of its size (see [`Budget::fits`], [`start_order`]).
+fn large(bytes: u64, cap: u64) -> bool {
+    bytes > cap / 2
+}
+
 /// Whether a group of `big` bytes (more than `cap`) may run beside the small groups
 /// sharing `cap`.
 fn alongside(big: u64, cap: u64) -> bool {
@@ -345,20 +351,19 @@ fn start_order(out_bytes: &[u64], cap: u64, threads: usize) -> Vec<usize> {
     if threads < 2 {
         return order;
     }
-    let large = |b: u64| b > cap / 2;
-    // Beside a large group of `h` bytes in flight, and nothing before it, the budget
-    // admits a small group of `u` bytes (see `Budget::fits`).
+    // Whether, with only a large group of `h` bytes in flight, the budget admits a
+    // group of `u` bytes.
+    let budget = Budget::new(cap, false);
     let admits = |h: u64, u: u64| {
-        if h > cap {
-            return true; // its own budget, and it may run alongside
-        }
-        h.saturating_add(u) <= cap || h.saturating_add(u).saturating_mul(2) <= ALONGSIDE_BYTES
+        let mut alone = Used::default();
+        alone.add(h, cap);
+        budget.fits(&alone, u)
     };
     // Groups before `floor` (plan order) are never passed; from it on, positions in
     // `order` are still plan order, since every move stays behind the group that moved.
     let mut floor = 0;
     for (i, &bytes) in out_bytes.iter().enumerate() {
-        if !large(bytes) {
+        if !large(bytes, cap) {
             continue;
         }
         let from = floor;
@@ -389,21 +394,24 @@ struct Budget {
 
 #[derive(Default)]
 struct Used {
-    /// The small groups in flight, their bytes, and the sum.
+    /// The bytes of each small group in flight.
     small_groups: Vec<u64>,
-    small: u64,
     big: u64,
     /// Set when the write stops: every wait ends.
     open: bool,
 }
 
 impl Used {
+    /// Bytes of the small groups in flight.
+    fn small(&self) -> u64 {
+        self.small_groups.iter().sum()
+    }
+
     fn add(&mut self, bytes: u64, cap: u64) {
         if bytes > cap {
             self.big = self.big.saturating_add(bytes);
         } else {
             self.small_groups.push(bytes);
-            self.small = self.small.saturating_add(bytes);
         }
     }
 
@@ -412,7 +420,6 @@ impl Used {
             self.big = self.big.saturating_sub(bytes);
         } else if let Some(i) = self.small_groups.iter().position(|&b| b == bytes) {
             self.small_groups.swap_remove(i);
-            self.small = self.small.saturating_sub(bytes);
         }
     }
 }
@@ -431,31 +438,29 @@ impl Budget {
     /// nothing of its kind is in flight).
     fn fits(&self, u: &Used, bytes: u64) -> bool {
         let cap = self.cap;
+        let small = u.small();
         // All buffers of the groups in flight with this one under ALONGSIDE_BYTES.
-        let under = u
-            .small
+        let under = small
             .saturating_add(u.big)
             .saturating_add(bytes)
             .saturating_mul(2)
             <= ALONGSIDE_BYTES;
         u.open
             || if bytes > cap {
-                u.big == 0 && (u.small == 0 || (alongside(bytes, cap) && under))
+                u.big == 0 && (small == 0 || (alongside(bytes, cap) && under))
             } else {
                 // The largest small group, this one included, does not count against
                 // the cap when it holds more than half of it: a row larger than the
                 // row-group budget runs while the others go on as usual.
                 let largest = u.small_groups.iter().copied().fold(bytes, u64::max);
-                let free = if largest > cap / 2 && !self.lean {
+                let free = if large(largest, cap) && !self.lean {
                     largest
                 } else {
                     0
                 };
-                let rest = u.small.saturating_add(bytes).saturating_sub(free);
+                let rest = small.saturating_add(bytes).saturating_sub(free);
                 (u.big == 0 || alongside(u.big, cap))
-                    && (u.small == 0
-                        || u.small.saturating_add(bytes) <= cap
-                        || (rest <= cap && under))
+                    && (small == 0 || small.saturating_add(bytes) <= cap || (rest <= cap && under))
             }
     }
 
