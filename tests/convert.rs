@@ -1091,35 +1091,32 @@ fn read_mode_reuses_its_piece_buffer_across_pieces_and_rows_exactly() {
         ],
     );
     let source = read_source(&dir);
-    for io in [modelconv::IoMode::Read, modelconv::IoMode::Mmap] {
-        let out = tmp.path().join(format!("{io:?}"));
+    // One worker thread, `io`, int8 with `group_size` if given; the output directory.
+    let run = |io: modelconv::IoMode, group_size: Option<u64>| {
+        let out = tmp.path().join(format!("{io:?}-{group_size:?}"));
         let cfg = ConvertConfig::builder()
             .model_type(ModelType::CausalLm)
             .io(io)
             .threads(1)
+            .quantize(group_size.map(|group_size| modelconv::Quantize {
+                scheme: modelconv::QuantScheme::Symmetric,
+                group_size,
+                skip: Vec::new(),
+            }))
             .build()
             .unwrap();
         convert(&dir, &out, &cfg).unwrap();
+        out
+    };
+    for io in [modelconv::IoMode::Read, modelconv::IoMode::Mmap] {
+        let out = run(io, None);
         assert_matches_source(&out, &source, &same_names(&source), "f16");
     }
     for group_size in [0, 128] {
-        let mut files = Vec::new();
-        for io in [modelconv::IoMode::Read, modelconv::IoMode::Mmap] {
-            let out = tmp.path().join(format!("q{group_size}-{io:?}"));
-            let cfg = ConvertConfig::builder()
-                .model_type(ModelType::CausalLm)
-                .io(io)
-                .threads(1)
-                .quantize(Some(modelconv::Quantize {
-                    scheme: modelconv::QuantScheme::Symmetric,
-                    group_size,
-                    skip: Vec::new(),
-                }))
-                .build()
-                .unwrap();
-            convert(&dir, &out, &cfg).unwrap();
-            files.push(WeightFile::open(&out).unwrap());
-        }
+        let files: Vec<WeightFile> = [modelconv::IoMode::Read, modelconv::IoMode::Mmap]
+            .into_iter()
+            .map(|io| WeightFile::open(run(io, Some(group_size))).unwrap())
+            .collect();
         assert_eq!(files[0].tensors(), files[1].tensors());
         for t in files[0].tensors() {
             let (a, b) = (
