@@ -27,6 +27,62 @@ use pyo3::types::{PyDict, PyTuple};
 #[global_allocator]
 static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
+/// mimalloc's policy for handing freed memory back to the system while conversions
+/// run: the CLI's (`purge_delay` in `src/bin/modelconv/main.rs`), scoped to the
+/// conversions, since this process outlives them.
+mod purge {
+    use std::ffi::c_long;
+    use std::sync::Mutex;
+
+    /// `mi_option_purge_delay` in mimalloc.h (v2 and v3).
+    const PURGE_DELAY: libmimalloc_sys::mi_option_t = 15;
+    /// Longer than a conversion: freed memory stays for reuse while one runs, and is
+    /// still scheduled for purging, which the last one's end forces.
+    const HOLD_MS: c_long = 24 * 3600 * 1000;
+
+    /// Conversions running, and the delay to restore when none does.
+    static RUNNING: Mutex<(usize, c_long)> = Mutex::new((0, 0));
+
+    /// Holds the policy for one conversion; dropping the last one restores mimalloc's
+    /// delay and hands the memory the conversions freed back at once.
+    pub(crate) struct Scope(());
+
+    impl Scope {
+        /// Low-memory conversions hand memory back at once (as the CLI does); the
+        /// first conversion of several at once sets the policy for all.
+        pub(crate) fn enter(low_memory: bool) -> Scope {
+            let mut r = RUNNING.lock().unwrap_or_else(|p| p.into_inner());
+            if r.0 == 0 {
+                // SAFETY: mi_option_get/set only read and store an option value; any
+                // value is valid for purge_delay (0 = at once, > 0 = after that many ms).
+                unsafe {
+                    r.1 = libmimalloc_sys::mi_option_get(PURGE_DELAY);
+                    libmimalloc_sys::mi_option_set(
+                        PURGE_DELAY,
+                        if low_memory { 0 } else { HOLD_MS },
+                    );
+                }
+            }
+            r.0 += 1;
+            Scope(())
+        }
+    }
+
+    impl Drop for Scope {
+        fn drop(&mut self) {
+            let mut r = RUNNING.lock().unwrap_or_else(|p| p.into_inner());
+            r.0 -= 1;
+            if r.0 == 0 {
+                // SAFETY: as above; mi_collect(true) purges what is scheduled for it.
+                unsafe {
+                    libmimalloc_sys::mi_option_set(PURGE_DELAY, r.1);
+                    libmimalloc_sys::mi_collect(true);
+                }
+            }
+        }
+    }
+}
+
 pyo3::create_exception!(
     _native,
     NativeError,
@@ -197,6 +253,7 @@ fn convert(
     // Receiver is Send but not Sync; the closure that waits on it borrows it.
     let rx = Mutex::new(rx);
     let recorder = Recorder(shared.clone());
+    let purge = purge::Scope::enter(cfg.low_memory());
     let worker = std::thread::Builder::new()
         .name("modelconv-convert".into())
         .spawn(move || {
@@ -242,6 +299,7 @@ fn convert(
         }
     };
     let _ = py.detach(|| worker.join());
+    drop(purge);
     if let Some(e) = interrupted {
         return Err(e);
     }
