@@ -8,7 +8,9 @@ page cache and write to /dev/shm, so the disk does not hide the pipeline; the la
 rows write to the real disk (modelconv fsyncs, so the reference is followed by `sync`).
 Every measure runs once per round, in an order shuffled per round, ROUNDS times after a
 warm-up round; the table shows medians. Wall, user and system seconds and peak RSS come
-from wait4 on each child."""
+from wait4 on each child; where perf can record, the f16 conversion and its zstd
+reference also run under `perf record`, whose samples give their kernel time without
+the scheduler tick's bias (see `sampled`)."""
 import os
 import random
 import shutil
@@ -28,7 +30,7 @@ shards = sorted(src.glob("model-*.safetensors"))
 def clean():
     shutil.rmtree(SHM, ignore_errors=True)
     shutil.rmtree(work / "out-disk", ignore_errors=True)
-    for p in (work / "ref.zst",):
+    for p in (work / "ref.zst", work / "perf.data"):
         p.unlink(missing_ok=True)
     subprocess.run(["sync"], check=True)
     SHM.mkdir(parents=True)
@@ -64,10 +66,50 @@ def py_convert():
     return float(out.strip()), u, s, rss, out
 
 
+# Kernel time as `perf record` samples it: every 0.5 ms of a thread's own CPU time, in
+# whichever mode it is. The system time of wait4 comes from the scheduler tick (250 Hz
+# here, stopped while a CPU idles), which sees little of the kernel time of a process
+# whose threads block and wake all the time, as zstd's do (its main thread makes some
+# 30,000 futex calls): sampled, zstd's kernel time is about twice what wait4 reports,
+# modelconv's about what it reports. Separate runs (perf slows them a little); left out
+# where perf cannot record.
+PERF_HZ = 2000
+PERF_DATA = work / "perf.data"
+
+
+def perf_works():
+    try:
+        return subprocess.run(["perf", "record", "-q", "-e", "cpu-clock", "-o", str(PERF_DATA), "--", "true"],
+                              capture_output=True).returncode == 0
+    except FileNotFoundError:
+        return False
+
+
+def sampled(argv):
+    """(wall, sampled user s, sampled kernel s, peak RSS MiB) of one command under perf."""
+    wall, _, _, rss, _ = run(["perf", "record", "-q", "-F", str(PERF_HZ), "-e", "cpu-clock", "-o", str(PERF_DATA),
+                              "--", *argv])
+    rep = subprocess.run(["perf", "report", "-i", str(PERF_DATA), "--stdio", "--no-children", "--sort", "dso",
+                          "-F", "sample,dso"], capture_output=True, text=True, check=True).stdout
+    kernel = user = 0
+    for line in rep.splitlines():
+        f = line.split()
+        if len(f) >= 2 and f[0].isdigit():
+            if f[1].startswith("[kernel"):
+                kernel += int(f[0])
+            else:
+                user += int(f[0])
+    return wall, user / PERF_HZ, kernel / PERF_HZ, rss, ""
+
+
+ZSTD2 = ["zstd", "-q", "-f", f"-T{CORES}", "-3", str(f16), "-o", str(SHM / "ref.zst")]
+CONV2 = [BIN, "convert", str(src), "-o", str(SHM / "o"), "--quiet", "--threads", str(CORES)]
+PERF = perf_works()
+
 # name -> thunk; every thunk starts from a clean /dev/shm.
 MEASURES = {
-    "zstd2": lambda: run(["zstd", "-q", "-f", f"-T{CORES}", "-3", str(f16), "-o", str(SHM / "ref.zst")]),
-    "conv2": lambda: conv("--threads", str(CORES)),
+    "zstd2": lambda: run(ZSTD2),
+    "conv2": lambda: run(CONV2),
     "zstd1": lambda: run(["zstd", "-q", "-f", "-T1", "-3", str(f16), "-o", str(SHM / "ref.zst")]),
     "conv1": lambda: conv("--threads", "1"),
     "cp": lambda: run(["cp", *map(str, shards), str(SHM)]),
@@ -78,6 +120,7 @@ MEASURES = {
     **({"py": py_convert} if BPY != "-" else {}),
     "disk": lambda: conv(out=work / "out-disk"),
     "zstd_sync": lambda: run(f"zstd -q -f -T{CORES} -3 '{f16}' -o '{work / 'ref.zst'}' && sync", shell=True),
+    **({"kzstd2": lambda: sampled(ZSTD2), "kconv2": lambda: sampled(CONV2)} if PERF else {}),
 }
 res = {k: [] for k in MEASURES}
 # A warm-up round, not counted: the first runs after the inputs are read in are the
@@ -113,6 +156,8 @@ def fmt(name):
 rows = [
     ("f16 zstd-3, 2 threads → /dev/shm", "conv2", f"`zstd -T{CORES} -3` on the same f16 bytes", "zstd2", "≤ 1.10"),
     ("  system time of the same runs", ("conv2", 2), "zstd's system time", ("zstd2", 2), "≤ 1.20"),
+    *([("  kernel time sampled by `perf record` (2 kHz of thread CPU time; own runs)", ("kconv2", 2),
+        "zstd's", ("kzstd2", 2), "")] if PERF else []),
     ("f16 zstd-3, 1 thread", "conv1", "`zstd -T1 -3`", "zstd1", ""),
     ("`--compression none` → /dev/shm", "none", "`cp` of the shards", "cp", "≤ 1.20"),
     ("PyTorch `.bin` (zip) input", "bin", "the same weights as safetensors", "conv2", "≤ 1.10"),

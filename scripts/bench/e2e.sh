@@ -5,7 +5,8 @@
 # to /dev/shm: f16 zstd-3 vs
 # `zstd -T<cores> -3` on the same f16 bytes (wall and system time), 1 vs all threads
 # against zstd's own scaling, `--compression none` vs `cp`, PyTorch `.bin` vs
-# safetensors, `--io read` vs mmap, `--quantize int8` vs f16, the Python package's
+# safetensors, `--io read` vs mmap, `--quantize int8` vs f16, the f16 conversion's and
+# zstd's kernel time sampled by `perf record` (where perf works), the Python package's
 # convert vs the CLI; the same f16 conversion to disk vs `zstd && sync`; reading every
 # tensor of full-size CLIP as f32 through Python, the library and pyarrow.
 # usage: scripts/bench/e2e.sh [WORKDIR] [ROUNDS=3]
