@@ -48,8 +48,16 @@ def run(argv, shell=False):
     return wall, ru.ru_utime, ru.ru_stime, ru.ru_maxrss / 1024, out.decode()
 
 
+def conv_argv(*args, source=src, out=None):
+    return [BIN, "convert", str(source), "-o", str(out or SHM / "o"), "--quiet", *args]
+
+
 def conv(*args, source=src, out=None):
-    return run([BIN, "convert", str(source), "-o", str(out or SHM / "o"), "--quiet", *args])
+    return run(conv_argv(*args, source=source, out=out))
+
+
+def zstd_argv(threads):
+    return ["zstd", "-q", "-f", f"-T{threads}", "-3", str(f16), "-o", str(SHM / "ref.zst")]
 
 
 PY_CONVERT = """
@@ -102,15 +110,15 @@ def sampled(argv):
     return wall, user / PERF_HZ, kernel / PERF_HZ, rss, ""
 
 
-ZSTD2 = ["zstd", "-q", "-f", f"-T{CORES}", "-3", str(f16), "-o", str(SHM / "ref.zst")]
-CONV2 = [BIN, "convert", str(src), "-o", str(SHM / "o"), "--quiet", "--threads", str(CORES)]
+ZSTD2 = zstd_argv(CORES)
+CONV2 = conv_argv("--threads", str(CORES))
 PERF = perf_works()
 
 # name -> thunk; every thunk starts from a clean /dev/shm.
 MEASURES = {
     "zstd2": lambda: run(ZSTD2),
     "conv2": lambda: run(CONV2),
-    "zstd1": lambda: run(["zstd", "-q", "-f", "-T1", "-3", str(f16), "-o", str(SHM / "ref.zst")]),
+    "zstd1": lambda: run(zstd_argv(1)),
     "conv1": lambda: conv("--threads", "1"),
     "cp": lambda: run(["cp", *map(str, shards), str(SHM)]),
     "none": lambda: conv("--compression", "none"),
