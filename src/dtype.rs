@@ -15,6 +15,9 @@ pub enum Dtype {
     F8E8M0,
     F8E4M3Fnuz,
     F8E5M2Fnuz,
+    F4,
+    F6E2M3,
+    F6E3M2,
     I16,
     U16,
     F16,
@@ -28,32 +31,47 @@ pub enum Dtype {
     U64,
 }
 
-/// `(dtype, safetensors name, torch name, bytes per element)`.
+/// `(dtype, safetensors name, torch name, bits per element)`: every dtype of the
+/// safetensors spec (`safetensors/src/tensor.rs`).
 const TABLE: &[(Dtype, &str, &str, usize)] = &[
-    (Dtype::Bool, "BOOL", "torch.bool", 1),
-    (Dtype::U8, "U8", "torch.uint8", 1),
-    (Dtype::I8, "I8", "torch.int8", 1),
-    (Dtype::F8E5M2, "F8_E5M2", "torch.float8_e5m2", 1),
-    (Dtype::F8E4M3, "F8_E4M3", "torch.float8_e4m3fn", 1),
-    (Dtype::F8E8M0, "F8_E8M0", "torch.float8_e8m0fnu", 1),
-    (Dtype::F8E4M3Fnuz, "F8_E4M3FNUZ", "torch.float8_e4m3fnuz", 1),
-    (Dtype::F8E5M2Fnuz, "F8_E5M2FNUZ", "torch.float8_e5m2fnuz", 1),
-    (Dtype::I16, "I16", "torch.int16", 2),
-    (Dtype::U16, "U16", "torch.uint16", 2),
-    (Dtype::F16, "F16", "torch.float16", 2),
-    (Dtype::Bf16, "BF16", "torch.bfloat16", 2),
-    (Dtype::I32, "I32", "torch.int32", 4),
-    (Dtype::U32, "U32", "torch.uint32", 4),
-    (Dtype::F32, "F32", "torch.float32", 4),
-    (Dtype::C64, "C64", "torch.complex64", 8),
-    (Dtype::F64, "F64", "torch.float64", 8),
-    (Dtype::I64, "I64", "torch.int64", 8),
-    (Dtype::U64, "U64", "torch.uint64", 8),
+    (Dtype::Bool, "BOOL", "torch.bool", 8),
+    (Dtype::U8, "U8", "torch.uint8", 8),
+    (Dtype::I8, "I8", "torch.int8", 8),
+    (Dtype::F8E5M2, "F8_E5M2", "torch.float8_e5m2", 8),
+    (Dtype::F8E4M3, "F8_E4M3", "torch.float8_e4m3fn", 8),
+    (Dtype::F8E8M0, "F8_E8M0", "torch.float8_e8m0fnu", 8),
+    (Dtype::F8E4M3Fnuz, "F8_E4M3FNUZ", "torch.float8_e4m3fnuz", 8),
+    (Dtype::F8E5M2Fnuz, "F8_E5M2FNUZ", "torch.float8_e5m2fnuz", 8),
+    // Sub-byte types: elements packed several to a byte. torch has no tensor dtype
+    // for a single such element, so their names here are never parsed back.
+    (Dtype::F4, "F4", "float4_e2m1", 4),
+    (Dtype::F6E2M3, "F6_E2M3", "float6_e2m3", 6),
+    (Dtype::F6E3M2, "F6_E3M2", "float6_e3m2", 6),
+    (Dtype::I16, "I16", "torch.int16", 16),
+    (Dtype::U16, "U16", "torch.uint16", 16),
+    (Dtype::F16, "F16", "torch.float16", 16),
+    (Dtype::Bf16, "BF16", "torch.bfloat16", 16),
+    (Dtype::I32, "I32", "torch.int32", 32),
+    (Dtype::U32, "U32", "torch.uint32", 32),
+    (Dtype::F32, "F32", "torch.float32", 32),
+    (Dtype::C64, "C64", "torch.complex64", 64),
+    (Dtype::F64, "F64", "torch.float64", 64),
+    (Dtype::I64, "I64", "torch.int64", 64),
+    (Dtype::U64, "U64", "torch.uint64", 64),
 ];
 
-/// Safetensors dtypes that pack several elements per byte; the weight format has no
-/// torch-style name for them.
-pub(crate) const SUB_BYTE: &[&str] = &["F4", "F6_E2M3", "F6_E3M2"];
+/// The torch-style dtype names the seed's loader maps (`SEED-SYSTEM.md`), bf16 aside
+/// (it lacks it; writing bf16 is allowed with a warning).
+const SEED_LOADER_DTYPES: &[Dtype] = &[
+    Dtype::F32,
+    Dtype::F16,
+    Dtype::F64,
+    Dtype::I64,
+    Dtype::I32,
+    Dtype::I8,
+    Dtype::U8,
+    Dtype::Bool,
+];
 
 impl Dtype {
     fn row(self) -> &'static (Dtype, &'static str, &'static str, usize) {
@@ -71,9 +89,42 @@ impl Dtype {
         self.row().2
     }
 
-    /// Bytes per element.
+    /// Bytes per element. A sub-byte type ([`Dtype::is_sub_byte`]) has no whole
+    /// number of bytes per element: its tensors are measured with [`Dtype::byte_len`],
+    /// and only the dequantizers that consume them read them.
     pub fn size(self) -> usize {
+        self.row().3.div_ceil(8)
+    }
+
+    /// Bits per element.
+    pub fn bits(self) -> usize {
         self.row().3
+    }
+
+    /// True for the types that pack several elements per byte (F4, F6).
+    pub fn is_sub_byte(self) -> bool {
+        self.bits() < 8
+    }
+
+    /// Bytes that `numel` elements take; `None` when that overflows or, for a
+    /// sub-byte type, is not a whole number of bytes.
+    pub fn byte_len(self, numel: u64) -> Option<u64> {
+        let bits = numel.checked_mul(self.bits() as u64)?;
+        bits.is_multiple_of(8).then_some(bits / 8)
+    }
+
+    /// True for the 8-bit float types (E4M3, E5M2, E8M0 and the FNUZ variants).
+    pub fn is_fp8(self) -> bool {
+        matches!(
+            self,
+            Dtype::F8E4M3 | Dtype::F8E5M2 | Dtype::F8E8M0 | Dtype::F8E4M3Fnuz | Dtype::F8E5M2Fnuz
+        )
+    }
+
+    /// True when the seed's loader maps this dtype's torch name to a numpy type; bf16,
+    /// which it lacks, is allowed with a warning and counts as known here.
+    pub fn seed_loader_reads(self) -> bool {
+        self == Dtype::Bf16 || SEED_LOADER_DTYPES.contains(&self)
     }
 
     /// Parses a safetensors dtype string.
@@ -81,11 +132,13 @@ impl Dtype {
         TABLE.iter().find(|r| r.1 == s).map(|r| r.0)
     }
 
-    /// Parses a torch-style dtype string (`torch.float16`, also `float16`).
+    /// Parses a torch-style dtype string (`torch.float16`, also `float16`). Sub-byte
+    /// types have no torch name.
     pub fn from_torch(s: &str) -> Option<Dtype> {
         let s = s.strip_prefix("torch.").unwrap_or(s);
         TABLE
             .iter()
+            .filter(|r| r.3 >= 8)
             .find(|r| &r.2["torch.".len()..] == s)
             .map(|r| r.0)
             .or(match s {
@@ -186,12 +239,23 @@ mod tests {
     fn names_round_trip() {
         for r in TABLE {
             assert_eq!(Dtype::from_safetensors(r.1), Some(r.0));
-            assert_eq!(Dtype::from_torch(r.2), Some(r.0));
-            assert_eq!(r.0.size(), r.3);
+            assert_eq!(r.0.bits(), r.3);
+            if r.3 >= 8 {
+                assert_eq!(Dtype::from_torch(r.2), Some(r.0));
+                assert_eq!(r.0.size() * 8, r.3);
+            } else {
+                assert_eq!(Dtype::from_torch(r.2), None);
+            }
         }
         assert_eq!(Dtype::F16.torch_name(), "torch.float16");
         assert_eq!(Dtype::Bf16.torch_name(), "torch.bfloat16");
-        assert_eq!(Dtype::from_safetensors("F4"), None);
+        assert_eq!(Dtype::F4.byte_len(6), Some(3));
+        assert_eq!(Dtype::F4.byte_len(5), None);
+        assert_eq!(Dtype::F6E2M3.byte_len(4), Some(3));
+        assert_eq!(Dtype::F6E3M2.byte_len(3), None);
+        assert_eq!(Dtype::F32.byte_len(u64::MAX), None);
+        assert!(Dtype::F8E4M3.is_fp8() && !Dtype::U8.is_fp8());
+        assert!(!Dtype::F8E4M3.seed_loader_reads() && Dtype::Bf16.seed_loader_reads());
     }
 
     #[test]

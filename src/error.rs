@@ -103,6 +103,31 @@ pub enum Error {
         /// Length of the data section.
         data_len: u64,
     },
+    /// A sub-byte dtype's elements do not make a whole number of bytes.
+    PartialBytes {
+        /// The shard.
+        path: PathBuf,
+        /// The tensor.
+        tensor: String,
+        /// The dtype.
+        dtype: String,
+        /// Its element count.
+        numel: u64,
+    },
+    /// A pre-quantized checkpoint (FP8, MXFP4, GPTQ, AWQ, compressed-tensors, ...) that
+    /// cannot be dequantized as it stands: a scheme that is not supported, a config
+    /// that contradicts the tensors, a missing or malformed scale, zero point or index,
+    /// a NaN or infinite scale. Nothing is converted raw.
+    Prequantized {
+        /// `config.json`, or the shard holding the tensor.
+        path: PathBuf,
+        /// The tensor concerned, when there is one.
+        tensor: Option<String>,
+        /// The scheme as the config names it (`fp8`, `gptq`, ...), or `none`.
+        scheme: String,
+        /// What is wrong.
+        reason: String,
+    },
     /// The byte length does not equal elements × dtype size.
     SizeMismatch {
         /// The shard.
@@ -460,6 +485,21 @@ impl fmt::Display for Error {
                 P(path),
                 Name(tensor)
             ),
+            PartialBytes { path, tensor, dtype, numel } => write!(
+                f,
+                "{}: tensor {}: {numel} elements of {dtype} are not a whole number of bytes",
+                P(path),
+                Name(tensor)
+            ),
+            Prequantized { path, tensor, scheme, reason } => match tensor {
+                Some(t) => write!(
+                    f,
+                    "{}: tensor {}: pre-quantized ({scheme}): {reason}",
+                    P(path),
+                    Name(t)
+                ),
+                None => write!(f, "{}: pre-quantized ({scheme}): {reason}", P(path)),
+            },
             InvalidOffset { path, tensor, begin, end, data_len } => write!(
                 f,
                 "{}: tensor {}: invalid offsets [{begin}, {end}) for a data section of {data_len} bytes",

@@ -10,6 +10,7 @@ mod convert;
 mod dtype;
 mod error;
 mod format;
+mod glob;
 mod model;
 mod plan;
 mod read;
@@ -19,7 +20,7 @@ mod write;
 pub use cast::{QuantScheme, Quantize, TensorQuantError, MIN_QUANT_ELEMENTS};
 pub use convert::{
     convert, convert_with, plan_conversion, ConversionPlan, ConversionReport, ConvertConfig,
-    ConvertConfigBuilder, Event, Observer, PlannedEntry, QuantReport, Silent,
+    ConvertConfigBuilder, Dequantization, Event, Observer, PlannedEntry, QuantReport, Silent,
     DEFAULT_INFLIGHT_PER_THREAD, DEFAULT_MAX_ROW_MB, DEFAULT_ROW_GROUP_MB, DEFAULT_ZSTD_LEVEL,
     LOW_MEMORY_ROW_MB, MAX_BUDGET_BYTES, TOKENIZER_FILES,
 };
@@ -28,8 +29,9 @@ pub use error::{sanitize, Error, Result};
 pub use format::QuantInfo;
 pub use model::{Filters, ModelType, Part};
 pub use read::{
-    export, inspect, verify, ExportOptions, ExportReport, InspectReport, QuantData, RangeLog,
-    RowGroupInfo, Tensor, TensorCheck, TensorInfo, VerifyOptions, VerifyReport, WeightFile,
+    export, inspect, inspect_source, verify, ExportOptions, ExportReport, InspectReport, QuantData,
+    RangeLog, RowGroupInfo, SourceReport, SourceTensorInfo, Tensor, TensorCheck, TensorInfo,
+    VerifyOptions, VerifyReport, WeightFile,
 };
 pub use source::{open as open_source, IoMode, Source, SourceOptions, DEFAULT_MAX_HEADER_BYTES};
 pub use write::atomic::remove_temp_files;

@@ -8,7 +8,7 @@ use std::collections::HashMap;
 use crate::cast::{QuantSpec, Quantize};
 use crate::dtype::{Dtype, TargetDtype};
 use crate::error::{Error, Result};
-use crate::source::{Source, TensorInfo};
+use crate::source::{Dequantized, Source, TensorInfo, TensorRef};
 
 /// The largest row limit or row-group budget, in bytes (Arrow `Binary` offsets are
 /// i32, and a row group is one Arrow array).
@@ -44,6 +44,22 @@ pub(crate) struct PlannedTensor {
     pub(crate) rows: u64,
     /// How it is quantized (`dtype` is then int8), if it is.
     pub(crate) quant: Option<QuantSpec>,
+    /// How a pre-quantized weight is dequantized (`src` then describes its f32
+    /// values), if it is one.
+    pub(crate) dequant: Option<Dequantized>,
+}
+
+impl PlannedTensor {
+    /// Stored source bytes that `elems` of its elements read (a dequantized weight's
+    /// share of its codes and scales).
+    pub(crate) fn src_bytes(&self, elems: u64) -> u64 {
+        match &self.dequant {
+            Some(d) if d.info.numel > 0 => {
+                (elems as u128 * d.stored_bytes as u128 / d.info.numel as u128) as u64
+            }
+            _ => elems * self.src.dtype.size() as u64,
+        }
+    }
 }
 
 /// One row: a whole tensor, or a chunk of one.
@@ -91,13 +107,17 @@ impl Plan {
     ///
     /// `DuplicateTensor` if two selected tensors get the same output name,
     /// `DimensionTooLarge` for a dimension that does not fit the format's int32 shape,
-    /// `ShapeOverflow` for an output size past 64 bits. The budgets were checked by
-    /// [`crate::ConvertConfigBuilder::build`].
+    /// `ShapeOverflow` for an output size past 64 bits, `UnsupportedDtype` for a
+    /// sub-byte tensor that no scheme consumes. The budgets were checked by
+    /// [`crate::ConvertConfigBuilder::build`]. With `keep_quantized`, a pre-quantized
+    /// checkpoint's tensors are planned as stored; otherwise its weights dequantized.
+    #[allow(clippy::too_many_arguments)]
     pub(crate) fn build(
         source: &Source,
         selection: &[Selected],
         target: TargetDtype,
         quantize: Option<&Quantize>,
+        keep_quantized: bool,
         max_row_bytes: u64,
         group_bytes: u64,
     ) -> Result<Plan> {
@@ -109,7 +129,19 @@ impl Plan {
         for (i, s) in selection.iter().enumerate() {
             // The selection was made from this source's headers.
             let shard = &source.shards[s.shard];
-            let src = &shard.header.tensors[s.tensor];
+            let at = TensorRef {
+                shard: s.shard,
+                tensor: s.tensor,
+            };
+            let dequant = source.dequantized_at(at, !keep_quantized);
+            let src = dequant.map_or(&shard.header.tensors[s.tensor], |d| &d.info);
+            if src.dtype.is_sub_byte() {
+                return Err(Error::UnsupportedDtype {
+                    path: shard.path.clone(),
+                    tensor: src.name.clone(),
+                    dtype: src.dtype.to_string(),
+                });
+            }
             if let Some(&j) = names.get(s.name.as_str()) {
                 let other: &Selected = &selection[j];
                 return Err(Error::DuplicateTensor {
@@ -127,9 +159,11 @@ impl Plan {
                 });
             }
             let quant = quantize.and_then(|q| q.spec_for(&s.name, src.dtype, &src.shape));
-            let dtype = match quant {
-                Some(_) => Dtype::I8,
-                None => target.output_for(src.dtype),
+            let dtype = match (quant, dequant) {
+                (Some(_), _) => Dtype::I8,
+                // A dequantized weight's `keep` is the checkpoint's compute dtype.
+                (None, Some(d)) if target == TargetDtype::Keep => d.compute,
+                (None, _) => target.output_for(src.dtype),
             };
             let size = dtype.size() as u64;
             // numel * size fits: size <= 8 and the source size numel * src_size fit u64,
@@ -152,7 +186,14 @@ impl Plan {
                     )))
                 }
                 Some(q) => max_row_bytes / q.unit * q.unit,
-                None => (max_row_bytes / size).max(1),
+                None => {
+                    let per = (max_row_bytes / size).max(1);
+                    // A dequantized weight's rows hold whole output rows where one fits.
+                    match (dequant, src.shape.last()) {
+                        (Some(_), Some(&len)) if len > 0 && len <= per => per / len * len,
+                        _ => per,
+                    }
+                }
             };
             let first_row = rows.len() as u64;
             let mut start = 0u64;
@@ -177,6 +218,7 @@ impl Plan {
                 first_row,
                 rows: rows.len() as u64 - first_row,
                 quant,
+                dequant: dequant.cloned(),
             });
         }
         let groups = group_rows(&tensors, &rows, group_bytes);
@@ -217,7 +259,7 @@ fn group_rows(tensors: &[PlannedTensor], rows: &[RowPlan], group_bytes: u64) -> 
     for (r, row) in rows.iter().enumerate() {
         let t = &tensors[row.tensor];
         let out = row.elems * t.dtype.size() as u64;
-        let src = row.elems * t.src.dtype.size() as u64;
+        let src = t.src_bytes(row.elems);
         if !cur.rows.is_empty() && cur.out_bytes + out > group_bytes {
             let next = GroupPlan {
                 rows: r..r,

@@ -83,3 +83,8 @@ fn index_regressions() {
 fn roundtrip_regressions() {
     replay("roundtrip");
 }
+
+#[test]
+fn scheme_regressions() {
+    replay("scheme");
+}

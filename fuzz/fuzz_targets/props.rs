@@ -32,7 +32,8 @@ pub fn header(data: &[u8]) {
         let mut at = 8 + n;
         for t in &h.tensors {
             assert_eq!(t.offset, at, "tensors cover the data in order");
-            assert_eq!(t.len, t.numel * t.dtype.size() as u64);
+            // Sub-byte dtypes (F4, F6) by their bit count.
+            assert_eq!(Some(t.len), t.dtype.byte_len(t.numel));
             assert_eq!(t.numel, t.shape.iter().product::<u64>());
             at += t.len;
         }
@@ -366,6 +367,7 @@ pub type Property = fn(&[u8]);
 /// Every property by target name, for the regression replay.
 pub const TARGETS: &[(&str, Property)] = &[
     ("header", header),
+    ("scheme", scheme),
     ("cast", cast),
     ("weights", weights),
     ("pickle", pickle),
@@ -373,6 +375,55 @@ pub const TARGETS: &[(&str, Property)] = &[
     ("index", index),
     ("roundtrip", roundtrip),
 ];
+
+/// Any `config.json` and safetensors file as a checkpoint (the input: a u16 LE length,
+/// that many bytes of config, then the safetensors file): the scheme matcher and the
+/// dequantizers refuse what they cannot explain, never panic; an accepted checkpoint
+/// converts (or is refused with an error that is not internal) into exactly the
+/// planned tensors, each dequantized weight of its planned shape.
+pub fn scheme(data: &[u8]) {
+    let Some(n) = data
+        .get(..2)
+        .map(|b| u16::from_le_bytes([b[0], b[1]]) as usize)
+    else {
+        return;
+    };
+    let Some(config) = data.get(2..2 + n) else {
+        return;
+    };
+    let weights = &data[2 + n..];
+    let dir = tempfile::tempdir().expect("tempdir");
+    let model = dir.path().join("m");
+    std::fs::create_dir(&model).expect("mkdir");
+    std::fs::write(model.join("config.json"), config).expect("write");
+    std::fs::write(model.join("model.safetensors"), weights).expect("write");
+    let cfg = ConvertConfig::builder()
+        .threads(1)
+        .dtype(TargetDtype::F32)
+        .build()
+        .expect("options");
+    let plan = match modelconv::plan_conversion(&model, &cfg) {
+        Ok(p) => p,
+        Err(e) => return no_internal_error(&e.to_string()),
+    };
+    // Keep the conversions small: the fuzzer's shapes can ask for gigabytes of f32.
+    if plan.output_bytes > 64 << 20 {
+        return;
+    }
+    let out = dir.path().join("o");
+    match modelconv::convert(&model, &out, &cfg) {
+        Ok(r) => {
+            assert_eq!(r.tensors, plan.kept.len());
+            let wf = WeightFile::open(&out).expect("written file opens");
+            for k in &plan.kept {
+                let t = wf.tensor(&k.name).expect("planned tensor");
+                assert_eq!(t.shape, k.shape, "{}", k.name);
+                assert_eq!(t.data.len() as u64, k.bytes, "{}", k.name);
+            }
+        }
+        Err(e) => no_internal_error(&e.to_string()),
+    }
+}
 
 /// The kept inputs of `target`, sorted.
 pub fn regressions(root: &Path, target: &str) -> Vec<PathBuf> {

@@ -39,6 +39,7 @@ __all__ = [
     "Error",
     "InputError",
     "UnsafeCheckpointError",
+    "PrequantizedError",
     "OptionError",
     "OutputError",
     "OutputExistsError",
@@ -67,6 +68,13 @@ class InputError(Error, ValueError):
 class UnsafeCheckpointError(InputError):
     """A pickle asks to run something outside a state dict's allowlist, or holds a whole
     model; nothing in it was run."""
+
+
+class PrequantizedError(InputError):
+    """A pre-quantized checkpoint (FP8, GPTQ, AWQ, MXFP4, compressed-tensors...) that
+    cannot be dequantized as it stands: an unsupported scheme, a config that
+    contradicts the tensors, a missing or malformed scale. Nothing was converted raw
+    (``keep_quantized=True`` writes the stored tensors as they are)."""
 
 
 class OptionError(Error, ValueError):
@@ -113,6 +121,7 @@ _KINDS = {
     "input": InputError,
     "not_found_input": InputError,
     "unsafe": UnsafeCheckpointError,
+    "prequantized": PrequantizedError,
     "option": OptionError,
     "output": OutputError,
     "output_exists": OutputExistsError,
@@ -165,6 +174,7 @@ class ConversionConfig:
     rename: List[Tuple[str, str]] = field(default_factory=list)
     force: bool = False
     allow_overflow: bool = False
+    keep_quantized: bool = False
     quantize: Optional[str] = None
     group_size: int = 0
     quant_scheme: str = "symmetric"
@@ -189,6 +199,7 @@ class ConversionConfig:
             "rename": [tuple(r) for r in self.rename],
             "force": self.force,
             "allow_overflow": self.allow_overflow,
+            "keep_quantized": self.keep_quantized,
             "quantize": self.quantize,
             "group_size": self.group_size,
             "quant_scheme": self.quant_scheme,

@@ -99,6 +99,7 @@ fn err(e: modelconv::Error) -> PyErr {
         E::OutputIsInput { .. } | E::OutputNotDirectory { .. } => "output",
         E::Overflow { .. } => "overflow",
         E::Quantization { .. } => "quantization",
+        E::Prequantized { .. } => "prequantized",
         E::InvalidOption { .. } => "option",
         E::Parquet { .. } | E::CorruptWeights { .. } => "corrupt",
         E::TensorNotFound { .. } => "not_found",
@@ -142,6 +143,7 @@ fn config(opts: Option<&Bound<'_, PyDict>>, cancel: Arc<AtomicBool>) -> PyResult
                 "max_row_bytes" => b.max_row_bytes(v.extract()?),
                 "row_group_bytes" => b.row_group_bytes(v.extract()?),
                 "allow_overflow" => b.allow_overflow(v.extract()?),
+                "keep_quantized" => b.keep_quantized(v.extract()?),
                 "force" => b.force(v.extract()?),
                 "extract_tokenizer" => b.extract_tokenizer(v.extract()?),
                 "validate" | "validate_output" => b.validate(v.extract()?),
@@ -389,6 +391,8 @@ fn np_type(d: Dtype) -> (&'static str, &'static str) {
         Dtype::F8E8M0 => ("|u1", "float8_e8m0fnu"),
         Dtype::F8E4M3Fnuz => ("|u1", "float8_e4m3fnuz"),
         Dtype::F8E5M2Fnuz => ("|u1", "float8_e5m2fnuz"),
+        // Sub-byte types have no torch name, so no weight file holds them; raw bytes.
+        Dtype::F4 | Dtype::F6E2M3 | Dtype::F6E3M2 => ("|u1", "uint8"),
     }
 }
 

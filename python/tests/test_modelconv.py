@@ -302,3 +302,45 @@ def test_tokenizer_files_come_along_and_the_path_is_reported(tmp_path):
     assert r.success and r.tokenizer_path == str(out / "tokenizer")
     for name in ["tokenizer.json", "vocab.txt", "special_tokens_map.json"]:
         assert (out / "tokenizer" / name).read_bytes() == (MINILM / name).read_bytes()
+
+
+def read_reference(path):
+    raw = Path(path).read_bytes()
+    n = struct.unpack("<Q", raw[:8])[0]
+    h = json.loads(raw[8:8 + n])
+    return {k: np.frombuffer(raw[8 + n + v["data_offsets"][0]:8 + n + v["data_offsets"][1]], np.float32).reshape(v["shape"])
+            for k, v in h.items() if k != "__metadata__"}
+
+
+@pytest.mark.parametrize("name", ["fp8-block", "gptq-4bit-desc-act", "mxfp4", "ct-w4a16"])
+def test_prequantized_checkpoints_convert_and_read_back_unchanged(tmp_path, name):
+    src = FIXTURES / "prequant" / name
+    ref = read_reference(FIXTURES / "prequant" / f"{name}.reference.safetensors")
+    result = modelconv.ModelConverter(modelconv.ConversionConfig(dtype="f32")).convert(str(src), str(tmp_path / "o"))
+    assert result.success and result.validation_passed, result.error_message
+    f = modelconv.open(tmp_path / "o")
+    for k, want in ref.items():
+        got = f.get_tensor(k)
+        assert got.dtype == np.float32 and np.array_equal(got.view(np.uint32), want.view(np.uint32)), k
+    assert json.loads((tmp_path / "o" / "metadata.json").read_text())["source_quantization"]["kept_quantized"] is False
+
+
+def test_a_prequantized_checkpoint_without_its_scale_is_a_typed_error(tmp_path):
+    src = tmp_path / "src"
+    src.mkdir()
+    cfg = json.loads((FIXTURES / "prequant" / "fp8-block" / "config.json").read_text())
+    (src / "config.json").write_text(json.dumps(cfg))
+    h = header(FIXTURES / "prequant" / "fp8-block" / "model.safetensors")
+    w = h["model.layers.0.self_attn.q_proj.weight"]
+    # A one-tensor file: the fp8 weight alone, its scale missing.
+    raw = Path(FIXTURES / "prequant" / "fp8-block" / "model.safetensors").read_bytes()
+    n = struct.unpack("<Q", raw[:8])[0]
+    b, e = w["data_offsets"]
+    hdr = json.dumps({"q.weight": {"dtype": "F8_E4M3", "shape": w["shape"], "data_offsets": [0, e - b]}}).encode()
+    (src / "model.safetensors").write_bytes(struct.pack("<Q", len(hdr)) + hdr + raw[8 + n + b:8 + n + e])
+    with pytest.raises(modelconv.PrequantizedError, match=r"tensor `q.weight`: pre-quantized \(fp8\): its `weight_scale_inv` is missing"):
+        modelconv.convert(src, tmp_path / "o")
+    assert not (tmp_path / "o").exists()
+    r = modelconv.convert(src, tmp_path / "kept", keep_quantized=True, validate=False)
+    t = pq.read_table(tmp_path / "kept" / "weights.parquet")
+    assert t.column("dtype").to_pylist() == ["torch.float8_e4m3fn"]

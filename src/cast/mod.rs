@@ -7,6 +7,7 @@
 //! PyTorch view), so the input never stays resident. A tensor chosen for quantization
 //! takes the same path into int8 codes and per-unit scales ([`quant`]).
 
+mod dequant;
 mod kernels;
 mod quant;
 
@@ -18,7 +19,7 @@ pub use quant::{QuantError, QuantScheme, Quantize, TensorQuantError, MIN_QUANT_E
 use kernels::{cast_hashing, Xxh3};
 
 use crate::error::{Error, Result};
-use crate::plan::{Plan, RowPlan};
+use crate::plan::{Plan, PlannedTensor, RowPlan};
 use crate::source::Source;
 
 /// Source bytes cast per piece of a row of a mapped shard: its pages are populated and
@@ -32,14 +33,73 @@ const PIECE_BYTES: u64 = 16 << 20;
 /// mapped conversion took 1.99–2.31 s; with 1 MiB, 2.00–2.17 s.
 const READ_PIECE_BYTES: u64 = 1 << 20;
 
-/// Source bytes per piece of a row of tensor `t` in `shard`.
-fn piece_bytes(shard: &crate::source::Shard, t: &crate::source::TensorInfo) -> u64 {
+/// Source bytes per piece of a row of planned tensor `t`: for a dequantized one, its
+/// f32 values, in whole output rows where a row fits.
+fn piece_bytes(source: &Source, t: &PlannedTensor) -> u64 {
+    if t.dequant.is_some() {
+        let row = t.src.shape.last().copied().unwrap_or(1).max(1);
+        let per = if row <= dequant::PIECE_VALUES {
+            dequant::PIECE_VALUES / row * row
+        } else {
+            dequant::PIECE_VALUES
+        };
+        return per * 4;
+    }
     // A strided view in read mode reads its whole span for every piece: few pieces.
-    if shard.is_mapped() || t.strides.is_some() {
+    if source.shards[t.shard].is_mapped() || t.src.strides.is_some() {
         PIECE_BYTES
     } else {
         READ_PIECE_BYTES
     }
+}
+
+thread_local! {
+    /// Where a worker dequantizes a piece: f32 values, reused by every piece.
+    static VALUES: std::cell::RefCell<Vec<f32>> = const { std::cell::RefCell::new(Vec::new()) };
+}
+
+/// Source bytes of elements `[first, first + n)` of a tensor (`info` in `shard`): the
+/// stored bytes, or a dequantized tensor's f32 values computed into `values`.
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn tensor_elements<'a>(
+    source: &'a Source,
+    shard: usize,
+    info: &crate::source::TensorInfo,
+    dq: Option<&crate::source::Dequantized>,
+    first: u64,
+    n: u64,
+    scratch: &'a mut Vec<u8>,
+    values: &'a mut Vec<f32>,
+) -> Result<&'a [u8]> {
+    match dq {
+        Some(d) => {
+            dequant::fill(source, d, first, n, values)?;
+            Ok(bytemuck::cast_slice(values.as_slice()))
+        }
+        None => source.shards[shard].elements(info, first, n, scratch),
+    }
+}
+
+/// Releases what a piece of `t` read (see [`crate::source::Shard::release`]).
+///
+/// # Safety
+///
+/// No slice of the piece's source bytes is read afterwards.
+unsafe fn release_piece(source: &Source, t: &PlannedTensor, first: u64, n: u64) {
+    match &t.dequant {
+        // SAFETY: forwarded to the caller.
+        Some(d) => unsafe { dequant::release(source, d, first, n) },
+        // SAFETY: forwarded to the caller.
+        None => unsafe { source.shards[t.shard].release(&t.src, first, n) },
+    }
+}
+
+/// Runs `f` with this thread's buffer of dequantized values.
+fn with_values<R>(f: impl FnOnce(&mut Vec<f32>) -> R) -> R {
+    VALUES.with(|s| match s.try_borrow_mut() {
+        Ok(mut b) => f(&mut b),
+        Err(_) => f(&mut Vec::new()),
+    })
 }
 
 thread_local! {
@@ -97,29 +157,40 @@ pub(crate) fn cast_row(
     let shard = &source.shards[t.shard];
     let (ss, os) = (t.src.dtype.size() as u64, t.dtype.size() as u64);
     debug_assert_eq!(dst.len() as u64, row.elems * os);
-    let per = (piece_bytes(shard, &t.src) / ss).max(1);
+    let per = (piece_bytes(source, t) / ss).max(1);
     let mut hash = Xxh3::new();
     let mut stats = CastStats::default();
     with_scratch(|scratch| {
-        for (k, d_piece) in dst.chunks_mut((per * os) as usize).enumerate() {
-            let first = row.elem_start + k as u64 * per;
-            let n = d_piece.len() as u64 / os;
-            let s_piece = shard.elements(&t.src, first, n, scratch)?;
-            let piece = cast_hashing(t.src.dtype, t.dtype, s_piece, d_piece, &mut hash)
-                .ok_or_else(|| {
-                    Error::internal(format!(
-                        "row of `{}`: {} source bytes for {} output bytes",
-                        crate::error::sanitize(&t.name),
-                        s_piece.len(),
-                        d_piece.len()
-                    ))
-                })?;
-            stats.merge(&piece);
-            // SAFETY: this piece is cast and hashed, and its slice is not used again; no
-            // other slice of these source elements is read again by this row.
-            unsafe { shard.release(&t.src, first, n) };
-        }
-        Ok::<(), Error>(())
+        with_values(|values| {
+            for (k, d_piece) in dst.chunks_mut((per * os) as usize).enumerate() {
+                let first = row.elem_start + k as u64 * per;
+                let n = d_piece.len() as u64 / os;
+                let s_piece = tensor_elements(
+                    source,
+                    t.shard,
+                    &t.src,
+                    t.dequant.as_ref(),
+                    first,
+                    n,
+                    scratch,
+                    values,
+                )?;
+                let piece = cast_hashing(t.src.dtype, t.dtype, s_piece, d_piece, &mut hash)
+                    .ok_or_else(|| {
+                        Error::internal(format!(
+                            "row of `{}`: {} source bytes for {} output bytes",
+                            crate::error::sanitize(&t.name),
+                            s_piece.len(),
+                            d_piece.len()
+                        ))
+                    })?;
+                stats.merge(&piece);
+                // SAFETY: this piece is cast and hashed, and its slice is not used again; no
+                // other slice of these source elements is read again by this row.
+                unsafe { release_piece(source, t, first, n) };
+            }
+            Ok::<(), Error>(())
+        })
     })?;
     if stats.overflow > 0 && !allow_overflow {
         return Err(Error::Overflow {
@@ -163,34 +234,51 @@ fn quantize_row(
         tensor: t.name.clone(),
         reason,
     };
-    let units_per_piece = (piece_bytes(shard, &t.src) / (spec.unit * ss)).max(1);
+    let units_per_piece = (piece_bytes(source, t) / (spec.unit * ss)).max(1);
     let mut out = RowQuant::default();
     let mut hash = Xxh3::new();
     let mut x: Vec<f32> = Vec::with_capacity(spec.unit.min(PIECE_BYTES) as usize);
     with_scratch(|scratch| {
-        for (k, d_piece) in dst
-            .chunks_mut((units_per_piece * spec.unit) as usize)
-            .enumerate()
-        {
-            let first = row.elem_start + k as u64 * units_per_piece * spec.unit;
-            let n = d_piece.len() as u64;
-            let s_piece = shard.elements(&t.src, first, n, scratch)?;
-            let units = s_piece
-                .chunks((spec.unit * ss) as usize)
-                .zip(d_piece.chunks_mut(spec.unit as usize));
-            for (src, q) in units {
-                let (scale, zp) =
-                    quant::quantize_unit(spec.scheme, t.src.dtype, src, &mut x, q, &mut out.error)
-                        .map_err(|e| fail(e.to_string()))?;
-                out.scales.push(scale);
-                out.zero_points.push(zp);
+        with_values(|values| {
+            for (k, d_piece) in dst
+                .chunks_mut((units_per_piece * spec.unit) as usize)
+                .enumerate()
+            {
+                let first = row.elem_start + k as u64 * units_per_piece * spec.unit;
+                let n = d_piece.len() as u64;
+                let s_piece = tensor_elements(
+                    source,
+                    t.shard,
+                    &t.src,
+                    t.dequant.as_ref(),
+                    first,
+                    n,
+                    scratch,
+                    values,
+                )?;
+                let units = s_piece
+                    .chunks((spec.unit * ss) as usize)
+                    .zip(d_piece.chunks_mut(spec.unit as usize));
+                for (src, q) in units {
+                    let (scale, zp) = quant::quantize_unit(
+                        spec.scheme,
+                        t.src.dtype,
+                        src,
+                        &mut x,
+                        q,
+                        &mut out.error,
+                    )
+                    .map_err(|e| fail(e.to_string()))?;
+                    out.scales.push(scale);
+                    out.zero_points.push(zp);
+                }
+                hash.update(d_piece);
+                // SAFETY: this piece is quantized and hashed, and its slice is not used
+                // again; no other slice of these source elements is read again by this row.
+                unsafe { release_piece(source, t, first, n) };
             }
-            hash.update(d_piece);
-            // SAFETY: this piece is quantized and hashed, and its slice is not used
-            // again; no other slice of these source elements is read again by this row.
-            unsafe { shard.release(&t.src, first, n) };
-        }
-        Ok::<(), Error>(())
+            Ok::<(), Error>(())
+        })
     })?;
     Ok(RowCast {
         stats: CastStats::default(),

@@ -87,7 +87,7 @@ impl Quantize {
         let eligible = dtype.is_castable_float()
             && shape.len() >= 2
             && numel >= MIN_QUANT_ELEMENTS
-            && !self.skip.iter().any(|g| crate::model::glob_match(g, name));
+            && !self.skip.iter().any(|g| crate::glob::glob_match(g, name));
         if !eligible {
             return None;
         }

@@ -53,6 +53,7 @@ pub struct ConvertConfig {
     pub(crate) part: Part,
     pub(crate) filters: CompiledFilters,
     pub(crate) quantize: Option<Quantize>,
+    pub(crate) keep_quantized: bool,
     pub(crate) source: SourceOptions,
     pub(crate) cancel: Arc<AtomicBool>,
 }
@@ -75,6 +76,7 @@ impl Default for ConvertConfig {
             part: Part::Default,
             filters: CompiledFilters::default(),
             quantize: None,
+            keep_quantized: false,
             source: SourceOptions::default(),
             cancel: Arc::new(AtomicBool::new(false)),
         }
@@ -104,6 +106,12 @@ impl ConvertConfig {
     /// Worker threads (resolved: the number of cores when 0 was asked for).
     pub fn threads(&self) -> usize {
         self.threads
+    }
+
+    /// True when a pre-quantized checkpoint's tensors are written as stored
+    /// (`--keep-quantized`) instead of dequantized.
+    pub fn keep_quantized(&self) -> bool {
+        self.keep_quantized
     }
 
     /// The row limit in bytes.
@@ -174,6 +182,7 @@ impl ConvertConfig {
             "allow_overflow": self.allow_overflow,
             "max_row_bytes": self.max_row_bytes,
             "row_group_bytes": self.row_group_bytes,
+            "keep_quantized": self.keep_quantized,
         });
         if let (Some(q), Some(o)) = (&self.quantize, v.as_object_mut()) {
             o.insert(
@@ -224,6 +233,7 @@ pub struct ConvertConfigBuilder {
     part: Part,
     filters: Filters,
     quantize: Option<Quantize>,
+    keep_quantized: bool,
     hub_cache: Option<PathBuf>,
     io: IoMode,
     cancel: Arc<AtomicBool>,
@@ -248,6 +258,7 @@ impl Default for ConvertConfigBuilder {
             part: Part::Default,
             filters: Filters::default(),
             quantize: None,
+            keep_quantized: false,
             hub_cache: None,
             io: IoMode::Auto,
             cancel: Arc::new(AtomicBool::new(false)),
@@ -298,6 +309,10 @@ impl ConvertConfigBuilder {
         io: IoMode);
     setter!(/// int8 quantization into the seed's V2 schema (default none: V1 output).
         quantize: Option<Quantize>);
+    setter!(/// Write a pre-quantized checkpoint's tensors (FP8 codes, packed ints,
+        /// scales) as they are stored instead of dequantizing them (default false).
+        /// The seed's loader cannot read such rows; modelconv's reader and pyarrow can.
+        keep_quantized: bool);
     setter!(/// Include / exclude / rename filters (compiled by `build`).
         filters: Filters);
     setter!(/// The cancellation flag (default: a fresh one; see
@@ -393,10 +408,12 @@ impl ConvertConfigBuilder {
             part: self.part,
             filters: self.filters.compile()?,
             quantize: self.quantize,
+            keep_quantized: self.keep_quantized,
             source: SourceOptions {
                 max_header_bytes: self.max_header_bytes,
                 hub_cache: self.hub_cache,
                 io: self.io,
+                keep_quantized: self.keep_quantized,
             },
             cancel: self.cancel,
         })

@@ -18,7 +18,8 @@ pub use config::{
 };
 pub use output::TOKENIZER_FILES;
 pub use report::{
-    ConversionPlan, ConversionReport, Event, Observer, PlannedEntry, QuantReport, Silent,
+    ConversionPlan, ConversionReport, Dequantization, Event, Observer, PlannedEntry, QuantReport,
+    Silent,
 };
 
 use crate::cast::{CastStats, QuantError, TensorQuantError};
@@ -195,12 +196,13 @@ impl Job {
             &source,
             source.name(),
         )?;
-        let selection = model::select(&source, &recipe, &config.filters)?;
+        let selection = model::select(&source, &recipe, &config.filters, config.keep_quantized)?;
         let plan = Plan::build(
             &source,
             &selection.selected,
             config.dtype,
             config.quantize.as_ref(),
+            config.keep_quantized,
             config.max_row_bytes,
             config.row_group_bytes,
         )?;
@@ -216,6 +218,7 @@ impl Job {
             selection,
             plan,
         };
+        job.notice_prequantized(config);
         for (a, b) in job.ties() {
             job.recipe.notices.push(format!(
                 "`{}` shares its storage with `{}` (tied weights): both are stored, the tie is recorded in metadata.json",
@@ -224,6 +227,55 @@ impl Job {
             ));
         }
         Ok(job)
+    }
+
+    /// What the user should know of a pre-quantized checkpoint: how many weights are
+    /// dequantized; with `--keep-quantized`, which stored dtypes the seed's loader
+    /// cannot read.
+    fn notice_prequantized(&mut self, config: &ConvertConfig) {
+        let deq = self
+            .plan
+            .tensors
+            .iter()
+            .filter(|t| t.dequant.is_some())
+            .count();
+        if let Some(s) = self.source.scheme() {
+            if deq > 0 {
+                self.recipe.notices.push(format!(
+                    "pre-quantized checkpoint, {}: {deq} weights dequantized, {} scale and index tensors consumed, {} activation scales dropped",
+                    s.summary,
+                    self.selection.consumed.len(),
+                    s.roles.values().filter(|r| matches!(r, crate::source::Role::Dropped(_))).count(),
+                ));
+            }
+        }
+        if config.keep_quantized {
+            let mut unreadable: Vec<String> = self
+                .plan
+                .tensors
+                .iter()
+                .filter(|t| !t.dtype.seed_loader_reads())
+                .map(|t| t.dtype.to_string())
+                .collect();
+            unreadable.sort();
+            unreadable.dedup();
+            let packed = self.source.scheme().map_or(0, |s| s.tensors.len());
+            if !unreadable.is_empty() || packed > 0 {
+                self.recipe.notices.push(format!(
+                    "--keep-quantized: tensors are written as stored{}{}; the seed's loader cannot use them (it misreads or cannot map these rows); modelconv's reader and pyarrow read them",
+                    if unreadable.is_empty() {
+                        String::new()
+                    } else {
+                        format!(", dtypes {} included", unreadable.join(", "))
+                    },
+                    if packed > 0 {
+                        format!(", {packed} quantized weights as their packed codes and scales")
+                    } else {
+                        String::new()
+                    }
+                ));
+            }
+        }
     }
 
     /// Tells the observer what the user should know: the recipe's notices, and the temp
@@ -337,6 +389,38 @@ impl Job {
             ties: self.ties(),
         });
         if let Some(o) = metadata.as_object_mut() {
+            if let Some(s) = self.source.scheme() {
+                let dequantized: Vec<Value> = self
+                    .plan
+                    .tensors
+                    .iter()
+                    .filter_map(|t| {
+                        let d = t.dequant.as_ref()?;
+                        Some(json!({
+                            "name": t.name,
+                            "stored_dtype": d.stored_dtype.to_string(),
+                            "consumes": d.consumes,
+                        }))
+                    })
+                    .collect();
+                let dropped: Vec<Value> = self
+                    .selection
+                    .scheme_dropped
+                    .iter()
+                    .map(|(n, why)| json!({"name": n, "reason": why}))
+                    .collect();
+                o.insert(
+                    "source_quantization".into(),
+                    json!({
+                        "method": s.method,
+                        "summary": s.summary,
+                        "config": s.params,
+                        "kept_quantized": config.keep_quantized,
+                        "dequantized": if config.keep_quantized { Vec::new() } else { dequantized },
+                        "dropped": if config.keep_quantized { Vec::new() } else { dropped },
+                    }),
+                );
+            }
             if let Some(q) = quant {
                 let q = serde_json::to_value(q).unwrap_or_default();
                 o.insert("quantization".into(), q);
@@ -399,6 +483,14 @@ impl Job {
                 shape: t.src.shape.clone(),
                 bytes: t.out_len,
                 rows: t.rows,
+                dequantized: t.dequant.as_ref().map(|d| Dequantization {
+                    scheme: self
+                        .source
+                        .scheme()
+                        .map_or(String::new(), |s| s.method.clone()),
+                    stored_dtype: d.stored_dtype.to_string(),
+                    consumes: d.consumes.clone(),
+                }),
             })
             .collect();
         let out = self.plan.out_bytes();
@@ -410,6 +502,7 @@ impl Job {
             part: self.recipe.part.as_str().into(),
             detected_by: self.recipe.detected_by.clone(),
             notices: self.recipe.notices.clone(),
+            source_quantization: self.source.scheme().map(|s| s.summary.clone()),
             cast: cast.filter(|t| t.dtype != t.src.dtype).count(),
             kept,
             dropped: self.selection.dropped,

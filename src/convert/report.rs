@@ -148,6 +148,21 @@ pub struct PlannedEntry {
     pub bytes: u64,
     /// Rows it spans.
     pub rows: u64,
+    /// For a dequantized pre-quantized weight: the scheme and the stored tensors it
+    /// consumes (codes first).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub dequantized: Option<Dequantization>,
+}
+
+/// How one weight of a pre-quantized checkpoint is dequantized (`--dry-run`).
+#[derive(Debug, Clone, Serialize)]
+pub struct Dequantization {
+    /// The scheme, as `config.json` names it (`fp8`, `gptq`, ...).
+    pub scheme: String,
+    /// The stored dtype of its codes.
+    pub stored_dtype: String,
+    /// The stored tensors it consumes, codes first.
+    pub consumes: Vec<String>,
 }
 
 /// What a conversion would do (`--dry-run`).
@@ -165,6 +180,8 @@ pub struct ConversionPlan {
     pub detected_by: String,
     /// Notices.
     pub notices: Vec<String>,
+    /// The pre-quantization scheme of the checkpoint, in one line, when it has one.
+    pub source_quantization: Option<String>,
     /// Tensors kept, in row order.
     pub kept: Vec<PlannedEntry>,
     /// Tensors dropped, with the rule that dropped them.

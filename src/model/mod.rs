@@ -9,8 +9,8 @@ use std::path::{Path, PathBuf};
 
 use serde_json::Value;
 
+pub(crate) use filter::CompiledFilters;
 pub use filter::Filters;
-pub(crate) use filter::{glob_match, CompiledFilters};
 pub(crate) use metadata::{build as build_metadata, MetadataInput};
 
 use crate::error::{Error, Result};
@@ -588,6 +588,11 @@ pub struct Selection {
     pub dropped: Vec<(String, String)>,
     /// Renames: `(source name, output name)`.
     pub renamed: Vec<(String, String)>,
+    /// Stored tensors a dequantized weight consumed: `(stored name, weight name)`.
+    pub consumed: Vec<(String, String)>,
+    /// Stored tensors the pre-quantization scheme does not need (activation scales),
+    /// also listed in `dropped`: `(stored name, reason)`.
+    pub scheme_dropped: Vec<(String, String)>,
 }
 
 /// What the recipe does with one source name: `Ok(output name)` or `Err(rule)`.
@@ -646,7 +651,9 @@ fn apply_recipe(r: &Recipe, name: &str, has_base: bool) -> std::result::Result<S
     }
 }
 
-/// Applies the recipe, then the filters, to every tensor of `source` in source order.
+/// Applies the recipe, then the filters, to every tensor of `source` in source order:
+/// a pre-quantized checkpoint's weights once each, dequantized (unless
+/// `keep_quantized`), their scales consumed and activation scales dropped.
 ///
 /// # Errors
 ///
@@ -656,22 +663,24 @@ pub(crate) fn select(
     source: &Source,
     recipe: &Recipe,
     filters: &CompiledFilters,
+    keep_quantized: bool,
 ) -> Result<Selection> {
-    let has_base = recipe.base_prefix.as_deref().is_some_and(|p| {
-        source
-            .shards
-            .iter()
-            .flat_map(|s| &s.header.tensors)
-            .any(|t| t.name.starts_with(p))
-    });
-    let mut out = Selection::default();
+    let (logical, gone) = source.logical(!keep_quantized);
+    let has_base = recipe
+        .base_prefix
+        .as_deref()
+        .is_some_and(|p| logical.iter().any(|t| t.info.name.starts_with(p)));
+    let mut out = Selection {
+        dropped: gone.dropped.clone(),
+        consumed: gone.consumed,
+        scheme_dropped: gone.dropped,
+        ..Selection::default()
+    };
     let mut kept = Vec::new();
-    for (si, shard) in source.shards.iter().enumerate() {
-        for (ti, t) in shard.header.tensors.iter().enumerate() {
-            match apply_recipe(recipe, &t.name, has_base) {
-                Ok(n) => kept.push((si, ti, t.name.clone(), n)),
-                Err(rule) => out.dropped.push((t.name.clone(), rule)),
-            }
+    for t in &logical {
+        match apply_recipe(recipe, &t.info.name, has_base) {
+            Ok(n) => kept.push((t.at.shard, t.at.tensor, t.info.name.clone(), n)),
+            Err(rule) => out.dropped.push((t.info.name.clone(), rule)),
         }
     }
     let filtered = filters.apply(kept, &mut out.dropped)?;

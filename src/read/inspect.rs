@@ -122,3 +122,64 @@ fn codec_name(c: parquet::basic::Compression) -> &'static str {
         C::LZO => "lzo",
     }
 }
+
+/// One tensor of a checkpoint as a conversion reads it.
+#[derive(Debug, Clone, Serialize)]
+pub struct SourceTensorInfo {
+    /// Name (a dequantized weight's output name).
+    pub name: String,
+    /// Stored dtype (a dequantized weight's codes).
+    pub dtype: String,
+    /// Dimensions (a dequantized weight's output shape).
+    pub shape: Vec<u64>,
+    /// For a dequantized weight: the stored tensors it is computed from, codes first.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub dequantized_from: Option<Vec<String>>,
+}
+
+/// What [`inspect_source`] found in a checkpoint.
+#[derive(Debug, Clone, Serialize)]
+pub struct SourceReport {
+    /// What was named.
+    pub path: PathBuf,
+    /// The files holding tensors.
+    pub shards: Vec<PathBuf>,
+    /// The pre-quantization scheme in one line, when there is one.
+    pub quantization: Option<String>,
+    /// The scheme's `quantization_config`.
+    pub quantization_config: Option<serde_json::Value>,
+    /// Tensors in source order, each quantized weight once.
+    pub tensors: Vec<SourceTensorInfo>,
+    /// Stored tensors the scheme consumes (`stored`, `weight`) or drops (`stored`,
+    /// reason).
+    pub consumed: Vec<(String, String)>,
+    /// Stored tensors the scheme does not need, with the reason.
+    pub dropped: Vec<(String, String)>,
+}
+
+/// Describes a checkpoint (model directory, `.safetensors` file, shard index or
+/// `.bin`): its tensors as a conversion reads them, and its pre-quantization scheme
+/// with what each quantized weight is computed from.
+pub fn inspect_source(source: &crate::Source) -> SourceReport {
+    let (logical, gone) = source.logical(true);
+    SourceReport {
+        path: source.path().to_path_buf(),
+        shards: source.shard_paths().map(Path::to_path_buf).collect(),
+        quantization: source.scheme().map(|s| s.summary.clone()),
+        quantization_config: source.scheme().map(|s| s.params.clone()),
+        tensors: logical
+            .iter()
+            .map(|t| SourceTensorInfo {
+                name: t.info.name.clone(),
+                dtype: t
+                    .dequant
+                    .map_or(t.info.dtype, |d| d.stored_dtype)
+                    .to_string(),
+                shape: t.info.shape.clone(),
+                dequantized_from: t.dequant.map(|d| d.consumes.clone()),
+            })
+            .collect(),
+        consumed: gone.consumed,
+        dropped: gone.dropped,
+    }
+}

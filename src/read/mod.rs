@@ -26,7 +26,9 @@ use parquet::file::metadata::PageIndexPolicy;
 
 pub use crate::format::TensorInfo;
 pub use export::{export, ExportOptions, ExportReport};
-pub use inspect::{inspect, InspectReport, RowGroupInfo};
+pub use inspect::{
+    inspect, inspect_source, InspectReport, RowGroupInfo, SourceReport, SourceTensorInfo,
+};
 pub use io::RangeLog;
 pub use verify::{verify, TensorCheck, VerifyOptions, VerifyReport};
 

@@ -12,11 +12,13 @@ use serde::Serialize;
 use xxhash_rust::xxh3::xxh3_64;
 
 use super::{Row, TensorInfo, WeightFile};
-use crate::cast::{cast_into, quantize_unit, value_f64, QuantError, QuantScheme, TensorQuantError};
+use crate::cast::{
+    cast_into, quantize_unit, tensor_elements, value_f64, QuantError, QuantScheme, TensorQuantError,
+};
 use crate::dtype::{Dtype, TargetDtype};
 use crate::error::{sanitize, Error, Result};
 use crate::format::QuantInfo;
-use crate::source::{Source, TensorInfo as SourceTensor};
+use crate::source::{Logical, Source};
 
 /// Options of [`verify`].
 #[derive(Debug, Clone, Default)]
@@ -150,11 +152,19 @@ pub fn verify(
     opts: &VerifyOptions,
 ) -> Result<VerifyReport> {
     let wf = WeightFile::open(path)?;
+    // A pre-quantized source is compared as the conversion read it: dequantized,
+    // unless the file says its tensors were kept as stored.
+    let kept = wf
+        .metadata()
+        .and_then(|m| m.pointer("/source_quantization/kept_quantized")?.as_bool())
+        .unwrap_or(false);
     let against = source.map(|src| Against {
         src,
         by_name: src
-            .tensors()
-            .map(|(si, t)| (t.name.as_str(), (si, t)))
+            .logical(!kept)
+            .0
+            .into_iter()
+            .map(|t| (t.info.name.as_str(), t))
             .collect(),
         policy: wf.cast_policy(),
         scheme: wf.quant_scheme(),
@@ -249,10 +259,10 @@ impl Against<'_> {
         check: &mut TensorCheck,
         t: &TensorInfo,
         q: QuantInfo,
-        si: usize,
-        st: &SourceTensor,
+        src: &Logical,
         row: &Row,
     ) {
+        let st = src.info;
         let Some(scheme) = self.scheme else {
             return check
                 .problems
@@ -272,8 +282,8 @@ impl Against<'_> {
                 st.numel
             ));
         }
-        let mut scratch = Vec::new();
-        let src = match self.src.shards[si].elements(st, first, elems, &mut scratch) {
+        let (mut scratch, mut values) = (Vec::new(), Vec::new());
+        let src = match self.elements(src, first, elems, &mut scratch, &mut values) {
             Ok(s) => s,
             Err(e) => return check.problems.push(e.to_string()),
         };
@@ -367,7 +377,7 @@ fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
 /// The source a file is verified against, indexed by tensor name.
 struct Against<'a> {
     src: &'a Source,
-    by_name: HashMap<&'a str, (usize, &'a SourceTensor)>,
+    by_name: HashMap<&'a str, Logical<'a>>,
     /// The cast policy the file records (none for the seed's files).
     policy: Option<TargetDtype>,
     /// The quantization scheme a V2 file records.
@@ -375,18 +385,44 @@ struct Against<'a> {
 }
 
 impl Against<'_> {
+    /// Source bytes of elements `[first, first + n)`: stored, or dequantized f32.
+    fn elements<'b>(
+        &'b self,
+        src: &Logical,
+        first: u64,
+        n: u64,
+        scratch: &'b mut Vec<u8>,
+        values: &'b mut Vec<f32>,
+    ) -> Result<&'b [u8]> {
+        tensor_elements(
+            self.src,
+            src.at.shard,
+            src.info,
+            src.dequant,
+            first,
+            n,
+            scratch,
+            values,
+        )
+    }
+
     /// Compares one stored row with what the cast policy makes of the source's bytes.
     fn check_row(&self, check: &mut TensorCheck, t: &TensorInfo, row: &Row) {
         let sname = t.source.as_deref().unwrap_or(&t.name);
-        let Some(&(si, st)) = self.by_name.get(sname) else {
+        let Some(src) = self.by_name.get(sname) else {
             return check
                 .problems
                 .push(format!("source has no tensor `{}`", sanitize(sname)));
         };
+        let st = src.info;
         if let Some(q) = t.quant {
-            return self.check_quantized_row(check, t, q, si, st, row);
+            return self.check_quantized_row(check, t, q, src, row);
         }
-        let expect = self.policy.map_or(t.dtype, |p| p.output_for(st.dtype));
+        let expect = match (self.policy, src.dequant) {
+            (None, _) => t.dtype,
+            (Some(TargetDtype::Keep), Some(d)) => d.compute,
+            (Some(p), _) => p.output_for(st.dtype),
+        };
         if expect != t.dtype {
             return check.problems.push(format!(
                 "stored as {} but the cast policy gives {}",
@@ -411,8 +447,8 @@ impl Against<'_> {
                 row.offset, st.numel
             ));
         }
-        let mut scratch = Vec::new();
-        match self.src.shards[si].elements(st, first, elems, &mut scratch) {
+        let (mut scratch, mut values) = (Vec::new(), Vec::new());
+        match self.elements(src, first, elems, &mut scratch, &mut values) {
             Ok(sb) => compare(check, st.dtype, t.dtype, sb, row.data),
             Err(e) => check.problems.push(e.to_string()),
         }

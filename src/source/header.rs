@@ -12,7 +12,7 @@ use std::path::Path;
 use serde::de::{Deserializer, IgnoredAny, MapAccess, Visitor};
 use serde::Deserialize;
 
-use crate::dtype::{Dtype, SUB_BYTE};
+use crate::dtype::Dtype;
 use crate::error::{Error, Result};
 
 /// The default cap on a header's length, the safetensors crate's own limit.
@@ -204,13 +204,6 @@ pub fn parse_header(path: &Path, bytes: &[u8], file_len: u64) -> Result<Header> 
     for (name, e) in raw.entries {
         let dtype = match Dtype::from_safetensors(&e.dtype) {
             Some(d) => d,
-            None if SUB_BYTE.contains(&e.dtype.as_str()) => {
-                return Err(Error::UnsupportedDtype {
-                    path: path.to_path_buf(),
-                    tensor: name,
-                    dtype: e.dtype,
-                })
-            }
             None => {
                 return Err(Error::UnknownDtype {
                     path: path.to_path_buf(),
@@ -228,9 +221,19 @@ pub fn parse_header(path: &Path, bytes: &[u8], file_len: u64) -> Result<Header> 
             .iter()
             .try_fold(1u64, |acc, &d| acc.checked_mul(d))
             .ok_or_else(overflow)?;
-        let size = numel
-            .checked_mul(dtype.size() as u64)
-            .ok_or_else(overflow)?;
+        // Sub-byte dtypes (F4, F6): the bits must make whole bytes.
+        let size = match dtype.byte_len(numel) {
+            Some(s) => s,
+            None if numel.checked_mul(dtype.bits() as u64).is_some() => {
+                return Err(Error::PartialBytes {
+                    path: path.to_path_buf(),
+                    tensor: name,
+                    dtype: e.dtype,
+                    numel,
+                })
+            }
+            None => return Err(overflow()),
+        };
         let (begin, end) = e.data_offsets;
         if begin > end || end > data_len {
             return Err(Error::InvalidOffset {
@@ -402,12 +405,20 @@ mod tests {
             )),
             "x.safetensors: tensor `a`: unknown dtype `Q9`"
         );
+        // Sub-byte dtypes: whole bytes from the bit count, or refused.
+        let h = parse(&file(
+            r#"{"a":{"dtype":"F4","shape":[2],"data_offsets":[0,1]},"b":{"dtype":"F6_E2M3","shape":[4],"data_offsets":[1,4]}}"#,
+            4,
+        ))
+        .unwrap();
+        assert_eq!((h.tensors[0].dtype, h.tensors[0].len), (Dtype::F4, 1));
+        assert_eq!((h.tensors[1].dtype, h.tensors[1].len), (Dtype::F6E2M3, 3));
         assert_eq!(
             err(&file(
-                r#"{"a":{"dtype":"F4","shape":[2],"data_offsets":[0,1]}}"#,
-                1
+                r#"{"a":{"dtype":"F4","shape":[3],"data_offsets":[0,2]}}"#,
+                2
             )),
-            "x.safetensors: tensor `a`: dtype F4 is not supported by the weight format"
+            "x.safetensors: tensor `a`: 3 elements of F4 are not a whole number of bytes"
         );
         assert_eq!(
             err(&file(

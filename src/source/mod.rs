@@ -6,6 +6,7 @@
 mod header;
 mod hub;
 mod pickle;
+pub(crate) mod scheme;
 mod torch;
 mod zip;
 
@@ -48,7 +49,9 @@ use serde::de::{Deserializer, MapAccess, Visitor};
 use serde::Deserialize;
 
 pub use header::{check_prefix, parse_header, Header, TensorInfo, DEFAULT_MAX_HEADER_BYTES};
+pub(crate) use scheme::{Dequantized, Kernel, Role, Scheme, TensorRef};
 
+use crate::dtype::Dtype;
 use crate::error::{Error, Result};
 
 /// The conventional name of a sharded checkpoint's index.
@@ -67,6 +70,10 @@ pub struct SourceOptions {
     pub hub_cache: Option<PathBuf>,
     /// How shard data is read (default: auto).
     pub io: IoMode,
+    /// Open a pre-quantized checkpoint for writing its tensors as stored: a scheme
+    /// that does not match its tensors, or tensors of no declared scheme, are then
+    /// not refused (default false).
+    pub keep_quantized: bool,
 }
 
 impl Default for SourceOptions {
@@ -75,6 +82,7 @@ impl Default for SourceOptions {
             max_header_bytes: DEFAULT_MAX_HEADER_BYTES,
             hub_cache: None,
             io: IoMode::Auto,
+            keep_quantized: false,
         }
     }
 }
@@ -398,6 +406,104 @@ impl Shard {
         }
     }
 
+    /// Bytes `[at, at + len)` of the contiguous tensor `t` (byte offsets inside the
+    /// tensor), borrowed from the mapping or read into `scratch`; the way the
+    /// dequantizers read codes, scales and indices, sub-byte types included.
+    ///
+    /// # Errors
+    ///
+    /// `Io` for a failed read; `Internal` if the range is not inside the tensor.
+    pub(crate) fn bytes<'a>(
+        &'a self,
+        t: &TensorInfo,
+        at: u64,
+        len: u64,
+        scratch: &'a mut Vec<u8>,
+    ) -> Result<&'a [u8]> {
+        let inside = t.strides.is_none() && at.checked_add(len).is_some_and(|e| e <= t.len);
+        if !inside {
+            return Err(Error::internal(format!(
+                "{}: bytes [{at}, {at}+{len}) of tensor `{}` are outside it",
+                self.path.display(),
+                crate::error::sanitize(&t.name)
+            )));
+        }
+        if len == 0 {
+            return Ok(&[]);
+        }
+        self.range(t.offset + at, len, scratch).ok_or_else(|| {
+            Error::internal(format!(
+                "{}: tensor `{}` lies outside the file",
+                self.path.display(),
+                crate::error::sanitize(&t.name)
+            ))
+        })?
+    }
+
+    /// The values of a small integer tensor (`weight_shape`: a few I64 or I32), read
+    /// at open time; at most 64 of them.
+    ///
+    /// # Errors
+    ///
+    /// `Prequantized` for another dtype, more than 64 values or a negative one; `Io`.
+    pub(crate) fn read_ints(&self, t: &TensorInfo) -> Result<Vec<u64>> {
+        let bad = |reason: String| Error::Prequantized {
+            path: self.path.clone(),
+            tensor: Some(t.name.clone()),
+            scheme: "compressed-tensors".into(),
+            reason,
+        };
+        if !matches!(t.dtype, Dtype::I64 | Dtype::I32) || t.numel > 64 {
+            return Err(bad(format!(
+                "expected at most 64 integers (I64 or I32), found {} {:?}",
+                t.dtype, t.shape
+            )));
+        }
+        let mut scratch = Vec::new();
+        let b = self.bytes(t, 0, t.len, &mut scratch)?;
+        let vals: Vec<i64> = match t.dtype {
+            Dtype::I64 => b
+                .chunks_exact(8)
+                .map(|c| i64::from_le_bytes([c[0], c[1], c[2], c[3], c[4], c[5], c[6], c[7]]))
+                .collect(),
+            _ => b
+                .chunks_exact(4)
+                .map(|c| i32::from_le_bytes([c[0], c[1], c[2], c[3]]) as i64)
+                .collect(),
+        };
+        vals.iter()
+            .map(|&v| u64::try_from(v).map_err(|_| bad(format!("holds the negative value {v}"))))
+            .collect()
+    }
+
+    /// [`Shard::release`] by bytes `[at, at + len)` inside the contiguous tensor `t`.
+    ///
+    /// # Safety
+    ///
+    /// As [`Shard::release`]: no slice borrowed from the range is read afterwards.
+    pub(crate) unsafe fn release_bytes(&self, t: &TensorInfo, at: u64, len: u64) {
+        const PAGE: u64 = 4096;
+        let Some(m) = &self.map else { return };
+        if t.strides.is_some() {
+            return;
+        }
+        let offset = t.offset.saturating_add(at);
+        let start = offset.div_ceil(PAGE) * PAGE;
+        let end = (offset.saturating_add(len) / PAGE) * PAGE;
+        if end > start && end <= m.len() as u64 {
+            // SAFETY: the mapping is read-only and file-backed: dropping its pages only
+            // makes a later read fault them in again from the file; the caller promises
+            // no borrowed slice of the range is read afterwards.
+            let _ = unsafe {
+                m.unchecked_advise_range(
+                    UncheckedAdvice::DontNeed,
+                    start as usize,
+                    (end - start) as usize,
+                )
+            };
+        }
+    }
+
     /// Whether the shard's data is mapped (else it is read with positioned reads).
     pub(crate) fn is_mapped(&self) -> bool {
         self.map.is_some()
@@ -450,28 +556,9 @@ impl Shard {
     /// pages back in from the file, so the data seen stays the same; the contract is
     /// kept anyway so that the release is never a surprise to a borrower.
     pub(crate) unsafe fn release(&self, t: &TensorInfo, first: u64, count: u64) {
-        const PAGE: u64 = 4096;
-        let Some(m) = &self.map else { return };
-        if t.strides.is_some() {
-            return;
-        }
         let es = t.dtype.size() as u64;
-        let offset = t.offset.saturating_add(first.saturating_mul(es));
-        let len = count.saturating_mul(es);
-        let start = offset.div_ceil(PAGE) * PAGE;
-        let end = (offset.saturating_add(len) / PAGE) * PAGE;
-        if end > start && end <= m.len() as u64 {
-            // SAFETY: the mapping is read-only and file-backed: dropping its pages only
-            // makes a later read fault them in again from the file; the caller promises
-            // no borrowed slice of the range is read afterwards.
-            let _ = unsafe {
-                m.unchecked_advise_range(
-                    UncheckedAdvice::DontNeed,
-                    start as usize,
-                    (end - start) as usize,
-                )
-            };
-        }
+        // SAFETY: forwarded to the caller.
+        unsafe { self.release_bytes(t, first.saturating_mul(es), count.saturating_mul(es)) }
     }
 }
 
@@ -554,6 +641,29 @@ pub struct Source {
     pub(crate) shards: Vec<Shard>,
     /// What the user should know about how the input was read.
     pub(crate) notices: Vec<String>,
+    /// The pre-quantization scheme `config.json` declares, matched to the tensors.
+    pub(crate) scheme: Option<Scheme>,
+}
+
+/// A tensor as a conversion sees it: stored, or dequantized from several stored ones.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Logical<'a> {
+    /// Where it stands in source order (the stored tensor, or the dequantized one's
+    /// main tensor).
+    pub(crate) at: TensorRef,
+    /// Its name, dtype and shape (a dequantized one's: F32 values of the output shape).
+    pub(crate) info: &'a TensorInfo,
+    /// How it is dequantized, if it is.
+    pub(crate) dequant: Option<&'a Dequantized>,
+}
+
+/// What [`Source::logical`] leaves out, and why.
+#[derive(Debug, Clone, Default)]
+pub(crate) struct Consumed {
+    /// `(stored name, dequantized name)` of the scales, zeros and indices consumed.
+    pub(crate) consumed: Vec<(String, String)>,
+    /// `(stored name, reason)` of the tensors the scheme does not need.
+    pub(crate) dropped: Vec<(String, String)>,
 }
 
 impl Source {
@@ -592,6 +702,61 @@ impl Source {
     /// earlier one (tied weights): `(name, tied to)`.
     pub(crate) fn ties(&self) -> impl Iterator<Item = &(String, String)> {
         self.shards.iter().flat_map(|s| &s.ties)
+    }
+
+    /// The tensors a conversion takes, in source order: with `dequantize` (unless
+    /// `--keep-quantized`), each quantized weight of the scheme once, dequantized, in
+    /// its main tensor's place, its scales and zeros consumed and activation scales
+    /// dropped; otherwise every stored tensor as it is.
+    pub(crate) fn logical(&self, dequantize: bool) -> (Vec<Logical<'_>>, Consumed) {
+        let mut out = Vec::new();
+        let mut gone = Consumed::default();
+        let scheme = self.scheme.as_ref().filter(|_| dequantize);
+        for (s, shard) in self.shards.iter().enumerate() {
+            for (t, info) in shard.header.tensors.iter().enumerate() {
+                let at = TensorRef {
+                    shard: s,
+                    tensor: t,
+                };
+                match scheme.and_then(|sc| sc.roles.get(&at).map(|r| (sc, r))) {
+                    None => out.push(Logical {
+                        at,
+                        info,
+                        dequant: None,
+                    }),
+                    Some((sc, Role::Main(i))) => {
+                        let d = &sc.tensors[*i];
+                        out.push(Logical {
+                            at,
+                            info: &d.info,
+                            dequant: Some(d),
+                        })
+                    }
+                    Some((sc, Role::Consumed(i))) => gone
+                        .consumed
+                        .push((info.name.clone(), sc.tensors[*i].name.clone())),
+                    Some((_, Role::Dropped(why))) => {
+                        gone.dropped.push((info.name.clone(), why.clone()))
+                    }
+                }
+            }
+        }
+        (out, gone)
+    }
+
+    /// The dequantized weight whose main tensor is `at`, when `dequantize` is on and
+    /// the scheme has one there.
+    pub(crate) fn dequantized_at(&self, at: TensorRef, dequantize: bool) -> Option<&Dequantized> {
+        let sc = self.scheme.as_ref().filter(|_| dequantize)?;
+        match sc.roles.get(&at)? {
+            Role::Main(i) => sc.tensors.get(*i),
+            _ => None,
+        }
+    }
+
+    /// The pre-quantization scheme, when the checkpoint has one.
+    pub(crate) fn scheme(&self) -> Option<&Scheme> {
+        self.scheme.as_ref()
     }
 
     /// Every tensor with its shard index, in source order.
@@ -911,6 +1076,11 @@ fn open_path(input: &Path, opts: &SourceOptions) -> Result<Source> {
             Vec::new(),
         )
     };
+    let scheme = match scheme::recognise(&model_dir, &shards) {
+        // Kept as stored: the scheme (when it matches) is only recorded.
+        Err(_) if opts.keep_quantized => None,
+        r => r?,
+    };
     Ok(Source {
         name: String::new(),
         input: input.to_path_buf(),
@@ -918,5 +1088,6 @@ fn open_path(input: &Path, opts: &SourceOptions) -> Result<Source> {
         index,
         shards,
         notices,
+        scheme,
     })
 }

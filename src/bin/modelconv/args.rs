@@ -59,6 +59,11 @@ pub struct ConvertArgs {
     /// Let finite values beyond the target's range become ±inf instead of failing.
     #[arg(long)]
     allow_overflow: bool,
+    /// Write a pre-quantized checkpoint's tensors (FP8 codes, packed ints, scales) as
+    /// they are stored instead of dequantizing them. The seed's loader cannot read
+    /// those rows; modelconv's reader and pyarrow can.
+    #[arg(long)]
+    keep_quantized: bool,
     /// Replace an existing conversion in the output directory.
     #[arg(long)]
     force: bool,
@@ -130,7 +135,8 @@ pub struct OutputArgs {
 
 #[derive(Args, Debug)]
 pub struct InspectArgs {
-    /// weights.parquet or the directory holding it.
+    /// weights.parquet or the directory holding it; or a checkpoint (model directory,
+    /// .safetensors, shard index, .bin), shown as a conversion reads it.
     pub path: PathBuf,
     /// Also list the row groups.
     #[arg(long)]
@@ -189,6 +195,7 @@ impl SourceArgs {
             max_header_bytes: self.max_header_mb.saturating_mul(MB),
             hub_cache: self.hub_cache.clone(),
             io: self.io,
+            keep_quantized: false,
         }
     }
 }
@@ -214,6 +221,7 @@ impl ConvertArgs {
             .row_group_bytes(mib(self.row_group_mb))
             .threads(self.threads)
             .allow_overflow(self.allow_overflow)
+            .keep_quantized(self.keep_quantized)
             .force(self.force)
             .extract_tokenizer(!self.no_tokenizer)
             .validate(self.validate)

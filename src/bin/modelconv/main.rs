@@ -151,6 +151,16 @@ fn run_convert(a: ConvertArgs) -> Outcome {
 }
 
 fn run_inspect(a: InspectArgs) -> Outcome {
+    if is_checkpoint(&a.path) {
+        let source = modelconv::open_source(&a.path, &Default::default())?;
+        let report = modelconv::inspect_source(&source);
+        if a.json {
+            print::json(&report)?;
+        } else {
+            print::source(&report);
+        }
+        return Ok(Exit::Success);
+    }
     let report = modelconv::inspect(&a.path)?;
     if a.json {
         if a.row_groups {
@@ -164,6 +174,17 @@ fn run_inspect(a: InspectArgs) -> Outcome {
         print::inspect(&report, a.row_groups);
     }
     Ok(Exit::Success)
+}
+
+/// True when `path` names a checkpoint rather than a weight file: a directory without
+/// `weights.parquet`, or a `.safetensors`, `.bin`, `.pt`, `.pth` or `.json` index file.
+fn is_checkpoint(path: &std::path::Path) -> bool {
+    if path.is_dir() {
+        return !path.join("weights.parquet").exists();
+    }
+    path.extension()
+        .and_then(|e| e.to_str())
+        .is_some_and(|e| matches!(e, "safetensors" | "bin" | "pt" | "pth" | "json"))
 }
 
 fn run_verify(a: VerifyArgs) -> Outcome {

@@ -103,6 +103,30 @@ pub fn summary(r: &ConversionReport) {
     }
 }
 
+pub fn source(r: &modelconv::SourceReport) {
+    println!("checkpoint   {}", sanitize(&r.path.display().to_string()));
+    for s in &r.shards {
+        println!("shard        {}", sanitize(&s.display().to_string()));
+    }
+    if let Some(q) = &r.quantization {
+        println!("quantized    {q}");
+    }
+    println!("\ntensors ({}):", r.tensors.len());
+    for t in &r.tensors {
+        println!("  {:<60} {:>8} {:?}", sanitize(&t.name), t.dtype, t.shape);
+        if let Some(from) = &t.dequantized_from {
+            let parts: Vec<String> = from.iter().map(|c| sanitize(c)).collect();
+            println!("      dequantized from {}", parts.join(" + "));
+        }
+    }
+    if !r.dropped.is_empty() {
+        println!("\ndropped ({}):", r.dropped.len());
+        for (n, why) in &r.dropped {
+            println!("  {:<60} {}", sanitize(n), sanitize(why));
+        }
+    }
+}
+
 pub fn plan(plan: &ConversionPlan) {
     println!("model        {}", sanitize(&plan.model_name));
     let resolved = plan.resolved_path.display().to_string();
@@ -113,6 +137,9 @@ pub fn plan(plan: &ConversionPlan) {
         plan.part,
         sanitize(&plan.detected_by)
     );
+    if let Some(q) = &plan.source_quantization {
+        println!("quantized    {q}");
+    }
     for n in &plan.notices {
         println!("note         {n}");
     }
@@ -123,14 +150,26 @@ pub fn plan(plan: &ConversionPlan) {
             .as_deref()
             .map(|s| format!("  ← {}", sanitize(s)))
             .unwrap_or_default();
+        let stored = k
+            .dequantized
+            .as_ref()
+            .map_or(k.source_dtype.as_str(), |d| d.stored_dtype.as_str());
         println!(
             "  {:<60} {:>6} → {:<15} {:?} {}{from}",
             sanitize(&k.name),
-            k.source_dtype,
+            stored,
             k.dtype,
             k.shape,
             HumanBytes(k.bytes)
         );
+        if let Some(d) = &k.dequantized {
+            let parts: Vec<String> = d.consumes.iter().map(|c| sanitize(c)).collect();
+            println!(
+                "      dequantized ({}) from {}",
+                d.scheme,
+                parts.join(" + ")
+            );
+        }
     }
     println!("\ndropped ({}):", plan.dropped.len());
     for (n, rule) in &plan.dropped {

@@ -1,0 +1,739 @@
+//! Dequantization of pre-quantized weights, a piece at a time, inside the cast stage.
+//!
+//! Each kernel computes the f32 values of output elements `[first, first + count)` of a
+//! dequantized weight ([`Dequantized`], described by `source/scheme.rs`) straight from
+//! the mapped (or read) codes and their scales: the reference implementations'
+//! arithmetic in f32, the code times its scale with the zero point subtracted first
+//! where there is one. The cast stage then rounds these values once to the target
+//! dtype with the usual policy (RNE, overflow checked), or quantizes them to int8.
+//! Nothing holds a whole tensor in f32: a piece is about 1 MiB of values.
+//!
+//! A scale that is NaN or infinite (an E8M0 255, a corrupt f32), and a `g_idx` past
+//! the group count, are errors naming the tensor: the value they would make is not the
+//! checkpoint's weight.
+
+use std::cell::RefCell;
+use std::sync::OnceLock;
+
+use half::{bf16, f16};
+
+use crate::dtype::Dtype;
+use crate::error::{Error, Result};
+use crate::source::scheme::{Awq, Gptq, Grid, Mxfp4, Packed};
+use crate::source::{Dequantized, Kernel, Source, TensorInfo, TensorRef};
+
+/// Output values per piece of a dequantized row (1 MiB of f32): the piece stays in the
+/// CPU cache between its dequantization and its cast.
+pub(crate) const PIECE_VALUES: u64 = 1 << 18;
+
+/// The FP4 E2M1 values by nibble (transformers' `FP4_VALUES`, the OCP MX table).
+const FP4: [f32; 16] = [
+    0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0, -0.0, -0.5, -1.0, -1.5, -2.0, -3.0, -4.0, -6.0,
+];
+
+/// AWQ's packing order: nibble `n` of a word holds output column `8c + AWQ_ORDER[n]`.
+const AWQ_ORDER: [u64; 8] = [0, 2, 4, 6, 1, 3, 5, 7];
+
+/// An 8-bit float decoded exactly: sign, exponent of `ebits` with `bias`, mantissa of
+/// `mbits`; `fnuz` types have no negative zero (0x80 is their NaN) and no infinity.
+fn decode_f8(b: u8, ebits: u32, mbits: u32, bias: i32, kind: Dtype) -> f32 {
+    let sign = if b & 0x80 != 0 { -1.0f32 } else { 1.0 };
+    let e = ((b >> mbits) & ((1 << ebits) - 1) as u8) as i32;
+    let m = (b & ((1 << mbits) - 1) as u8) as f32;
+    let emax = (1 << ebits) - 1;
+    match kind {
+        Dtype::F8E4M3 if e == emax && m as u32 == (1 << mbits) - 1 => return f32::NAN,
+        Dtype::F8E5M2 if e == emax => {
+            return if m == 0.0 {
+                sign * f32::INFINITY
+            } else {
+                f32::NAN
+            }
+        }
+        Dtype::F8E4M3Fnuz | Dtype::F8E5M2Fnuz if b == 0x80 => return f32::NAN,
+        _ => {}
+    }
+    let frac = m / (1 << mbits) as f32;
+    let v = if e == 0 {
+        frac * 2f32.powi(1 - bias)
+    } else {
+        (1.0 + frac) * 2f32.powi(e - bias)
+    };
+    sign * v
+}
+
+/// The 256 values of an 8-bit code type as f32 (exact); integers as themselves.
+fn table(d: Dtype) -> &'static [f32; 256] {
+    static T: OnceLock<[[f32; 256]; 6]> = OnceLock::new();
+    let all = T.get_or_init(|| {
+        let mut t = [[0f32; 256]; 6];
+        for b in 0..=255u8 {
+            let i = b as usize;
+            t[0][i] = decode_f8(b, 4, 3, 7, Dtype::F8E4M3);
+            t[1][i] = decode_f8(b, 5, 2, 15, Dtype::F8E5M2);
+            t[2][i] = decode_f8(b, 4, 3, 8, Dtype::F8E4M3Fnuz);
+            t[3][i] = decode_f8(b, 5, 2, 16, Dtype::F8E5M2Fnuz);
+            t[4][i] = b as i8 as f32;
+            t[5][i] = b as f32;
+        }
+        t
+    });
+    match d {
+        Dtype::F8E4M3 => &all[0],
+        Dtype::F8E5M2 => &all[1],
+        Dtype::F8E4M3Fnuz => &all[2],
+        Dtype::F8E5M2Fnuz => &all[3],
+        Dtype::I8 => &all[4],
+        _ => &all[5],
+    }
+}
+
+/// `2^(e − 127)`, an E8M0 scale, exactly (`None` for 255, its NaN).
+#[inline]
+fn e8m0(e: u8) -> Option<f32> {
+    match e {
+        255 => None,
+        0 => Some(f32::from_bits(1 << 22)),
+        e => Some(f32::from_bits((e as u32) << 23)),
+    }
+}
+
+/// Scale-like values (f32, bf16, f16, E8M0 bytes, integers) as f32, appended to `out`.
+fn widen_scales(d: Dtype, b: &[u8], out: &mut Vec<f32>) {
+    match d {
+        Dtype::F32 => out.extend(
+            b.chunks_exact(4)
+                .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]])),
+        ),
+        Dtype::Bf16 => out.extend(
+            b.chunks_exact(2)
+                .map(|c| bf16::from_le_bytes([c[0], c[1]]).to_f32()),
+        ),
+        Dtype::F16 => out.extend(
+            b.chunks_exact(2)
+                .map(|c| f16::from_le_bytes([c[0], c[1]]).to_f32()),
+        ),
+        Dtype::U8 | Dtype::F8E8M0 => out.extend(b.iter().map(|&e| e8m0(e).unwrap_or(f32::NAN))),
+        Dtype::I8 => out.extend(b.iter().map(|&v| v as i8 as f32)),
+        Dtype::I32 => out.extend(
+            b.chunks_exact(4)
+                .map(|c| i32::from_le_bytes([c[0], c[1], c[2], c[3]]) as f32),
+        ),
+        _ => {}
+    }
+}
+
+/// Little-endian u32 words.
+fn words(b: &[u8]) -> impl Iterator<Item = u32> + '_ {
+    b.chunks_exact(4)
+        .map(|c| u32::from_le_bytes([c[0], c[1], c[2], c[3]]))
+}
+
+/// Value `i` of `bits` bits of a dense little-endian bitstream of u32 `words` (values
+/// may straddle two words).
+#[inline]
+fn bitstream(w: &[u32], i: u64, bits: u32) -> u32 {
+    let p = i * bits as u64;
+    let (k, off) = ((p / 32) as usize, (p % 32) as u32);
+    let lo = w.get(k).copied().unwrap_or(0) >> off;
+    let v = if off + bits > 32 {
+        lo | (w.get(k + 1).copied().unwrap_or(0) << (32 - off))
+    } else {
+        lo
+    };
+    v & ((1u32 << bits) - 1)
+}
+
+thread_local! {
+    /// Buffers a worker reads components into in read mode, reused across pieces.
+    static BUFS: RefCell<[Vec<u8>; 4]> = const {
+        RefCell::new([Vec::new(), Vec::new(), Vec::new(), Vec::new()])
+    };
+}
+
+/// Reads components of one dequantized weight.
+struct Reader<'a> {
+    source: &'a Source,
+    d: &'a Dequantized,
+}
+
+impl<'a> Reader<'a> {
+    fn info(&self, r: TensorRef) -> &'a TensorInfo {
+        &self.source.shards[r.shard].header.tensors[r.tensor]
+    }
+
+    /// Bytes `[at, at + len)` of component `r`.
+    fn bytes<'b>(&self, r: TensorRef, at: u64, len: u64, buf: &'b mut Vec<u8>) -> Result<&'b [u8]>
+    where
+        'a: 'b,
+    {
+        self.source.shards[r.shard].bytes(self.info(r), at, len, buf)
+    }
+
+    /// Elements `[first, first + n)` of a scale-like component, as f32, into `out`
+    /// (cleared): every one finite, or an error naming the component.
+    fn scales(
+        &self,
+        r: TensorRef,
+        first: u64,
+        n: u64,
+        buf: &mut Vec<u8>,
+        out: &mut Vec<f32>,
+    ) -> Result<()> {
+        let t = self.info(r);
+        let es = t.dtype.size() as u64;
+        out.clear();
+        let b = self.bytes(r, first * es, n * es, buf)?;
+        widen_scales(t.dtype, b, out);
+        if let Some(k) = out.iter().position(|v| !v.is_finite()) {
+            return Err(self.error(
+                r,
+                format!(
+                    "scale {} is {} (stored {}); no weight is dequantized from a NaN or infinite scale",
+                    first + k as u64,
+                    out[k],
+                    t.dtype
+                ),
+            ));
+        }
+        Ok(())
+    }
+
+    /// Group indices `[first, first + n)` of `g_idx`, each checked against `groups`.
+    fn groups(&self, r: TensorRef, groups: u64, buf: &mut Vec<u8>) -> Result<Vec<u32>> {
+        let t = self.info(r);
+        let b = self.bytes(r, 0, t.len, buf)?;
+        let vals: Vec<i64> = match t.dtype {
+            Dtype::I64 => b
+                .chunks_exact(8)
+                .map(|c| i64::from_le_bytes([c[0], c[1], c[2], c[3], c[4], c[5], c[6], c[7]]))
+                .collect(),
+            _ => b
+                .chunks_exact(4)
+                .map(|c| i32::from_le_bytes([c[0], c[1], c[2], c[3]]) as i64)
+                .collect(),
+        };
+        vals.iter()
+            .enumerate()
+            .map(|(i, &g)| {
+                u32::try_from(g)
+                    .ok()
+                    .filter(|&g| (g as u64) < groups)
+                    .ok_or_else(|| {
+                        self.error(r, format!("entry {i} is {g}, outside the {groups} groups"))
+                    })
+            })
+            .collect()
+    }
+
+    fn error(&self, r: TensorRef, reason: String) -> Error {
+        let scheme = self
+            .source
+            .scheme()
+            .map_or("unknown".to_string(), |s| s.method.clone());
+        Error::Prequantized {
+            path: self.source.shards[r.shard].path.clone(),
+            tensor: Some(self.info(r).name.clone()),
+            scheme,
+            reason: format!("(for `{}`) {reason}", crate::error::sanitize(&self.d.name)),
+        }
+    }
+}
+
+/// Fills `out` with the f32 values of elements `[first, first + count)` of `d`.
+///
+/// # Errors
+///
+/// `Prequantized` for a NaN or infinite scale or a `g_idx` entry out of range, naming
+/// the tensor; `Io` for a failed read.
+pub(crate) fn fill(
+    source: &Source,
+    d: &Dequantized,
+    first: u64,
+    count: u64,
+    out: &mut Vec<f32>,
+) -> Result<()> {
+    out.clear();
+    if count == 0 {
+        return Ok(());
+    }
+    let r = Reader { source, d };
+    BUFS.with(|b| {
+        let mut owned;
+        let mut guard = b.try_borrow_mut();
+        let bufs: &mut [Vec<u8>; 4] = match guard.as_deref_mut() {
+            Ok(b) => b,
+            Err(_) => {
+                owned = [Vec::new(), Vec::new(), Vec::new(), Vec::new()];
+                &mut owned
+            }
+        };
+        match &d.kernel {
+            Kernel::Grid(g) => grid(&r, g, first, count, bufs, out),
+            Kernel::Packed(p) => packed(&r, p, first, count, bufs, out),
+            Kernel::Gptq(g) => {
+                transposed(&r, first, count, out, d.info.shape[1], |o0, o1, tile| {
+                    gptq(&r, g, o0, o1, bufs, tile)
+                })
+            }
+            Kernel::Awq(a) => transposed(&r, first, count, out, d.info.shape[1], |o0, o1, tile| {
+                awq(&r, a, o0, o1, bufs, tile)
+            }),
+            Kernel::Mxfp4(m) => transposed(&r, first, count, out, m.rows, |o0, o1, tile| {
+                mxfp4(&r, m, o0, o1, bufs, tile)
+            }),
+        }
+    })?;
+    debug_assert_eq!(out.len() as u64, count);
+    Ok(())
+}
+
+/// For the kernels whose output is the stored layout transposed: computes whole output
+/// rows (`row_len` values each) covering `[first, first + count)` with `rows(o0, o1,
+/// tile)`, then keeps the requested range.
+fn transposed(
+    _r: &Reader,
+    first: u64,
+    count: u64,
+    out: &mut Vec<f32>,
+    row_len: u64,
+    rows: impl FnOnce(u64, u64, &mut [f32]) -> Result<()>,
+) -> Result<()> {
+    let o0 = first / row_len;
+    let o1 = (first + count).div_ceil(row_len);
+    out.resize(((o1 - o0) * row_len) as usize, 0.0);
+    rows(o0, o1, out)?;
+    let skip = (first - o0 * row_len) as usize;
+    if skip > 0 {
+        out.drain(..skip);
+    }
+    out.truncate(count as usize);
+    Ok(())
+}
+
+/// `(q − zero) × scale` with one scale per block of a grid.
+fn grid(
+    r: &Reader,
+    g: &Grid,
+    first: u64,
+    count: u64,
+    bufs: &mut [Vec<u8>; 4],
+    out: &mut Vec<f32>,
+) -> Result<()> {
+    let [qb, sb, zb, _] = bufs;
+    let qt = r.info(g.q);
+    let lut = table(qt.dtype);
+    let q = r.bytes(g.q, first, count, qb)?;
+    let (rows, cols) = (g.rows.max(1), g.cols.max(1));
+    let mat = rows * cols;
+    let (br, bc) = g.block;
+    let (gr, gc) = g.grid;
+    // The scale (and zero) entries the range needs: contiguous in the grid.
+    let cell = |e: u64| -> u64 {
+        if g.per_tensor {
+            0
+        } else {
+            let (b, rr) = (e / mat, (e % mat) / cols);
+            (b * gr + rr / br) * gc
+        }
+    };
+    let s0 = cell(first);
+    let s1 = if g.per_tensor {
+        1
+    } else {
+        cell(first + count - 1) + gc
+    };
+    let mut sv = Vec::with_capacity((s1 - s0) as usize);
+    r.scales(g.scale, s0, s1 - s0, sb, &mut sv)?;
+    let mut zv = Vec::new();
+    if let Some(z) = g.zero {
+        r.scales(z, s0, s1 - s0, zb, &mut zv)?;
+    }
+    out.reserve(count as usize);
+    let mut e = first;
+    let end = first + count;
+    let mut qi = 0usize;
+    while e < end {
+        let c = e % cols;
+        let row_end = end.min(e - c + cols);
+        let base = (cell(e) - s0) as usize;
+        let mut c0 = c;
+        while e < row_end {
+            // A run of one scale: to the end of the block or of the range.
+            let run = (bc - c0 % bc).min(row_end - e) as usize;
+            let k = if g.per_tensor {
+                0
+            } else {
+                base + (c0 / bc) as usize
+            };
+            let s = sv[k];
+            let src = &q[qi..qi + run];
+            match zv.get(k) {
+                None => out.extend(src.iter().map(|&b| lut[b as usize] * s)),
+                Some(&z) => out.extend(src.iter().map(|&b| (lut[b as usize] - z) * s)),
+            }
+            qi += run;
+            e += run as u64;
+            c0 += run as u64;
+        }
+    }
+    Ok(())
+}
+
+/// compressed-tensors `pack-quantized`: rows of densely packed offset-binary codes.
+fn packed(
+    r: &Reader,
+    p: &Packed,
+    first: u64,
+    count: u64,
+    bufs: &mut [Vec<u8>; 4],
+    out: &mut Vec<f32>,
+) -> Result<()> {
+    let [qb, sb, zb, gb] = bufs;
+    let cols = p.cols.max(1);
+    let (o0, o1) = (first / cols, (first + count).div_ceil(cols));
+    let wb = r.bytes(
+        p.packed,
+        o0 * p.row_words * 4,
+        (o1 - o0) * p.row_words * 4,
+        qb,
+    )?;
+    let w: Vec<u32> = words(wb).collect();
+    let mut sv = Vec::new();
+    r.scales(p.scale, o0 * p.groups, (o1 - o0) * p.groups, sb, &mut sv)?;
+    let offset = 1i32 << (p.bits - 1);
+    // Zero points: packed along the output, column g's bitstream over the rows.
+    let zeros: Option<Vec<u32>> = match p.zero {
+        Some(z) => {
+            let t = r.info(z);
+            Some(words(r.bytes(z, 0, t.len, zb)?).collect())
+        }
+        None => None,
+    };
+    let gi = match p.g_idx {
+        Some(g) => Some(r.groups(g, p.groups, gb)?),
+        None => None,
+    };
+    let zrows = (p.rows * p.bits as u64).div_ceil(32);
+    out.reserve(count as usize);
+    for o in o0..o1 {
+        let row = &w[((o - o0) * p.row_words) as usize..((o - o0 + 1) * p.row_words) as usize];
+        let i0 = if o == o0 { first - o0 * cols } else { 0 };
+        let i1 = if o + 1 == o1 {
+            first + count - o * cols
+        } else {
+            cols
+        };
+        let srow = &sv[((o - o0) * p.groups) as usize..((o - o0 + 1) * p.groups) as usize];
+        for i in i0..i1 {
+            let g = match &gi {
+                Some(gi) => gi[i as usize] as u64,
+                None => i / p.group,
+            };
+            let q = bitstream(row, i, p.bits) as i32 - offset;
+            let z = match &zeros {
+                // Word (k, g) of the [zrows, groups] packed zeros; row o at bit o·bits.
+                Some(zw) => {
+                    let col: Vec<u32> = (0..zrows)
+                        .map(|k| zw[(k * p.groups + g) as usize])
+                        .collect();
+                    bitstream(&col, o, p.bits) as i32 - offset
+                }
+                None => 0,
+            };
+            out.push((q - z) as f32 * srow[g as usize]);
+        }
+    }
+    Ok(())
+}
+
+/// Per-group scales and zero points of output columns `[o0, o1)`, `[groups][o1 − o0]`.
+struct GroupParams {
+    scale: Vec<f32>,
+    zero: Vec<f32>,
+    width: usize,
+}
+
+/// GPTQ: output rows `[o0, o1)` (`[out, in]`) into `tile`.
+fn gptq(
+    r: &Reader,
+    g: &Gptq,
+    o0: u64,
+    o1: u64,
+    bufs: &mut [Vec<u8>; 4],
+    tile: &mut [f32],
+) -> Result<()> {
+    let [qb, sb, zb, gb] = bufs;
+    let (ins, outs) = (g.inputs, g.outputs);
+    let width = (o1 - o0) as usize;
+    let params = {
+        let mut scale = Vec::with_capacity(g.groups as usize * width);
+        let mut zero = Vec::with_capacity(g.groups as usize * width);
+        let mut row = Vec::new();
+        let zwords = (outs * g.bits as u64).div_ceil(32);
+        let zall: Option<Vec<u32>> = match g.qzeros {
+            Some(z) => Some(words(r.bytes(z, 0, g.groups * zwords * 4, zb)?).collect()),
+            None => None,
+        };
+        for k in 0..g.groups {
+            r.scales(g.scales, k * outs + o0, o1 - o0, sb, &mut row)?;
+            scale.extend_from_slice(&row);
+            for o in o0..o1 {
+                let z = match &zall {
+                    Some(zw) => {
+                        let zr = &zw[(k * zwords) as usize..((k + 1) * zwords) as usize];
+                        bitstream(zr, o, g.bits)
+                    }
+                    // No stored zeros: the symmetric midpoint.
+                    None => (1u32 << (g.bits - 1)) - g.zero_offset,
+                };
+                zero.push((z + g.zero_offset) as f32);
+            }
+        }
+        GroupParams { scale, zero, width }
+    };
+    let gi: Vec<u32> = match g.g_idx {
+        Some(t) => r.groups(t, g.groups, gb)?,
+        None => (0..ins).map(|i| (i / g.group) as u32).collect(),
+    };
+    let qt = r.info(g.qweight);
+    let all = r.bytes(g.qweight, 0, qt.len, qb)?;
+    let word = |k: u64, o: u64| -> u32 {
+        let at = ((k * outs + o) * 4) as usize;
+        u32::from_le_bytes([all[at], all[at + 1], all[at + 2], all[at + 3]])
+    };
+    let bits = g.bits as u64;
+    let mask = (1u32 << g.bits) - 1;
+    let put = |tile: &mut [f32], oo: usize, i: u64, q: u32, p: &GroupParams| {
+        let gk = gi[i as usize] as usize * p.width + oo;
+        tile[oo * ins as usize + i as usize] = (q as f32 - p.zero[gk]) * p.scale[gk];
+    };
+    if 32 % bits == 0 {
+        let per = 32 / bits;
+        for k in 0..ins / per {
+            for (oo, o) in (o0..o1).enumerate() {
+                let w = word(k, o);
+                for j in 0..per {
+                    put(tile, oo, k * per + j, (w >> (bits * j)) & mask, &params);
+                }
+            }
+        }
+    } else {
+        // 3 bits: 32 inputs in each run of three words, one little-endian bitstream.
+        for k in 0..ins / 32 {
+            for (oo, o) in (o0..o1).enumerate() {
+                let ws = [word(3 * k, o), word(3 * k + 1, o), word(3 * k + 2, o)];
+                for j in 0..32 {
+                    put(tile, oo, k * 32 + j, bitstream(&ws, j, g.bits), &params);
+                }
+            }
+        }
+    }
+    Ok(())
+}
+
+/// AWQ (GEMM): output rows `[o0, o1)` (`[out, in]`) into `tile`.
+fn awq(
+    r: &Reader,
+    a: &Awq,
+    o0: u64,
+    o1: u64,
+    bufs: &mut [Vec<u8>; 4],
+    tile: &mut [f32],
+) -> Result<()> {
+    let [qb, sb, zb, _] = bufs;
+    let (ins, outs) = (a.inputs, a.outputs);
+    let wpr = outs / 8;
+    let (c0, c1) = (o0 / 8, o1.div_ceil(8));
+    let width = ((c1 - c0) * 8) as usize;
+    // Scales and zeros of every group for the columns of words [c0, c1).
+    let mut scale = Vec::with_capacity(a.groups as usize * width);
+    let mut zero = vec![0f32; a.groups as usize * width];
+    let mut row = Vec::new();
+    let zt = r.info(a.qzeros);
+    let zall: Vec<u32> = words(r.bytes(a.qzeros, 0, zt.len, zb)?).collect();
+    for k in 0..a.groups {
+        r.scales(a.scales, k * outs + c0 * 8, (c1 - c0) * 8, sb, &mut row)?;
+        scale.extend_from_slice(&row);
+        for c in c0..c1 {
+            let w = zall[(k * wpr + c) as usize];
+            for (n, &col) in AWQ_ORDER.iter().enumerate() {
+                let at = k as usize * width + ((c - c0) * 8 + col) as usize;
+                zero[at] = ((w >> (4 * n)) & 15) as f32;
+            }
+        }
+    }
+    let qt = r.info(a.qweight);
+    let all = r.bytes(a.qweight, 0, qt.len, qb)?;
+    for i in 0..ins {
+        let gk = (i / a.group) as usize * width;
+        let at = (i * wpr * 4) as usize;
+        for c in c0..c1 {
+            let b = at + (c * 4) as usize;
+            let w = u32::from_le_bytes([all[b], all[b + 1], all[b + 2], all[b + 3]]);
+            for (n, &col) in AWQ_ORDER.iter().enumerate() {
+                let o = c * 8 + col;
+                if o < o0 || o >= o1 {
+                    continue;
+                }
+                let k = gk + ((c - c0) * 8 + col) as usize;
+                let q = ((w >> (4 * n)) & 15) as f32;
+                tile[((o - o0) * ins + i) as usize] = (q - zero[k]) * scale[k];
+            }
+        }
+    }
+    Ok(())
+}
+
+/// MXFP4: output rows `[o0, o1)` of `[E, G·32, R]` (each `R` values) into `tile`.
+fn mxfp4(
+    r: &Reader,
+    m: &Mxfp4,
+    o0: u64,
+    o1: u64,
+    bufs: &mut [Vec<u8>; 4],
+    tile: &mut [f32],
+) -> Result<()> {
+    let [qb, sb, _, _] = bufs;
+    let (rows, g) = (m.rows, m.groups);
+    let cols = g * 32;
+    let mut o = o0;
+    while o < o1 {
+        let e = o / cols;
+        let c0 = o % cols;
+        let c1 = (o1 - e * cols).min(cols);
+        let (g0, g1) = (c0 / 32, (c1 - 1) / 32 + 1);
+        // Expert e's blocks [R, G, 16] and scales [R, G].
+        let blocks = r.bytes(m.blocks, e * rows * g * 16, rows * g * 16, qb)?;
+        let st = r.info(m.scales);
+        let sc = r.bytes(m.scales, e * rows * g, rows * g, sb)?;
+        for rr in 0..rows {
+            for gg in g0..g1 {
+                let s = sc[(rr * g + gg) as usize];
+                let Some(scale) = e8m0(s) else {
+                    return Err(r.error(
+                        m.scales,
+                        format!(
+                            "scale [{e}, {rr}, {gg}] is 255, E8M0's NaN; no weight is dequantized from a NaN scale (stored {})",
+                            st.dtype
+                        ),
+                    ));
+                };
+                let blk =
+                    &blocks[((rr * g + gg) * 16) as usize..((rr * g + gg) * 16 + 16) as usize];
+                let lo = c0.max(gg * 32);
+                let hi = c1.min(gg * 32 + 32);
+                for c in lo..hi {
+                    let k = (c - gg * 32) as usize;
+                    let byte = blk[k / 2];
+                    let nib = if k.is_multiple_of(2) {
+                        byte & 15
+                    } else {
+                        byte >> 4
+                    };
+                    tile[((e * cols + c - o0) * rows + rr) as usize] = FP4[nib as usize] * scale;
+                }
+            }
+        }
+        o = e * cols + c1;
+    }
+    Ok(())
+}
+
+/// Releases the mapped pages of `d`'s components that the piece `[first, first +
+/// count)` was the last to read: the codes of the piece for elementwise kernels, and
+/// for the transposed ones (which read every stored row for each piece) whole
+/// components, or an MXFP4 expert, once the piece ends them.
+///
+/// # Safety
+///
+/// As [`crate::source::Shard::release`]: no slice borrowed from those ranges is read
+/// afterwards by this row.
+pub(crate) unsafe fn release(source: &Source, d: &Dequantized, first: u64, count: u64) {
+    let info = |r: TensorRef| &source.shards[r.shard].header.tensors[r.tensor];
+    let rel = |r: TensorRef, at: u64, len: u64| {
+        // SAFETY: forwarded to the caller.
+        unsafe { source.shards[r.shard].release_bytes(info(r), at, len) }
+    };
+    let end = first + count;
+    match &d.kernel {
+        Kernel::Grid(g) => rel(g.q, first, count),
+        Kernel::Packed(p) => {
+            let cols = p.cols.max(1);
+            let (o0, o1) = (first.div_ceil(cols), end / cols);
+            if o1 > o0 {
+                rel(p.packed, o0 * p.row_words * 4, (o1 - o0) * p.row_words * 4);
+            }
+        }
+        Kernel::Gptq(g) if end == d.info.numel => rel(g.qweight, 0, info(g.qweight).len),
+        Kernel::Awq(a) if end == d.info.numel => rel(a.qweight, 0, info(a.qweight).len),
+        Kernel::Mxfp4(m) => {
+            let per = m.groups * 32 * m.rows;
+            for e in first / per..end / per {
+                if (e + 1) * per <= end {
+                    rel(m.blocks, e * m.rows * m.groups * 16, m.rows * m.groups * 16);
+                }
+            }
+        }
+        _ => {}
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn fp8_tables_match_their_definitions() {
+        let e4 = table(Dtype::F8E4M3);
+        assert_eq!(e4[0x7e], 448.0);
+        assert_eq!(e4[0x01], 2f32.powi(-9));
+        assert_eq!(e4[0x38], 1.0);
+        assert_eq!(e4[0xb8], -1.0);
+        assert!(e4[0x7f].is_nan() && e4[0xff].is_nan());
+        assert_eq!(e4[0x80].to_bits(), (-0.0f32).to_bits());
+        let e5 = table(Dtype::F8E5M2);
+        assert_eq!(e5[0x7b], 57344.0);
+        assert_eq!(e5[0x7c], f32::INFINITY);
+        assert!(e5[0x7d].is_nan());
+        assert_eq!(e5[0x01], 2f32.powi(-16));
+        // Every E5M2 code is the top byte of the f16 with the same value.
+        for b in 0..=255u8 {
+            let h = f16::from_bits((b as u16) << 8).to_f32();
+            let v = e5[b as usize];
+            assert!(
+                h.to_bits() == v.to_bits() || (h.is_nan() && v.is_nan()),
+                "{b:#x}"
+            );
+        }
+        let fnuz = table(Dtype::F8E4M3Fnuz);
+        assert!(fnuz[0x80].is_nan());
+        assert_eq!(fnuz[0x7f], 240.0);
+        assert_eq!(table(Dtype::I8)[0xff], -1.0);
+    }
+
+    #[test]
+    fn e8m0_is_a_power_of_two() {
+        assert_eq!(e8m0(127), Some(1.0));
+        assert_eq!(e8m0(0), Some(2f32.powi(-127)));
+        assert_eq!(e8m0(254), Some(2f32.powi(127)));
+        assert_eq!(e8m0(255), None);
+    }
+
+    #[test]
+    fn bitstream_reads_across_words() {
+        // 3-bit values 0..=7 repeated, packed densely.
+        let vals: Vec<u32> = (0..64).map(|i| i % 8).collect();
+        let mut w = vec![0u32; 6];
+        for (i, v) in vals.iter().enumerate() {
+            let p = i * 3;
+            w[p / 32] |= v << (p % 32);
+            if p % 32 + 3 > 32 {
+                w[p / 32 + 1] |= v >> (32 - p % 32);
+            }
+        }
+        for (i, v) in vals.iter().enumerate() {
+            assert_eq!(bitstream(&w, i as u64, 3), *v, "{i}");
+        }
+    }
+}
