@@ -627,3 +627,29 @@ fn the_seed_loader_reads_a_converted_fp8_checkpoint_with_its_own_dtype_table() {
         );
     }
 }
+
+#[test]
+fn weights_split_over_many_rows_dequantize_the_same() {
+    // A row limit of 600 bytes cuts every weight into rows of a few output rows (whole
+    // output rows where one fits, else mid-row): MXFP4's partial groups, the transposed
+    // kernels' partial tiles and the grid's partial blocks all run.
+    let tmp = tempdir();
+    for name in SCHEMES {
+        let out = tmp.path().join(name);
+        let c = ConvertConfig::builder()
+            .max_row_bytes(600)
+            .row_group_bytes(4096)
+            .build()
+            .unwrap();
+        convert(model(name), &out, &c).unwrap();
+        let wf = WeightFile::open(&out).unwrap();
+        let mut split = 0;
+        for (n, x) in reference(name) {
+            let t = wf.tensor(&n).unwrap();
+            assert!(t.data == round(&x, "f16"), "{name} {n}");
+            split += (wf.info(&n).unwrap().rows > 1) as usize;
+        }
+        assert!(split > 0, "{name}: nothing was split");
+        assert_verifies(&out, &model(name));
+    }
+}

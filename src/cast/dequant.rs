@@ -26,6 +26,16 @@ use crate::source::{Dequantized, Kernel, Source, TensorInfo, TensorRef};
 /// CPU cache between its dequantization and its cast.
 pub(crate) const PIECE_VALUES: u64 = 1 << 18;
 
+/// Output rows a piece of `d` should hold at least: for MXFP4, whose output rows are
+/// columns of the stored blocks, 128 rows (4 groups of 32) read whole 64-byte lines of
+/// every stored row; fewer would fetch each line several times over.
+pub(crate) fn min_piece_rows(d: &Dequantized) -> u64 {
+    match d.kernel {
+        Kernel::Mxfp4(_) => 128,
+        _ => 1,
+    }
+}
+
 /// The FP4 E2M1 values by nibble (transformers' `FP4_VALUES`, the OCP MX table).
 const FP4: [f32; 16] = [
     0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0, -0.0, -0.5, -1.0, -1.5, -2.0, -3.0, -4.0, -6.0,
@@ -168,6 +178,26 @@ impl<'a> Reader<'a> {
         'a: 'b,
     {
         self.source.shards[r.shard].bytes(self.info(r), at, len, buf)
+    }
+
+    /// [`Reader::bytes`] of a range that `first` says an earlier piece already read
+    /// (its mapped pages are not populated again).
+    fn bytes_read<'b>(
+        &self,
+        r: TensorRef,
+        at: u64,
+        len: u64,
+        buf: &'b mut Vec<u8>,
+        first: bool,
+    ) -> Result<&'b [u8]>
+    where
+        'a: 'b,
+    {
+        let shard = &self.source.shards[r.shard];
+        match first {
+            true => shard.bytes(self.info(r), at, len, buf),
+            false => shard.bytes_again(self.info(r), at, len, buf),
+        }
     }
 
     /// Elements `[first, first + n)` of a scale-like component, as f32, into `out`
@@ -447,14 +477,9 @@ fn packed(
     Ok(())
 }
 
-/// Per-group scales and zero points of output columns `[o0, o1)`, `[groups][o1 − o0]`.
-struct GroupParams {
-    scale: Vec<f32>,
-    zero: Vec<f32>,
-    width: usize,
-}
-
-/// GPTQ: output rows `[o0, o1)` (`[out, in]`) into `tile`.
+/// GPTQ: output rows `[o0, o1)` (`[out, in]`) into `tile`. The packed columns of the
+/// tile are transposed first, so that each output row is produced in order from its
+/// own words, with its groups' scales and zero points at hand.
 fn gptq(
     r: &Reader,
     g: &Gptq,
@@ -464,68 +489,70 @@ fn gptq(
     tile: &mut [f32],
 ) -> Result<()> {
     let [qb, sb, zb, gb] = bufs;
-    let (ins, outs) = (g.inputs, g.outputs);
+    let (ins, outs, groups) = (g.inputs, g.outputs, g.groups as usize);
     let width = (o1 - o0) as usize;
-    let params = {
-        let mut scale = Vec::with_capacity(g.groups as usize * width);
-        let mut zero = Vec::with_capacity(g.groups as usize * width);
-        let mut row = Vec::new();
-        let zwords = (outs * g.bits as u64).div_ceil(32);
-        let zall: Option<Vec<u32>> = match g.qzeros {
-            Some(z) => Some(words(r.bytes(z, 0, g.groups * zwords * 4, zb)?).collect()),
-            None => None,
-        };
-        for k in 0..g.groups {
-            r.scales(g.scales, k * outs + o0, o1 - o0, sb, &mut row)?;
-            scale.extend_from_slice(&row);
-            for o in o0..o1 {
-                let z = match &zall {
-                    Some(zw) => {
-                        let zr = &zw[(k * zwords) as usize..((k + 1) * zwords) as usize];
-                        bitstream(zr, o, g.bits)
-                    }
-                    // No stored zeros: the symmetric midpoint.
-                    None => (1u32 << (g.bits - 1)) - g.zero_offset,
-                };
-                zero.push((z + g.zero_offset) as f32);
-            }
-        }
-        GroupParams { scale, zero, width }
+    // Scales and zero points (stored zero + offset), `[row of the tile][group]`.
+    let mut scale = vec![0f32; width * groups];
+    let mut zero = vec![0f32; width * groups];
+    let mut row = Vec::new();
+    let zwords = (outs * g.bits as u64).div_ceil(32);
+    let zall: Option<Vec<u32>> = match g.qzeros {
+        Some(z) => Some(words(r.bytes(z, 0, g.groups * zwords * 4, zb)?).collect()),
+        None => None,
     };
+    for k in 0..groups {
+        r.scales(g.scales, k as u64 * outs + o0, o1 - o0, sb, &mut row)?;
+        for (oo, &v) in row.iter().enumerate() {
+            scale[oo * groups + k] = v;
+            let z = match &zall {
+                Some(zw) => {
+                    let zr = &zw[k * zwords as usize..(k + 1) * zwords as usize];
+                    bitstream(zr, o0 + oo as u64, g.bits)
+                }
+                // No stored zeros: the symmetric midpoint.
+                None => (1u32 << (g.bits - 1)) - g.zero_offset,
+            };
+            zero[oo * groups + k] = (z + g.zero_offset) as f32;
+        }
+    }
     let gi: Vec<u32> = match g.g_idx {
         Some(t) => r.groups(t, g.groups, gb)?,
         None => (0..ins).map(|i| (i / g.group) as u32).collect(),
     };
+    // The tile's packed columns, transposed: `wt[oo][k]`.
+    let packed = (ins * g.bits as u64 / 32) as usize;
     let qt = r.info(g.qweight);
-    let all = r.bytes(g.qweight, 0, qt.len, qb)?;
-    let word = |k: u64, o: u64| -> u32 {
-        let at = ((k * outs + o) * 4) as usize;
-        u32::from_le_bytes([all[at], all[at + 1], all[at + 2], all[at + 3]])
-    };
-    let bits = g.bits as u64;
+    let all = r.bytes_read(g.qweight, 0, qt.len, qb, o0 == 0)?;
+    let mut wt = vec![0u32; width * packed];
+    for k in 0..packed {
+        let at = (k as u64 * outs + o0) as usize * 4;
+        for (oo, c) in all[at..at + width * 4].chunks_exact(4).enumerate() {
+            wt[oo * packed + k] = u32::from_le_bytes([c[0], c[1], c[2], c[3]]);
+        }
+    }
+    let bits = g.bits as usize;
     let mask = (1u32 << g.bits) - 1;
-    let put = |tile: &mut [f32], oo: usize, i: u64, q: u32, p: &GroupParams| {
-        let gk = gi[i as usize] as usize * p.width + oo;
-        tile[oo * ins as usize + i as usize] = (q as f32 - p.zero[gk]) * p.scale[gk];
-    };
-    if 32 % bits == 0 {
-        let per = 32 / bits;
-        for k in 0..ins / per {
-            for (oo, o) in (o0..o1).enumerate() {
-                let w = word(k, o);
+    for oo in 0..width {
+        let w = &wt[oo * packed..(oo + 1) * packed];
+        let out = &mut tile[oo * ins as usize..(oo + 1) * ins as usize];
+        let (s, z) = (
+            &scale[oo * groups..(oo + 1) * groups],
+            &zero[oo * groups..(oo + 1) * groups],
+        );
+        if 32 % bits == 0 {
+            let per = 32 / bits;
+            for (k, &word) in w.iter().enumerate() {
                 for j in 0..per {
-                    put(tile, oo, k * per + j, (w >> (bits * j)) & mask, &params);
+                    let i = k * per + j;
+                    let gk = gi[i] as usize;
+                    out[i] = (((word >> (bits * j)) & mask) as f32 - z[gk]) * s[gk];
                 }
             }
-        }
-    } else {
-        // 3 bits: 32 inputs in each run of three words, one little-endian bitstream.
-        for k in 0..ins / 32 {
-            for (oo, o) in (o0..o1).enumerate() {
-                let ws = [word(3 * k, o), word(3 * k + 1, o), word(3 * k + 2, o)];
-                for j in 0..32 {
-                    put(tile, oo, k * 32 + j, bitstream(&ws, j, g.bits), &params);
-                }
+        } else {
+            // 3 bits: one little-endian bitstream over the column's words.
+            for (i, o) in out.iter_mut().enumerate() {
+                let gk = gi[i] as usize;
+                *o = (bitstream(w, i as u64, g.bits) as f32 - z[gk]) * s[gk];
             }
         }
     }
@@ -564,7 +591,7 @@ fn awq(
         }
     }
     let qt = r.info(a.qweight);
-    let all = r.bytes(a.qweight, 0, qt.len, qb)?;
+    let all = r.bytes_read(a.qweight, 0, qt.len, qb, o0 == 0)?;
     for i in 0..ins {
         let gk = (i / a.group) as usize * width;
         let at = (i * wpr * 4) as usize;
@@ -583,6 +610,30 @@ fn awq(
         }
     }
     Ok(())
+}
+
+/// Stored rows ahead that the MXFP4 kernel prefetches.
+const PREFETCH_ROWS: u64 = 8;
+
+/// Hints the CPU to fetch `bytes[at..at + len]` into the cache (nothing when outside).
+#[inline(always)]
+fn prefetch(bytes: &[u8], at: u64, len: u64) {
+    #[cfg(target_arch = "x86_64")]
+    {
+        use std::arch::x86_64::{_mm_prefetch, _MM_HINT_T0};
+        let mut a = at as usize;
+        let end = (at + len) as usize;
+        while a < end {
+            if let Some(b) = bytes.get(a) {
+                // SAFETY: a prefetch never faults and reads nothing into the program;
+                // the pointer is inside `bytes`.
+                unsafe { _mm_prefetch::<_MM_HINT_T0>((b as *const u8).cast()) };
+            }
+            a += 64;
+        }
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    let _ = (bytes, at, len);
 }
 
 /// MXFP4: output rows `[o0, o1)` of `[E, G·32, R]` (each `R` values) into `tile`.
@@ -604,35 +655,65 @@ fn mxfp4(
         let c1 = (o1 - e * cols).min(cols);
         let (g0, g1) = (c0 / 32, (c1 - 1) / 32 + 1);
         // Expert e's blocks [R, G, 16] and scales [R, G].
-        let blocks = r.bytes(m.blocks, e * rows * g * 16, rows * g * 16, qb)?;
+        let fresh = c0 == 0;
+        let blocks = r.bytes_read(m.blocks, e * rows * g * 16, rows * g * 16, qb, fresh)?;
         let st = r.info(m.scales);
-        let sc = r.bytes(m.scales, e * rows * g, rows * g, sb)?;
-        for rr in 0..rows {
-            for gg in g0..g1 {
-                let s = sc[(rr * g + gg) as usize];
-                let Some(scale) = e8m0(s) else {
-                    return Err(r.error(
-                        m.scales,
-                        format!(
-                            "scale [{e}, {rr}, {gg}] is 255, E8M0's NaN; no weight is dequantized from a NaN scale (stored {})",
-                            st.dtype
-                        ),
-                    ));
-                };
-                let blk =
-                    &blocks[((rr * g + gg) * 16) as usize..((rr * g + gg) * 16 + 16) as usize];
-                let lo = c0.max(gg * 32);
-                let hi = c1.min(gg * 32 + 32);
-                for c in lo..hi {
-                    let k = (c - gg * 32) as usize;
-                    let byte = blk[k / 2];
-                    let nib = if k.is_multiple_of(2) {
-                        byte & 15
-                    } else {
-                        byte >> 4
+        let sc = r.bytes_read(m.scales, e * rows * g, rows * g, sb, fresh)?;
+        // Output row c of expert e is column c of its stored [R, G·32] values: a
+        // transpose. Sixteen stored rows at a time go to a small [c][16] tile, then each
+        // output row gets its 64 contiguous bytes (writing straight into rows R·4 bytes
+        // apart, often a multiple of 4 KiB, thrashes the cache sets they alias to).
+        const RB: usize = 16;
+        let width = (c1 - c0) as usize;
+        let mut part = vec![0f32; width * RB];
+        let base = ((e * cols + c0 - o0) * rows) as usize;
+        for r0 in (0..rows).step_by(RB) {
+            let r1 = (r0 + RB as u64).min(rows);
+            for rr in r0..r1 {
+                let ro = (rr - r0) as usize;
+                // Stored rows are G·16 bytes apart: the hardware prefetcher stops at
+                // each page, so ask for the row PREFETCH_ROWS ahead explicitly.
+                prefetch(blocks, ((rr + PREFETCH_ROWS) * g + g0) * 16, (g1 - g0) * 16);
+                for gg in g0..g1 {
+                    let s = sc[(rr * g + gg) as usize];
+                    let Some(scale) = e8m0(s) else {
+                        return Err(r.error(
+                            m.scales,
+                            format!(
+                                "scale [{e}, {rr}, {gg}] is 255, E8M0's NaN; no weight is dequantized from a NaN scale (stored {})",
+                                st.dtype
+                            ),
+                        ));
                     };
-                    tile[((e * cols + c - o0) * rows + rr) as usize] = FP4[nib as usize] * scale;
+                    let at = ((rr * g + gg) * 16) as usize;
+                    let blk = &blocks[at..at + 16];
+                    let (lo, hi) = (c0.max(gg * 32), c1.min(gg * 32 + 32));
+                    if lo == gg * 32 && hi == gg * 32 + 32 {
+                        // A whole group: 16 bytes, low nibble first, no range checks.
+                        let mut c = (gg * 32 - c0) as usize;
+                        for &byte in blk {
+                            part[c * RB + ro] = FP4[(byte & 15) as usize] * scale;
+                            part[(c + 1) * RB + ro] = FP4[(byte >> 4) as usize] * scale;
+                            c += 2;
+                        }
+                    } else {
+                        for c in lo..hi {
+                            let k = (c - gg * 32) as usize;
+                            let byte = blk[k / 2];
+                            let nib = if k.is_multiple_of(2) {
+                                byte & 15
+                            } else {
+                                byte >> 4
+                            };
+                            part[(c - c0) as usize * RB + ro] = FP4[nib as usize] * scale;
+                        }
+                    }
                 }
+            }
+            let n = (r1 - r0) as usize;
+            for c in 0..width {
+                let at = base + c * rows as usize + r0 as usize;
+                tile[at..at + n].copy_from_slice(&part[c * RB..c * RB + n]);
             }
         }
         o = e * cols + c1;

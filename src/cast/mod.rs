@@ -36,10 +36,10 @@ const READ_PIECE_BYTES: u64 = 1 << 20;
 /// Source bytes per piece of a row of planned tensor `t`: for a dequantized one, its
 /// f32 values, in whole output rows where a row fits.
 fn piece_bytes(source: &Source, t: &PlannedTensor) -> u64 {
-    if t.dequant.is_some() {
+    if let Some(d) = &t.dequant {
         let row = t.src.shape.last().copied().unwrap_or(1).max(1);
         let per = if row <= dequant::PIECE_VALUES {
-            dequant::PIECE_VALUES / row * row
+            (dequant::PIECE_VALUES / row).max(dequant::min_piece_rows(d)) * row
         } else {
             dequant::PIECE_VALUES
         };

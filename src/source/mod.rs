@@ -378,11 +378,24 @@ impl Shard {
         len: u64,
         scratch: &'a mut Vec<u8>,
     ) -> Option<Result<&'a [u8]>> {
+        self.range_with(at, len, scratch, true)
+    }
+
+    /// [`Shard::range`], populating mapped pages first only with `populate`.
+    fn range_with<'a>(
+        &'a self,
+        at: u64,
+        len: u64,
+        scratch: &'a mut Vec<u8>,
+        populate: bool,
+    ) -> Option<Result<&'a [u8]>> {
         let end = at.checked_add(len).filter(|&e| e <= self.file_len)?;
         match &self.map {
             Some(m) => {
                 let slice = m.get(usize::try_from(at).ok()?..usize::try_from(end).ok()?)?;
-                self.prefetch(at, len);
+                if populate {
+                    self.prefetch(at, len);
+                }
                 Some(Ok(slice))
             }
             None => {
@@ -420,6 +433,31 @@ impl Shard {
         len: u64,
         scratch: &'a mut Vec<u8>,
     ) -> Result<&'a [u8]> {
+        self.bytes_with(t, at, len, scratch, true)
+    }
+
+    /// [`Shard::bytes`] of a range an earlier piece already read: a mapped range is
+    /// borrowed without populating its pages again (the kernels that read a whole
+    /// stored tensor for every piece of their output would otherwise walk all its
+    /// pages once per piece).
+    pub(crate) fn bytes_again<'a>(
+        &'a self,
+        t: &TensorInfo,
+        at: u64,
+        len: u64,
+        scratch: &'a mut Vec<u8>,
+    ) -> Result<&'a [u8]> {
+        self.bytes_with(t, at, len, scratch, false)
+    }
+
+    fn bytes_with<'a>(
+        &'a self,
+        t: &TensorInfo,
+        at: u64,
+        len: u64,
+        scratch: &'a mut Vec<u8>,
+        populate: bool,
+    ) -> Result<&'a [u8]> {
         let inside = t.strides.is_none() && at.checked_add(len).is_some_and(|e| e <= t.len);
         if !inside {
             return Err(Error::internal(format!(
@@ -431,13 +469,14 @@ impl Shard {
         if len == 0 {
             return Ok(&[]);
         }
-        self.range(t.offset + at, len, scratch).ok_or_else(|| {
-            Error::internal(format!(
-                "{}: tensor `{}` lies outside the file",
-                self.path.display(),
-                crate::error::sanitize(&t.name)
-            ))
-        })?
+        self.range_with(t.offset + at, len, scratch, populate)
+            .ok_or_else(|| {
+                Error::internal(format!(
+                    "{}: tensor `{}` lies outside the file",
+                    self.path.display(),
+                    crate::error::sanitize(&t.name)
+                ))
+            })?
     }
 
     /// The values of a small integer tensor (`weight_shape`: a few I64 or I32), read
