@@ -235,16 +235,7 @@ impl<'a> Reader<'a> {
     fn groups(&self, r: TensorRef, groups: u64, buf: &mut Vec<u8>) -> Result<Vec<u32>> {
         let t = self.info(r);
         let b = self.bytes(r, 0, t.len, buf)?;
-        let vals: Vec<i64> = match t.dtype {
-            Dtype::I64 => b
-                .chunks_exact(8)
-                .map(|c| i64::from_le_bytes([c[0], c[1], c[2], c[3], c[4], c[5], c[6], c[7]]))
-                .collect(),
-            _ => b
-                .chunks_exact(4)
-                .map(|c| i32::from_le_bytes([c[0], c[1], c[2], c[3]]) as i64)
-                .collect(),
-        };
+        let vals = crate::source::le_ints(t.dtype, b);
         vals.iter()
             .enumerate()
             .map(|(i, &g)| {

@@ -500,16 +500,7 @@ impl Shard {
         }
         let mut scratch = Vec::new();
         let b = self.bytes(t, 0, t.len, &mut scratch)?;
-        let vals: Vec<i64> = match t.dtype {
-            Dtype::I64 => b
-                .chunks_exact(8)
-                .map(|c| i64::from_le_bytes([c[0], c[1], c[2], c[3], c[4], c[5], c[6], c[7]]))
-                .collect(),
-            _ => b
-                .chunks_exact(4)
-                .map(|c| i32::from_le_bytes([c[0], c[1], c[2], c[3]]) as i64)
-                .collect(),
-        };
+        let vals = le_ints(t.dtype, b);
         vals.iter()
             .map(|&v| u64::try_from(v).map_err(|_| bad(format!("holds the negative value {v}"))))
             .collect()
@@ -598,6 +589,20 @@ impl Shard {
         let es = t.dtype.size() as u64;
         // SAFETY: forwarded to the caller.
         unsafe { self.release_bytes(t, first.saturating_mul(es), count.saturating_mul(es)) }
+    }
+}
+
+/// Little-endian I64 elements, or I32 ones for any other dtype, as i64.
+pub(crate) fn le_ints(dtype: Dtype, b: &[u8]) -> Vec<i64> {
+    match dtype {
+        Dtype::I64 => b
+            .chunks_exact(8)
+            .map(|c| i64::from_le_bytes([c[0], c[1], c[2], c[3], c[4], c[5], c[6], c[7]]))
+            .collect(),
+        _ => b
+            .chunks_exact(4)
+            .map(|c| i32::from_le_bytes([c[0], c[1], c[2], c[3]]) as i64)
+            .collect(),
     }
 }
 

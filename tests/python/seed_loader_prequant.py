@@ -13,17 +13,7 @@ import sys
 import numpy as np
 import pyarrow.parquet as pq
 
-# The seed loader's table (SEED-SYSTEM.md): no fp8, no bfloat16.
-SEED_DTYPES = {
-    "torch.float16": np.float16,
-    "torch.float32": np.float32,
-    "torch.float64": np.float64,
-    "torch.int64": np.int64,
-    "torch.int32": np.int32,
-    "torch.int8": np.int8,
-    "torch.uint8": np.uint8,
-    "torch.bool": np.bool_,
-}
+from seed_loader import SEED_DTYPES  # the seed loader's table: no fp8, no bfloat16
 
 
 def read_reference(path):
