@@ -20,9 +20,9 @@ for m in "${models[@]}"; do
   cat "$work/$m"/*.safetensors >/dev/null
   f=(); q=(); rss_f=0; rss_q=0; size_f=0; size_q=0
   for round in 1 2; do
-    rm -rf "$out"; read -r t r < <(secs "$bin" convert "$work/$m" -o "$out" --quiet); f+=("$t"); rss_f=$r
+    rm -rf "$out"; read -r t r _ < <(secs "$bin" convert "$work/$m" -o "$out" --quiet); f+=("$t"); rss_f=$r
     size_f="$(stat -c %s "$out/weights.parquet")"
-    rm -rf "$out"; read -r t r < <(secs "$bin" convert "$work/$m" -o "$out" --quiet --quantize int8); q+=("$t"); rss_q=$r
+    rm -rf "$out"; read -r t r _ < <(secs "$bin" convert "$work/$m" -o "$out" --quiet --quantize int8); q+=("$t"); rss_q=$r
     size_q="$(stat -c %s "$out/weights.parquet")"
   done
   tf="$(best "${f[@]}")"; tq="$(best "${q[@]}")"

@@ -687,6 +687,9 @@ pub struct Source {
     pub(crate) notices: Vec<String>,
     /// The pre-quantization scheme `config.json` declares, matched to the tensors.
     pub(crate) scheme: Option<Scheme>,
+    /// Unique among the sources this process opened: what per-thread caches of its
+    /// bytes are keyed on (a later source may map the same addresses).
+    pub(crate) id: u64,
 }
 
 /// A tensor as a conversion sees it: stored, or dequantized from several stored ones.
@@ -1133,5 +1136,9 @@ fn open_path(input: &Path, opts: &SourceOptions) -> Result<Source> {
         shards,
         notices,
         scheme,
+        id: {
+            static NEXT: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+            NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed)
+        },
     })
 }
