@@ -209,6 +209,19 @@ pub enum Error {
         /// The existing file.
         path: PathBuf,
     },
+    /// Another conversion is writing into the output directory.
+    OutputBusy {
+        /// The lock file it holds.
+        path: PathBuf,
+    },
+    /// `--resume` found parts it must not keep nor replace: another input, other
+    /// options or another version wrote them.
+    ResumeRefused {
+        /// The part (or output) that differs.
+        path: PathBuf,
+        /// What differs.
+        reason: String,
+    },
     /// An output path is, or links to, an input file.
     OutputIsInput {
         /// The output path.
@@ -541,6 +554,12 @@ impl fmt::Display for Error {
                 if *count == 1 { "" } else { "s" },
             ),
             OutputExists { path } => write!(f, "{}: output already holds a conversion", P(path)),
+            OutputBusy { path } => write!(
+                f,
+                "{}: another conversion is writing into this output (it holds this lock)",
+                P(path)
+            ),
+            ResumeRefused { path, reason } => write!(f, "{}: cannot resume: {reason}", P(path)),
             SourceChanged { path, was, now } => write!(
                 f,
                 "{}: file changed size while being converted ({was} → {now} bytes)",

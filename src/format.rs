@@ -41,6 +41,97 @@ pub const KEY_INDEX: &str = "modelconv.index";
 pub const KEY_QUANTIZATION: &str = "modelconv.quantization";
 /// The checksum algorithm's name.
 pub const CHECKSUM_ALGO: &str = "xxh3_64";
+/// Footer key of one part of a parted output: its [`PartStamp`] as JSON.
+pub const KEY_PART: &str = "modelconv.part";
+/// The manifest of a parted output, inside the `weights.parquet/` directory, written
+/// after every part: a directory without it is not a conversion. Its name starts with
+/// `_`, which Parquet dataset readers (pyarrow, DuckDB, polars) skip.
+pub const MANIFEST_FILE: &str = "_manifest.json";
+
+/// The file name of part `index` (from 0) of `count`: `part-00001-of-00008.parquet`,
+/// counted from 1 like safetensors' shards, so that names sort in row order.
+pub fn part_name(index: usize, count: usize) -> String {
+    format!("part-{:05}-of-{:05}.parquet", index + 1, count)
+}
+
+/// What a part of a parted output was converted from and how: every field must match
+/// for `--resume` to keep the part.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Identity {
+    /// Our footer contract's version ([`FORMAT_VERSION`]).
+    pub format: String,
+    /// The modelconv version that wrote it.
+    pub modelconv: String,
+    /// Each input file's name and size.
+    pub files: Vec<(String, u64)>,
+    /// sha256 of the input's headers: every source tensor's name, dtype, shape and
+    /// byte range in its file, and the checkpoint's `quantization_config`.
+    pub input: String,
+    /// The options that shape the output bytes, as `metadata.json` records them.
+    pub options: Value,
+    /// sha256 of the plan: every output tensor, row and row group, and the parts.
+    pub plan: String,
+}
+
+/// The footer stamp of one part: which part of which plan it is, and what its cast
+/// saw (so that a resumed conversion reports kept parts' statistics).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct PartStamp {
+    /// Part index, from 0.
+    pub index: usize,
+    /// Parts in the plan.
+    pub count: usize,
+    /// The part's first row in the whole output.
+    pub first_row: u64,
+    /// Rows in the part.
+    pub rows: u64,
+    /// The plan it belongs to.
+    pub identity: Identity,
+    /// Per planned tensor with anything to say: (tensor index, NaN, inf, overflow,
+    /// largest overflowing magnitude).
+    #[serde(default)]
+    pub cast: Vec<(usize, u64, u64, u64, f64)>,
+    /// Per quantized tensor of a V2 part: (tensor index, Σx², Σe², max |e|, count).
+    #[serde(default)]
+    pub quant: Vec<(usize, f64, f64, f64, u64)>,
+}
+
+/// One part as the manifest lists it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ManifestPart {
+    /// File name inside the directory.
+    pub file: String,
+    /// Bytes of the file.
+    pub bytes: u64,
+    /// sha256 of the file.
+    pub sha256: String,
+    /// First row in the whole output.
+    pub first_row: u64,
+    /// Rows.
+    pub rows: u64,
+    /// Row groups.
+    pub row_groups: usize,
+    /// Names of its first and last tensors (a tensor split over parts is in both).
+    pub tensors: (String, String),
+}
+
+/// `_manifest.json`: the parts in order, the plan they belong to, and the whole
+/// output's tensor index (rows counted over all parts).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Manifest {
+    /// [`FORMAT_VERSION`].
+    pub format_version: String,
+    /// What the parts were converted from.
+    pub identity: Identity,
+    /// Parts in row order.
+    pub parts: Vec<ManifestPart>,
+    /// Rows over all parts.
+    pub rows: u64,
+    /// The tensor index of the whole output (as [`KEY_INDEX`]).
+    pub index: Value,
+    /// The `metadata.json` content.
+    pub metadata: Value,
+}
 
 /// Column names, in schema order.
 pub const COL_NAME: &str = "layer_name";
@@ -159,10 +250,19 @@ pub(crate) struct TensorIndex {
 impl TensorIndex {
     /// The index of a file written from `plan`.
     pub(crate) fn of(plan: &Plan) -> TensorIndex {
+        Self::of_rows(plan, 0..plan.rows.len())
+    }
+
+    /// The index of a part holding `rows` of `plan`: the tensors with rows there, rows
+    /// counted from the part's first (a tensor split over parts lists the rows this
+    /// part holds).
+    pub(crate) fn of_rows(plan: &Plan, rows: std::ops::Range<usize>) -> TensorIndex {
+        let (lo, hi) = (rows.start as u64, rows.end as u64);
         TensorIndex {
             tensors: plan
                 .tensors
                 .iter()
+                .filter(|t| t.first_row < hi && t.first_row + t.rows > lo)
                 .map(|t| IndexEntry {
                     name: t.name.clone(),
                     source: t.src.name.clone(),
@@ -170,8 +270,8 @@ impl TensorIndex {
                     source_dtype: t.src.dtype.to_string(),
                     shape: t.src.shape.clone(),
                     bytes: t.out_len,
-                    row: t.first_row,
-                    rows: t.rows,
+                    row: t.first_row.max(lo) - lo,
+                    rows: (t.first_row + t.rows).min(hi) - t.first_row.max(lo),
                     quant: t.quant.map(|q| QuantInfo {
                         axis: q.axis,
                         group_size: q.group_size,
@@ -186,7 +286,25 @@ impl TensorIndex {
 /// The footer key-value metadata of a file written from `plan`, with `metadata` (the
 /// `metadata.json` content) embedded.
 pub(crate) fn footer(plan: &Plan, metadata: &Value) -> Vec<KeyValue> {
-    let index = serde_json::to_string(&TensorIndex::of(plan));
+    footer_of(plan, TensorIndex::of(plan), Some(metadata), None)
+}
+
+/// The footer of part file `stamp.index` of `plan`: no `metadata.json` (it records
+/// the conversion's time and totals, which the manifest holds), the part's own index
+/// and its stamp, so that a part is a pure function of the plan and its index.
+pub(crate) fn part_footer(plan: &Plan, stamp: &PartStamp) -> Vec<KeyValue> {
+    let rows = plan.parts[stamp.index].rows.clone();
+    let stamp = serde_json::to_string(stamp).ok();
+    footer_of(plan, TensorIndex::of_rows(plan, rows), None, stamp)
+}
+
+fn footer_of(
+    plan: &Plan,
+    index: TensorIndex,
+    metadata: Option<&Value>,
+    stamp: Option<String>,
+) -> Vec<KeyValue> {
+    let index = serde_json::to_string(&index);
     // Serialising plain strings and numbers cannot fail.
     debug_assert!(index.is_ok());
     let quant = plan.quantize.as_ref().map(|q| {
@@ -197,9 +315,10 @@ pub(crate) fn footer(plan: &Plan, metadata: &Value) -> Vec<KeyValue> {
         (KEY_FORMAT, Some(FORMAT_VERSION.to_string())),
         (KEY_CAST, Some(plan.target.as_str().to_string())),
         (KEY_CHECKSUM, Some(CHECKSUM_ALGO.to_string())),
-        (KEY_METADATA, Some(metadata.to_string())),
+        (KEY_METADATA, metadata.map(Value::to_string)),
         (KEY_INDEX, Some(index.unwrap_or_default())),
         (KEY_QUANTIZATION, quant),
+        (KEY_PART, stamp),
     ]
     .into_iter()
     .filter_map(|(k, v)| Some(KeyValue::new(k.to_string(), v?)))

@@ -14,6 +14,24 @@ use crate::source::{Dequantized, Source, TensorInfo, TensorRef};
 /// i32, and a row group is one Arrow array).
 pub const MAX_BUDGET_BYTES: u64 = 1 << 30;
 
+/// The smallest part size of a parted output (`--max-file-size`), in bytes.
+pub const MIN_FILE_SIZE: u64 = 1_000_000;
+
+/// What a part file holds besides its rows' data, at most: the Parquet footer (schema,
+/// row-group and column-chunk metadata, our index), the magic bytes, and per row its
+/// page headers, cells and index entry ([`ROW_RESERVE`]).
+const PART_RESERVE: u64 = 64 << 10;
+/// Per row of a part: page headers, the small cells, its share of the footer.
+const ROW_RESERVE: u64 = 1 << 10;
+
+/// The data bytes a part of at most `max_file_size` bytes may plan: its size less the
+/// fixed reserve, less 1/512 for page framing a compressor may add to data it cannot
+/// shrink.
+pub fn part_data_bytes(max_file_size: u64) -> u64 {
+    let room = max_file_size.saturating_sub(PART_RESERVE);
+    (room - room / 512).max(1)
+}
+
 /// One tensor picked from the source, under its output name.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub(crate) struct Selected {
@@ -84,6 +102,15 @@ pub(crate) struct GroupPlan {
     pub(crate) src_bytes: u64,
 }
 
+/// One part of the output: consecutive row groups written as one file.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) struct PartPlan {
+    /// Range into [`Plan::groups`].
+    pub(crate) groups: std::ops::Range<usize>,
+    /// Range into [`Plan::rows`].
+    pub(crate) rows: std::ops::Range<usize>,
+}
+
 /// A validated conversion plan.
 #[derive(Debug, Clone)]
 pub(crate) struct Plan {
@@ -93,6 +120,10 @@ pub(crate) struct Plan {
     pub(crate) rows: Vec<RowPlan>,
     /// Row groups in output order.
     pub(crate) groups: Vec<GroupPlan>,
+    /// Parts in output order: one (the whole plan) unless the output is split.
+    pub(crate) parts: Vec<PartPlan>,
+    /// True when the output is split into part files (`--max-file-size`).
+    pub(crate) parted: bool,
     /// The cast policy.
     pub(crate) target: TargetDtype,
     /// The quantization options, for a V2 file.
@@ -100,8 +131,9 @@ pub(crate) struct Plan {
 }
 
 impl Plan {
-    /// Plans `selection` (in output order) with rows of at most `max_row_bytes` and row
-    /// groups of about `group_bytes` output bytes.
+    /// Plans `selection` (in output order) with rows of at most `max_row_bytes`, row
+    /// groups of about `group_bytes` output bytes, and with `max_file_size` parts of at
+    /// most that many bytes ([`part_rows`]).
     ///
     /// # Errors
     ///
@@ -120,6 +152,7 @@ impl Plan {
         keep_quantized: bool,
         max_row_bytes: u64,
         group_bytes: u64,
+        max_file_size: Option<u64>,
     ) -> Result<Plan> {
         debug_assert!((1..=MAX_BUDGET_BYTES).contains(&max_row_bytes));
         debug_assert!((1..=MAX_BUDGET_BYTES).contains(&group_bytes));
@@ -221,11 +254,26 @@ impl Plan {
                 dequant: dequant.cloned(),
             });
         }
-        let groups = group_rows(&tensors, &rows, group_bytes);
+        let cuts = match max_file_size {
+            Some(m) => part_rows(&tensors, &rows, part_data_bytes(m)),
+            None => std::iter::once(0..rows.len()).collect(),
+        };
+        let mut groups = Vec::new();
+        let mut parts = Vec::with_capacity(cuts.len());
+        for cut in cuts {
+            let first = groups.len();
+            groups.extend(group_rows(&tensors, &rows, cut.clone(), group_bytes));
+            parts.push(PartPlan {
+                groups: first..groups.len(),
+                rows: cut,
+            });
+        }
         Ok(Plan {
             tensors,
             rows,
             groups,
+            parts,
+            parted: max_file_size.is_some(),
             target,
             quantize: quantize.cloned(),
         })
@@ -247,16 +295,72 @@ impl Plan {
     }
 }
 
-/// Cuts `rows` into consecutive groups of at most `group_bytes` output bytes (a row
-/// larger than that is a group of its own).
-fn group_rows(tensors: &[PlannedTensor], rows: &[RowPlan], group_bytes: u64) -> Vec<GroupPlan> {
+/// The bytes a row adds to its part: its data (and a V2 row's scales and zero points)
+/// and [`ROW_RESERVE`].
+fn row_part_bytes(t: &PlannedTensor, row: &RowPlan) -> u64 {
+    let data = row.elems * t.dtype.size() as u64;
+    let scales = t.quant.map_or(0, |q| row.elems.div_ceil(q.unit.max(1)) * 8);
+    data + scales + ROW_RESERVE
+}
+
+/// Cuts `rows` into consecutive parts of at most `budget` bytes ([`row_part_bytes`]):
+/// a tensor starts a new part when it does not fit in the current one, and only a
+/// tensor larger than a whole part has its rows spread over several, from the current
+/// one on (each row fits: the row limit is at most the budget). A pure function of the plan, so every run of
+/// the same input and options cuts the same parts.
+fn part_rows(
+    tensors: &[PlannedTensor],
+    rows: &[RowPlan],
+    budget: u64,
+) -> Vec<std::ops::Range<usize>> {
+    let mut parts = Vec::new();
+    let (mut start, mut used) = (0usize, 0u64);
+    let mut r = 0;
+    while r < rows.len() {
+        let t = &tensors[rows[r].tensor];
+        let end = r + t.rows as usize;
+        let whole: u64 = rows[r..end].iter().map(|row| row_part_bytes(t, row)).sum();
+        // A tensor that fits a part starts a new one rather than straddle two; one
+        // larger than a part is split anyway, so it first fills the current one.
+        if used > 0 && used + whole > budget && whole <= budget {
+            parts.push(start..r);
+            (start, used) = (r, 0);
+        }
+        if whole <= budget {
+            used += whole;
+        } else {
+            for (i, row) in rows[r..end].iter().enumerate() {
+                let b = row_part_bytes(t, row);
+                if used > 0 && used + b > budget {
+                    parts.push(start..r + i);
+                    (start, used) = (r + i, 0);
+                }
+                used += b;
+            }
+        }
+        r = end;
+    }
+    if start < rows.len() || parts.is_empty() {
+        parts.push(start..rows.len());
+    }
+    parts
+}
+
+/// Cuts rows `range` into consecutive groups of at most `group_bytes` output bytes (a
+/// row larger than that is a group of its own).
+fn group_rows(
+    tensors: &[PlannedTensor],
+    rows: &[RowPlan],
+    range: std::ops::Range<usize>,
+    group_bytes: u64,
+) -> Vec<GroupPlan> {
     let mut groups = Vec::new();
     let mut cur = GroupPlan {
-        rows: 0..0,
+        rows: range.start..range.start,
         out_bytes: 0,
         src_bytes: 0,
     };
-    for (r, row) in rows.iter().enumerate() {
+    for (r, row) in rows.iter().enumerate().take(range.end).skip(range.start) {
         let t = &tensors[row.tensor];
         let out = row.elems * t.dtype.size() as u64;
         let src = t.src_bytes(row.elems);

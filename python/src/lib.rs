@@ -96,6 +96,7 @@ fn err(e: modelconv::Error) -> PyErr {
     let kind = match &e {
         E::Io { .. } => "io",
         E::OutputExists { .. } => "output_exists",
+        E::OutputBusy { .. } | E::ResumeRefused { .. } => "output",
         E::OutputIsInput { .. } | E::OutputNotDirectory { .. } => "output",
         E::Overflow { .. } => "overflow",
         E::Quantization { .. } => "quantization",

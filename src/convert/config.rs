@@ -27,7 +27,68 @@ pub const DEFAULT_INFLIGHT_PER_THREAD: u64 = 2;
 /// group in flight per thread unless [`ConvertConfigBuilder::inflight_per_thread`] says
 /// otherwise.
 pub const LOW_MEMORY_ROW_MB: u64 = 64;
-pub use crate::plan::MAX_BUDGET_BYTES;
+pub use crate::plan::{MAX_BUDGET_BYTES, MIN_FILE_SIZE};
+
+/// A size as `--max-file-size` takes it: a number of bytes with an optional unit,
+/// decimal like llama.cpp's (`KB`, `MB`, `GB`, `TB`: powers of 1000) or binary (`KiB`,
+/// `MiB`, `GiB`, `TiB`), case-insensitive, a fraction allowed (`1.5GB`).
+///
+/// # Errors
+///
+/// A message naming the text when it is not such a size or is past 64 bits.
+///
+/// ```
+/// assert_eq!(modelconv::parse_size("5GB"), Ok(5_000_000_000));
+/// assert_eq!(modelconv::parse_size("2GiB"), Ok(2 << 30));
+/// assert_eq!(modelconv::parse_size("1.5 MB"), Ok(1_500_000));
+/// assert!(modelconv::parse_size("5 parsecs").is_err());
+/// ```
+pub fn parse_size(text: &str) -> std::result::Result<u64, String> {
+    let t = text.trim();
+    let split = t
+        .find(|c: char| !(c.is_ascii_digit() || c == '.'))
+        .unwrap_or(t.len());
+    let (num, unit) = (t[..split].trim(), t[split..].trim().to_ascii_lowercase());
+    let mult: u64 = match unit.as_str() {
+        "" | "b" => 1,
+        "k" | "kb" => 1_000,
+        "m" | "mb" => 1_000_000,
+        "g" | "gb" => 1_000_000_000,
+        "t" | "tb" => 1_000_000_000_000,
+        "kib" => 1 << 10,
+        "mib" => 1 << 20,
+        "gib" => 1 << 30,
+        "tib" => 1 << 40,
+        _ => {
+            return Err(format!(
+                "`{text}` is not a size (a number with KB, MB, GB, TB, KiB, MiB, GiB or TiB)"
+            ))
+        }
+    };
+    let bad =
+        || format!("`{text}` is not a size (a number with KB, MB, GB, TB, KiB, MiB, GiB or TiB)");
+    let (whole, frac) = num.split_once('.').unwrap_or((num, ""));
+    if whole.is_empty() && frac.is_empty() {
+        return Err(bad());
+    }
+    let w: u64 = if whole.is_empty() {
+        0
+    } else {
+        whole.parse().map_err(|_| bad())?
+    };
+    let mut v = w
+        .checked_mul(mult)
+        .ok_or_else(|| format!("`{text}` is past 64 bits"))?;
+    if !frac.is_empty() {
+        let digits = frac.len().min(18) as u32;
+        let f: u64 = frac[..digits as usize].parse().map_err(|_| bad())?;
+        let part = (f as u128 * mult as u128 / 10u128.pow(digits)) as u64;
+        v = v
+            .checked_add(part)
+            .ok_or_else(|| format!("`{text}` is past 64 bits"))?;
+    }
+    Ok(v)
+}
 
 /// The validated options of a conversion.
 ///
@@ -54,6 +115,10 @@ pub struct ConvertConfig {
     pub(crate) filters: CompiledFilters,
     pub(crate) quantize: Option<Quantize>,
     pub(crate) keep_quantized: bool,
+    /// Split the output into parts of at most this many bytes (`--max-file-size`).
+    pub(crate) max_file_size: Option<u64>,
+    /// Keep the complete parts of an interrupted conversion (`--resume`).
+    pub(crate) resume: bool,
     pub(crate) source: SourceOptions,
     pub(crate) cancel: Arc<AtomicBool>,
 }
@@ -77,6 +142,8 @@ impl Default for ConvertConfig {
             filters: CompiledFilters::default(),
             quantize: None,
             keep_quantized: false,
+            max_file_size: None,
+            resume: false,
             source: SourceOptions::default(),
             cancel: Arc::new(AtomicBool::new(false)),
         }
@@ -106,6 +173,16 @@ impl ConvertConfig {
     /// Worker threads (resolved: the number of cores when 0 was asked for).
     pub fn threads(&self) -> usize {
         self.threads
+    }
+
+    /// The largest part size of a parted output, if the output is split.
+    pub fn max_file_size(&self) -> Option<u64> {
+        self.max_file_size
+    }
+
+    /// True when an interrupted parted conversion is resumed.
+    pub fn resume(&self) -> bool {
+        self.resume
     }
 
     /// True when a pre-quantized checkpoint's tensors are written as stored
@@ -167,6 +244,7 @@ impl ConvertConfig {
                 .min(64) as usize,
             quantized: self.quantize.is_some(),
             lean: self.inflight_per_thread <= 1,
+            sha256: self.max_file_size.is_some(),
         }
     }
 
@@ -184,6 +262,9 @@ impl ConvertConfig {
             "row_group_bytes": self.row_group_bytes,
             "keep_quantized": self.keep_quantized,
         });
+        if let (Some(m), Some(o)) = (self.max_file_size, v.as_object_mut()) {
+            o.insert("max_file_size".into(), json!(m));
+        }
         if let (Some(q), Some(o)) = (&self.quantize, v.as_object_mut()) {
             o.insert(
                 "quantization".into(),
@@ -234,6 +315,8 @@ pub struct ConvertConfigBuilder {
     filters: Filters,
     quantize: Option<Quantize>,
     keep_quantized: bool,
+    max_file_size: Option<u64>,
+    resume: bool,
     hub_cache: Option<PathBuf>,
     io: IoMode,
     cancel: Arc<AtomicBool>,
@@ -259,6 +342,8 @@ impl Default for ConvertConfigBuilder {
             filters: Filters::default(),
             quantize: None,
             keep_quantized: false,
+            max_file_size: None,
+            resume: false,
             hub_cache: None,
             io: IoMode::Auto,
             cancel: Arc::new(AtomicBool::new(false)),
@@ -315,6 +400,14 @@ impl ConvertConfigBuilder {
         keep_quantized: bool);
     setter!(/// Include / exclude / rename filters (compiled by `build`).
         filters: Filters);
+    setter!(/// Write `weights.parquet` as a directory of part files of at most this
+        /// many bytes each, whole row groups, a tensor split over parts only when it
+        /// alone is larger (default none: one file). At least [`MIN_FILE_SIZE`].
+        max_file_size: Option<u64>);
+    setter!(/// Resume an interrupted parted conversion into the same output: keep every
+        /// complete part of the same plan that passes its checks, convert the rest
+        /// (default false).
+        resume: bool);
     setter!(/// The cancellation flag (default: a fresh one; see
         /// [`ConvertConfig::cancel_flag`]).
         cancel: Arc<AtomicBool>);
@@ -357,8 +450,27 @@ impl ConvertConfigBuilder {
                 Ok(v)
             }
         };
-        let max_row_bytes = budget(self.max_row_bytes, "row limit")?;
+        let mut max_row_bytes = budget(self.max_row_bytes, "row limit")?;
         let row_group_bytes = budget(self.row_group_bytes, "row-group budget")?;
+        if let Some(m) = self.max_file_size {
+            if m < MIN_FILE_SIZE {
+                return Err(Error::option(format!(
+                    "the largest part size must be at least {MIN_FILE_SIZE} bytes (1MB), not {m}"
+                )));
+            }
+            // A row never straddles two parts: rows fit a part's data.
+            max_row_bytes = max_row_bytes.min(crate::plan::part_data_bytes(m));
+        }
+        if self.resume && self.max_file_size.is_none() {
+            return Err(Error::option(
+                "--resume keeps the complete parts of a parted conversion: give the same --max-file-size",
+            ));
+        }
+        if self.resume && self.force {
+            return Err(Error::option(
+                "--resume keeps what an interrupted conversion wrote and --force replaces it: give one of them",
+            ));
+        }
         if self.codec == Codec::Zstd && ZstdLevel::try_new(self.level).is_err() {
             let (lo, hi) = ZSTD_LEVELS;
             return Err(Error::option(format!(
@@ -409,6 +521,8 @@ impl ConvertConfigBuilder {
             filters: self.filters.compile()?,
             quantize: self.quantize,
             keep_quantized: self.keep_quantized,
+            max_file_size: self.max_file_size,
+            resume: self.resume,
             source: SourceOptions {
                 max_header_bytes: self.max_header_bytes,
                 hub_cache: self.hub_cache,

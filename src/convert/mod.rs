@@ -4,6 +4,7 @@
 
 mod config;
 mod output;
+mod parts;
 mod report;
 
 use std::path::Path;
@@ -13,10 +14,12 @@ use std::time::Instant;
 use serde_json::{json, Map, Value};
 
 pub use config::{
-    ConvertConfig, ConvertConfigBuilder, DEFAULT_INFLIGHT_PER_THREAD, DEFAULT_MAX_ROW_MB,
-    DEFAULT_ROW_GROUP_MB, DEFAULT_ZSTD_LEVEL, LOW_MEMORY_ROW_MB, MAX_BUDGET_BYTES,
+    parse_size, ConvertConfig, ConvertConfigBuilder, DEFAULT_INFLIGHT_PER_THREAD,
+    DEFAULT_MAX_ROW_MB, DEFAULT_ROW_GROUP_MB, DEFAULT_ZSTD_LEVEL, LOW_MEMORY_ROW_MB,
+    MAX_BUDGET_BYTES, MIN_FILE_SIZE,
 };
 pub use output::TOKENIZER_FILES;
+pub use parts::{PartOutcome, PartStatus};
 pub use report::{
     ConversionPlan, ConversionReport, Dequantization, Event, Observer, PlannedEntry, QuantReport,
     Silent,
@@ -30,7 +33,7 @@ use crate::plan::Plan;
 use crate::read::{verify, VerifyOptions};
 use crate::source::{self, Source};
 use crate::write::{ProgressSink, WeightWriter};
-use output::OutputLayout;
+use output::{OutputLayout, OutputLock};
 
 /// Converts a checkpoint into `output`, with no progress reports.
 ///
@@ -76,11 +79,24 @@ pub fn convert_with(
     // by then: the temp file and staged side files are gone).
     let created = !out.dir().exists();
     let stale = out.create_dir()?;
-    let written = write_and_commit(&job, &out, config, observer, &stale);
+    let written = OutputLock::acquire(out.dir()).and_then(|lock| {
+        let r = if job.plan.parted {
+            parts::write_and_commit(&job, &out, config, observer, &stale)
+        } else {
+            write_and_commit(&job, &out, config, observer, &stale)
+        };
+        drop(lock);
+        r
+    });
     if written.is_err() && created {
         let _ = std::fs::remove_dir(out.dir());
     }
-    let (file_bytes, metadata, quant) = written?;
+    let Committed {
+        file_bytes,
+        metadata,
+        quant,
+        parts,
+    } = written?;
 
     let validation_passed = if config.validate {
         observer.event(&Event::Validating);
@@ -96,19 +112,31 @@ pub fn convert_with(
         metadata,
         validation_passed,
         quantization: quant,
+        parts,
     };
     Ok(job.report(&out, outcome, started))
 }
 
-/// Writes the weight file and the side files and commits them: the file's size, the
-/// metadata and the quantization report.
+/// What a committed conversion wrote.
+struct Committed {
+    /// Bytes of the weight file (of every part).
+    file_bytes: u64,
+    /// The `metadata.json` content.
+    metadata: Value,
+    /// The quantization report.
+    quant: Option<QuantReport>,
+    /// The parts of a parted output (empty for one file).
+    parts: Vec<PartOutcome>,
+}
+
+/// Writes the weight file and the side files and commits them.
 fn write_and_commit(
     job: &Job,
     out: &OutputLayout,
     config: &ConvertConfig,
     observer: &dyn Observer,
     stale: &[String],
-) -> Result<(u64, Value, Option<QuantReport>)> {
+) -> Result<Committed> {
     job.notify(observer, stale);
     let total = job.plan.src_bytes();
     observer.event(&Event::Planned {
@@ -127,8 +155,13 @@ fn write_and_commit(
     if config.cancel.load(Ordering::Relaxed) {
         return Err(Error::Cancelled);
     }
-    staged.commit(written.tmp)?;
-    Ok((written.file_bytes, metadata, quant))
+    staged.commit(Some(written.tmp))?;
+    Ok(Committed {
+        file_bytes: written.file_bytes,
+        metadata,
+        quant,
+        parts: Vec::new(),
+    })
 }
 
 /// Works out what [`convert`] would do, reading only headers and config files.
@@ -175,6 +208,7 @@ struct Outcome {
     metadata: Value,
     validation_passed: Option<bool>,
     quantization: Option<QuantReport>,
+    parts: Vec<PartOutcome>,
 }
 
 /// An open source with its model knowledge applied: what will be converted, and how.
@@ -205,6 +239,7 @@ impl Job {
             config.keep_quantized,
             config.max_row_bytes,
             config.row_group_bytes,
+            config.max_file_size,
         )?;
         let has_head = plan.tensors.iter().any(|t| t.name == "lm_head.weight");
         recipe.note_tied_head(&files, has_head);
@@ -436,6 +471,7 @@ impl Job {
             metadata,
             validation_passed,
             quantization,
+            parts,
         } = outcome;
         let src = self.plan.src_bytes();
         ConversionReport {
@@ -461,6 +497,7 @@ impl Job {
             output_bytes: file_bytes,
             notices: self.recipe.notices.clone(),
             quantization,
+            parts,
         }
     }
 

@@ -92,7 +92,7 @@ impl OutputLayout {
                 path: dir.to_path_buf(),
             });
         }
-        if !config.force {
+        if !config.force && !config.resume {
             for existing in [&layout.weights, &layout.metadata] {
                 if existing.exists() {
                     return Err(Error::OutputExists {
@@ -271,8 +271,10 @@ impl Staged {
     /// # Errors
     ///
     /// `Io` naming the target that could not be replaced or removed.
-    pub(crate) fn commit(self, weights: TempPath) -> Result<()> {
-        weights.commit()?;
+    pub(crate) fn commit(self, weights: Option<TempPath>) -> Result<()> {
+        if let Some(w) = weights {
+            w.commit()?;
+        }
         for t in self.files {
             t.commit()?;
         }
@@ -296,6 +298,66 @@ impl Staged {
         self.metadata.commit()?;
         sync_dir(&self.dir);
         Ok(())
+    }
+}
+
+/// The lock a conversion holds on its output directory (`.modelconv.lock`, an advisory
+/// `flock` that dies with its process): a second conversion into the same output is
+/// refused instead of interleaving its files with the first's.
+#[derive(Debug)]
+pub(crate) struct OutputLock {
+    path: PathBuf,
+    file: Option<std::fs::File>,
+}
+
+/// The lock file's name in the output directory.
+pub(crate) const LOCK_FILE: &str = ".modelconv.lock";
+
+impl OutputLock {
+    /// Takes the lock of `dir` (which exists).
+    ///
+    /// # Errors
+    ///
+    /// `OutputBusy` when a live process holds it; `Io` naming the lock file.
+    pub(crate) fn acquire(dir: &Path) -> Result<OutputLock> {
+        let path = dir.join(LOCK_FILE);
+        // A holder removes the file before it unlocks: the inode locked must still be
+        // the one at the path, or the lock was taken on a removed file.
+        for _ in 0..8 {
+            let file = std::fs::File::options()
+                .read(true)
+                .write(true)
+                .create(true)
+                .truncate(false)
+                .open(&path)
+                .map_err(|e| Error::io("create", &path, e))?;
+            match file.try_lock() {
+                Ok(()) => {}
+                Err(std::fs::TryLockError::WouldBlock) => {
+                    return Err(Error::OutputBusy { path });
+                }
+                Err(std::fs::TryLockError::Error(e)) => return Err(Error::io("lock", &path, e)),
+            }
+            let same = match (file.metadata(), std::fs::metadata(&path)) {
+                (Ok(a), Ok(b)) => a.ino() == b.ino() && a.dev() == b.dev(),
+                _ => false,
+            };
+            if same {
+                return Ok(OutputLock {
+                    path,
+                    file: Some(file),
+                });
+            }
+        }
+        Err(Error::OutputBusy { path })
+    }
+}
+
+impl Drop for OutputLock {
+    fn drop(&mut self) {
+        // Removed while still held (see `acquire`), then unlocked by the close.
+        let _ = std::fs::remove_file(&self.path);
+        drop(self.file.take());
     }
 }
 

@@ -86,6 +86,9 @@ pub struct ConversionReport {
     pub notices: Vec<String>,
     /// What quantization did, for a quantized conversion.
     pub quantization: Option<QuantReport>,
+    /// The parts of a parted output, in order (empty for one file): written, kept
+    /// from an interrupted run, or redone.
+    pub parts: Vec<super::PartOutcome>,
 }
 
 /// What `--quantize int8` did to the model.
@@ -127,6 +130,7 @@ impl ConversionReport {
             output_bytes: 0,
             notices: Vec::new(),
             quantization: None,
+            parts: Vec::new(),
         }
     }
 }

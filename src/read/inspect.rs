@@ -63,27 +63,29 @@ pub struct InspectReport {
 pub fn inspect(path: impl AsRef<Path>) -> Result<InspectReport> {
     let wf = WeightFile::open(path)?;
     let md = wf.parquet_metadata();
-    let file_bytes = std::fs::metadata(wf.path())
-        .map_err(|e| Error::io("stat", wf.path(), e))?
-        .len();
+    let mut file_bytes = 0u64;
+    let size = |v: i64| u64::try_from(v).unwrap_or(0);
+    let mut row_groups = Vec::new();
+    // Every part of a parted output, row groups numbered over all of them.
+    for (path, pmd) in wf.part_files() {
+        file_bytes += std::fs::metadata(path)
+            .map_err(|e| Error::io("stat", path, e))?
+            .len();
+        for rg in pmd.row_groups() {
+            row_groups.push(RowGroupInfo {
+                index: row_groups.len(),
+                rows: size(rg.num_rows()),
+                uncompressed_bytes: size(rg.total_byte_size()),
+                compressed_bytes: size(rg.compressed_size()),
+            });
+        }
+    }
     let compression = md.row_groups().first().and_then(|rg| {
         rg.columns()
             .iter()
             .find(|c| c.column_path().string() == format::COL_DATA)
             .map(|c| codec_name(c.compression()).to_string())
     });
-    let size = |v: i64| u64::try_from(v).unwrap_or(0);
-    let row_groups = md
-        .row_groups()
-        .iter()
-        .enumerate()
-        .map(|(index, rg)| RowGroupInfo {
-            index,
-            rows: size(rg.num_rows()),
-            uncompressed_bytes: size(rg.total_byte_size()),
-            compressed_bytes: size(rg.compressed_size()),
-        })
-        .collect();
     let tensors = wf.tensors().to_vec();
     let sum = |f: fn(&TensorInfo) -> u64| {
         tensors

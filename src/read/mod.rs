@@ -175,8 +175,10 @@ type RowFn<'a> = dyn FnMut(Cells) -> Result<()> + 'a;
 #[derive(Debug, Clone)]
 pub struct WeightFile {
     path: PathBuf,
-    file: MappedFile,
-    meta: ArrowReaderMetadata,
+    /// The file, or a parted output's part files in row order.
+    parts: Vec<PartFile>,
+    /// Global row group → (part, row group inside it).
+    rg_part: Vec<(usize, usize)>,
     tensors: Vec<TensorInfo>,
     by_name: HashMap<String, usize>,
     rg_first_row: Vec<u64>,
@@ -184,6 +186,100 @@ pub struct WeightFile {
     has_checksums: bool,
     /// V2: the file has the quantization columns.
     quantized: bool,
+}
+
+/// One Parquet file of a weight file: the whole of it, or one part of a parted output.
+#[derive(Debug, Clone)]
+struct PartFile {
+    path: PathBuf,
+    file: MappedFile,
+    meta: ArrowReaderMetadata,
+}
+
+/// Opens one Parquet weight file (the whole, or a part): mapped, its footer read and
+/// checked, the seed's columns present. Returns it with its key-value metadata.
+fn open_part(path: &Path, log: Option<RangeLog>) -> Result<(PartFile, HashMap<String, String>)> {
+    let mut file = MappedFile::open(path)?;
+    if let Some(l) = log {
+        file = file.with_log(l);
+    }
+    let p = path.to_path_buf();
+    let meta = guard(path, None, || {
+        let opts = ArrowReaderOptions::new()
+            .with_offset_index_policy(PageIndexPolicy::Optional)
+            .with_column_index_policy(PageIndexPolicy::Skip);
+        ArrowReaderMetadata::load(&file, opts)
+            .map_err(|e| Error::corrupt(&p, None, format!("not a readable Parquet file: {e}")))
+    })?;
+    let file_len = std::fs::metadata(path)
+        .map_err(|e| Error::io("stat", path, e))?
+        .len();
+    check_offset_index(path, meta.metadata(), file_len)?;
+    let schema = meta.schema().clone();
+    for (col, want) in [
+        (format::COL_NAME, "utf8"),
+        (format::COL_SHAPE, "list<int32>"),
+        (format::COL_DTYPE, "utf8"),
+        (format::COL_DATA, "binary"),
+    ] {
+        if schema.field_with_name(col).is_err() {
+            return Err(Error::corrupt(
+                path,
+                None,
+                format!("not a weight file: no `{col}` column ({want})"),
+            ));
+        }
+    }
+    let kv: HashMap<String, String> = meta
+        .metadata()
+        .file_metadata()
+        .key_value_metadata()
+        .map(|kv| {
+            kv.iter()
+                .map(|k| (k.key.clone(), k.value.clone().unwrap_or_default()))
+                .collect()
+        })
+        .unwrap_or_default();
+    Ok((
+        PartFile {
+            path: path.to_path_buf(),
+            file,
+            meta,
+        },
+        kv,
+    ))
+}
+
+/// How many of the first `in_rg` rows of row group `rg` can be skipped without
+/// skipping values inside a page of a binary column in `mask`: the latest page
+/// start at or before `in_rg` common to all of them (0 without an offset index).
+fn safe_skip(part: &PartFile, rg: usize, in_rg: u64, mask: &ProjectionMask) -> u64 {
+    if in_rg == 0 {
+        return 0;
+    }
+    let meta = part.meta.metadata();
+    if meta.page_index().is_none() {
+        return 0;
+    }
+    let index = meta.page_index_for_row_group(rg);
+    let schema = part.meta.parquet_schema();
+    let mut skip = in_rg;
+    for (c, col) in schema.columns().iter().enumerate() {
+        if !mask.leaf_included(c) || col.physical_type() != parquet::basic::Type::BYTE_ARRAY {
+            continue;
+        }
+        let Some(pages) = index.page_locations(c) else {
+            return 0;
+        };
+        let start = pages
+            .iter()
+            .map(|p| u64::try_from(p.first_row_index).unwrap_or(0))
+            .filter(|&f| f <= skip)
+            .max()
+            .unwrap_or(0);
+        skip = skip.min(start);
+    }
+    skip
 }
 
 /// One row as the scanner hands it out.
@@ -224,37 +320,136 @@ impl WeightFile {
     pub fn open_with(path: impl AsRef<Path>, log: Option<RangeLog>) -> Result<WeightFile> {
         crate::source::refuse_big_endian_host()?;
         let mut path = path.as_ref().to_path_buf();
-        if path.is_dir() {
+        if path.is_dir() && path.join(format::WEIGHTS_FILE).exists() {
             path = path.join(format::WEIGHTS_FILE);
         }
-        let mut file = MappedFile::open(&path)?;
-        if let Some(l) = log {
-            file = file.with_log(l);
+        if path.is_dir() {
+            return Self::open_parted(path, log);
         }
-        let p = path.clone();
-        let meta = guard(&path, None, || {
-            let opts = ArrowReaderOptions::new()
-                .with_offset_index_policy(PageIndexPolicy::Optional)
-                .with_column_index_policy(PageIndexPolicy::Skip);
-            ArrowReaderMetadata::load(&file, opts)
-                .map_err(|e| Error::corrupt(&p, None, format!("not a readable Parquet file: {e}")))
-        })?;
-        let file_len = std::fs::metadata(&path)
-            .map_err(|e| Error::io("stat", &path, e))?
-            .len();
-        check_offset_index(&path, meta.metadata(), file_len)?;
-        let schema = meta.schema().clone();
-        for (col, want) in [
-            (format::COL_NAME, "utf8"),
-            (format::COL_SHAPE, "list<int32>"),
-            (format::COL_DTYPE, "utf8"),
-            (format::COL_DATA, "binary"),
-        ] {
-            if schema.field_with_name(col).is_err() {
-                return Err(Error::corrupt(
-                    &path,
+        let (part, kv) = open_part(&path, log)?;
+        let mut wf = Self::assemble(path, vec![part], kv)?;
+        let tensors = match wf.kv.get(format::KEY_INDEX) {
+            Some(idx) => {
+                let rows = wf.rg_first_row.last().copied().unwrap_or(0);
+                format::parse_index(&wf.path, idx, rows)?
+            }
+            None => wf.tensors_from_scan()?,
+        };
+        wf.set_tensors(tensors)?;
+        Ok(wf)
+    }
+
+    /// Opens a parted output's directory: its manifest, then every part it lists, each
+    /// checked to be of the manifest's conversion and to hold the rows it says.
+    fn open_parted(dir: PathBuf, log: Option<RangeLog>) -> Result<WeightFile> {
+        let mpath = dir.join(format::MANIFEST_FILE);
+        let text = std::fs::read(&mpath).map_err(|e| {
+            if e.kind() == std::io::ErrorKind::NotFound {
+                Error::corrupt(
+                    &dir,
                     None,
-                    format!("not a weight file: no `{col}` column ({want})"),
+                    format!(
+                        "a directory without {}: not a complete conversion (an interrupted parted conversion finishes with --resume)",
+                        format::MANIFEST_FILE
+                    ),
+                )
+            } else {
+                Error::io("read", &mpath, e)
+            }
+        })?;
+        let manifest: format::Manifest = serde_json::from_slice(&text)
+            .map_err(|e| Error::corrupt(&mpath, None, format!("damaged manifest: {e}")))?;
+        if manifest.parts.is_empty() {
+            return Err(Error::corrupt(&mpath, None, "the manifest lists no part"));
+        }
+        let mut parts = Vec::with_capacity(manifest.parts.len());
+        let mut kv = HashMap::new();
+        let mut row = 0u64;
+        for (k, mp) in manifest.parts.iter().enumerate() {
+            let plain = Path::new(&mp.file)
+                .components()
+                .all(|c| matches!(c, std::path::Component::Normal(_)));
+            if !plain || mp.file.contains('/') {
+                return Err(Error::corrupt(
+                    &mpath,
+                    None,
+                    format!("part name `{}` is not a file name", sanitize(&mp.file)),
+                ));
+            }
+            let p = dir.join(&mp.file);
+            let (part, pkv) = open_part(&p, log.clone())?;
+            let stamp: Option<format::PartStamp> = pkv
+                .get(format::KEY_PART)
+                .and_then(|s| serde_json::from_str(s).ok());
+            let held: u64 = part
+                .meta
+                .metadata()
+                .row_groups()
+                .iter()
+                .map(|g| u64::try_from(g.num_rows()).unwrap_or(0))
+                .sum();
+            let ours = stamp.as_ref().is_some_and(|s| {
+                s.identity == manifest.identity && s.index == k && s.count == manifest.parts.len()
+            });
+            if !ours {
+                return Err(Error::corrupt(
+                    &p,
+                    None,
+                    "this part is not of the conversion the manifest describes",
+                ));
+            }
+            if held != mp.rows || mp.first_row != row {
+                return Err(Error::corrupt(
+                    &p,
+                    None,
+                    format!(
+                        "the part holds {held} rows, the manifest says {} from row {}",
+                        mp.rows, mp.first_row
+                    ),
+                ));
+            }
+            row += held;
+            if k == 0 {
+                kv = pkv;
+            }
+            parts.push(part);
+        }
+        if row != manifest.rows {
+            return Err(Error::corrupt(
+                &mpath,
+                None,
+                format!(
+                    "the parts hold {row} rows, the manifest says {}",
+                    manifest.rows
+                ),
+            ));
+        }
+        kv.remove(format::KEY_PART);
+        kv.insert(
+            format::KEY_METADATA.to_string(),
+            manifest.metadata.to_string(),
+        );
+        let index = manifest.index.to_string();
+        kv.insert(format::KEY_INDEX.to_string(), index.clone());
+        let mut wf = Self::assemble(dir, parts, kv)?;
+        let tensors = format::parse_index(&wf.path, &index, row)?;
+        wf.set_tensors(tensors)?;
+        Ok(wf)
+    }
+
+    /// A weight file of `parts` (the same schema each), before its tensor list.
+    fn assemble(
+        path: PathBuf,
+        parts: Vec<PartFile>,
+        kv: HashMap<String, String>,
+    ) -> Result<WeightFile> {
+        let schema = parts[0].meta.schema().clone();
+        for p in &parts[1..] {
+            if p.meta.schema().fields() != schema.fields() {
+                return Err(Error::corrupt(
+                    &p.path,
+                    None,
+                    "this part's schema differs from the first part's",
                 ));
             }
         }
@@ -266,56 +461,47 @@ impl WeightFile {
         ]
         .iter()
         .all(|c| schema.field_with_name(c).is_ok());
-        let kv: HashMap<String, String> = meta
-            .metadata()
-            .file_metadata()
-            .key_value_metadata()
-            .map(|kv| {
-                kv.iter()
-                    .map(|k| (k.key.clone(), k.value.clone().unwrap_or_default()))
-                    .collect()
-            })
-            .unwrap_or_default();
-        let mut rg_first_row = Vec::with_capacity(meta.metadata().num_row_groups() + 1);
+        let mut rg_first_row = Vec::new();
+        let mut rg_part = Vec::new();
         let mut acc = 0u64;
-        for rg in meta.metadata().row_groups() {
-            rg_first_row.push(acc);
-            acc = acc.saturating_add(u64::try_from(rg.num_rows()).unwrap_or(0));
+        for (k, p) in parts.iter().enumerate() {
+            for (i, rg) in p.meta.metadata().row_groups().iter().enumerate() {
+                rg_first_row.push(acc);
+                rg_part.push((k, i));
+                acc = acc.saturating_add(u64::try_from(rg.num_rows()).unwrap_or(0));
+            }
         }
         rg_first_row.push(acc);
-        let mut wf = WeightFile {
+        Ok(WeightFile {
             path,
-            file,
-            meta,
+            parts,
+            rg_part,
             tensors: Vec::new(),
             by_name: HashMap::new(),
             rg_first_row,
             kv,
             has_checksums,
             quantized,
-        };
-        let tensors = match wf.kv.get(format::KEY_INDEX) {
-            Some(idx) => {
-                let rows = wf.rg_first_row.last().copied().unwrap_or(0);
-                format::parse_index(&wf.path, idx, rows)?
-            }
-            None => wf.tensors_from_scan()?,
-        };
+        })
+    }
+
+    /// Sets the tensor list, refusing two tensors of one name.
+    fn set_tensors(&mut self, tensors: Vec<TensorInfo>) -> Result<()> {
         // Names are keys: a second tensor of a name would be unreachable by name, and
         // reading "it" would give the first one's bytes.
         let mut by_name = HashMap::with_capacity(tensors.len());
         for (i, t) in tensors.iter().enumerate() {
             if by_name.insert(t.name.clone(), i).is_some() {
                 return Err(Error::corrupt(
-                    &wf.path,
+                    &self.path,
                     Some(&t.name),
                     "the file holds two tensors of this name",
                 ));
             }
         }
-        wf.by_name = by_name;
-        wf.tensors = tensors;
-        Ok(wf)
+        self.by_name = by_name;
+        self.tensors = tensors;
+        Ok(())
     }
 
     /// Builds the tensor list of a file without our footer index by reading the small
@@ -331,10 +517,11 @@ impl WeightFile {
                     format::COL_GROUP_SIZE,
                 ]);
             }
-            let mask = ProjectionMask::columns(self.meta.parquet_schema(), cols);
+            let p0 = &self.parts[0];
+            let mask = ProjectionMask::columns(p0.meta.parquet_schema(), cols);
             let rdr = ParquetRecordBatchReaderBuilder::new_with_metadata(
-                self.file.clone(),
-                self.meta.clone(),
+                p0.file.clone(),
+                p0.meta.clone(),
             )
             .with_projection(mask)
             .with_batch_size(8192)
@@ -448,9 +635,24 @@ impl WeightFile {
         self.kv.contains_key(format::KEY_INDEX)
     }
 
-    /// Parquet metadata (row groups, column chunks).
+    /// Parquet metadata (row groups, column chunks) of the file, or of a parted
+    /// output's first part ([`WeightFile::part_files`] has them all).
     pub fn parquet_metadata(&self) -> &parquet::file::metadata::ParquetMetaData {
-        self.meta.metadata()
+        self.parts[0].meta.metadata()
+    }
+
+    /// The Parquet files holding the rows, in row order: the file itself, or every part
+    /// of a parted output, each with its metadata.
+    pub fn part_files(&self) -> Vec<(&Path, &parquet::file::metadata::ParquetMetaData)> {
+        self.parts
+            .iter()
+            .map(|p| (p.path.as_path(), p.meta.metadata().as_ref()))
+            .collect()
+    }
+
+    /// True when the rows are in the part files of a directory (`--max-file-size`).
+    pub fn is_parted(&self) -> bool {
+        self.path.is_dir()
     }
 
     /// Row group holding global row `row`, and the row's position inside it.
@@ -486,14 +688,17 @@ impl WeightFile {
             let rg_rows = self.rg_first_row[rg + 1] - self.rg_first_row[rg];
             let take = (end - row).min(rg_rows - in_rg);
             let cols = self.row_columns(describe);
-            let mask = ProjectionMask::columns(self.meta.parquet_schema(), cols.iter().copied());
+            let (pi, lrg) = self.rg_part[rg];
+            let part = &self.parts[pi];
+            let path = &part.path;
+            let mask = ProjectionMask::columns(part.meta.parquet_schema(), cols.iter().copied());
             // Rows before `in_rg` are skipped only up to a page start of every binary
             // column read; the rest are read and dropped below. parquet 60.1 skips
             // binary values inside a page without bounds checks, and a damaged length
             // there made a later read ask the allocator for exabytes (an abort, not a
             // panic). Our files start a `data` page at every row, so nothing changes
             // for them; a page skipped whole is never decoded.
-            let skip = self.safe_skip(rg, in_rg, &mask);
+            let skip = safe_skip(part, lrg, in_rg, &mask);
             let mut drop_rows = in_rg - skip;
             let batches = guard(path, tensor, || {
                 let mut sel = Vec::new();
@@ -502,10 +707,10 @@ impl WeightFile {
                 }
                 sel.push(RowSelector::select((in_rg - skip + take) as usize));
                 let rdr = ParquetRecordBatchReaderBuilder::new_with_metadata(
-                    self.file.clone(),
-                    self.meta.clone(),
+                    part.file.clone(),
+                    part.meta.clone(),
                 )
-                .with_row_groups(vec![rg])
+                .with_row_groups(vec![lrg])
                 .with_projection(mask)
                 .with_row_selection(RowSelection::from(sel))
                 .with_batch_size(1)
@@ -542,38 +747,6 @@ impl WeightFile {
         Ok(())
     }
 
-    /// How many of the first `in_rg` rows of row group `rg` can be skipped without
-    /// skipping values inside a page of a binary column in `mask`: the latest page
-    /// start at or before `in_rg` common to all of them (0 without an offset index).
-    fn safe_skip(&self, rg: usize, in_rg: u64, mask: &ProjectionMask) -> u64 {
-        if in_rg == 0 {
-            return 0;
-        }
-        let meta = self.meta.metadata();
-        if meta.page_index().is_none() {
-            return 0;
-        }
-        let index = meta.page_index_for_row_group(rg);
-        let schema = self.meta.parquet_schema();
-        let mut skip = in_rg;
-        for (c, col) in schema.columns().iter().enumerate() {
-            if !mask.leaf_included(c) || col.physical_type() != parquet::basic::Type::BYTE_ARRAY {
-                continue;
-            }
-            let Some(pages) = index.page_locations(c) else {
-                return 0;
-            };
-            let start = pages
-                .iter()
-                .map(|p| u64::try_from(p.first_row_index).unwrap_or(0))
-                .filter(|&f| f <= skip)
-                .max()
-                .unwrap_or(0);
-            skip = skip.min(start);
-        }
-        skip
-    }
-
     /// The columns a row read needs: `data` and our extras, the V2 scales, and with
     /// `describe` the description cells.
     fn row_columns(&self, describe: bool) -> Vec<&'static str> {
@@ -581,7 +754,7 @@ impl WeightFile {
         if self.has_checksums {
             cols.push(format::COL_CHECKSUM);
         }
-        let schema = self.meta.schema();
+        let schema = self.parts[0].meta.schema();
         if schema.field_with_name(format::COL_CHUNK_OFFSET).is_ok() {
             cols.push(format::COL_CHUNK_OFFSET);
         }

@@ -104,6 +104,34 @@ pub(crate) struct WriteOptions {
     /// Memory over speed (one row group per thread in flight): the in-flight cap holds
     /// for every group, and groups start in plan order (see [`Budget`], [`start_order`]).
     pub(crate) lean: bool,
+    /// Hash the file's bytes with sha256 as they are written (the parts of a parted
+    /// output, whose manifest lists them).
+    pub(crate) sha256: bool,
+}
+
+/// The file under the writer's buffer: every byte hashed on its way (when asked).
+pub(crate) struct Hashing {
+    file: File,
+    sha: Option<sha2::Sha256>,
+}
+
+impl std::io::Write for Hashing {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        let n = self.file.write(buf)?;
+        if let Some(h) = &mut self.sha {
+            sha2::Digest::update(h, &buf[..n]);
+        }
+        Ok(n)
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        self.file.flush()
+    }
+}
+
+/// Lowercase hex of `bytes`.
+pub(crate) fn hex(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
 }
 
 /// What the cast stage saw, per planned tensor.
@@ -152,7 +180,7 @@ const WRITE_BUFFER_BYTES: usize = 256 << 10;
 /// A weight file being written: created, then its row groups written, then finished.
 pub(crate) struct WeightWriter {
     tmp: TempPath,
-    file: SerializedFileWriter<BufWriter<File>>,
+    file: SerializedFileWriter<BufWriter<Hashing>>,
     factory: ArrowRowGroupWriterFactory,
     schema: SchemaRef,
     /// The `data` leaf of the Parquet schema.
@@ -166,6 +194,8 @@ pub(crate) struct Written {
     pub(crate) tmp: TempPath,
     /// Bytes of the file.
     pub(crate) file_bytes: u64,
+    /// sha256 of the file (lowercase hex), when the options asked for it.
+    pub(crate) sha256: Option<String>,
 }
 
 impl WeightWriter {
@@ -180,7 +210,13 @@ impl WeightWriter {
         let schema = format::schema(opts.quantized);
         let perr = |e| Error::parquet(target, None, e);
         let writer = ArrowWriter::try_new_with_options(
-            BufWriter::with_capacity(WRITE_BUFFER_BYTES, file),
+            BufWriter::with_capacity(
+                WRITE_BUFFER_BYTES,
+                Hashing {
+                    file,
+                    sha: opts.sha256.then(<sha2::Sha256 as sha2::Digest>::new),
+                },
+            ),
             schema.clone(),
             ArrowWriterOptions::new().with_properties(writer_properties(opts.compression)),
         )
@@ -217,6 +253,24 @@ impl WeightWriter {
         cancel: &AtomicBool,
         progress: &dyn ProgressSink,
     ) -> Result<WriteStats> {
+        self.write_groups(source, plan, 0..plan.groups.len(), 0, cancel, progress)
+    }
+
+    /// [`WeightWriter::write`] of the row groups `groups` of `plan` only (one part of a
+    /// parted output), reporting progress from `done` source bytes on.
+    ///
+    /// # Errors
+    ///
+    /// As [`WeightWriter::write`].
+    pub(crate) fn write_groups(
+        &mut self,
+        source: &Source,
+        plan: &Plan,
+        groups: std::ops::Range<usize>,
+        done: u64,
+        cancel: &AtomicBool,
+        progress: &dyn ProgressSink,
+    ) -> Result<WriteStats> {
         let threads = self.opts.threads.max(1);
         let pool = rayon::ThreadPoolBuilder::new()
             .num_threads(threads)
@@ -242,18 +296,29 @@ impl WeightWriter {
         let stop = AtomicBool::new(false);
         let halted = || stop.load(Ordering::Relaxed) || cancel.load(Ordering::Relaxed);
         let (tx, rx) = crossbeam_channel::unbounded::<(usize, Result<Encoded>)>();
-        let mut appender =
-            Appender::new(&mut self.file, self.tmp.target(), plan, progress, &buffers);
+        let mut appender = Appender::new(
+            &mut self.file,
+            self.tmp.target(),
+            plan,
+            groups.clone(),
+            done,
+            progress,
+            &buffers,
+        );
         std::thread::scope(|ts| {
             // The producer is a plain thread: it blocks on the budget, never a rayon
             // worker.
             let (encoder, budget, halted) = (&encoder, &budget, &halted);
             let (pool, tx) = (&pool, tx);
             ts.spawn(move || {
-                let sizes: Vec<u64> = plan.groups.iter().map(|g| g.out_bytes).collect();
+                let sizes: Vec<u64> = plan.groups[groups.clone()]
+                    .iter()
+                    .map(|g| g.out_bytes)
+                    .collect();
                 pool.in_place_scope(|s| {
                     let threads = if budget.lean { 1 } else { threads };
                     for i in start_order(&sizes, budget.cap, threads) {
+                        let i = groups.start + i;
                         let g = &plan.groups[i];
                         if !budget.acquire(g.out_bytes, halted) {
                             break;
@@ -292,7 +357,7 @@ impl WeightWriter {
             .file
             .into_inner()
             .map_err(|e| Error::parquet(&target, None, e))?;
-        let file = buf
+        let Hashing { file, sha } = buf
             .into_inner()
             .map_err(|e| Error::io("write", &target, e.into_error()))?;
         file.sync_all().map_err(|e| Error::io("sync", &target, e))?;
@@ -303,6 +368,7 @@ impl WeightWriter {
         Ok(Written {
             tmp: self.tmp,
             file_bytes,
+            sha256: sha.map(|h| hex(&sha2::Digest::finalize(h))),
         })
     }
 }
@@ -498,7 +564,7 @@ impl Budget {
 /// Receives encoded row groups in any order and appends them in plan order, keeping
 /// the first error in plan order (a real error beats a cancellation it caused).
 struct Appender<'a> {
-    file: &'a mut SerializedFileWriter<BufWriter<File>>,
+    file: &'a mut SerializedFileWriter<BufWriter<Hashing>>,
     target: &'a std::path::Path,
     plan: &'a Plan,
     progress: &'a dyn ProgressSink,
@@ -506,6 +572,8 @@ struct Appender<'a> {
     pool: &'a BufferPool,
     pending: BTreeMap<usize, Result<Encoded>>,
     next: usize,
+    /// One past the last group to append.
+    end: usize,
     done_bytes: u64,
     stats: Vec<CastStats>,
     quant: Vec<QuantError>,
@@ -514,9 +582,11 @@ struct Appender<'a> {
 
 impl<'a> Appender<'a> {
     fn new(
-        file: &'a mut SerializedFileWriter<BufWriter<File>>,
+        file: &'a mut SerializedFileWriter<BufWriter<Hashing>>,
         target: &'a std::path::Path,
         plan: &'a Plan,
+        groups: std::ops::Range<usize>,
+        done: u64,
         progress: &'a dyn ProgressSink,
         pool: &'a BufferPool,
     ) -> Self {
@@ -527,8 +597,9 @@ impl<'a> Appender<'a> {
             progress,
             pool,
             pending: BTreeMap::new(),
-            next: 0,
-            done_bytes: 0,
+            next: groups.start,
+            end: groups.end,
+            done_bytes: done,
             stats: vec![CastStats::default(); plan.tensors.len()],
             quant: vec![QuantError::default(); plan.tensors.len()],
             error: None,
@@ -556,7 +627,7 @@ impl<'a> Appender<'a> {
         stop: &AtomicBool,
         cancel: &AtomicBool,
     ) {
-        while self.next < self.plan.groups.len() {
+        while self.next < self.end {
             let msg = match rx.recv_timeout(Duration::from_millis(100)) {
                 Ok(m) => Some(m),
                 Err(crossbeam_channel::RecvTimeoutError::Timeout) => None,
@@ -625,10 +696,9 @@ impl<'a> Appender<'a> {
         match self.error {
             Some(e) => Err(e),
             None if cancel.load(Ordering::Relaxed) => Err(Error::Cancelled),
-            None if self.next < self.plan.groups.len() => Err(Error::internal(format!(
-                "the encoders stopped after {} of {} row groups",
-                self.next,
-                self.plan.groups.len()
+            None if self.next < self.end => Err(Error::internal(format!(
+                "the encoders stopped at row group {} of {}",
+                self.next, self.end
             ))),
             None => Ok(WriteStats {
                 cast: self.stats,

@@ -64,6 +64,16 @@ pub struct ConvertArgs {
     /// those rows; modelconv's reader and pyarrow can.
     #[arg(long)]
     keep_quantized: bool,
+    /// Write weights.parquet as a directory of part files of at most this size each
+    /// (5GB, 2GiB; decimal units like llama.cpp's), whole row groups, a tensor split
+    /// over parts only when it alone is larger. Default: one file.
+    #[arg(long, value_parser = modelconv::parse_size, value_name = "SIZE")]
+    max_file_size: Option<u64>,
+    /// Finish an interrupted parted conversion into the same output: keep every
+    /// complete part of the same input, options and version that passes its checks,
+    /// convert the rest.
+    #[arg(long)]
+    resume: bool,
     /// Replace an existing conversion in the output directory.
     #[arg(long)]
     force: bool,
@@ -222,6 +232,8 @@ impl ConvertArgs {
             .threads(self.threads)
             .allow_overflow(self.allow_overflow)
             .keep_quantized(self.keep_quantized)
+            .max_file_size(self.max_file_size)
+            .resume(self.resume)
             .force(self.force)
             .extract_tokenizer(!self.no_tokenizer)
             .validate(self.validate)

@@ -82,6 +82,9 @@ type Outcome = Result<Exit, Failed>;
 fn hint(e: &Error) -> Option<&'static str> {
     match e {
         Error::OutputExists { .. } => Some("pass --force to replace it"),
+        Error::ResumeRefused { .. } => {
+            Some("convert into another output, or pass --force to start over")
+        }
         Error::Overflow { .. } => {
             Some("choose --dtype keep, bf16 or f32, or pass --allow-overflow")
         }

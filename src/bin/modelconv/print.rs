@@ -71,6 +71,23 @@ pub fn summary(r: &ConversionReport) {
             eprintln!("  {what:<10} {}", p.display());
         }
     }
+    if !r.parts.is_empty() {
+        let count =
+            |f: fn(&modelconv::PartStatus) -> bool| r.parts.iter().filter(|p| f(&p.status)).count();
+        let kept = count(|s| matches!(s, modelconv::PartStatus::Kept));
+        let redone = count(|s| matches!(s, modelconv::PartStatus::Redone { .. }));
+        eprintln!(
+            "  parts      {} ({} written, {kept} kept, {redone} redone), largest {}",
+            r.parts.len(),
+            r.parts.len() - kept - redone,
+            HumanBytes(r.parts.iter().map(|p| p.bytes).max().unwrap_or(0))
+        );
+        for p in &r.parts {
+            if let modelconv::PartStatus::Redone { reason } = &p.status {
+                eprintln!("    redone   {}: {}", p.file, sanitize(reason));
+            }
+        }
+    }
     if let Some(q) = &r.quantization {
         let m = &q.model;
         eprintln!(

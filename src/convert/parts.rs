@@ -1,0 +1,541 @@
+//! A parted output (`--max-file-size`): `weights.parquet/` is a directory of part files,
+//! each a complete weight file of whole row groups, written to a temp name, synced and
+//! renamed when complete; then `_manifest.json` (the parts, their sizes, rows, tensors
+//! and sha256) and, last, `metadata.json`. A directory without both is not a
+//! conversion.
+//!
+//! A part is a pure function of the plan and its index: its footer holds the part's
+//! own tensor index and a stamp ([`PartStamp`]) naming the plan it belongs to (the
+//! input's files and headers, the options, the modelconv version), never a time. So
+//! `--resume` can keep every complete part an interrupted conversion left that belongs
+//! to the same plan and passes its checks (footer, row checksums), and convert only the
+//! rest: the result is byte-identical to an uninterrupted run.
+
+use std::path::{Path, PathBuf};
+
+use serde::Serialize;
+use serde_json::{json, Value};
+use sha2::{Digest, Sha256};
+
+use super::{Committed, ConvertConfig, Job, Observer, ObserverSink};
+use crate::cast::{CastStats, QuantError};
+use crate::error::{Error, Result};
+use crate::format::{self, Identity, Manifest, ManifestPart, PartStamp, TensorIndex};
+use crate::read::WeightFile;
+use crate::write::atomic::{remove_stale_temp_files, sync_dir, TempPath};
+use crate::write::{hex, WeightWriter};
+use crate::Event;
+
+use super::output::OutputLayout;
+
+/// What became of one part.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case", tag = "status")]
+pub enum PartStatus {
+    /// Converted by this run.
+    Written,
+    /// Kept from an interrupted run (`--resume`): complete, of the same plan, checked.
+    Kept,
+    /// Converted again by this run: the part an interrupted run left failed its check.
+    Redone {
+        /// Why it was not kept.
+        reason: String,
+    },
+}
+
+/// One part of a parted output, as the report lists it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct PartOutcome {
+    /// File name inside `weights.parquet/`.
+    pub file: String,
+    /// Bytes of the file.
+    pub bytes: u64,
+    /// Rows it holds.
+    pub rows: u64,
+    /// sha256 of the file.
+    pub sha256: String,
+    /// Written, kept or redone.
+    #[serde(flatten)]
+    pub status: PartStatus,
+}
+
+/// sha256 of the canonical JSON of `v`.
+fn sha_json(v: &Value) -> String {
+    hex(&Sha256::digest(v.to_string().as_bytes()))
+}
+
+/// What the parts of `job` are converted from and how (see [`Identity`]).
+pub(crate) fn identity(job: &Job, config: &ConvertConfig) -> Identity {
+    let src = &job.source;
+    let files = src
+        .shards
+        .iter()
+        .map(|s| {
+            let name = s.path.file_name().map_or_else(
+                || s.path.display().to_string(),
+                |n| n.to_string_lossy().into_owned(),
+            );
+            (name, s.file_len)
+        })
+        .collect();
+    let headers: Vec<Value> = src
+        .shards
+        .iter()
+        .map(|s| {
+            let tensors: Vec<Value> = s
+                .header
+                .tensors
+                .iter()
+                .map(|t| json!([t.name, t.dtype.to_string(), t.shape, t.offset, t.len]))
+                .collect();
+            Value::Array(tensors)
+        })
+        .collect();
+    let scheme = src.scheme().map(|s| json!([s.method, s.params]));
+    let mut options = config.as_json();
+    if let Some(o) = options.as_object_mut() {
+        // Neither changes a part's bytes.
+        o.remove("validate_output");
+        o.remove("extract_tokenizer");
+    }
+    let plan = &job.plan;
+    let rows: Vec<Value> = plan
+        .rows
+        .iter()
+        .map(|r| json!([r.tensor, r.elem_start, r.elems]))
+        .collect();
+    let groups: Vec<Value> = plan
+        .groups
+        .iter()
+        .map(|g| json!([g.rows.start, g.rows.end]))
+        .collect();
+    let parts: Vec<Value> = plan
+        .parts
+        .iter()
+        .map(|p| json!([p.groups.start, p.groups.end]))
+        .collect();
+    let index = serde_json::to_value(TensorIndex::of(plan)).unwrap_or_default();
+    Identity {
+        format: format::FORMAT_VERSION.to_string(),
+        modelconv: env!("CARGO_PKG_VERSION").to_string(),
+        files,
+        input: sha_json(&json!([headers, scheme])),
+        options,
+        plan: sha_json(&json!([index, rows, groups, parts])),
+    }
+}
+
+/// What differs between the identity a part was written with (`was`) and this
+/// conversion's (`now`), if anything.
+pub(crate) fn differs(was: &Identity, now: &Identity) -> Option<String> {
+    if was.format != now.format || was.modelconv != now.modelconv {
+        return Some(format!(
+            "it was written by modelconv {} (format {}), this is modelconv {} (format {})",
+            was.modelconv, was.format, now.modelconv, now.format
+        ));
+    }
+    let list = |f: &[(String, u64)]| {
+        f.iter()
+            .map(|(n, s)| format!("{n} ({s} bytes)"))
+            .collect::<Vec<_>>()
+            .join(", ")
+    };
+    if was.files != now.files {
+        return Some(format!(
+            "it was converted from other input files: {}; this input is {}",
+            list(&was.files),
+            list(&now.files)
+        ));
+    }
+    if was.input != now.input {
+        return Some(
+            "it was converted from an input whose headers differ (same files and sizes: another checkpoint, or one rewritten since)"
+                .into(),
+        );
+    }
+    if was.options != now.options {
+        let (a, b) = (was.options.as_object(), now.options.as_object());
+        let mut keys: Vec<&String> = a.into_iter().chain(b).flat_map(|o| o.keys()).collect();
+        keys.sort();
+        keys.dedup();
+        let show = |o: Option<&serde_json::Map<String, Value>>, k: &str| {
+            o.and_then(|o| o.get(k))
+                .map_or("unset".to_string(), Value::to_string)
+        };
+        let diff: Vec<String> = keys
+            .into_iter()
+            .filter(|k| a.and_then(|o| o.get(*k)) != b.and_then(|o| o.get(*k)))
+            .map(|k| format!("{k} {} (now {})", show(a, k), show(b, k)))
+            .collect();
+        return Some(format!(
+            "it was converted with other options: {}",
+            diff.join(", ")
+        ));
+    }
+    if was.plan != now.plan {
+        return Some("its plan differs (another selection of tensors or rows)".into());
+    }
+    None
+}
+
+/// A kept part: its size, hash and what its cast saw.
+struct Kept {
+    bytes: u64,
+    sha256: String,
+    stamp: PartStamp,
+}
+
+/// Checks the part file at `path` for part `index` of this plan: `Ok(Ok(kept))` to
+/// keep it, `Ok(Err(reason))` to convert it again, `Err` when it belongs to another
+/// plan (resuming would mix two conversions).
+fn check_part(
+    path: &Path,
+    now: &Identity,
+    index: usize,
+    count: usize,
+    rows: u64,
+) -> Result<std::result::Result<Kept, String>> {
+    let wf = match WeightFile::open(path) {
+        Ok(wf) => wf,
+        Err(e) => return Ok(Err(format!("unreadable ({e})"))),
+    };
+    let stamp: PartStamp = match wf
+        .key_value(format::KEY_PART)
+        .map(serde_json::from_str::<PartStamp>)
+    {
+        Some(Ok(s)) => s,
+        Some(Err(e)) => return Ok(Err(format!("its part stamp is damaged ({e})"))),
+        None => return Ok(Err("it has no part stamp".into())),
+    };
+    if let Some(why) = differs(&stamp.identity, now) {
+        return Err(Error::ResumeRefused {
+            path: path.to_path_buf(),
+            reason: why,
+        });
+    }
+    if stamp.index != index || stamp.count != count || stamp.rows != rows {
+        return Ok(Err(format!(
+            "it holds part {} of {} ({} rows), not part {} of {count} ({rows} rows)",
+            stamp.index + 1,
+            stamp.count,
+            stamp.rows,
+            index + 1
+        )));
+    }
+    let held: u64 = wf
+        .parquet_metadata()
+        .row_groups()
+        .iter()
+        .map(|g| u64::try_from(g.num_rows()).unwrap_or(0))
+        .sum();
+    if held != rows {
+        return Ok(Err(format!("it holds {held} rows, not {rows}")));
+    }
+    let mut bad = None;
+    for rg in 0..wf.num_row_groups() {
+        let scanned = wf.scan_row_group(rg, false, &mut |r| {
+            let ok = r
+                .checksum
+                .is_some_and(|c| c == xxhash_rust::xxh3::xxh3_64(r.data));
+            if !ok && bad.is_none() {
+                bad = Some(r.row);
+            }
+            Ok(())
+        });
+        if let Err(e) = scanned {
+            return Ok(Err(format!("row group {rg} is unreadable ({e})")));
+        }
+    }
+    if let Some(row) = bad {
+        return Ok(Err(format!("row {row} fails its checksum")));
+    }
+    let mut file = std::fs::File::open(path).map_err(|e| Error::io("open", path, e))?;
+    let mut sha = Sha256::new();
+    let mut buf = vec![0u8; 1 << 20];
+    let mut bytes = 0u64;
+    loop {
+        let n = std::io::Read::read(&mut file, &mut buf).map_err(|e| Error::io("read", path, e))?;
+        if n == 0 {
+            break;
+        }
+        sha.update(&buf[..n]);
+        bytes += n as u64;
+    }
+    Ok(Ok(Kept {
+        bytes,
+        sha256: hex(&sha.finalize()),
+        stamp,
+    }))
+}
+
+/// Writes the parts of `job` that are missing (all of them, unless resuming), then the
+/// manifest and the side files, `metadata.json` last.
+pub(crate) fn write_and_commit(
+    job: &Job,
+    out: &OutputLayout,
+    config: &ConvertConfig,
+    observer: &dyn Observer,
+    stale: &[String],
+) -> Result<Committed> {
+    job.notify(observer, stale);
+    let plan = &job.plan;
+    let dir = out.weights().to_path_buf();
+    let now = identity(job, config);
+    if dir.is_file() {
+        if config.resume {
+            return Err(Error::ResumeRefused {
+                path: dir,
+                reason: "it is a single-file conversion, not parts".into(),
+            });
+        }
+        // --force: the file goes; its metadata.json first, so nothing looks complete.
+        remove(out.metadata())?;
+        remove(&dir)?;
+    } else if dir.is_dir() && !config.resume {
+        remove(out.metadata())?;
+        std::fs::remove_dir_all(&dir).map_err(|e| Error::io("remove", &dir, e))?;
+    }
+    // From here on the output is not a conversion until the manifest and metadata.json
+    // are renamed into place again.
+    remove(out.metadata())?;
+    remove(&dir.join(format::MANIFEST_FILE))?;
+    std::fs::create_dir_all(&dir).map_err(|e| Error::io("create", &dir, e))?;
+    let stale_parts = remove_stale_temp_files(&dir);
+    if !stale_parts.is_empty() {
+        let message = format!(
+            "removed {} temp file(s) a killed conversion left in {}",
+            stale_parts.len(),
+            dir.display()
+        );
+        observer.event(&Event::Notice(&message));
+    }
+    let count = plan.parts.len();
+    let names: Vec<String> = (0..count).map(|k| format::part_name(k, count)).collect();
+    // Every part file there must belong to this plan (a part of another count, or of
+    // another input, would be mixed in by a dataset reader).
+    refuse_foreign(&dir, &names, &now, config.resume)?;
+
+    let mut outcomes: Vec<Option<PartOutcome>> = vec![None; count];
+    let mut stats = vec![CastStats::default(); plan.tensors.len()];
+    let mut quant = vec![QuantError::default(); plan.tensors.len()];
+    let mut todo = Vec::new();
+    for (k, part) in plan.parts.iter().enumerate() {
+        let path = dir.join(&names[k]);
+        let rows = (part.rows.end - part.rows.start) as u64;
+        if config.resume && path.exists() {
+            match check_part(&path, &now, k, count, rows)? {
+                Ok(kept) => {
+                    merge_stamp(&kept.stamp, &mut stats, &mut quant);
+                    outcomes[k] = Some(PartOutcome {
+                        file: names[k].clone(),
+                        bytes: kept.bytes,
+                        rows,
+                        sha256: kept.sha256,
+                        status: PartStatus::Kept,
+                    });
+                    continue;
+                }
+                Err(reason) => todo.push((k, PartStatus::Redone { reason })),
+            }
+        } else {
+            todo.push((k, PartStatus::Written));
+        }
+    }
+    let kept_src: u64 = (0..count)
+        .filter(|k| outcomes[*k].is_some())
+        .map(|k| part_src_bytes(job, k))
+        .sum();
+    let total: u64 = plan.src_bytes() - kept_src;
+    observer.event(&Event::Planned {
+        tensors: plan.tensors.len(),
+        source_bytes: total,
+    });
+    let sink = ObserverSink { observer, total };
+    let mut done = 0u64;
+    for (k, status) in todo {
+        let part = &plan.parts[k];
+        let target = dir.join(&names[k]);
+        let mut writer = WeightWriter::create(&target, config.write_options())?;
+        let st = writer.write_groups(
+            &job.source,
+            plan,
+            part.groups.clone(),
+            done,
+            &config.cancel,
+            &sink,
+        )?;
+        done += part_src_bytes(job, k);
+        let stamp = PartStamp {
+            index: k,
+            count,
+            first_row: part.rows.start as u64,
+            rows: (part.rows.end - part.rows.start) as u64,
+            identity: now.clone(),
+            cast: st
+                .cast
+                .iter()
+                .enumerate()
+                .filter(|(_, s)| **s != CastStats::default())
+                .map(|(t, s)| (t, s.nan, s.inf, s.overflow, s.max_overflow))
+                .collect(),
+            quant: st
+                .quant
+                .iter()
+                .enumerate()
+                .filter(|(_, q)| **q != QuantError::default())
+                .map(|(t, q)| (t, q.sum_x2, q.sum_e2, q.max_abs, q.count))
+                .collect(),
+        };
+        merge_stamp(&stamp, &mut stats, &mut quant);
+        let written = writer.finish(format::part_footer(plan, &stamp))?;
+        if config.cancel.load(std::sync::atomic::Ordering::Relaxed) {
+            return Err(Error::Cancelled);
+        }
+        let (bytes, sha) = (
+            written.file_bytes,
+            written.sha256.clone().unwrap_or_default(),
+        );
+        written.tmp.commit()?;
+        sync_dir(&dir);
+        outcomes[k] = Some(PartOutcome {
+            file: names[k].clone(),
+            bytes,
+            rows: stamp.rows,
+            sha256: sha,
+            status,
+        });
+    }
+    let outcomes: Vec<PartOutcome> = outcomes.into_iter().flatten().collect();
+    if outcomes.len() != count {
+        return Err(Error::internal("a part was neither kept nor written"));
+    }
+    job.notice_overflow(&stats, observer);
+    let quant_report = job.quant_report(&quant);
+    let listed: Vec<ManifestPart> = plan
+        .parts
+        .iter()
+        .zip(&outcomes)
+        .map(|(p, o)| {
+            let first = &plan.tensors
+                [plan.rows[p.rows.start.min(plan.rows.len().saturating_sub(1))].tensor];
+            let last = &plan.tensors[plan.rows[p.rows.end.saturating_sub(1)].tensor];
+            ManifestPart {
+                file: o.file.clone(),
+                bytes: o.bytes,
+                sha256: o.sha256.clone(),
+                first_row: p.rows.start as u64,
+                rows: o.rows,
+                row_groups: p.groups.end - p.groups.start,
+                tensors: (first.name.clone(), last.name.clone()),
+            }
+        })
+        .collect();
+    let mut metadata = job.metadata(config, out, &stats, quant_report.as_ref());
+    if let Some(o) = metadata.as_object_mut() {
+        o.insert(
+            "parts".into(),
+            serde_json::to_value(&listed).unwrap_or_default(),
+        );
+    }
+    let manifest = Manifest {
+        format_version: format::FORMAT_VERSION.to_string(),
+        identity: now,
+        parts: listed,
+        rows: plan.rows.len() as u64,
+        index: serde_json::to_value(TensorIndex::of(plan)).unwrap_or_default(),
+        metadata: metadata.clone(),
+    };
+    let text = serde_json::to_string_pretty(&manifest)
+        .map_err(|e| Error::internal(format!("{}: {e}", format::MANIFEST_FILE)))?;
+    let staged = out.stage(&metadata)?;
+    if config.cancel.load(std::sync::atomic::Ordering::Relaxed) {
+        return Err(Error::Cancelled);
+    }
+    let m = TempPath::beside(&dir.join(format::MANIFEST_FILE));
+    m.write_all(text.as_bytes())?;
+    m.commit()?;
+    sync_dir(&dir);
+    staged.commit(None)?;
+    let file_bytes = outcomes.iter().map(|o| o.bytes).sum();
+    Ok(Committed {
+        file_bytes,
+        metadata,
+        quant: quant_report,
+        parts: outcomes,
+    })
+}
+
+/// Source bytes part `k` of `job`'s plan reads.
+fn part_src_bytes(job: &Job, k: usize) -> u64 {
+    job.plan.groups[job.plan.parts[k].groups.clone()]
+        .iter()
+        .map(|g| g.src_bytes)
+        .sum()
+}
+
+/// Adds a part's stamped statistics to the conversion's.
+fn merge_stamp(stamp: &PartStamp, stats: &mut [CastStats], quant: &mut [QuantError]) {
+    for &(t, nan, inf, overflow, max_overflow) in &stamp.cast {
+        if let Some(s) = stats.get_mut(t) {
+            s.merge(&CastStats {
+                nan,
+                inf,
+                overflow,
+                max_overflow,
+            });
+        }
+    }
+    for &(t, sum_x2, sum_e2, max_abs, count) in &stamp.quant {
+        if let Some(q) = quant.get_mut(t) {
+            q.merge(&QuantError {
+                sum_x2,
+                sum_e2,
+                max_abs,
+                count,
+            });
+        }
+    }
+}
+
+/// Refuses part files in `dir` that this plan does not name: with `resume`, saying
+/// what differs in the plan that wrote it; without, as an existing conversion (the
+/// directory was emptied, so none is there).
+fn refuse_foreign(dir: &Path, names: &[String], now: &Identity, resume: bool) -> Result<()> {
+    let entries = std::fs::read_dir(dir).map_err(|e| Error::io("list", dir, e))?;
+    let mut foreign: Vec<PathBuf> = entries
+        .flatten()
+        .map(|e| e.path())
+        .filter(|p| {
+            let n = p.file_name().map(|n| n.to_string_lossy().into_owned());
+            n.is_some_and(|n| n.starts_with("part-") && !names.contains(&n))
+        })
+        .collect();
+    foreign.sort();
+    let Some(p) = foreign.into_iter().next() else {
+        return Ok(());
+    };
+    let why = WeightFile::open(&p)
+        .ok()
+        .and_then(|wf| {
+            let s: PartStamp = serde_json::from_str(wf.key_value(format::KEY_PART)?).ok()?;
+            Some(differs(&s.identity, now))
+        })
+        .flatten();
+    Err(match (resume, why) {
+        (true, Some(reason)) => Error::ResumeRefused { path: p, reason },
+        (true, None) => Error::ResumeRefused {
+            path: p,
+            reason: "this conversion plans no part of this name (another part count, or not a modelconv part)".into(),
+        },
+        (false, _) => Error::OutputExists { path: p },
+    })
+}
+
+/// Removes a file if it is there.
+fn remove(p: &Path) -> Result<()> {
+    match std::fs::remove_file(p) {
+        Ok(()) => Ok(()),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
+        Err(e) => Err(Error::io("remove", p, e)),
+    }
+}
