@@ -175,6 +175,8 @@ class ConversionConfig:
     force: bool = False
     allow_overflow: bool = False
     keep_quantized: bool = False
+    max_file_size: Optional[Union[int, str]] = None
+    resume: bool = False
     quantize: Optional[str] = None
     group_size: int = 0
     quant_scheme: str = "symmetric"
@@ -200,6 +202,8 @@ class ConversionConfig:
             "force": self.force,
             "allow_overflow": self.allow_overflow,
             "keep_quantized": self.keep_quantized,
+            "max_file_size": self.max_file_size,
+            "resume": self.resume,
             "quantize": self.quantize,
             "group_size": self.group_size,
             "quant_scheme": self.quant_scheme,
@@ -228,6 +232,7 @@ class ConversionResult:
     metadata: Dict[str, Any] = field(default_factory=dict)
     notices: List[str] = field(default_factory=list)
     quantization: Optional[Dict[str, Any]] = None
+    parts: List[Dict[str, Any]] = field(default_factory=list)
 
 
 def _progress(progress: Union[bool, Callable[[int, int], None], None]) -> Tuple[Optional[Callable[[int, int], None]], Callable[[], None]]:

@@ -145,6 +145,13 @@ fn config(opts: Option<&Bound<'_, PyDict>>, cancel: Arc<AtomicBool>) -> PyResult
                 "row_group_bytes" => b.row_group_bytes(v.extract()?),
                 "allow_overflow" => b.allow_overflow(v.extract()?),
                 "keep_quantized" => b.keep_quantized(v.extract()?),
+                "max_file_size" => match v.extract::<u64>() {
+                    Ok(n) => b.max_file_size(Some(n)),
+                    Err(_) => b.max_file_size(Some(
+                        modelconv::parse_size(&v.extract::<String>()?).map_err(option_err)?,
+                    )),
+                },
+                "resume" => b.resume(v.extract()?),
                 "force" => b.force(v.extract()?),
                 "extract_tokenizer" => b.extract_tokenizer(v.extract()?),
                 "validate" | "validate_output" => b.validate(v.extract()?),

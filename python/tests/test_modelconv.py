@@ -344,3 +344,39 @@ def test_a_prequantized_checkpoint_without_its_scale_is_a_typed_error(tmp_path):
     r = modelconv.convert(src, tmp_path / "kept", keep_quantized=True, validate=False)
     t = pq.read_table(tmp_path / "kept" / "weights.parquet")
     assert t.column("dtype").to_pylist() == ["torch.float8_e4m3fn"]
+
+
+def test_a_parted_conversion_resumes_and_reads_back_as_one_file(tmp_path):
+    from modelconv import ModelConverter, ConversionConfig
+
+    one, parted = tmp_path / "one", tmp_path / "parted"
+    modelconv.convert(MINILM, one, validate=False)
+    cfg = ConversionConfig(max_file_size="10MB", validate_output=True)
+    r = ModelConverter(cfg).convert(str(MINILM), str(parted))
+    assert r.success, r.error_message
+    assert r.validation_passed is True
+    files = sorted(p.name for p in (parted / "weights.parquet").iterdir())
+    assert files[0] == "_manifest.json" and len(files) == len(r.parts) + 1
+    assert [p["file"] for p in r.parts] == files[1:]
+    assert all(p["status"] == "written" and p["bytes"] <= 10_000_000 for p in r.parts)
+    assert r.file_size_mb == sum(p["bytes"] for p in r.parts) / 2**20
+    # Every tensor reads back from the parts as from the single file, bit for bit.
+    a, b = modelconv.load_file(one), modelconv.load_file(parted)
+    assert a.keys() == b.keys()
+    for k in a:
+        assert a[k].dtype == b[k].dtype and a[k].shape == b[k].shape, k
+        assert a[k].tobytes() == b[k].tobytes(), k
+    assert modelconv.open(parted)["embeddings.word_embeddings.weight"].shape == (30522, 384)
+    # Interrupted (no manifest, no metadata.json): resume keeps every part.
+    (parted / "metadata.json").unlink()
+    (parted / "weights.parquet" / "_manifest.json").unlink()
+    with pytest.raises(modelconv.CorruptFileError, match="not a complete conversion"):
+        modelconv.open(parted)
+    r2 = ModelConverter(ConversionConfig(max_file_size=10_000_000, resume=True)).convert(str(MINILM), str(parted))
+    assert r2.success, r2.error_message
+    assert [p["status"] for p in r2.parts] == ["kept"] * len(r.parts)
+    assert [p["sha256"] for p in r2.parts] == [p["sha256"] for p in r.parts]
+    # Other options are refused, saying which.
+    (parted / "metadata.json").unlink()
+    with pytest.raises(modelconv.OutputError, match=r"cannot resume: it was converted with other options: compression_level 3 \(now 5\)"):
+        modelconv.convert(MINILM, parted, max_file_size="10MB", resume=True, compression_level=5)

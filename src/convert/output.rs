@@ -343,6 +343,7 @@ impl OutputLock {
                 _ => false,
             };
             if same {
+                crate::write::atomic::track(&path);
                 return Ok(OutputLock {
                     path,
                     file: Some(file),
@@ -357,6 +358,7 @@ impl Drop for OutputLock {
     fn drop(&mut self) {
         // Removed while still held (see `acquire`), then unlocked by the close.
         let _ = std::fs::remove_file(&self.path);
+        crate::write::atomic::untrack(&self.path);
         drop(self.file.take());
     }
 }

@@ -295,10 +295,6 @@ pub(crate) fn write_and_commit(
         remove(out.metadata())?;
         std::fs::remove_dir_all(&dir).map_err(|e| Error::io("remove", &dir, e))?;
     }
-    // From here on the output is not a conversion until the manifest and metadata.json
-    // are renamed into place again.
-    remove(out.metadata())?;
-    remove(&dir.join(format::MANIFEST_FILE))?;
     std::fs::create_dir_all(&dir).map_err(|e| Error::io("create", &dir, e))?;
     let stale_parts = remove_stale_temp_files(&dir);
     if !stale_parts.is_empty() {
@@ -341,6 +337,10 @@ pub(crate) fn write_and_commit(
             todo.push((k, PartStatus::Written));
         }
     }
+    // Every kept part checked: from here on the output is not a conversion until the
+    // manifest and metadata.json are renamed into place again.
+    remove(out.metadata())?;
+    remove(&dir.join(format::MANIFEST_FILE))?;
     let kept_src: u64 = (0..count)
         .filter(|k| outcomes[*k].is_some())
         .map(|k| part_src_bytes(job, k))

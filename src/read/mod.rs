@@ -196,6 +196,23 @@ struct PartFile {
     meta: ArrowReaderMetadata,
 }
 
+/// Whether directory `dir` is a parted output's `weights.parquet/` (complete or not):
+/// named so, or holding a manifest or part files.
+fn is_parted(dir: &Path) -> bool {
+    if dir.file_name().is_some_and(|n| n == format::WEIGHTS_FILE)
+        || dir.join(format::MANIFEST_FILE).exists()
+    {
+        return true;
+    }
+    std::fs::read_dir(dir).is_ok_and(|entries| {
+        entries.flatten().any(|e| {
+            let n = e.file_name();
+            let n = n.to_string_lossy();
+            n.starts_with("part-") && n.ends_with(".parquet")
+        })
+    })
+}
+
 /// Opens one Parquet weight file (the whole, or a part): mapped, its footer read and
 /// checked, the seed's columns present. Returns it with its key-value metadata.
 fn open_part(path: &Path, log: Option<RangeLog>) -> Result<(PartFile, HashMap<String, String>)> {
@@ -320,7 +337,7 @@ impl WeightFile {
     pub fn open_with(path: impl AsRef<Path>, log: Option<RangeLog>) -> Result<WeightFile> {
         crate::source::refuse_big_endian_host()?;
         let mut path = path.as_ref().to_path_buf();
-        if path.is_dir() && path.join(format::WEIGHTS_FILE).exists() {
+        if path.is_dir() && !is_parted(&path) {
             path = path.join(format::WEIGHTS_FILE);
         }
         if path.is_dir() {

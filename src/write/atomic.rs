@@ -21,6 +21,21 @@ pub fn remove_temp_files() {
     }
 }
 
+/// Registers a file for [`remove_temp_files`] (a lock file, removed with the temp
+/// files when a second Ctrl-C exits at once).
+pub(crate) fn track(path: &Path) {
+    if let Ok(mut live) = LIVE.lock() {
+        live.push(path.to_path_buf());
+    }
+}
+
+/// Unregisters a file [`track`] registered.
+pub(crate) fn untrack(path: &Path) {
+    if let Ok(mut live) = LIVE.lock() {
+        live.retain(|p| p != path);
+    }
+}
+
 /// A file or directory being written beside its final name.
 #[derive(Debug)]
 pub(crate) struct TempPath {

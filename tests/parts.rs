@@ -1,0 +1,438 @@
+//! Output in parts (`--max-file-size`) and `--resume`, through the real binary: the
+//! parts read back as the single file does (our reader, export, verify, pyarrow as the
+//! seed's loader calls it), a conversion killed after its first part resumes into the
+//! same bytes, and what must not be resumed is refused saying what differs.
+
+mod common;
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+use std::time::{Duration, Instant};
+
+use common::{minilm, python, tempdir};
+use modelconv::WeightFile;
+use sha2::{Digest, Sha256};
+
+fn bin() -> Command {
+    Command::new(env!("CARGO_BIN_EXE_modelconv"))
+}
+
+fn run(args: &[&str]) -> Output {
+    bin().args(args).output().expect("run modelconv")
+}
+
+fn text(b: &[u8]) -> String {
+    String::from_utf8_lossy(b).into_owned()
+}
+
+fn convert(input: &Path, out: &Path, extra: &[&str]) -> Output {
+    let mut args = vec![
+        "convert",
+        input.to_str().unwrap(),
+        "-o",
+        out.to_str().unwrap(),
+    ];
+    args.extend_from_slice(extra);
+    run(&args)
+}
+
+fn ok(o: &Output) {
+    assert!(o.status.success(), "failed: {}", text(&o.stderr));
+}
+
+/// sha256 of every part file in `dir`, by name.
+fn part_hashes(dir: &Path) -> BTreeMap<String, String> {
+    std::fs::read_dir(dir)
+        .unwrap()
+        .flatten()
+        .filter(|e| e.file_name().to_string_lossy().starts_with("part-"))
+        .map(|e| {
+            let h = Sha256::digest(std::fs::read(e.path()).unwrap());
+            let hex: String = h.iter().map(|b| format!("{b:02x}")).collect();
+            (e.file_name().to_string_lossy().into_owned(), hex)
+        })
+        .collect()
+}
+
+#[test]
+fn a_parted_conversion_reads_back_as_the_single_file_does() {
+    let tmp = tempdir();
+    let (one, parted) = (tmp.path().join("one"), tmp.path().join("parted"));
+    ok(&convert(&minilm(), &one, &["--quiet"]));
+    ok(&convert(
+        &minilm(),
+        &parted,
+        &["--quiet", "--max-file-size", "10MB"],
+    ));
+    let dir = parted.join("weights.parquet");
+    assert!(dir.is_dir());
+
+    // Part names sort in row order, each at most 10 MB; nothing else a dataset reader
+    // would take for data.
+    let mut names: Vec<String> = std::fs::read_dir(&dir)
+        .unwrap()
+        .flatten()
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .collect();
+    names.sort();
+    let count = names.len() - 1;
+    assert!(count >= 4, "{names:?}");
+    assert_eq!(names[0], "_manifest.json");
+    for (k, n) in names[1..].iter().enumerate() {
+        assert_eq!(n, &format!("part-{:05}-of-{count:05}.parquet", k + 1));
+        let len = std::fs::metadata(dir.join(n)).unwrap().len();
+        assert!(len <= 10_000_000, "{n}: {len} bytes");
+    }
+
+    // The manifest lists every part with its size, rows and sha256; metadata.json too.
+    let manifest: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(dir.join("_manifest.json")).unwrap()).unwrap();
+    let hashes = part_hashes(&dir);
+    let listed = manifest["parts"].as_array().unwrap();
+    assert_eq!(listed.len(), count);
+    let mut rows = 0;
+    for p in listed {
+        let f = p["file"].as_str().unwrap();
+        assert_eq!(p["sha256"].as_str().unwrap(), hashes[f]);
+        assert_eq!(
+            p["bytes"].as_u64().unwrap(),
+            std::fs::metadata(dir.join(f)).unwrap().len()
+        );
+        assert_eq!(p["first_row"].as_u64().unwrap(), rows);
+        rows += p["rows"].as_u64().unwrap();
+    }
+    assert_eq!(manifest["rows"].as_u64().unwrap(), rows);
+    let meta: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(parted.join("metadata.json")).unwrap()).unwrap();
+    assert_eq!(&meta["parts"], &manifest["parts"]);
+
+    // Our reader: every tensor's bytes equal the single file's.
+    let (a, b) = (
+        WeightFile::open(&one).unwrap(),
+        WeightFile::open(&parted).unwrap(),
+    );
+    assert!(b.is_parted());
+    assert_eq!(b.part_files().len(), count);
+    assert_eq!(a.tensors().len(), b.tensors().len());
+    for t in a.tensors() {
+        assert_eq!(
+            a.tensor(&t.name).unwrap().data,
+            b.tensor(&t.name).unwrap().data,
+            "{}",
+            t.name
+        );
+    }
+    // The embedding is larger than a part: its rows span parts and read back whole.
+    let emb = b.info("embeddings.word_embeddings.weight").unwrap();
+    assert!(emb.rows >= 3);
+
+    // Export gives the same safetensors bytes; verify checks every part against the
+    // source.
+    let (ea, eb) = (
+        tmp.path().join("a.safetensors"),
+        tmp.path().join("b.safetensors"),
+    );
+    ok(&run(&[
+        "export",
+        one.to_str().unwrap(),
+        ea.to_str().unwrap(),
+    ]));
+    ok(&run(&[
+        "export",
+        parted.to_str().unwrap(),
+        eb.to_str().unwrap(),
+    ]));
+    assert_eq!(std::fs::read(&ea).unwrap(), std::fs::read(&eb).unwrap());
+    let v = run(&[
+        "verify",
+        parted.to_str().unwrap(),
+        "--source",
+        minilm().to_str().unwrap(),
+    ]);
+    ok(&v);
+    assert!(
+        text(&v.stdout).contains("every value equals the cast of the source"),
+        "{}",
+        text(&v.stdout)
+    );
+
+    // pyarrow reads the directory as one table, exactly as the seed's loader calls it,
+    // rows in part order: the single file's rows, the embedding (larger than a part)
+    // in consecutive rows whose data concatenate to the single file's.
+    let script = r#"
+import sys, pyarrow.parquet as pq
+a = pq.read_table(sys.argv[1], memory_map=True)
+b = pq.read_table(sys.argv[2], memory_map=True)
+def rows(t):
+    out = []
+    for n, s, d, data in zip(*(t.column(c).to_pylist() for c in ["layer_name", "shape", "dtype", "data"])):
+        if out and out[-1][0] == n:
+            out[-1][3] += data
+        else:
+            out.append([n, s, d, data])
+    return out
+assert rows(a) == rows(b)
+print(b.num_rows)
+"#;
+    let o = Command::new(python())
+        .args(["-c", script])
+        .arg(one.join("weights.parquet"))
+        .arg(&dir)
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", text(&o.stderr));
+    assert_eq!(text(&o.stdout).trim(), rows.to_string());
+}
+
+/// Options that make the conversion slow enough to kill after its first part; the
+/// thread count is not part of a plan, so the resumed run may use more.
+const SLOW: [&str; 6] = [
+    "--level",
+    "19",
+    "--row-group-mb",
+    "1",
+    "--max-file-size",
+    "8MB",
+];
+
+#[test]
+fn a_conversion_killed_after_its_first_part_resumes_into_the_same_bytes() {
+    let tmp = tempdir();
+    let (whole, out) = (tmp.path().join("whole"), tmp.path().join("out"));
+    let mut reference = vec!["--quiet"];
+    reference.extend_from_slice(&SLOW);
+    ok(&convert(&minilm(), &whole, &reference));
+
+    let mut child = bin()
+        .args([
+            "convert",
+            minilm().to_str().unwrap(),
+            "-o",
+            out.to_str().unwrap(),
+            "--quiet",
+        ])
+        .args(SLOW)
+        .args(["--threads", "1"])
+        .spawn()
+        .unwrap();
+    let dir = out.join("weights.parquet");
+    let first = dir.join("part-00001-of-00007.parquet");
+    let started = Instant::now();
+    while !first.exists() {
+        assert!(
+            started.elapsed() < Duration::from_secs(120),
+            "no first part"
+        );
+        if child.try_wait().unwrap().is_some() {
+            panic!("the conversion ended before it could be killed");
+        }
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    child.kill().unwrap();
+    child.wait().unwrap();
+    // Killed: complete parts, at most a temp file, no manifest, no metadata.json.
+    assert!(!out.join("metadata.json").exists());
+    assert!(!dir.join("_manifest.json").exists());
+    let left = part_hashes(&dir);
+    assert!(!left.is_empty() && left.len() < 7, "{left:?}");
+    // Not a conversion: the reader says so.
+    let e = WeightFile::open(&out).unwrap_err().to_string();
+    assert!(e.ends_with("a directory without _manifest.json: not a complete conversion (an interrupted parted conversion finishes with --resume)"), "{e}");
+    // Without --resume it is refused as an existing conversion.
+    let o = convert(&minilm(), &out, &SLOW);
+    assert_eq!(o.status.code(), Some(1));
+    assert!(
+        text(&o.stderr).contains("output already holds a conversion"),
+        "{}",
+        text(&o.stderr)
+    );
+
+    let mut args = vec!["--json", "--threads", "2"];
+    args.extend_from_slice(&SLOW);
+    let o = convert(&minilm(), &out, &[&args[..], &["--resume"]].concat());
+    ok(&o);
+    let report: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    let statuses: Vec<&str> = report["parts"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|p| p["status"].as_str().unwrap())
+        .collect();
+    assert_eq!(statuses.len(), 7);
+    let kept = statuses.iter().filter(|s| **s == "kept").count();
+    assert_eq!(kept, left.len(), "{statuses:?}");
+    assert!(
+        statuses[..kept].iter().all(|s| *s == "kept"),
+        "{statuses:?}"
+    );
+    assert!(
+        statuses[kept..].iter().all(|s| *s == "written"),
+        "{statuses:?}"
+    );
+    // Every part byte-identical to the uninterrupted run's.
+    assert_eq!(
+        part_hashes(&dir),
+        part_hashes(&whole.join("weights.parquet"))
+    );
+    // The manifests list the same parts (the conversion times differ).
+    let m = |d: &Path| -> serde_json::Value {
+        serde_json::from_slice(&std::fs::read(d.join("_manifest.json")).unwrap()).unwrap()
+    };
+    assert_eq!(m(&dir)["parts"], m(&whole.join("weights.parquet"))["parts"]);
+}
+
+/// Interrupts a finished parted conversion as a crash would (no manifest, no
+/// metadata.json).
+fn interrupt(out: &Path) {
+    std::fs::remove_file(out.join("metadata.json")).unwrap();
+    std::fs::remove_file(out.join("weights.parquet/_manifest.json")).unwrap();
+}
+
+#[test]
+fn resume_redoes_damaged_and_missing_parts_and_refuses_another_plan() {
+    let tmp = tempdir();
+    let out = tmp.path().join("out");
+    let opts = ["--quiet", "--max-file-size", "6MB"];
+    ok(&convert(&minilm(), &out, &opts));
+    let dir = out.join("weights.parquet");
+    let before = part_hashes(&dir);
+    let names: Vec<String> = before.keys().cloned().collect();
+    assert!(names.len() >= 5);
+
+    interrupt(&out);
+    // A damaged part (one byte flipped in its data) and a deleted one.
+    let damaged = dir.join(&names[2]);
+    let mut b = std::fs::read(&damaged).unwrap();
+    let mid = b.len() / 2;
+    b[mid] ^= 0x40;
+    std::fs::write(&damaged, &b).unwrap();
+    std::fs::remove_file(dir.join(&names[3])).unwrap();
+
+    let o = convert(
+        &minilm(),
+        &out,
+        &["--json", "--max-file-size", "6MB", "--resume"],
+    );
+    ok(&o);
+    let report: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    let parts = report["parts"].as_array().unwrap();
+    for (k, p) in parts.iter().enumerate() {
+        let want = match k {
+            2 => "redone",
+            3 => "written",
+            _ => "kept",
+        };
+        assert_eq!(p["status"], want, "part {k}: {p}");
+    }
+    let reason = parts[2]["reason"].as_str().unwrap();
+    assert!(
+        reason.starts_with("row group")
+            || reason.starts_with("row ")
+            || reason.starts_with("unreadable"),
+        "{reason}"
+    );
+    assert_eq!(part_hashes(&dir), before);
+    assert!(out.join("metadata.json").exists());
+
+    // Other options: refused, saying which, and nothing changed.
+    interrupt(&out);
+    let o = convert(
+        &minilm(),
+        &out,
+        &["--max-file-size", "6MB", "--resume", "--dtype", "bf16"],
+    );
+    assert_eq!(o.status.code(), Some(1));
+    let first = dir.join(&names[0]);
+    assert_eq!(
+        text(&o.stderr).trim_end(),
+        format!(
+            "error: {}: cannot resume: it was converted with other options: dtype \"f16\" (now \"bf16\"), use_float16 true (now false); convert into another output, or pass --force to start over",
+            first.display()
+        )
+    );
+    assert_eq!(part_hashes(&dir), before);
+
+    // Another input into the same output: refused, naming the files.
+    let o = convert(
+        &common::fixture("tiny-bert"),
+        &out,
+        &["--max-file-size", "6MB", "--resume"],
+    );
+    assert_eq!(o.status.code(), Some(1));
+    let e = text(&o.stderr);
+    assert!(
+        e.contains("cannot resume: it was converted from other input files: model.safetensors (90868376 bytes); this input is model.safetensors ("),
+        "{e}"
+    );
+    assert_eq!(part_hashes(&dir), before);
+
+    // --force starts over and gives the same parts.
+    ok(&convert(
+        &minilm(),
+        &out,
+        &["--quiet", "--max-file-size", "6MB", "--force"],
+    ));
+    assert_eq!(part_hashes(&dir), before);
+}
+
+#[test]
+fn a_second_conversion_into_a_locked_output_is_refused() {
+    let tmp = tempdir();
+    let out: PathBuf = tmp.path().join("out");
+    std::fs::create_dir_all(&out).unwrap();
+    // The lock a running conversion holds, taken here by this process.
+    let lock = std::fs::File::create(out.join(".modelconv.lock")).unwrap();
+    lock.lock().unwrap();
+    let o = convert(&common::fixture("tiny-bert"), &out, &[]);
+    assert_eq!(o.status.code(), Some(1));
+    assert_eq!(
+        text(&o.stderr).trim_end(),
+        format!(
+            "error: {}: another conversion is writing into this output (it holds this lock)",
+            out.join(".modelconv.lock").display()
+        )
+    );
+    assert!(!out.join("weights.parquet").exists());
+    assert!(!out.join("metadata.json").exists());
+    drop(lock);
+    // Released (the process holding it ended): the conversion goes ahead, and leaves
+    // no lock file behind.
+    ok(&convert(&common::fixture("tiny-bert"), &out, &["--quiet"]));
+    assert!(!out.join(".modelconv.lock").exists());
+}
+
+#[test]
+fn part_sizes_parse_in_decimal_and_binary_units_and_too_small_is_refused() {
+    assert_eq!(modelconv::parse_size("5GB"), Ok(5_000_000_000));
+    assert_eq!(modelconv::parse_size("2gib"), Ok(2 << 30));
+    assert_eq!(modelconv::parse_size("750MB"), Ok(750_000_000));
+    assert_eq!(modelconv::parse_size("1.5MB"), Ok(1_500_000));
+    assert_eq!(modelconv::parse_size("4096"), Ok(4096));
+    assert!(modelconv::parse_size("5 GBs").is_err());
+    assert!(modelconv::parse_size("").is_err());
+    let tmp = tempdir();
+    let o = convert(
+        &common::fixture("tiny-bert"),
+        &tmp.path().join("o"),
+        &["--max-file-size", "10KB"],
+    );
+    assert_eq!(o.status.code(), Some(2));
+    assert!(
+        text(&o.stderr)
+            .contains("the largest part size must be at least 1000000 bytes (1MB), not 10000"),
+        "{}",
+        text(&o.stderr)
+    );
+    let o = convert(
+        &common::fixture("tiny-bert"),
+        &tmp.path().join("o"),
+        &["--resume"],
+    );
+    assert_eq!(o.status.code(), Some(2));
+    assert!(
+        text(&o.stderr).contains("--resume keeps the complete parts of a parted conversion: give the same --max-file-size"),
+        "{}",
+        text(&o.stderr)
+    );
+}
