@@ -436,3 +436,146 @@ fn part_sizes_parse_in_decimal_and_binary_units_and_too_small_is_refused() {
         text(&o.stderr)
     );
 }
+
+#[test]
+fn parts_converted_one_by_one_in_any_order_commit_into_the_clis_output() {
+    let tmp = tempdir();
+    let (cli, lib) = (tmp.path().join("cli"), tmp.path().join("lib"));
+    ok(&convert(
+        &minilm(),
+        &cli,
+        &["--quiet", "--max-file-size", "6MB"],
+    ));
+    let cfg = modelconv::ConvertConfig::builder()
+        .max_file_size(Some(6_000_000))
+        .threads(1)
+        .build()
+        .unwrap();
+    let plan = modelconv::plan_conversion(minilm(), &cfg).unwrap();
+    let n = plan.parts.len();
+    assert_eq!(n, part_hashes(&cli.join("weights.parquet")).len());
+    // Two "workers" at once, each taking parts from the end.
+    let next = std::sync::Mutex::new((0..n).collect::<Vec<usize>>());
+    let done = std::sync::Mutex::new(Vec::new());
+    std::thread::scope(|s| {
+        for _ in 0..2 {
+            s.spawn(|| loop {
+                let Some(k) = next.lock().unwrap().pop() else {
+                    break;
+                };
+                let o = modelconv::convert_part(minilm(), &lib, &cfg, k).unwrap();
+                assert_eq!(o.file, plan.parts[k].file);
+                assert_eq!(o.status, modelconv::PartStatus::Written);
+                done.lock().unwrap().push((k, o.sha256));
+            });
+        }
+    });
+    // A part converted again is kept, not rewritten.
+    let again = modelconv::convert_part(minilm(), &lib, &cfg, 0).unwrap();
+    assert_eq!(again.status, modelconv::PartStatus::Kept);
+    assert!(!lib.join("metadata.json").exists());
+    let e = modelconv::convert_part(minilm(), &lib, &cfg, n)
+        .unwrap_err()
+        .to_string();
+    assert_eq!(
+        e,
+        format!(
+            "part {n} does not exist: the plan has {n} parts (0 to {})",
+            n - 1
+        )
+    );
+    // The commit: a resumed conversion keeps every part and writes the manifest.
+    let commit = modelconv::ConvertConfig::builder()
+        .max_file_size(Some(6_000_000))
+        .resume(true)
+        .build()
+        .unwrap();
+    let r = modelconv::convert(minilm(), &lib, &commit).unwrap();
+    assert!(r
+        .parts
+        .iter()
+        .all(|p| p.status == modelconv::PartStatus::Kept));
+    assert_eq!(
+        part_hashes(&lib.join("weights.parquet")),
+        part_hashes(&cli.join("weights.parquet"))
+    );
+    let mut done = done.into_inner().unwrap();
+    done.sort();
+    let listed: Vec<(usize, String)> = r
+        .parts
+        .iter()
+        .enumerate()
+        .map(|(k, p)| (k, p.sha256.clone()))
+        .collect();
+    assert_eq!(done, listed);
+}
+
+#[test]
+fn a_write_that_fails_in_part_two_keeps_part_one_and_resumes() {
+    // RLIMIT_FSIZE binds root too: no part file may pass 4 MB. The first part (the
+    // small embeddings) is smaller; the second (an embedding row of about 6 MB,
+    // uncompressed) fails midway, as on a full disk.
+    let tmp = tempdir();
+    let (out, clean) = (tmp.path().join("out"), tmp.path().join("clean"));
+    let opts = ["--max-file-size", "6MB", "--compression", "none", "--quiet"];
+    let model = minilm();
+    let mut args = vec![
+        "convert",
+        model.to_str().unwrap(),
+        "-o",
+        out.to_str().unwrap(),
+    ];
+    args.extend_from_slice(&opts);
+    let o = Command::new("sh")
+        .arg("-c")
+        .arg("trap '' XFSZ; ulimit -f 8000 && exec \"$0\" \"$@\"")
+        .arg(env!("CARGO_BIN_EXE_modelconv"))
+        .args(&args)
+        .output()
+        .unwrap();
+    let err = text(&o.stderr);
+    assert_eq!(o.status.code(), Some(1), "{err}");
+    let dir = out.join("weights.parquet");
+    let n = part_hashes(&dir).len();
+    assert_eq!(n, 1, "{:?}", part_hashes(&dir));
+    let count = {
+        let cfg = modelconv::ConvertConfig::builder()
+            .max_file_size(Some(6_000_000))
+            .compression(modelconv::Codec::None)
+            .build()
+            .unwrap();
+        modelconv::plan_conversion(minilm(), &cfg)
+            .unwrap()
+            .parts
+            .len()
+    };
+    let second = dir.join(format!("part-00002-of-{count:05}.parquet"));
+    assert!(
+        err.starts_with(&format!("error: {}: ", second.display())),
+        "{err}"
+    );
+    assert!(err.contains("File too large"), "{err}");
+    // Nothing but the complete first part: no temp file, no manifest, no metadata.json.
+    let names: Vec<String> = std::fs::read_dir(&dir)
+        .unwrap()
+        .flatten()
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .collect();
+    assert_eq!(names, vec![format!("part-00001-of-{count:05}.parquet")]);
+    assert!(!out.join("metadata.json").exists());
+
+    let o = convert(
+        &minilm(),
+        &out,
+        &[&opts[..], &["--resume", "--json"]].concat(),
+    );
+    ok(&o);
+    let report: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    assert_eq!(report["parts"][0]["status"], "kept");
+    assert_eq!(report["parts"][1]["status"], "written");
+    ok(&convert(&minilm(), &clean, &opts));
+    assert_eq!(
+        part_hashes(&dir),
+        part_hashes(&clean.join("weights.parquet"))
+    );
+}

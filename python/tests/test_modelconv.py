@@ -366,7 +366,7 @@ def test_a_parted_conversion_resumes_and_reads_back_as_one_file(tmp_path):
     for k in a:
         assert a[k].dtype == b[k].dtype and a[k].shape == b[k].shape, k
         assert a[k].tobytes() == b[k].tobytes(), k
-    assert modelconv.open(parted)["embeddings.word_embeddings.weight"].shape == (30522, 384)
+    assert modelconv.open(parted).get_tensor("embeddings.word_embeddings.weight").shape == (30522, 384)
     # Interrupted (no manifest, no metadata.json): resume keeps every part.
     (parted / "metadata.json").unlink()
     (parted / "weights.parquet" / "_manifest.json").unlink()
@@ -380,3 +380,35 @@ def test_a_parted_conversion_resumes_and_reads_back_as_one_file(tmp_path):
     (parted / "metadata.json").unlink()
     with pytest.raises(modelconv.OutputError, match=r"cannot resume: it was converted with other options: compression_level 3 \(now 5\)"):
         modelconv.convert(MINILM, parted, max_file_size="10MB", resume=True, compression_level=5)
+
+
+def test_duckdb_and_polars_read_a_parted_output_with_a_glob(tmp_path):
+    import duckdb
+    import polars as pl
+
+    one, parted = tmp_path / "one", tmp_path / "parted"
+    modelconv.convert(MINILM, one, validate=False)
+    modelconv.convert(MINILM, parted, max_file_size="8MB", validate=False)
+    parts = sorted((parted / "weights.parquet").glob("part-*.parquet"))
+    assert len(parts) >= 4
+    glob = str(parted / "weights.parquet" / "*.parquet")
+
+    def grouped(names, datas):
+        out = []
+        for n, d in zip(names, datas):
+            if out and out[-1][0] == n:
+                out[-1][1] += d
+            else:
+                out.append([n, d])
+        return out
+
+    single = pq.read_table(one / "weights.parquet")
+    want = grouped(single.column("layer_name").to_pylist(), single.column("data").to_pylist())
+    # Rows in part order (file name order), as the files sort.
+    rows = duckdb.sql(
+        f"SELECT layer_name, data FROM read_parquet('{glob}', filename = true, file_row_number = true) "
+        "ORDER BY filename, file_row_number"
+    ).fetchall()
+    assert grouped([r[0] for r in rows], [bytes(r[1]) for r in rows]) == want
+    df = pl.read_parquet(glob)
+    assert grouped(df["layer_name"].to_list(), df["data"].to_list()) == want

@@ -19,10 +19,10 @@ pub use config::{
     MAX_BUDGET_BYTES, MIN_FILE_SIZE,
 };
 pub use output::TOKENIZER_FILES;
-pub use parts::{PartOutcome, PartStatus};
+pub use parts::{convert_part, PartOutcome, PartStatus};
 pub use report::{
-    ConversionPlan, ConversionReport, Dequantization, Event, Observer, PlannedEntry, QuantReport,
-    Silent,
+    ConversionPlan, ConversionReport, Dequantization, Event, Observer, PlannedEntry, PlannedPart,
+    QuantReport, Silent,
 };
 
 use crate::cast::{CastStats, QuantError, TensorQuantError};
@@ -547,6 +547,33 @@ impl Job {
             source_bytes: self.plan.src_bytes(),
             output_bytes: out,
             row_groups: self.plan.groups.len(),
+            parts: if self.plan.parted {
+                let n = self.plan.parts.len();
+                self.plan
+                    .parts
+                    .iter()
+                    .enumerate()
+                    .map(|(k, p)| {
+                        let groups = &self.plan.groups[p.groups.clone()];
+                        let name =
+                            |r: usize| self.plan.tensors[self.plan.rows[r].tensor].name.clone();
+                        let (first, last) = match p.rows.is_empty() {
+                            true => (String::new(), String::new()),
+                            false => (name(p.rows.start), name(p.rows.end - 1)),
+                        };
+                        PlannedPart {
+                            file: format::part_name(k, n),
+                            rows: (p.rows.end - p.rows.start) as u64,
+                            row_groups: groups.len(),
+                            source_bytes: groups.iter().map(|g| g.src_bytes).sum(),
+                            output_bytes: groups.iter().map(|g| g.out_bytes).sum(),
+                            tensors: (first, last),
+                        }
+                    })
+                    .collect()
+            } else {
+                Vec::new()
+            },
             // zstd on trained f16 weights saves about 8%.
             estimated_file_bytes: match config.codec {
                 crate::write::Codec::None => out,

@@ -353,57 +353,10 @@ pub(crate) fn write_and_commit(
     let sink = ObserverSink { observer, total };
     let mut done = 0u64;
     for (k, status) in todo {
-        let part = &plan.parts[k];
-        let target = dir.join(&names[k]);
-        let mut writer = WeightWriter::create(&target, config.write_options())?;
-        let st = writer.write_groups(
-            &job.source,
-            plan,
-            part.groups.clone(),
-            done,
-            &config.cancel,
-            &sink,
-        )?;
+        let (outcome, stamp) = write_part(job, config, &dir, k, &now, status, done, &sink)?;
         done += part_src_bytes(job, k);
-        let stamp = PartStamp {
-            index: k,
-            count,
-            first_row: part.rows.start as u64,
-            rows: (part.rows.end - part.rows.start) as u64,
-            identity: now.clone(),
-            cast: st
-                .cast
-                .iter()
-                .enumerate()
-                .filter(|(_, s)| **s != CastStats::default())
-                .map(|(t, s)| (t, s.nan, s.inf, s.overflow, s.max_overflow))
-                .collect(),
-            quant: st
-                .quant
-                .iter()
-                .enumerate()
-                .filter(|(_, q)| **q != QuantError::default())
-                .map(|(t, q)| (t, q.sum_x2, q.sum_e2, q.max_abs, q.count))
-                .collect(),
-        };
         merge_stamp(&stamp, &mut stats, &mut quant);
-        let written = writer.finish(format::part_footer(plan, &stamp))?;
-        if config.cancel.load(std::sync::atomic::Ordering::Relaxed) {
-            return Err(Error::Cancelled);
-        }
-        let (bytes, sha) = (
-            written.file_bytes,
-            written.sha256.clone().unwrap_or_default(),
-        );
-        written.tmp.commit()?;
-        sync_dir(&dir);
-        outcomes[k] = Some(PartOutcome {
-            file: names[k].clone(),
-            bytes,
-            rows: stamp.rows,
-            sha256: sha,
-            status,
-        });
+        outcomes[k] = Some(outcome);
     }
     let outcomes: Vec<PartOutcome> = outcomes.into_iter().flatten().collect();
     if outcomes.len() != count {
@@ -463,6 +416,138 @@ pub(crate) fn write_and_commit(
         quant: quant_report,
         parts: outcomes,
     })
+}
+
+/// Converts part `k` of `job`'s plan into `dir` (`weights.parquet/`): a temp file,
+/// its row groups, the footer with its stamp, synced, then renamed into place.
+#[allow(clippy::too_many_arguments)]
+fn write_part(
+    job: &Job,
+    config: &ConvertConfig,
+    dir: &Path,
+    k: usize,
+    now: &Identity,
+    status: PartStatus,
+    done: u64,
+    sink: &dyn crate::write::ProgressSink,
+) -> Result<(PartOutcome, PartStamp)> {
+    let plan = &job.plan;
+    let count = plan.parts.len();
+    let part = &plan.parts[k];
+    let name = format::part_name(k, count);
+    let target = dir.join(&name);
+    let mut writer = WeightWriter::create(&target, config.write_options())?;
+    let st = writer.write_groups(
+        &job.source,
+        plan,
+        part.groups.clone(),
+        done,
+        &config.cancel,
+        sink,
+    )?;
+    let stamp = PartStamp {
+        index: k,
+        count,
+        first_row: part.rows.start as u64,
+        rows: (part.rows.end - part.rows.start) as u64,
+        identity: now.clone(),
+        cast: st
+            .cast
+            .iter()
+            .enumerate()
+            .filter(|(_, s)| **s != CastStats::default())
+            .map(|(t, s)| (t, s.nan, s.inf, s.overflow, s.max_overflow))
+            .collect(),
+        quant: st
+            .quant
+            .iter()
+            .enumerate()
+            .filter(|(_, q)| **q != QuantError::default())
+            .map(|(t, q)| (t, q.sum_x2, q.sum_e2, q.max_abs, q.count))
+            .collect(),
+    };
+    let written = writer.finish(format::part_footer(plan, &stamp))?;
+    if config.cancel.load(std::sync::atomic::Ordering::Relaxed) {
+        return Err(Error::Cancelled);
+    }
+    let (bytes, sha) = (
+        written.file_bytes,
+        written.sha256.clone().unwrap_or_default(),
+    );
+    written.tmp.commit()?;
+    sync_dir(dir);
+    let outcome = PartOutcome {
+        file: name,
+        bytes,
+        rows: stamp.rows,
+        sha256: sha,
+        status,
+    };
+    Ok((outcome, stamp))
+}
+
+/// Converts one part of a parted conversion (`config` must give `max_file_size`) into
+/// `output/weights.parquet/`, and nothing else: no manifest, no side files, no lock.
+/// A part is a pure function of the input, the options and `index`, so parts can be
+/// converted in any order by independent processes (a cluster's workers) and committed
+/// by one [`crate::convert`] with `resume` (which keeps them all and writes the
+/// manifest and `metadata.json`). A part already there of the same plan that passes
+/// its checks is kept; a damaged one is written again.
+///
+/// # Errors
+///
+/// `InvalidOption` without `max_file_size` or for an index past the plan's parts;
+/// `ResumeRefused` for a part file of another plan at that name; every error of
+/// [`crate::convert`].
+pub fn convert_part(
+    input: impl AsRef<Path>,
+    output: impl AsRef<Path>,
+    config: &ConvertConfig,
+    index: usize,
+) -> Result<PartOutcome> {
+    if config.max_file_size.is_none() {
+        return Err(Error::option(
+            "converting one part needs the part size (max_file_size) of the whole conversion",
+        ));
+    }
+    let job = Job::prepare(crate::source::open(input, config.source_options())?, config)?;
+    let count = job.plan.parts.len();
+    if index >= count {
+        return Err(Error::option(format!(
+            "part {index} does not exist: the plan has {count} parts (0 to {})",
+            count - 1
+        )));
+    }
+    let dir = output.as_ref().join(format::WEIGHTS_FILE);
+    std::fs::create_dir_all(&dir).map_err(|e| Error::io("create", &dir, e))?;
+    let now = identity(&job, config);
+    let path = dir.join(format::part_name(index, count));
+    let rows = {
+        let p = &job.plan.parts[index];
+        (p.rows.end - p.rows.start) as u64
+    };
+    let status = if path.exists() {
+        match check_part(&path, &now, index, count, rows)? {
+            Ok(kept) => {
+                return Ok(PartOutcome {
+                    file: format::part_name(index, count),
+                    bytes: kept.bytes,
+                    rows,
+                    sha256: kept.sha256,
+                    status: PartStatus::Kept,
+                })
+            }
+            Err(reason) => PartStatus::Redone { reason },
+        }
+    } else {
+        PartStatus::Written
+    };
+    struct Quiet;
+    impl crate::write::ProgressSink for Quiet {
+        fn advanced(&self, _: u64) {}
+    }
+    let (outcome, _) = write_part(&job, config, &dir, index, &now, status, 0, &Quiet)?;
+    Ok(outcome)
 }
 
 /// Source bytes part `k` of `job`'s plan reads.

@@ -135,6 +135,23 @@ impl ConversionReport {
     }
 }
 
+/// One part of a parted output in a dry-run plan.
+#[derive(Debug, Clone, Serialize)]
+pub struct PlannedPart {
+    /// File name inside `weights.parquet/`.
+    pub file: String,
+    /// Rows.
+    pub rows: u64,
+    /// Row groups.
+    pub row_groups: usize,
+    /// Source bytes it reads.
+    pub source_bytes: u64,
+    /// Output `data` bytes before compression.
+    pub output_bytes: u64,
+    /// Its first and last tensors (a tensor split over parts is in both).
+    pub tensors: (String, String),
+}
+
 /// One tensor in a dry-run plan.
 #[derive(Debug, Clone, Serialize)]
 pub struct PlannedEntry {
@@ -200,6 +217,9 @@ pub struct ConversionPlan {
     pub output_bytes: u64,
     /// Row groups.
     pub row_groups: usize,
+    /// The parts of a parted output (`max_file_size`; empty for one file): what each
+    /// part index of [`crate::convert_part`] writes.
+    pub parts: Vec<PlannedPart>,
     /// Expected file size after compression (zstd on trained f16 weights saves about 8%).
     pub estimated_file_bytes: u64,
 }
