@@ -315,26 +315,51 @@ pub(crate) fn write_and_commit(
     let mut stats = vec![CastStats::default(); plan.tensors.len()];
     let mut quant = vec![QuantError::default(); plan.tensors.len()];
     let mut todo = Vec::new();
-    for (k, part) in plan.parts.iter().enumerate() {
-        let path = dir.join(&names[k]);
+    // The parts an interrupted run left, checked in parallel (each is read whole:
+    // its row checksums and its sha256).
+    let checked: Vec<Option<std::result::Result<Kept, String>>> = {
+        use rayon::prelude::*;
+        let pool = rayon::ThreadPoolBuilder::new()
+            .num_threads(config.threads.max(1))
+            .build()
+            .map_err(|e| Error::ThreadPool {
+                reason: e.to_string(),
+            })?;
+        pool.install(|| {
+            plan.parts
+                .par_iter()
+                .enumerate()
+                .map(|(k, part)| {
+                    let path = dir.join(&names[k]);
+                    let rows = (part.rows.end - part.rows.start) as u64;
+                    if config.resume && path.exists() {
+                        check_part(&path, &now, k, count, rows).map(Some)
+                    } else {
+                        Ok(None)
+                    }
+                })
+                .collect::<Vec<Result<_>>>()
+        })
+        .into_iter()
+        // The first part in order that belongs to another plan is the one named.
+        .collect::<Result<Vec<_>>>()?
+    };
+    for (k, c) in checked.into_iter().enumerate() {
+        let part = &plan.parts[k];
         let rows = (part.rows.end - part.rows.start) as u64;
-        if config.resume && path.exists() {
-            match check_part(&path, &now, k, count, rows)? {
-                Ok(kept) => {
-                    merge_stamp(&kept.stamp, &mut stats, &mut quant);
-                    outcomes[k] = Some(PartOutcome {
-                        file: names[k].clone(),
-                        bytes: kept.bytes,
-                        rows,
-                        sha256: kept.sha256,
-                        status: PartStatus::Kept,
-                    });
-                    continue;
-                }
-                Err(reason) => todo.push((k, PartStatus::Redone { reason })),
+        match c {
+            Some(Ok(kept)) => {
+                merge_stamp(&kept.stamp, &mut stats, &mut quant);
+                outcomes[k] = Some(PartOutcome {
+                    file: names[k].clone(),
+                    bytes: kept.bytes,
+                    rows,
+                    sha256: kept.sha256,
+                    status: PartStatus::Kept,
+                });
             }
-        } else {
-            todo.push((k, PartStatus::Written));
+            Some(Err(reason)) => todo.push((k, PartStatus::Redone { reason })),
+            None => todo.push((k, PartStatus::Written)),
         }
     }
     // Every kept part checked: from here on the output is not a conversion until the
