@@ -974,6 +974,17 @@ unsafe fn transpose_group_avx2(dec: &[[f32; 32]; 16], out: &mut [f32], stride: u
     }
 }
 
+/// The high bytes of FP4[n] as bfloat16 (0.5 = 0x3F00, 6 = 0x40C0, sign in bit 15).
+#[cfg(target_arch = "x86_64")]
+const FP4_BF16_HI: [u8; 16] = [
+    0x00, 0x3F, 0x3F, 0x3F, 0x40, 0x40, 0x40, 0x40, 0x80, 0xBF, 0xBF, 0xBF, 0xC0, 0xC0, 0xC0, 0xC0,
+];
+/// The low bytes of FP4[n] as bfloat16.
+#[cfg(target_arch = "x86_64")]
+const FP4_BF16_LO: [u8; 16] = [
+    0x00, 0x00, 0x80, 0xC0, 0x00, 0x40, 0x80, 0xC0, 0x00, 0x00, 0x80, 0xC0, 0x00, 0x40, 0x80, 0xC0,
+];
+
 /// [`fp4_group`] with byte shuffles: each FP4 value is a bfloat16 (two bytes looked up
 /// by nibble), widened to f32 and multiplied by the scale in f32.
 ///
@@ -992,42 +1003,8 @@ unsafe fn fp4_group_avx2(blk: &[u8], scale: f32, out: &mut [f32; 32]) {
         let lo = _mm_and_si128(b, m);
         let hi = _mm_and_si128(_mm_srli_epi16::<4>(b), m);
         // The bfloat16 bits of FP4[n]: high bytes, then low bytes.
-        let th = _mm_setr_epi8(
-            0x00,
-            0x3F,
-            0x3F,
-            0x3F,
-            0x40,
-            0x40,
-            0x40,
-            0x40,
-            0x80u8 as i8,
-            0xBFu8 as i8,
-            0xBFu8 as i8,
-            0xBFu8 as i8,
-            0xC0u8 as i8,
-            0xC0u8 as i8,
-            0xC0u8 as i8,
-            0xC0u8 as i8,
-        );
-        let tl = _mm_setr_epi8(
-            0x00,
-            0x00,
-            0x80u8 as i8,
-            0xC0u8 as i8,
-            0x00,
-            0x40,
-            0x80u8 as i8,
-            0xC0u8 as i8,
-            0x00,
-            0x00,
-            0x80u8 as i8,
-            0xC0u8 as i8,
-            0x00,
-            0x40,
-            0x80u8 as i8,
-            0xC0u8 as i8,
-        );
+        let th = _mm_loadu_si128(FP4_BF16_HI.as_ptr().cast());
+        let tl = _mm_loadu_si128(FP4_BF16_LO.as_ptr().cast());
         let sc = _mm256_set1_ps(scale);
         // Nibbles in element order: byte i gives elements 2i (low) and 2i + 1 (high).
         for (half, n) in [_mm_unpacklo_epi8(lo, hi), _mm_unpackhi_epi8(lo, hi)]
