@@ -64,12 +64,12 @@ pub struct Identity {
     pub modelconv: String,
     /// Each input file's name and size.
     pub files: Vec<(String, u64)>,
-    /// sha256 of the input's headers: every source tensor's name, dtype, shape and
+    /// XXH3-128 of the input's headers: every source tensor's name, dtype, shape and
     /// byte range in its file, and the checkpoint's `quantization_config`.
     pub input: String,
     /// The options that shape the output bytes, as `metadata.json` records them.
     pub options: Value,
-    /// sha256 of the plan: every output tensor, row and row group, and the parts.
+    /// XXH3-128 of the plan: every output tensor, row and row group, and the parts.
     pub plan: String,
 }
 
@@ -103,8 +103,8 @@ pub struct ManifestPart {
     pub file: String,
     /// Bytes of the file.
     pub bytes: u64,
-    /// sha256 of the file.
-    pub sha256: String,
+    /// XXH3-128 of the file (32 hex digits).
+    pub xxh3_128: String,
     /// First row in the whole output.
     pub first_row: u64,
     /// Rows.

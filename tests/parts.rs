@@ -88,13 +88,13 @@ fn a_parted_conversion_reads_back_as_the_single_file_does() {
     // The manifest lists every part with its size, rows and sha256; metadata.json too.
     let manifest: serde_json::Value =
         serde_json::from_slice(&std::fs::read(dir.join("_manifest.json")).unwrap()).unwrap();
-    let hashes = part_hashes(&dir);
     let listed = manifest["parts"].as_array().unwrap();
     assert_eq!(listed.len(), count);
     let mut rows = 0;
     for p in listed {
         let f = p["file"].as_str().unwrap();
-        assert_eq!(p["sha256"].as_str().unwrap(), hashes[f]);
+        let h = xxhash_rust::xxh3::xxh3_128(&std::fs::read(dir.join(f)).unwrap());
+        assert_eq!(p["xxh3_128"].as_str().unwrap(), format!("{h:032x}"));
         assert_eq!(
             p["bytes"].as_u64().unwrap(),
             std::fs::metadata(dir.join(f)).unwrap().len()
@@ -374,6 +374,33 @@ fn resume_redoes_damaged_and_missing_parts_and_refuses_another_plan() {
         &["--quiet", "--max-file-size", "6MB", "--force"],
     ));
     assert_eq!(part_hashes(&dir), before);
+    // A complete conversion resumed: the manifest's hashes decide (the whole file
+    // hashed, no row decompressed); a part changed since is redone.
+    let mut b = std::fs::read(dir.join(&names[1])).unwrap();
+    let last = b.len() - 20;
+    b[last] ^= 1;
+    std::fs::write(dir.join(&names[1]), &b).unwrap();
+    let o = convert(
+        &minilm(),
+        &out,
+        &["--json", "--max-file-size", "6MB", "--resume"],
+    );
+    ok(&o);
+    let report: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    let parts = report["parts"].as_array().unwrap();
+    assert_eq!(parts[1]["status"], "redone");
+    let reason = parts[1]["reason"].as_str().unwrap();
+    assert!(
+        reason.starts_with("its content differs from the one recorded when it was written")
+            || reason.starts_with("unreadable"),
+        "{reason}"
+    );
+    assert!(parts
+        .iter()
+        .enumerate()
+        .all(|(k, p)| k == 1 || p["status"] == "kept"));
+    assert_eq!(part_hashes(&dir), before);
+    assert!(!dir.join("_journal.json").exists());
 }
 
 #[test]
@@ -466,7 +493,7 @@ fn parts_converted_one_by_one_in_any_order_commit_into_the_clis_output() {
                 let o = modelconv::convert_part(minilm(), &lib, &cfg, k).unwrap();
                 assert_eq!(o.file, plan.parts[k].file);
                 assert_eq!(o.status, modelconv::PartStatus::Written);
-                done.lock().unwrap().push((k, o.sha256));
+                done.lock().unwrap().push((k, o.xxh3_128));
             });
         }
     });
@@ -505,7 +532,7 @@ fn parts_converted_one_by_one_in_any_order_commit_into_the_clis_output() {
         .parts
         .iter()
         .enumerate()
-        .map(|(k, p)| (k, p.sha256.clone()))
+        .map(|(k, p)| (k, p.xxh3_128.clone()))
         .collect();
     assert_eq!(done, listed);
 }
@@ -555,13 +582,21 @@ fn a_write_that_fails_in_part_two_keeps_part_one_and_resumes() {
         "{err}"
     );
     assert!(err.contains("File too large"), "{err}");
-    // Nothing but the complete first part: no temp file, no manifest, no metadata.json.
-    let names: Vec<String> = std::fs::read_dir(&dir)
+    // Nothing but the complete first part and the journal that records it: no temp
+    // file, no manifest, no metadata.json.
+    let mut names: Vec<String> = std::fs::read_dir(&dir)
         .unwrap()
         .flatten()
         .map(|e| e.file_name().to_string_lossy().into_owned())
         .collect();
-    assert_eq!(names, vec![format!("part-00001-of-{count:05}.parquet")]);
+    names.sort();
+    let first = format!("part-00001-of-{count:05}.parquet");
+    assert_eq!(names, vec!["_journal.json".to_string(), first.clone()]);
+    let journal: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(dir.join("_journal.json")).unwrap()).unwrap();
+    let h = xxhash_rust::xxh3::xxh3_128(&std::fs::read(dir.join(&first)).unwrap());
+    assert_eq!(journal[0]["file"], first.as_str());
+    assert_eq!(journal[0]["xxh3_128"], format!("{h:032x}").as_str());
     assert!(!out.join("metadata.json").exists());
 
     let o = convert(

@@ -280,6 +280,26 @@ def convert(
     return json.loads(text)
 
 
+def plan(model_name_or_path: PathLike, model_type: str = "auto", **options: Any) -> Dict[str, Any]:
+    """What :func:`convert` would do with these options, reading headers only (the
+    CLI's ``--dry-run --json``). With ``max_file_size``, ``plan(...)["parts"]`` lists
+    the parts: what each index of :func:`convert_part` writes."""
+    return json.loads(_call(_native.plan, os.fspath(model_name_or_path), model_type=model_type, **options))
+
+
+def convert_part(model_name_or_path: PathLike, output_dir: PathLike, index: int,
+                 model_type: str = "auto", **options: Any) -> Dict[str, Any]:
+    """Converts part ``index`` (from 0) of a parted conversion (``max_file_size`` is
+    required) into ``output_dir/weights.parquet/``, and nothing else: independent
+    processes can convert the parts in any order, then one :func:`convert` with
+    ``resume=True`` and the same options commits them (it keeps every part and writes
+    the manifest and ``metadata.json``). A part is a pure function of the input, the
+    options and its index; one already there of the same plan is kept. Returns the
+    part's outcome (``file``, ``bytes``, ``rows``, ``xxh3_128``, ``status``)."""
+    return json.loads(_call(_native.convert_part, os.fspath(model_name_or_path), os.fspath(output_dir),
+                            index, model_type=model_type, **options))
+
+
 class ModelConverter:
     """The seed's converter: ``ModelConverter(config).convert(name, out, model_type)``."""
 

@@ -561,10 +561,40 @@ fn verify(
     .map_err(err)
 }
 
+/// The plan of a conversion (the CLI's `--dry-run --json`), reading headers only: for
+/// a parted output, its parts (what each index of `convert_part` writes).
+#[pyfunction]
+#[pyo3(signature = (input, **options))]
+fn plan(py: Python<'_>, input: PathBuf, options: Option<&Bound<'_, PyDict>>) -> PyResult<String> {
+    let cfg = config(options, Arc::new(AtomicBool::new(false)))?;
+    py.detach(|| modelconv::plan_conversion(&input, &cfg))
+        .map(|p| serde_json::to_string(&p).unwrap_or_default())
+        .map_err(err)
+}
+
+/// Converts part `index` of a parted conversion into `output` (no manifest), the GIL
+/// released; returns the part's outcome as JSON.
+#[pyfunction]
+#[pyo3(signature = (input, output, index, **options))]
+fn convert_part(
+    py: Python<'_>,
+    input: PathBuf,
+    output: PathBuf,
+    index: usize,
+    options: Option<&Bound<'_, PyDict>>,
+) -> PyResult<String> {
+    let cfg = config(options, Arc::new(AtomicBool::new(false)))?;
+    py.detach(|| modelconv::convert_part(&input, &output, &cfg, index))
+        .map(|o| serde_json::to_string(&o).unwrap_or_default())
+        .map_err(err)
+}
+
 #[pymodule]
 fn _native(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add("NativeError", m.py().get_type::<NativeError>())?;
     m.add_function(wrap_pyfunction!(convert, m)?)?;
+    m.add_function(wrap_pyfunction!(plan, m)?)?;
+    m.add_function(wrap_pyfunction!(convert_part, m)?)?;
     m.add_function(wrap_pyfunction!(verify, m)?)?;
     m.add_class::<PyWeightFile>()?;
     m.add_class::<TensorBuffer>()?;

@@ -375,7 +375,7 @@ def test_a_parted_conversion_resumes_and_reads_back_as_one_file(tmp_path):
     r2 = ModelConverter(ConversionConfig(max_file_size=10_000_000, resume=True)).convert(str(MINILM), str(parted))
     assert r2.success, r2.error_message
     assert [p["status"] for p in r2.parts] == ["kept"] * len(r.parts)
-    assert [p["sha256"] for p in r2.parts] == [p["sha256"] for p in r.parts]
+    assert [p["xxh3_128"] for p in r2.parts] == [p["xxh3_128"] for p in r.parts]
     # Other options are refused, saying which.
     (parted / "metadata.json").unlink()
     with pytest.raises(modelconv.OutputError, match=r"cannot resume: it was converted with other options: compression_level 3 \(now 5\)"):
@@ -412,3 +412,21 @@ def test_duckdb_and_polars_read_a_parted_output_with_a_glob(tmp_path):
     assert grouped([r[0] for r in rows], [bytes(r[1]) for r in rows]) == want
     df = pl.read_parquet(glob)
     assert grouped(df["layer_name"].to_list(), df["data"].to_list()) == want
+
+
+def test_parts_converted_one_by_one_commit_into_the_whole_conversion(tmp_path):
+    whole, parts = tmp_path / "whole", tmp_path / "parts"
+    opts = dict(max_file_size="8MB", validate=False)
+    modelconv.convert(MINILM, whole, **opts)
+    p = modelconv.plan(MINILM, **opts)
+    n = len(p["parts"])
+    assert n >= 4 and [x["file"] for x in p["parts"]] == [f"part-{k + 1:05}-of-{n:05}.parquet" for k in range(n)]
+    got = [modelconv.convert_part(MINILM, parts, k, **opts) for k in reversed(range(n))][::-1]
+    assert [g["status"] for g in got] == ["written"] * n
+    assert not (parts / "metadata.json").exists()
+    r = modelconv.convert(MINILM, parts, resume=True, **opts)
+    assert [x["status"] for x in r["parts"]] == ["kept"] * n
+    want = json.loads((whole / "weights.parquet" / "_manifest.json").read_text())["parts"]
+    assert [x["xxh3_128"] for x in r["parts"]] == [g["xxh3_128"] for g in got] == [w["xxh3_128"] for w in want]
+    with pytest.raises(modelconv.OptionError, match="part 99 does not exist"):
+        modelconv.convert_part(MINILM, parts, 99, **opts)

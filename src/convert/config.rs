@@ -244,7 +244,7 @@ impl ConvertConfig {
                 .min(64) as usize,
             quantized: self.quantize.is_some(),
             lean: self.inflight_per_thread <= 1,
-            sha256: self.max_file_size.is_some(),
+            content_hash: self.max_file_size.is_some(),
         }
     }
 

@@ -1,7 +1,7 @@
 //! A parted output (`--max-file-size`): `weights.parquet/` is a directory of part files,
 //! each a complete weight file of whole row groups, written to a temp name, synced and
 //! renamed when complete; then `_manifest.json` (the parts, their sizes, rows, tensors
-//! and sha256) and, last, `metadata.json`. A directory without both is not a
+//! and XXH3-128) and, last, `metadata.json`. A directory without both is not a
 //! conversion.
 //!
 //! A part is a pure function of the plan and its index: its footer holds the part's
@@ -15,7 +15,6 @@ use std::path::{Path, PathBuf};
 
 use serde::Serialize;
 use serde_json::{json, Value};
-use sha2::{Digest, Sha256};
 
 use super::{Committed, ConvertConfig, Job, Observer, ObserverSink};
 use crate::cast::{CastStats, QuantError};
@@ -23,7 +22,7 @@ use crate::error::{Error, Result};
 use crate::format::{self, Identity, Manifest, ManifestPart, PartStamp, TensorIndex};
 use crate::read::WeightFile;
 use crate::write::atomic::{remove_stale_temp_files, sync_dir, TempPath};
-use crate::write::{hex, WeightWriter};
+use crate::write::{file_hash, hex128, Share, WeightWriter};
 use crate::Event;
 
 use super::output::OutputLayout;
@@ -52,16 +51,16 @@ pub struct PartOutcome {
     pub bytes: u64,
     /// Rows it holds.
     pub rows: u64,
-    /// sha256 of the file.
-    pub sha256: String,
+    /// XXH3-128 of the file (32 hex digits), as the manifest lists it.
+    pub xxh3_128: String,
     /// Written, kept or redone.
     #[serde(flatten)]
     pub status: PartStatus,
 }
 
-/// sha256 of the canonical JSON of `v`.
-fn sha_json(v: &Value) -> String {
-    hex(&Sha256::digest(v.to_string().as_bytes()))
+/// XXH3-128 of the canonical JSON of `v`.
+fn hash_json(v: &Value) -> String {
+    hex128(xxhash_rust::xxh3::xxh3_128(v.to_string().as_bytes()))
 }
 
 /// What the parts of `job` are converted from and how (see [`Identity`]).
@@ -119,9 +118,9 @@ pub(crate) fn identity(job: &Job, config: &ConvertConfig) -> Identity {
         format: format::FORMAT_VERSION.to_string(),
         modelconv: env!("CARGO_PKG_VERSION").to_string(),
         files,
-        input: sha_json(&json!([headers, scheme])),
+        input: hash_json(&json!([headers, scheme])),
         options,
-        plan: sha_json(&json!([index, rows, groups, parts])),
+        plan: hash_json(&json!([index, rows, groups, parts])),
     }
 }
 
@@ -181,7 +180,7 @@ pub(crate) fn differs(was: &Identity, now: &Identity) -> Option<String> {
 /// A kept part: its size, hash and what its cast saw.
 struct Kept {
     bytes: u64,
-    sha256: String,
+    hash: String,
     stamp: PartStamp,
 }
 
@@ -194,6 +193,7 @@ fn check_part(
     index: usize,
     count: usize,
     rows: u64,
+    recorded: Option<&(u64, String)>,
 ) -> Result<std::result::Result<Kept, String>> {
     let wf = match WeightFile::open(path) {
         Ok(wf) => wf,
@@ -231,6 +231,22 @@ fn check_part(
     if held != rows {
         return Ok(Err(format!("it holds {held} rows, not {rows}")));
     }
+    // A part the journal (or a manifest) recorded when it was written: its whole
+    // file's XXH3-128 must be the recorded one (footer and pages included, at memory
+    // speed); otherwise every row's checksum is checked, decompressing it.
+    if let Some((bytes, hash)) = recorded {
+        let (b, h) = file_hash(path)?;
+        if b == *bytes && h == *hash {
+            return Ok(Ok(Kept {
+                bytes: b,
+                hash: h,
+                stamp,
+            }));
+        }
+        return Ok(Err(format!(
+            "its content differs from the one recorded when it was written ({b} bytes, XXH3-128 {h}; recorded {bytes} bytes, {hash})"
+        )));
+    }
     let mut bad = None;
     for rg in 0..wf.num_row_groups() {
         let scanned = wf.scan_row_group(rg, false, &mut |r| {
@@ -249,23 +265,8 @@ fn check_part(
     if let Some(row) = bad {
         return Ok(Err(format!("row {row} fails its checksum")));
     }
-    let mut file = std::fs::File::open(path).map_err(|e| Error::io("open", path, e))?;
-    let mut sha = Sha256::new();
-    let mut buf = vec![0u8; 1 << 20];
-    let mut bytes = 0u64;
-    loop {
-        let n = std::io::Read::read(&mut file, &mut buf).map_err(|e| Error::io("read", path, e))?;
-        if n == 0 {
-            break;
-        }
-        sha.update(&buf[..n]);
-        bytes += n as u64;
-    }
-    Ok(Ok(Kept {
-        bytes,
-        sha256: hex(&sha.finalize()),
-        stamp,
-    }))
+    let (bytes, hash) = file_hash(path)?;
+    Ok(Ok(Kept { bytes, hash, stamp }))
 }
 
 /// Writes the parts of `job` that are missing (all of them, unless resuming), then the
@@ -315,8 +316,15 @@ pub(crate) fn write_and_commit(
     let mut stats = vec![CastStats::default(); plan.tensors.len()];
     let mut quant = vec![QuantError::default(); plan.tensors.len()];
     let mut todo = Vec::new();
+    // What the journal of an interrupted run (or the manifest of a complete one)
+    // recorded of each part it wrote.
+    let recorded = if config.resume {
+        recorded_parts(&dir)
+    } else {
+        Default::default()
+    };
     // The parts an interrupted run left, checked in parallel (each is read whole:
-    // its row checksums and its sha256).
+    // its row checksums and its XXH3-128).
     let checked: Vec<Option<std::result::Result<Kept, String>>> = {
         use rayon::prelude::*;
         let pool = rayon::ThreadPoolBuilder::new()
@@ -333,7 +341,7 @@ pub(crate) fn write_and_commit(
                     let path = dir.join(&names[k]);
                     let rows = (part.rows.end - part.rows.start) as u64;
                     if config.resume && path.exists() {
-                        check_part(&path, &now, k, count, rows).map(Some)
+                        check_part(&path, &now, k, count, rows, recorded.get(&names[k])).map(Some)
                     } else {
                         Ok(None)
                     }
@@ -354,7 +362,7 @@ pub(crate) fn write_and_commit(
                     file: names[k].clone(),
                     bytes: kept.bytes,
                     rows,
-                    sha256: kept.sha256,
+                    xxh3_128: kept.hash,
                     status: PartStatus::Kept,
                 });
             }
@@ -377,11 +385,13 @@ pub(crate) fn write_and_commit(
     });
     let sink = ObserverSink { observer, total };
     let mut done = 0u64;
+    let share = Share::new(&config.write_options())?;
     for (k, status) in todo {
-        let (outcome, stamp) = write_part(job, config, &dir, k, &now, status, done, &sink)?;
+        let (outcome, stamp) = write_part(job, config, &dir, k, &now, status, done, &sink, &share)?;
         done += part_src_bytes(job, k);
         merge_stamp(&stamp, &mut stats, &mut quant);
         outcomes[k] = Some(outcome);
+        write_journal(&dir, &outcomes)?;
     }
     let outcomes: Vec<PartOutcome> = outcomes.into_iter().flatten().collect();
     if outcomes.len() != count {
@@ -400,7 +410,7 @@ pub(crate) fn write_and_commit(
             ManifestPart {
                 file: o.file.clone(),
                 bytes: o.bytes,
-                sha256: o.sha256.clone(),
+                xxh3_128: o.xxh3_128.clone(),
                 first_row: p.rows.start as u64,
                 rows: o.rows,
                 row_groups: p.groups.end - p.groups.start,
@@ -432,6 +442,8 @@ pub(crate) fn write_and_commit(
     let m = TempPath::beside(&dir.join(format::MANIFEST_FILE));
     m.write_all(text.as_bytes())?;
     m.commit()?;
+    // The manifest records every part: the journal is done.
+    remove(&dir.join(JOURNAL_FILE))?;
     sync_dir(&dir);
     staged.commit(None)?;
     let file_bytes = outcomes.iter().map(|o| o.bytes).sum();
@@ -455,13 +467,14 @@ fn write_part(
     status: PartStatus,
     done: u64,
     sink: &dyn crate::write::ProgressSink,
+    share: &Share,
 ) -> Result<(PartOutcome, PartStamp)> {
     let plan = &job.plan;
     let count = plan.parts.len();
     let part = &plan.parts[k];
     let name = format::part_name(k, count);
     let target = dir.join(&name);
-    let mut writer = WeightWriter::create(&target, config.write_options())?;
+    let mut writer = WeightWriter::create_sharing(&target, config.write_options(), share)?;
     let st = writer.write_groups(
         &job.source,
         plan,
@@ -495,9 +508,9 @@ fn write_part(
     if config.cancel.load(std::sync::atomic::Ordering::Relaxed) {
         return Err(Error::Cancelled);
     }
-    let (bytes, sha) = (
+    let (bytes, hash) = (
         written.file_bytes,
-        written.sha256.clone().unwrap_or_default(),
+        written.content_hash.clone().unwrap_or_default(),
     );
     written.tmp.commit()?;
     sync_dir(dir);
@@ -505,7 +518,7 @@ fn write_part(
         file: name,
         bytes,
         rows: stamp.rows,
-        sha256: sha,
+        xxh3_128: hash,
         status,
     };
     Ok((outcome, stamp))
@@ -552,13 +565,13 @@ pub fn convert_part(
         (p.rows.end - p.rows.start) as u64
     };
     let status = if path.exists() {
-        match check_part(&path, &now, index, count, rows)? {
+        match check_part(&path, &now, index, count, rows, None)? {
             Ok(kept) => {
                 return Ok(PartOutcome {
                     file: format::part_name(index, count),
                     bytes: kept.bytes,
                     rows,
-                    sha256: kept.sha256,
+                    xxh3_128: kept.hash,
                     status: PartStatus::Kept,
                 })
             }
@@ -571,8 +584,68 @@ pub fn convert_part(
     impl crate::write::ProgressSink for Quiet {
         fn advanced(&self, _: u64) {}
     }
-    let (outcome, _) = write_part(&job, config, &dir, index, &now, status, 0, &Quiet)?;
+    let share = Share::new(&config.write_options())?;
+    let (outcome, _) = write_part(&job, config, &dir, index, &now, status, 0, &Quiet, &share)?;
     Ok(outcome)
+}
+
+/// The journal of a parted conversion in progress, in `weights.parquet/`: every part
+/// written so far with its size and XXH3-128, rewritten (temp file, rename) after each
+/// part, so that `--resume` checks a part it lists by hashing the file instead of
+/// decompressing every row. Removed once the manifest (which lists them all) is in.
+const JOURNAL_FILE: &str = "_journal.json";
+
+/// One journal (or manifest) entry.
+#[derive(Debug, Clone, Serialize, serde::Deserialize)]
+struct Recorded {
+    file: String,
+    bytes: u64,
+    xxh3_128: String,
+}
+
+/// Rewrites the journal with the parts `outcomes` has.
+fn write_journal(dir: &Path, outcomes: &[Option<PartOutcome>]) -> Result<()> {
+    let entries: Vec<Recorded> = outcomes
+        .iter()
+        .flatten()
+        .map(|o| Recorded {
+            file: o.file.clone(),
+            bytes: o.bytes,
+            xxh3_128: o.xxh3_128.clone(),
+        })
+        .collect();
+    let text = serde_json::to_string(&entries)
+        .map_err(|e| Error::internal(format!("{JOURNAL_FILE}: {e}")))?;
+    let t = TempPath::beside(&dir.join(JOURNAL_FILE));
+    t.write_all(text.as_bytes())?;
+    t.commit()
+}
+
+/// The parts the journal, or else the manifest, of `dir` records: name → (bytes,
+/// XXH3-128). Empty when neither reads.
+fn recorded_parts(dir: &Path) -> std::collections::HashMap<String, (u64, String)> {
+    let from_journal = std::fs::read(dir.join(JOURNAL_FILE))
+        .ok()
+        .and_then(|b| serde_json::from_slice::<Vec<Recorded>>(&b).ok());
+    let entries = from_journal.or_else(|| {
+        let b = std::fs::read(dir.join(format::MANIFEST_FILE)).ok()?;
+        let m: Manifest = serde_json::from_slice(&b).ok()?;
+        Some(
+            m.parts
+                .into_iter()
+                .map(|p| Recorded {
+                    file: p.file,
+                    bytes: p.bytes,
+                    xxh3_128: p.xxh3_128,
+                })
+                .collect(),
+        )
+    });
+    entries
+        .unwrap_or_default()
+        .into_iter()
+        .map(|r| (r.file, (r.bytes, r.xxh3_128)))
+        .collect()
 }
 
 /// Source bytes part `k` of `job`'s plan reads.
