@@ -614,3 +614,44 @@ fn a_write_that_fails_in_part_two_keeps_part_one_and_resumes() {
         part_hashes(&clean.join("weights.parquet"))
     );
 }
+
+#[test]
+fn one_tensor_by_name_reads_only_the_part_that_holds_it() {
+    let tmp = tempdir();
+    let (one, parted) = (tmp.path().join("one"), tmp.path().join("parted"));
+    ok(&convert(&minilm(), &one, &["--quiet"]));
+    ok(&convert(
+        &minilm(),
+        &parted,
+        &["--quiet", "--max-file-size", "6MB"],
+    ));
+    let wf = WeightFile::open(&parted).unwrap();
+    let files: Vec<PathBuf> = wf
+        .part_files()
+        .iter()
+        .map(|(p, _)| p.to_path_buf())
+        .collect();
+    let last = wf.tensors().last().unwrap().name.clone();
+    // Every other part emptied after the open: reading the tensor must not touch them
+    // (a mapped page of a truncated file would fault, a read would come up short).
+    for f in &files[..files.len() - 1] {
+        std::fs::OpenOptions::new()
+            .write(true)
+            .open(f)
+            .unwrap()
+            .set_len(0)
+            .unwrap();
+    }
+    let started = Instant::now();
+    let t = wf.tensor(&last).unwrap();
+    eprintln!(
+        "`{last}` from part {} of {} in {:?}",
+        files.len(),
+        files.len(),
+        started.elapsed()
+    );
+    assert_eq!(
+        t.data,
+        WeightFile::open(&one).unwrap().tensor(&last).unwrap().data
+    );
+}

@@ -325,7 +325,9 @@ pub(crate) fn write_and_commit(
     };
     // The parts an interrupted run left, checked in parallel (each is read whole:
     // its row checksums and its XXH3-128).
-    let checked: Vec<Option<std::result::Result<Kept, String>>> = {
+    let checked: Vec<Option<std::result::Result<Kept, String>>> = if !config.resume {
+        (0..count).map(|_| None).collect()
+    } else {
         use rayon::prelude::*;
         let pool = rayon::ThreadPoolBuilder::new()
             .num_threads(config.threads.max(1))
@@ -340,7 +342,7 @@ pub(crate) fn write_and_commit(
                 .map(|(k, part)| {
                     let path = dir.join(&names[k]);
                     let rows = (part.rows.end - part.rows.start) as u64;
-                    if config.resume && path.exists() {
+                    if path.exists() {
                         check_part(&path, &now, k, count, rows, recorded.get(&names[k])).map(Some)
                     } else {
                         Ok(None)
