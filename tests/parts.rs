@@ -127,6 +127,46 @@ fn a_parted_conversion_reads_back_as_the_single_file_does() {
     let emb = b.info("embeddings.word_embeddings.weight").unwrap();
     assert!(emb.rows >= 3);
 
+    // inspect: the tensors of the single file, every part's row groups and bytes.
+    let i = run(&[
+        "inspect",
+        parted.to_str().unwrap(),
+        "--json",
+        "--row-groups",
+    ]);
+    ok(&i);
+    let i: serde_json::Value = serde_json::from_slice(&i.stdout).unwrap();
+    let parts_bytes: u64 = listed.iter().map(|p| p["bytes"].as_u64().unwrap()).sum();
+    let parts_groups: u64 = listed
+        .iter()
+        .map(|p| p["row_groups"].as_u64().unwrap())
+        .sum();
+    assert_eq!(i["file_bytes"].as_u64().unwrap(), parts_bytes);
+    assert_eq!(
+        i["row_groups"].as_array().unwrap().len() as u64,
+        parts_groups
+    );
+    let i_rows: u64 = i["row_groups"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|g| g["rows"].as_u64().unwrap())
+        .sum();
+    assert_eq!(i_rows, rows);
+    let names_of = |v: &serde_json::Value| -> Vec<String> {
+        v["tensors"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|t| t["name"].as_str().unwrap().to_string())
+            .collect()
+    };
+    let single = run(&["inspect", one.to_str().unwrap(), "--json"]);
+    let single: serde_json::Value = serde_json::from_slice(&single.stdout).unwrap();
+    assert_eq!(names_of(&i), names_of(&single));
+    assert_eq!(i["total_parameters"], single["total_parameters"]);
+    assert_eq!(i["metadata"]["parts"], manifest["parts"]);
+
     // Export gives the same safetensors bytes; verify checks every part against the
     // source.
     let (ea, eb) = (
@@ -236,6 +276,17 @@ fn a_conversion_killed_after_its_first_part_resumes_into_the_same_bytes() {
     assert!(!dir.join("_manifest.json").exists());
     let left = part_hashes(&dir);
     assert!(!left.is_empty() && left.len() < 7, "{left:?}");
+    // At most one temp file (the part in flight), besides the journal.
+    let temps: Vec<String> = std::fs::read_dir(&dir)
+        .unwrap()
+        .flatten()
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .filter(|n| n.starts_with('.'))
+        .collect();
+    assert!(
+        temps.len() <= 1 && temps.iter().all(|t| t.contains(".tmp-")),
+        "{temps:?}"
+    );
     // Not a conversion: the reader says so.
     let e = WeightFile::open(&out).unwrap_err().to_string();
     assert!(e.ends_with("a directory without _manifest.json: not a complete conversion (an interrupted parted conversion finishes with --resume)"), "{e}");
