@@ -55,27 +55,40 @@ fn part_hashes(dir: &Path) -> BTreeMap<String, String> {
         .collect()
 }
 
-#[test]
-fn a_parted_conversion_reads_back_as_the_single_file_does() {
-    let tmp = tempdir();
-    let (one, parted) = (tmp.path().join("one"), tmp.path().join("parted"));
+/// MiniLM converted into `dir/one` as one file and into `dir/parted` in parts of at
+/// most `size`.
+fn one_and_parted(dir: &Path, size: &str) -> (PathBuf, PathBuf) {
+    let (one, parted) = (dir.join("one"), dir.join("parted"));
     ok(&convert(&minilm(), &one, &["--quiet"]));
     ok(&convert(
         &minilm(),
         &parted,
-        &["--quiet", "--max-file-size", "10MB"],
+        &["--quiet", "--max-file-size", size],
     ));
-    let dir = parted.join("weights.parquet");
-    assert!(dir.is_dir());
+    (one, parted)
+}
 
-    // Part names sort in row order, each at most 10 MB; nothing else a dataset reader
-    // would take for data.
-    let mut names: Vec<String> = std::fs::read_dir(&dir)
+/// The names in `dir`, sorted.
+fn listing(dir: &Path) -> Vec<String> {
+    let mut names: Vec<String> = std::fs::read_dir(dir)
         .unwrap()
         .flatten()
         .map(|e| e.file_name().to_string_lossy().into_owned())
         .collect();
     names.sort();
+    names
+}
+
+#[test]
+fn a_parted_conversion_reads_back_as_the_single_file_does() {
+    let tmp = tempdir();
+    let (one, parted) = one_and_parted(tmp.path(), "10MB");
+    let dir = parted.join("weights.parquet");
+    assert!(dir.is_dir());
+
+    // Part names sort in row order, each at most 10 MB; nothing else a dataset reader
+    // would take for data.
+    let names = listing(&dir);
     let count = names.len() - 1;
     assert!(count >= 4, "{names:?}");
     assert_eq!(names[0], "_manifest.json");
@@ -277,10 +290,8 @@ fn a_conversion_killed_after_its_first_part_resumes_into_the_same_bytes() {
     let left = part_hashes(&dir);
     assert!(!left.is_empty() && left.len() < 7, "{left:?}");
     // At most one temp file (the part in flight), besides the journal.
-    let temps: Vec<String> = std::fs::read_dir(&dir)
-        .unwrap()
-        .flatten()
-        .map(|e| e.file_name().to_string_lossy().into_owned())
+    let temps: Vec<String> = listing(&dir)
+        .into_iter()
         .filter(|n| n.starts_with('.'))
         .collect();
     assert!(
@@ -635,12 +646,7 @@ fn a_write_that_fails_in_part_two_keeps_part_one_and_resumes() {
     assert!(err.contains("File too large"), "{err}");
     // Nothing but the complete first part and the journal that records it: no temp
     // file, no manifest, no metadata.json.
-    let mut names: Vec<String> = std::fs::read_dir(&dir)
-        .unwrap()
-        .flatten()
-        .map(|e| e.file_name().to_string_lossy().into_owned())
-        .collect();
-    names.sort();
+    let names = listing(&dir);
     let first = format!("part-00001-of-{count:05}.parquet");
     assert_eq!(names, vec!["_journal.json".to_string(), first.clone()]);
     let journal: serde_json::Value =
@@ -669,13 +675,7 @@ fn a_write_that_fails_in_part_two_keeps_part_one_and_resumes() {
 #[test]
 fn one_tensor_by_name_reads_only_the_part_that_holds_it() {
     let tmp = tempdir();
-    let (one, parted) = (tmp.path().join("one"), tmp.path().join("parted"));
-    ok(&convert(&minilm(), &one, &["--quiet"]));
-    ok(&convert(
-        &minilm(),
-        &parted,
-        &["--quiet", "--max-file-size", "6MB"],
-    ));
+    let (one, parted) = one_and_parted(tmp.path(), "6MB");
     let wf = WeightFile::open(&parted).unwrap();
     let files: Vec<PathBuf> = wf
         .part_files()
