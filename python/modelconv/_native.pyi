@@ -14,6 +14,12 @@ def convert(
 ) -> str:
     """Converts; the report as JSON text."""
 
+def plan(input: str, **options: Any) -> str:
+    """The plan of a conversion (the CLI's dry run) as JSON text."""
+
+def convert_part(input: str, output: str, index: int, **options: Any) -> str:
+    """Converts one part of a parted conversion; its outcome as JSON text."""
+
 def verify(path: str, source: Optional[str] = None, threads: int = 0) -> str:
     """Verifies; the report as JSON text."""
 
