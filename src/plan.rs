@@ -381,3 +381,82 @@ fn group_rows(
     }
     groups
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Planned f16 tensors of `sizes` bytes each, rows of at most `row` bytes.
+    fn planned(sizes: &[u64], row: u64) -> (Vec<PlannedTensor>, Vec<RowPlan>) {
+        let mut tensors = Vec::new();
+        let mut rows = Vec::new();
+        for (i, &bytes) in sizes.iter().enumerate() {
+            let numel = bytes / 2;
+            let first_row = rows.len() as u64;
+            let per = row / 2;
+            let mut start = 0;
+            while start < numel {
+                let elems = per.min(numel - start);
+                rows.push(RowPlan {
+                    tensor: i,
+                    elem_start: start,
+                    elems,
+                });
+                start += elems;
+            }
+            tensors.push(PlannedTensor {
+                shard: 0,
+                src: TensorInfo {
+                    name: format!("t{i}"),
+                    dtype: Dtype::F16,
+                    shape: vec![numel],
+                    numel,
+                    offset: 0,
+                    len: bytes,
+                    strides: None,
+                },
+                name: format!("t{i}"),
+                dtype: Dtype::F16,
+                out_len: bytes,
+                first_row,
+                rows: rows.len() as u64 - first_row,
+                quant: None,
+                dequant: None,
+            });
+        }
+        (tensors, rows)
+    }
+
+    #[test]
+    fn parts_keep_tensors_whole_unless_one_is_larger_than_a_part() {
+        let kib = 1u64 << 10;
+        // Budget 100 KiB (+1 KiB per row reserved): 40 + 40 fit, 30 starts part 2.
+        let (t, r) = planned(&[40 * kib, 40 * kib, 30 * kib, 10 * kib], 1 << 20);
+        assert_eq!(part_rows(&t, &r, 100 * kib), vec![0..2, 2..4]);
+        // A 250 KiB tensor in rows of 90 KiB, after a 20 KiB one: spread a row at a
+        // time from the current part on (no 90 KiB row fits beside the small one), its
+        // 70 KiB tail sharing a part with the next tensor.
+        let (t, r) = planned(&[20 * kib, 250 * kib, 5 * kib], 90 * kib);
+        assert_eq!(r.len(), 1 + 3 + 1);
+        assert_eq!(part_rows(&t, &r, 100 * kib), vec![0..1, 1..2, 2..3, 3..5]);
+        // Every part within the budget, every row in exactly one part, in order.
+        let (t, r) = planned(
+            &[7 * kib, 300 * kib, 64 * kib, 64 * kib, 1, 99 * kib],
+            50 * kib,
+        );
+        let parts = part_rows(&t, &r, 100 * kib);
+        let mut next = 0;
+        for p in &parts {
+            assert_eq!(p.start, next);
+            let bytes: u64 = r[p.clone()]
+                .iter()
+                .map(|row| row_part_bytes(&t[row.tensor], row))
+                .sum();
+            assert!(bytes <= 100 * kib, "{p:?}: {bytes}");
+            next = p.end;
+        }
+        assert_eq!(next, r.len());
+        // No rows: one empty part.
+        assert_eq!(part_rows(&[], &[], 100 * kib), vec![0..0]);
+    }
+}
