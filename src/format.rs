@@ -88,12 +88,14 @@ pub struct PartStamp {
     /// The plan it belongs to.
     pub identity: Identity,
     /// Per planned tensor with anything to say: (tensor index, NaN, inf, overflow,
-    /// largest overflowing magnitude).
+    /// largest overflowing magnitude). Floats are stored as their IEEE-754 bits, so a
+    /// kept part's statistics come back exactly (a JSON decimal may not).
     #[serde(default)]
-    pub cast: Vec<(usize, u64, u64, u64, f64)>,
-    /// Per quantized tensor of a V2 part: (tensor index, Σx², Σe², max |e|, count).
+    pub cast: Vec<(usize, u64, u64, u64, u64)>,
+    /// Per quantized tensor of a V2 part: (tensor index, Σx², Σe², max |e|, count),
+    /// floats as their bits.
     #[serde(default)]
-    pub quant: Vec<(usize, f64, f64, f64, u64)>,
+    pub quant: Vec<(usize, u64, u64, u64, u64)>,
 }
 
 /// One part as the manifest lists it.

@@ -706,3 +706,71 @@ fn one_tensor_by_name_reads_only_the_part_that_holds_it() {
         WeightFile::open(&one).unwrap().tensor(&last).unwrap().data
     );
 }
+
+/// `v` with every number written to 12 significant digits.
+fn rounded(v: &serde_json::Value) -> serde_json::Value {
+    match v {
+        serde_json::Value::Number(n) => match n.as_f64() {
+            Some(f) if !n.is_u64() && !n.is_i64() => serde_json::json!(format!("{f:.11e}")),
+            _ => v.clone(),
+        },
+        serde_json::Value::Array(a) => a.iter().map(rounded).collect(),
+        serde_json::Value::Object(o) => o.iter().map(|(k, x)| (k.clone(), rounded(x))).collect(),
+        _ => v.clone(),
+    }
+}
+
+#[test]
+fn a_quantized_output_in_parts_reports_and_reads_as_the_single_file() {
+    let tmp = tempdir();
+    let (one, parted) = (tmp.path().join("one"), tmp.path().join("parted"));
+    let q = ["--quantize", "int8", "--group-size", "64", "--json"];
+    let a = convert(&minilm(), &one, &q);
+    ok(&a);
+    let b = convert(
+        &minilm(),
+        &parted,
+        &[&q[..], &["--max-file-size", "4MB"]].concat(),
+    );
+    ok(&b);
+    let (ra, rb): (serde_json::Value, serde_json::Value) = (
+        serde_json::from_slice(&a.stdout).unwrap(),
+        serde_json::from_slice(&b.stdout).unwrap(),
+    );
+    assert!(rb["parts"].as_array().unwrap().len() >= 3);
+    // The error report, summed over the parts, is the single file's (to 12 digits: a
+    // tensor split over parts has its squared errors summed per part, then added).
+    assert_eq!(rounded(&ra["quantization"]), rounded(&rb["quantization"]));
+    let (wa, wb) = (
+        WeightFile::open(&one).unwrap(),
+        WeightFile::open(&parted).unwrap(),
+    );
+    for t in wa.tensors() {
+        let (x, y) = (wa.tensor(&t.name).unwrap(), wb.tensor(&t.name).unwrap());
+        assert_eq!(x.data, y.data, "{}", t.name);
+        assert_eq!(x.to_f32(), y.to_f32(), "{}", t.name);
+    }
+    // Resumed with every part kept: the report comes from the parts' stamps.
+    std::fs::remove_file(parted.join("metadata.json")).unwrap();
+    std::fs::remove_file(parted.join("weights.parquet/_manifest.json")).unwrap();
+    let c = convert(
+        &minilm(),
+        &parted,
+        &[&q[..], &["--max-file-size", "4MB", "--resume"]].concat(),
+    );
+    ok(&c);
+    let rc: serde_json::Value = serde_json::from_slice(&c.stdout).unwrap();
+    assert!(rc["parts"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .all(|p| p["status"] == "kept"));
+    assert_eq!(rc["quantization"], rb["quantization"]);
+    let v = run(&[
+        "verify",
+        parted.to_str().unwrap(),
+        "--source",
+        minilm().to_str().unwrap(),
+    ]);
+    ok(&v);
+}

@@ -496,14 +496,17 @@ fn write_part(
             .iter()
             .enumerate()
             .filter(|(_, s)| **s != CastStats::default())
-            .map(|(t, s)| (t, s.nan, s.inf, s.overflow, s.max_overflow))
+            .map(|(t, s)| (t, s.nan, s.inf, s.overflow, s.max_overflow.to_bits()))
             .collect(),
         quant: st
             .quant
             .iter()
             .enumerate()
             .filter(|(_, q)| **q != QuantError::default())
-            .map(|(t, q)| (t, q.sum_x2, q.sum_e2, q.max_abs, q.count))
+            .map(|(t, q)| {
+                let bits = (q.sum_x2.to_bits(), q.sum_e2.to_bits(), q.max_abs.to_bits());
+                (t, bits.0, bits.1, bits.2, q.count)
+            })
             .collect(),
     };
     let written = writer.finish(format::part_footer(plan, &stamp))?;
@@ -666,16 +669,16 @@ fn merge_stamp(stamp: &PartStamp, stats: &mut [CastStats], quant: &mut [QuantErr
                 nan,
                 inf,
                 overflow,
-                max_overflow,
+                max_overflow: f64::from_bits(max_overflow),
             });
         }
     }
     for &(t, sum_x2, sum_e2, max_abs, count) in &stamp.quant {
         if let Some(q) = quant.get_mut(t) {
             q.merge(&QuantError {
-                sum_x2,
-                sum_e2,
-                max_abs,
+                sum_x2: f64::from_bits(sum_x2),
+                sum_e2: f64::from_bits(sum_e2),
+                max_abs: f64::from_bits(max_abs),
                 count,
             });
         }
