@@ -351,6 +351,25 @@ fn interrupt(out: &Path) {
     std::fs::remove_file(out.join("weights.parquet/_manifest.json")).unwrap();
 }
 
+/// XORs `mask` into the byte of `path` at `at(file length)`.
+fn flip(path: &Path, at: impl Fn(usize) -> usize, mask: u8) {
+    let mut b = std::fs::read(path).unwrap();
+    let i = at(b.len());
+    b[i] ^= mask;
+    std::fs::write(path, &b).unwrap();
+}
+
+/// `--resume` of MiniLM in 6 MB parts into `out`: its JSON report.
+fn resume_6mb(out: &Path) -> serde_json::Value {
+    let o = convert(
+        &minilm(),
+        out,
+        &["--json", "--max-file-size", "6MB", "--resume"],
+    );
+    ok(&o);
+    serde_json::from_slice(&o.stdout).unwrap()
+}
+
 #[test]
 fn resume_redoes_damaged_and_missing_parts_and_refuses_another_plan() {
     let tmp = tempdir();
@@ -365,19 +384,10 @@ fn resume_redoes_damaged_and_missing_parts_and_refuses_another_plan() {
     interrupt(&out);
     // A damaged part (one byte flipped in its data) and a deleted one.
     let damaged = dir.join(&names[2]);
-    let mut b = std::fs::read(&damaged).unwrap();
-    let mid = b.len() / 2;
-    b[mid] ^= 0x40;
-    std::fs::write(&damaged, &b).unwrap();
+    flip(&damaged, |len| len / 2, 0x40);
     std::fs::remove_file(dir.join(&names[3])).unwrap();
 
-    let o = convert(
-        &minilm(),
-        &out,
-        &["--json", "--max-file-size", "6MB", "--resume"],
-    );
-    ok(&o);
-    let report: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    let report = resume_6mb(&out);
     let parts = report["parts"].as_array().unwrap();
     for (k, p) in parts.iter().enumerate() {
         let want = match k {
@@ -438,17 +448,8 @@ fn resume_redoes_damaged_and_missing_parts_and_refuses_another_plan() {
     assert_eq!(part_hashes(&dir), before);
     // A complete conversion resumed: the manifest's hashes decide (the whole file
     // hashed, no row decompressed); a part changed since is redone.
-    let mut b = std::fs::read(dir.join(&names[1])).unwrap();
-    let last = b.len() - 20;
-    b[last] ^= 1;
-    std::fs::write(dir.join(&names[1]), &b).unwrap();
-    let o = convert(
-        &minilm(),
-        &out,
-        &["--json", "--max-file-size", "6MB", "--resume"],
-    );
-    ok(&o);
-    let report: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    flip(&dir.join(&names[1]), |len| len - 20, 1);
+    let report = resume_6mb(&out);
     let parts = report["parts"].as_array().unwrap();
     assert_eq!(parts[1]["status"], "redone");
     let reason = parts[1]["reason"].as_str().unwrap();
