@@ -289,6 +289,17 @@ impl Plan {
         self.groups.iter().map(|g| g.out_bytes).sum()
     }
 
+    /// Names of the first and last tensors with rows in part `k` (a tensor split over
+    /// parts is in each); empty for a part without rows.
+    pub(crate) fn part_tensors(&self, k: usize) -> (String, String) {
+        let rows = &self.parts[k].rows;
+        if rows.is_empty() {
+            return (String::new(), String::new());
+        }
+        let name = |r: usize| self.tensors[self.rows[r].tensor].name.clone();
+        (name(rows.start), name(rows.end - 1))
+    }
+
     /// Elements over all tensors.
     pub(crate) fn total_params(&self) -> u64 {
         self.tensors.iter().map(|t| t.src.numel).sum()

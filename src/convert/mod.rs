@@ -555,19 +555,13 @@ impl Job {
                     .enumerate()
                     .map(|(k, p)| {
                         let groups = &self.plan.groups[p.groups.clone()];
-                        let name =
-                            |r: usize| self.plan.tensors[self.plan.rows[r].tensor].name.clone();
-                        let (first, last) = match p.rows.is_empty() {
-                            true => (String::new(), String::new()),
-                            false => (name(p.rows.start), name(p.rows.end - 1)),
-                        };
                         PlannedPart {
                             file: format::part_name(k, n),
                             rows: (p.rows.end - p.rows.start) as u64,
                             row_groups: groups.len(),
                             source_bytes: groups.iter().map(|g| g.src_bytes).sum(),
                             output_bytes: groups.iter().map(|g| g.out_bytes).sum(),
-                            tensors: (first, last),
+                            tensors: self.plan.part_tensors(k),
                         }
                     })
                     .collect()

@@ -405,10 +405,9 @@ pub(crate) fn write_and_commit(
         .parts
         .iter()
         .zip(&outcomes)
-        .map(|(p, o)| {
-            let first = &plan.tensors
-                [plan.rows[p.rows.start.min(plan.rows.len().saturating_sub(1))].tensor];
-            let last = &plan.tensors[plan.rows[p.rows.end.saturating_sub(1)].tensor];
+        .enumerate()
+        .map(|(k, (p, o))| {
+            let tensors = plan.part_tensors(k);
             ManifestPart {
                 file: o.file.clone(),
                 bytes: o.bytes,
@@ -416,7 +415,7 @@ pub(crate) fn write_and_commit(
                 first_row: p.rows.start as u64,
                 rows: o.rows,
                 row_groups: p.groups.end - p.groups.start,
-                tensors: (first.name.clone(), last.name.clone()),
+                tensors,
             }
         })
         .collect();
