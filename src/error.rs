@@ -227,14 +227,30 @@ pub enum Error {
         /// The output path.
         path: PathBuf,
     },
-    /// A source file changed size after it was validated (it is being rewritten).
+    /// A source file changed after it was validated (it is being rewritten): its size,
+    /// or for a remote file its ETag.
     SourceChanged {
-        /// The shard.
+        /// The shard (a URL for a remote one).
         path: PathBuf,
-        /// Its length when validated.
-        was: u64,
-        /// Its length now.
-        now: u64,
+        /// What changed.
+        reason: String,
+    },
+    /// A remote input could not be read: unreachable, not found, or still failing after
+    /// the retries.
+    Remote {
+        /// The URL (never with credentials).
+        url: String,
+        /// What happened.
+        reason: String,
+    },
+    /// The Hub or the object store refused access (401 or 403).
+    RemoteDenied {
+        /// The repository or object.
+        url: String,
+        /// The HTTP status.
+        status: u16,
+        /// What to do about it.
+        reason: String,
     },
     /// The output path exists and is not a directory.
     OutputNotDirectory {
@@ -376,6 +392,14 @@ pub enum Error {
 }
 
 impl Error {
+    /// `SourceChanged` for a file whose length went from `was` to `now`.
+    pub(crate) fn size_changed(path: &std::path::Path, was: u64, now: u64) -> Self {
+        Error::SourceChanged {
+            path: path.to_path_buf(),
+            reason: format!("its size changed ({was} → {now} bytes)"),
+        }
+    }
+
     pub(crate) fn io(
         action: &'static str,
         path: impl Into<PathBuf>,
@@ -560,11 +584,17 @@ impl fmt::Display for Error {
                 P(path)
             ),
             ResumeRefused { path, reason } => write!(f, "{}: cannot resume: {reason}", P(path)),
-            SourceChanged { path, was, now } => write!(
+            SourceChanged { path, reason } => write!(
                 f,
-                "{}: file changed size while being converted ({was} → {now} bytes)",
+                "{}: the file changed while being converted: {reason}",
                 P(path)
             ),
+            Remote { url, reason } => write!(f, "{}: {reason}", sanitize(url)),
+            RemoteDenied {
+                url,
+                status,
+                reason,
+            } => write!(f, "{}: access denied ({status}): {reason}", sanitize(url)),
             OutputNotDirectory { path } => write!(f, "{}: the output must be a directory", P(path)),
             NothingToConvert { path, model_type } => write!(
                 f,

@@ -34,7 +34,9 @@ pub use read::{
     RangeLog, RowGroupInfo, SourceReport, SourceTensorInfo, Tensor, TensorCheck, TensorInfo,
     VerifyOptions, VerifyReport, WeightFile,
 };
-pub use source::{open as open_source, IoMode, Source, SourceOptions, DEFAULT_MAX_HEADER_BYTES};
+pub use source::{
+    is_url, open as open_source, IoMode, Source, SourceOptions, DEFAULT_MAX_HEADER_BYTES,
+};
 pub use write::atomic::remove_temp_files;
 pub use write::Codec;
 

@@ -41,6 +41,9 @@ __all__ = [
     "UnsafeCheckpointError",
     "PrequantizedError",
     "OptionError",
+    "RemoteError",
+    "RemoteAccessError",
+    "SourceChangedError",
     "OutputError",
     "OutputExistsError",
     "CastOverflowError",
@@ -75,6 +78,21 @@ class PrequantizedError(InputError):
     cannot be dequantized as it stands: an unsupported scheme, a config that
     contradicts the tensors, a missing or malformed scale. Nothing was converted raw
     (``keep_quantized=True`` writes the stored tensors as they are)."""
+
+
+class RemoteError(Error, ConnectionError):
+    """A remote input (``hf://``, ``https://``, ``s3://``) could not be read: not found,
+    unreachable, or still failing after the retries. The message names the URL."""
+
+
+class RemoteAccessError(RemoteError, PermissionError):
+    """The Hub or the object store refused access (401/403): a private or gated
+    repository needs ``HF_TOKEN`` (or ``token_file=``) with access to it."""
+
+
+class SourceChangedError(InputError):
+    """An input file changed while it was converted (its size, or a remote file's
+    ETag); nothing was committed."""
 
 
 class OptionError(Error, ValueError):
@@ -132,6 +150,9 @@ _KINDS = {
     "io": IOError_,
     "internal": InternalError,
     "cancelled": Error,
+    "remote": RemoteError,
+    "remote_denied": RemoteAccessError,
+    "source_changed": SourceChangedError,
 }
 
 
@@ -183,6 +204,7 @@ class ConversionConfig:
     quantize_skip: List[str] = field(default_factory=list)
     io: str = "auto"
     hub_cache: Optional[str] = None
+    token_file: Optional[str] = None
     progress: Union[bool, Callable[[int, int], None]] = False
 
     def _options(self) -> Dict[str, Any]:
@@ -210,6 +232,7 @@ class ConversionConfig:
             "quantize_skip": list(self.quantize_skip),
             "io": self.io,
             "hub_cache": self.hub_cache,
+            **({"token_file": self.token_file} if self.token_file else {}),
         }
 
 

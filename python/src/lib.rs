@@ -107,6 +107,9 @@ fn err(e: modelconv::Error) -> PyErr {
         E::Cancelled => "cancelled",
         E::ForbiddenGlobal { .. } | E::PickledModule { .. } => "unsafe",
         E::NotInHubCache { .. } | E::NoWeights { .. } => "not_found_input",
+        E::Remote { .. } => "remote",
+        E::RemoteDenied { .. } => "remote_denied",
+        E::SourceChanged { .. } => "source_changed",
         E::Internal { .. } | E::ThreadPool { .. } | E::BigEndianHost => "internal",
         _ => "input",
     };
@@ -161,6 +164,7 @@ fn config(opts: Option<&Bound<'_, PyDict>>, cancel: Arc<AtomicBool>) -> PyResult
                     b.max_header_bytes(v.extract::<u64>()?.saturating_mul(1_000_000))
                 }
                 "hub_cache" => b.hub_cache(v.extract::<PathBuf>()?),
+                "token_file" => b.token_file(Some(v.extract::<PathBuf>()?)),
                 "io" => b.io(parse::<IoMode>(&v.extract::<String>()?)?),
                 "include" => {
                     filters.include = v.extract()?;

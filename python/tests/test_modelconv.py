@@ -430,3 +430,50 @@ def test_parts_converted_one_by_one_commit_into_the_whole_conversion(tmp_path):
     assert [x["xxh3_128"] for x in r["parts"]] == [g["xxh3_128"] for g in got] == [w["xxh3_128"] for w in want]
     with pytest.raises(modelconv.OptionError, match="part 99 does not exist"):
         modelconv.convert_part(MINILM, parts, 99, **opts)
+
+
+@pytest.fixture
+def hub(tmp_path):
+    """The Hub-like server of tests/servers (loopback, two ports), stopped afterwards."""
+    server = subprocess.Popen(
+        [sys.executable, str(ROOT / "tests" / "servers" / "hub_server.py"),
+         "--repo", f"org/bert={FIXTURES / 'tiny-bert'}", "--repo", f"me/private={FIXTURES / 'tiny-bert'}",
+         "--private", "me/private", "--token", "hf_pytoken_123"],
+        stdin=subprocess.PIPE, stdout=subprocess.PIPE)
+    port, _storage = server.stdout.readline().split()
+    old = os.environ.get("HF_ENDPOINT")
+    os.environ["HF_ENDPOINT"] = f"http://127.0.0.1:{int(port)}"
+    os.environ.pop("HF_TOKEN", None)
+    yield server
+    if old is None:
+        os.environ.pop("HF_ENDPOINT", None)
+    else:
+        os.environ["HF_ENDPOINT"] = old
+    server.stdin.close()
+    server.kill()
+    server.wait()
+
+
+def test_a_checkpoint_on_the_hub_converts_like_the_local_one(tmp_path, hub):
+    local = modelconv.ModelConverter().convert(str(FIXTURES / "tiny-bert"), str(tmp_path / "l"))
+    remote = modelconv.ModelConverter().convert("hf://org/bert", str(tmp_path / "r"))
+    assert local.success and remote.success, remote.error_message
+    assert remote.model_name == "hf://org/bert"
+    a = pq.read_table(tmp_path / "l" / "weights.parquet", memory_map=True)
+    b = pq.read_table(tmp_path / "r" / "weights.parquet", memory_map=True)
+    assert a.equals(b)
+    with modelconv.WeightFile(tmp_path / "r") as wr, modelconv.WeightFile(tmp_path / "l") as wl:
+        name = "embeddings.word_embeddings.weight"
+        assert np.array_equal(wr.get_tensor(name), wl.get_tensor(name))
+    # A private repository: a typed error naming it without the token, then with it.
+    with pytest.raises(modelconv.RemoteAccessError, match=r"^hf://me/private: access denied \(401\)"):
+        modelconv.convert("hf://me/private", tmp_path / "p")
+    token = tmp_path / "token"
+    token.write_text("hf_pytoken_123\n")
+    modelconv.convert("hf://me/private", tmp_path / "p", token_file=str(token))
+    assert pq.read_table(tmp_path / "p" / "weights.parquet").equals(a)
+    # As on the Hub, a repository that does not exist answers 401 to a caller without
+    # access: the same typed error, saying it may not exist.
+    with pytest.raises(modelconv.RemoteAccessError, match=r"or does not exist: Repository Not Found"):
+        modelconv.convert("hf://org/absent", tmp_path / "x")
+    assert not (tmp_path / "x").exists()

@@ -319,6 +319,7 @@ pub struct ConvertConfigBuilder {
     resume: bool,
     hub_cache: Option<PathBuf>,
     io: IoMode,
+    token_file: Option<PathBuf>,
     cancel: Arc<AtomicBool>,
 }
 
@@ -346,6 +347,7 @@ impl Default for ConvertConfigBuilder {
             resume: false,
             hub_cache: None,
             io: IoMode::Auto,
+            token_file: None,
             cancel: Arc::new(AtomicBool::new(false)),
         }
     }
@@ -408,6 +410,10 @@ impl ConvertConfigBuilder {
         /// complete part of the same plan that passes its checks, convert the rest
         /// (default false).
         resume: bool);
+    setter!(/// A file holding the Hugging Face token for `hf://` inputs (default:
+        /// `HF_TOKEN`, else the token file `huggingface_hub` writes). The token is sent
+        /// to the Hub only, and never shown or written.
+        token_file: Option<PathBuf>);
     setter!(/// The cancellation flag (default: a fresh one; see
         /// [`ConvertConfig::cancel_flag`]).
         cancel: Arc<AtomicBool>);
@@ -528,6 +534,7 @@ impl ConvertConfigBuilder {
                 hub_cache: self.hub_cache,
                 io: self.io,
                 keep_quantized: self.keep_quantized,
+                token_file: self.token_file,
             },
             cancel: self.cancel,
         })

@@ -222,6 +222,7 @@ struct Job {
 
 impl Job {
     fn prepare(source: Source, config: &ConvertConfig) -> Result<Job> {
+        source.set_cancel(config.cancel.clone());
         let files = ModelFiles::load(source.model_dir())?;
         let mut recipe = model::resolve_recipe(
             config.model_type,

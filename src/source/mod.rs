@@ -6,6 +6,8 @@
 mod header;
 mod hub;
 mod pickle;
+#[cfg(feature = "remote")]
+mod remote;
 pub(crate) mod scheme;
 mod torch;
 mod zip;
@@ -74,6 +76,9 @@ pub struct SourceOptions {
     /// that does not match its tensors, or tensors of no declared scheme, are then
     /// not refused (default false).
     pub keep_quantized: bool,
+    /// A file holding the Hugging Face token for `hf://` inputs (default: `HF_TOKEN`,
+    /// else the token file `huggingface_hub` writes).
+    pub token_file: Option<PathBuf>,
 }
 
 impl Default for SourceOptions {
@@ -83,6 +88,7 @@ impl Default for SourceOptions {
             hub_cache: None,
             io: IoMode::Auto,
             keep_quantized: false,
+            token_file: None,
         }
     }
 }
@@ -192,9 +198,16 @@ pub(crate) struct Shard {
     /// Tensors that are the same view of the same storage as an earlier one:
     /// `(name, tied to)` (PyTorch checkpoints only).
     pub(crate) ties: Vec<(String, String)>,
-    file: File,
-    /// The mapping, in mmap mode.
-    map: Option<Mmap>,
+    data: Data,
+}
+
+/// Where a shard's bytes come from.
+enum Data {
+    /// A local file, mapped in mmap mode.
+    Local { file: File, map: Option<Mmap> },
+    /// A remote file, read by ranges.
+    #[cfg(feature = "remote")]
+    Remote(remote::RemoteFile),
 }
 
 impl fmt::Debug for Shard {
@@ -204,7 +217,7 @@ impl fmt::Debug for Shard {
             .field("file_len", &self.file_len)
             .field("format", &self.format)
             .field("tensors", &self.header.tensors.len())
-            .field("mapped", &self.map.is_some())
+            .field("mapped", &self.is_mapped())
             .finish()
     }
 }
@@ -258,11 +271,7 @@ impl Shard {
             // SAFETY: see `map_file`; the risk is documented for the whole crate.
             let m = unsafe { map_file(file) }.map_err(|e| Error::io("map", path, e))?;
             if m.len() as u64 != file_len {
-                return Err(Error::SourceChanged {
-                    path: path.to_path_buf(),
-                    was: file_len,
-                    now: m.len() as u64,
-                });
+                return Err(Error::size_changed(path, file_len, m.len() as u64));
             }
             Ok(m)
         };
@@ -309,8 +318,48 @@ impl Shard {
             header,
             format,
             ties,
-            file,
-            map,
+            data: Data::Local { file, map },
+        })
+    }
+
+    /// Opens a remote safetensors shard: its header read with a fixed first read and
+    /// then its exact length, and validated as a local one is.
+    ///
+    /// # Errors
+    ///
+    /// `Remote` for what the network does, every header rule of [`parse_header`];
+    /// PyTorch checkpoints are not read remotely yet.
+    #[cfg(feature = "remote")]
+    fn open_remote(file: remote::RemoteFile, name: &str, opts: &SourceOptions) -> Result<Shard> {
+        let path = PathBuf::from(&file.url);
+        if is_torch_name(Path::new(name)) {
+            return Err(Error::NoWeights {
+                path,
+                reason: "PyTorch checkpoints are read from local files only; \
+                         convert a safetensors copy of the model, or download the .bin first"
+                    .into(),
+            });
+        }
+        let file_len = file.size;
+        // One read of the first 64 KiB holds most headers whole.
+        let first = file.read_direct(0..file_len.min(64 << 10))?;
+        let header = header_from(&path, file_len, opts.max_header_bytes, |buf, at| {
+            let end = at + buf.len() as u64;
+            if end <= first.len() as u64 {
+                buf.copy_from_slice(&first[at as usize..end as usize]);
+            } else {
+                let b = file.read_direct(at..end)?;
+                buf.copy_from_slice(&b);
+            }
+            Ok(())
+        })?;
+        Ok(Shard {
+            path,
+            file_len,
+            header,
+            format: ShardFormat::Safetensors,
+            ties: Vec::new(),
+            data: Data::Remote(file),
         })
     }
 
@@ -390,7 +439,19 @@ impl Shard {
         populate: bool,
     ) -> Option<Result<&'a [u8]>> {
         let end = at.checked_add(len).filter(|&e| e <= self.file_len)?;
-        match &self.map {
+        let (file, map) = match &self.data {
+            Data::Local { file, map } => (file, map),
+            #[cfg(feature = "remote")]
+            Data::Remote(r) => {
+                let n = usize::try_from(len).ok()?;
+                if scratch.len() < n {
+                    scratch.resize(n, 0);
+                }
+                let buf = &mut scratch[..n];
+                return Some(r.read_into(at, buf).map(|()| &*buf));
+            }
+        };
+        match map {
             Some(m) => {
                 let slice = m.get(usize::try_from(at).ok()?..usize::try_from(end).ok()?)?;
                 if populate {
@@ -406,8 +467,7 @@ impl Shard {
                 }
                 let buf = &mut scratch[..n];
                 Some(
-                    self.file
-                        .read_exact_at(buf, at)
+                    file.read_exact_at(buf, at)
                         // A read that fails because the file shrank says so.
                         .map_err(|e| match self.check_unchanged() {
                             Err(changed) => changed,
@@ -513,7 +573,7 @@ impl Shard {
     /// As [`Shard::release`]: no slice borrowed from the range is read afterwards.
     pub(crate) unsafe fn release_bytes(&self, t: &TensorInfo, at: u64, len: u64) {
         const PAGE: u64 = 4096;
-        let Some(m) = &self.map else { return };
+        let Some(m) = self.map() else { return };
         if t.strides.is_some() {
             return;
         }
@@ -536,7 +596,15 @@ impl Shard {
 
     /// Whether the shard's data is mapped (else it is read with positioned reads).
     pub(crate) fn is_mapped(&self) -> bool {
-        self.map.is_some()
+        self.map().is_some()
+    }
+
+    fn map(&self) -> Option<&Mmap> {
+        match &self.data {
+            Data::Local { map, .. } => map.as_ref(),
+            #[cfg(feature = "remote")]
+            Data::Remote(_) => None,
+        }
     }
 
     /// Re-checks that the file still has the length it was validated with.
@@ -545,17 +613,18 @@ impl Shard {
     ///
     /// `SourceChanged` when it shrank or grew.
     pub(crate) fn check_unchanged(&self) -> Result<()> {
-        let now = self
-            .file
+        let file = match &self.data {
+            Data::Local { file, .. } => file,
+            // Every response is checked as it arrives; this reports the first mismatch.
+            #[cfg(feature = "remote")]
+            Data::Remote(r) => return r.check(),
+        };
+        let now = file
             .metadata()
             .map_err(|e| Error::io("stat", &self.path, e))?
             .len();
         if now != self.file_len {
-            return Err(Error::SourceChanged {
-                path: self.path.clone(),
-                was: self.file_len,
-                now,
-            });
+            return Err(Error::size_changed(&self.path, self.file_len, now));
         }
         Ok(())
     }
@@ -565,7 +634,7 @@ impl Shard {
     /// without it just fault as usual.
     fn prefetch(&self, offset: u64, len: u64) {
         const PAGE: u64 = 4096;
-        let Some(m) = &self.map else { return };
+        let Some(m) = self.map() else { return };
         let start = offset / PAGE * PAGE;
         let end = offset.saturating_add(len).min(m.len() as u64);
         if end > start {
@@ -608,10 +677,24 @@ pub(crate) fn le_ints(dtype: Dtype, b: &[u8]) -> Vec<i64> {
 
 /// Reads and validates a safetensors header with positioned reads.
 fn read_safetensors_header(path: &Path, file: &File, file_len: u64, cap: u64) -> Result<Header> {
+    header_from(path, file_len, cap, |buf, at| {
+        file.read_exact_at(buf, at)
+            .map_err(|e| Error::io("read", path, e))
+    })
+}
+
+/// Reads and validates a safetensors header through `read_at(buf, offset)`: the
+/// 8-byte length first, checked against the cap and the file's length, then exactly
+/// that many bytes.
+fn header_from(
+    path: &Path,
+    file_len: u64,
+    cap: u64,
+    read_at: impl Fn(&mut [u8], u64) -> Result<()>,
+) -> Result<Header> {
     let mut prefix = [0u8; 8];
     let prefix = if file_len >= 8 {
-        file.read_exact_at(&mut prefix, 0)
-            .map_err(|e| Error::io("read", path, e))?;
+        read_at(&mut prefix, 0)?;
         Some(prefix)
     } else {
         None
@@ -625,8 +708,7 @@ fn read_safetensors_header(path: &Path, file: &File, file_len: u64, cap: u64) ->
         cap,
     })?;
     let mut bytes = vec![0u8; n_usize];
-    file.read_exact_at(&mut bytes, 8)
-        .map_err(|e| Error::io("read", path, e))?;
+    read_at(&mut bytes, 8)?;
     parse_header(path, &bytes, file_len)
 }
 
@@ -690,6 +772,9 @@ pub struct Source {
     /// Unique among the sources this process opened: what per-thread caches of its
     /// bytes are keyed on (a later source may map the same addresses).
     pub(crate) id: u64,
+    /// A remote source's client, cache and private directory of small files.
+    #[cfg(feature = "remote")]
+    pub(crate) remote: Option<remote::Remote>,
 }
 
 /// A tensor as a conversion sees it: stored, or dequantized from several stored ones.
@@ -801,6 +886,25 @@ impl Source {
         }
     }
 
+    /// Makes reads of a remote source that wait on the network return `Cancelled`
+    /// once `flag` is set (a local source reads without waiting on anyone).
+    pub(crate) fn set_cancel(&self, flag: std::sync::Arc<std::sync::atomic::AtomicBool>) {
+        #[cfg(feature = "remote")]
+        if let Some(r) = &self.remote {
+            r.set_cancel(flag);
+        }
+        #[cfg(not(feature = "remote"))]
+        let _ = flag;
+    }
+
+    /// For a remote source: the body bytes received so far and the requests sent.
+    pub fn fetched(&self) -> Option<(u64, u64)> {
+        #[cfg(feature = "remote")]
+        return self.remote.as_ref().map(|r| r.fetched());
+        #[cfg(not(feature = "remote"))]
+        None
+    }
+
     /// The pre-quantization scheme, when the checkpoint has one.
     pub(crate) fn scheme(&self) -> Option<&Scheme> {
         self.scheme.as_ref()
@@ -872,41 +976,76 @@ fn check_shard_name(index: &Path, name: &str) -> Result<()> {
     Ok(())
 }
 
+/// Where a checkpoint's files are: a local directory, or a remote listing. The rules
+/// for finding the weights in it and checking an index against its shards are the same
+/// for both.
+pub(crate) trait Dir {
+    /// A file's path as messages show it (a local path, or a URL).
+    fn path(&self, name: &str) -> PathBuf;
+    /// Whether `name` is a file of the directory.
+    fn is_file(&self, name: &str) -> bool;
+    /// The directory's file names (not in subdirectories), sorted.
+    fn names(&self) -> Result<Vec<String>>;
+    /// Opens and validates the shard `name`.
+    fn open_shard(&self, name: &str, opts: &SourceOptions) -> Result<Shard>;
+    /// The text of the small file `name` (an index).
+    fn read_to_string(&self, name: &str) -> Result<String>;
+}
+
+/// A local directory.
+struct LocalDir(PathBuf);
+
+impl Dir for LocalDir {
+    fn path(&self, name: &str) -> PathBuf {
+        self.0.join(name)
+    }
+
+    fn is_file(&self, name: &str) -> bool {
+        self.0.join(name).is_file()
+    }
+
+    fn names(&self) -> Result<Vec<String>> {
+        Ok(files_in(&self.0, |_| true)?
+            .iter()
+            .filter_map(|p| p.file_name()?.to_str().map(String::from))
+            .collect())
+    }
+
+    fn open_shard(&self, name: &str, opts: &SourceOptions) -> Result<Shard> {
+        Shard::open(&self.0.join(name), opts)
+    }
+
+    fn read_to_string(&self, name: &str) -> Result<String> {
+        let p = self.0.join(name);
+        std::fs::read_to_string(&p).map_err(|e| Error::io("read", &p, e))
+    }
+}
+
 /// Looks for `tensor` in the files of `dir` with the listed shards' extension that the
 /// index does not list, to say where a mis-indexed tensor really is.
 fn find_in_unlisted(
-    dir: &Path,
+    dir: &dyn Dir,
     listed: &[&str],
     tensor: &str,
     opts: &SourceOptions,
 ) -> Option<String> {
     let ext = listed.first().and_then(|n| Path::new(n).extension())?;
-    let mut others: Vec<PathBuf> = std::fs::read_dir(dir)
+    let others: Vec<String> = dir
+        .names()
         .ok()?
-        .filter_map(|e| e.ok().map(|e| e.path()))
-        .filter(|p| p.extension() == Some(ext))
-        .filter(|p| {
-            p.file_name()
-                .and_then(|n| n.to_str())
-                .is_some_and(|n| !listed.contains(&n))
-        })
+        .into_iter()
+        .filter(|n| Path::new(n).extension() == Some(ext) && !listed.contains(&n.as_str()))
         .collect();
-    others.sort();
-    others.into_iter().find_map(|p| {
-        let shard = Shard::open(&p, opts).ok()?;
-        shard
-            .header
-            .tensors
-            .iter()
-            .any(|t| t.name == tensor)
-            .then(|| p.file_name().map(|n| n.to_string_lossy().into_owned()))
-            .flatten()
+    others.into_iter().find(|n| {
+        dir.open_shard(n, opts)
+            .is_ok_and(|s| s.header.tensors.iter().any(|t| t.name == tensor))
     })
 }
 
-/// Opens a sharded checkpoint from its index file.
-fn open_index(index: &Path, opts: &SourceOptions) -> Result<(Vec<Shard>, PathBuf)> {
-    let text = std::fs::read_to_string(index).map_err(|e| Error::io("read", index, e))?;
+/// Opens a sharded checkpoint from its index file `name` in `dir`.
+fn open_index(dir: &dyn Dir, name: &str, opts: &SourceOptions) -> Result<(Vec<Shard>, PathBuf)> {
+    let index = &dir.path(name);
+    let text = dir.read_to_string(name)?;
     let raw: RawIndex = serde_json::from_str(&text).map_err(|e| Error::InvalidIndex {
         path: index.to_path_buf(),
         reason: e.to_string(),
@@ -918,7 +1057,6 @@ fn open_index(index: &Path, opts: &SourceOptions) -> Result<(Vec<Shard>, PathBuf
             other: None,
         });
     }
-    let dir = index.parent().unwrap_or(Path::new(".")).to_path_buf();
     let map: Vec<(String, String)> = raw.weight_map.0;
     if map.is_empty() {
         return Err(Error::InvalidIndex {
@@ -934,7 +1072,7 @@ fn open_index(index: &Path, opts: &SourceOptions) -> Result<(Vec<Shard>, PathBuf
     }
     let missing: Vec<String> = names
         .iter()
-        .filter(|n| !dir.join(n).is_file())
+        .filter(|n| !dir.is_file(n))
         .map(|n| n.to_string())
         .collect();
     if !missing.is_empty() {
@@ -945,7 +1083,7 @@ fn open_index(index: &Path, opts: &SourceOptions) -> Result<(Vec<Shard>, PathBuf
     }
     let shards = names
         .iter()
-        .map(|n| Shard::open(&dir.join(n), opts))
+        .map(|n| dir.open_shard(n, opts))
         .collect::<Result<Vec<_>>>()?;
     // Where each tensor really is, refusing duplicates across shards.
     let mut found: HashMap<&str, usize> = HashMap::new();
@@ -971,7 +1109,7 @@ fn open_index(index: &Path, opts: &SourceOptions) -> Result<(Vec<Shard>, PathBuf
     for (tensor, shard) in &listed {
         match found.get(tensor) {
             None => {
-                let elsewhere = find_in_unlisted(&dir, &names, tensor, opts);
+                let elsewhere = find_in_unlisted(dir, &names, tensor, opts);
                 return Err(mismatch(
                     tensor,
                     match elsewhere {
@@ -1001,7 +1139,8 @@ fn open_index(index: &Path, opts: &SourceOptions) -> Result<(Vec<Shard>, PathBuf
             }
         }
     }
-    Ok((shards, dir))
+    let parent = index.parent().unwrap_or(Path::new(".")).to_path_buf();
+    Ok((shards, parent))
 }
 
 /// Opens what the user named: a model directory, a `.safetensors` file, a shard index,
@@ -1015,6 +1154,21 @@ fn open_index(index: &Path, opts: &SourceOptions) -> Result<(Vec<Shard>, PathBuf
 pub fn open(input: impl AsRef<Path>, opts: &SourceOptions) -> Result<Source> {
     let input = input.as_ref();
     let name = input.to_string_lossy().into_owned();
+    if is_url(&name) {
+        #[cfg(feature = "remote")]
+        {
+            let mut source = open_url(&name, opts)?;
+            source.name = name;
+            return Ok(source);
+        }
+        #[cfg(not(feature = "remote"))]
+        return Err(Error::NoWeights {
+            path: input.to_path_buf(),
+            reason: "this build of modelconv reads local files only (build it with the \
+                     `remote` feature for hf://, https:// and s3:// inputs)"
+                .into(),
+        });
+    }
     let path = if hub::looks_like_hub_id(&name) {
         let cache = opts.hub_cache.clone().unwrap_or_else(hub::cache_dir);
         hub::resolve(&name, &cache)?
@@ -1024,6 +1178,14 @@ pub fn open(input: impl AsRef<Path>, opts: &SourceOptions) -> Result<Source> {
     let mut source = open_path(&path, opts)?;
     source.name = name;
     Ok(source)
+}
+
+/// True when `s` names a remote input (`hf://`, `http(s)://`, `s3://`), which
+/// [`open`] reads by ranges (with the `remote` feature).
+pub fn is_url(s: &str) -> bool {
+    ["hf://", "http://", "https://", "s3://"]
+        .iter()
+        .any(|p| s.starts_with(p))
 }
 
 /// The conventional names of a PyTorch checkpoint and its shard index.
@@ -1045,14 +1207,21 @@ fn files_in(dir: &Path, keep: impl Fn(&Path) -> bool) -> Result<Vec<PathBuf>> {
 /// The weights of a model directory: a safetensors index or file first, then a
 /// PyTorch index or file; `(shards, index, notices)`.
 fn open_dir(
-    input: &Path,
+    input: &dyn Dir,
     opts: &SourceOptions,
 ) -> Result<(Vec<Shard>, Option<PathBuf>, Vec<String>)> {
-    let st = files_in(input, |p| p.extension().is_some_and(|e| e == "safetensors"))?;
-    let bin = files_in(input, is_torch_name)?;
+    let names = input.names()?;
+    let st: Vec<&String> = names
+        .iter()
+        .filter(|n| n.ends_with(".safetensors"))
+        .collect();
+    let bin: Vec<&String> = names
+        .iter()
+        .filter(|n| is_torch_name(Path::new(n)))
+        .collect();
     let mut notices = Vec::new();
-    let (idx, single, found, kind) = if input.join(INDEX_FILE).is_file() || !st.is_empty() {
-        if input.join(TORCH_INDEX_FILE).is_file() || !bin.is_empty() {
+    let (idx, single, found, kind) = if input.is_file(INDEX_FILE) || !st.is_empty() {
+        if input.is_file(TORCH_INDEX_FILE) || !bin.is_empty() {
             notices.push(
                 "the directory has safetensors and PyTorch .bin weights; using safetensors".into(),
             );
@@ -1066,22 +1235,22 @@ fn open_dir(
             "PyTorch (.bin, .pt, .pth)",
         )
     };
-    let (idx, single) = (input.join(idx), input.join(single));
-    if idx.is_file() {
-        let (s, _) = open_index(&idx, opts)?;
-        return Ok((s, Some(idx), notices));
+    if input.is_file(idx) {
+        let (s, _) = open_index(input, idx, opts)?;
+        return Ok((s, Some(input.path(idx)), notices));
     }
-    if single.is_file() {
-        return Ok((vec![Shard::open(&single, opts)?], None, notices));
+    if input.is_file(single) {
+        return Ok((vec![input.open_shard(single, opts)?], None, notices));
     }
+    let base = input.path("");
     match found.as_slice() {
-        [one] => Ok((vec![Shard::open(one, opts)?], None, notices)),
+        [one] => Ok((vec![input.open_shard(one, opts)?], None, notices)),
         [] => Err(Error::NoWeights {
-            path: input.to_path_buf(),
+            path: base,
             reason: format!("no {SINGLE_FILE}, {INDEX_FILE}, {TORCH_FILE} or {TORCH_INDEX_FILE}"),
         }),
         many => Err(Error::NoWeights {
-            path: input.to_path_buf(),
+            path: base,
             reason: format!(
                 "{} {kind} files and no index; name one file or the index",
                 many.len()
@@ -1110,10 +1279,15 @@ fn open_path(input: &Path, opts: &SourceOptions) -> Result<Source> {
         _ => PathBuf::from("."),
     };
     let (shards, model_dir, index, notices) = if meta.is_dir() {
-        let (s, index, notices) = open_dir(input, opts)?;
+        let (s, index, notices) = open_dir(&LocalDir(input.to_path_buf()), opts)?;
         (s, input.to_path_buf(), index, notices)
     } else if input.extension().is_some_and(|e| e == "json") {
-        let (s, d) = open_index(input, opts)?;
+        let dir = LocalDir(parent(input));
+        let name = input
+            .file_name()
+            .map(|n| n.to_string_lossy().into_owned())
+            .unwrap_or_default();
+        let (s, d) = open_index(&dir, &name, opts)?;
         (s, d, Some(input.to_path_buf()), Vec::new())
     } else {
         (
@@ -1123,6 +1297,18 @@ fn open_path(input: &Path, opts: &SourceOptions) -> Result<Source> {
             Vec::new(),
         )
     };
+    finish(input, model_dir, index, shards, notices, opts)
+}
+
+/// The source of validated shards: the pre-quantization scheme recognised, an id.
+fn finish(
+    input: &Path,
+    model_dir: PathBuf,
+    index: Option<PathBuf>,
+    shards: Vec<Shard>,
+    notices: Vec<String>,
+    opts: &SourceOptions,
+) -> Result<Source> {
     let scheme = match scheme::recognise(&model_dir, &shards) {
         // Kept as stored: the scheme (when it matches) is only recorded.
         Err(_) if opts.keep_quantized => None,
@@ -1140,5 +1326,24 @@ fn open_path(input: &Path, opts: &SourceOptions) -> Result<Source> {
             static NEXT: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
             NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed)
         },
+        #[cfg(feature = "remote")]
+        remote: None,
     })
+}
+
+/// Opens a checkpoint by URL (`hf://`, `https://`, `s3://`).
+#[cfg(feature = "remote")]
+fn open_url(url: &str, opts: &SourceOptions) -> Result<Source> {
+    refuse_big_endian_host()?;
+    let o = remote::open(url, opts)?;
+    let mut source = finish(
+        Path::new(url),
+        o.model_dir,
+        o.index,
+        o.shards,
+        o.notices,
+        opts,
+    )?;
+    source.remote = Some(o.remote);
+    Ok(source)
 }

@@ -10,6 +10,7 @@ use std::path::{Path, PathBuf};
 use half::{bf16, f16};
 use safetensors::{Dtype as StDtype, SafeTensors};
 
+pub mod hub;
 pub mod rounding;
 
 pub fn root() -> PathBuf {

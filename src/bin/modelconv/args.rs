@@ -33,7 +33,7 @@ pub enum Command {
 
 #[derive(Args, Debug)]
 pub struct ConvertArgs {
-    /// Model directory, model.safetensors, model.safetensors.index.json, or org/name[@rev] from the local HF cache.
+    /// Model directory, model.safetensors, model.safetensors.index.json, org/name[@rev] from the local HF cache, or a URL: hf://org/name[@rev], https://…, s3://bucket/prefix/.
     pub input: PathBuf,
     /// Output directory (weights.parquet, metadata.json, config.json, tokenizer/).
     #[arg(short, long, required_unless_present = "dry_run")]
@@ -131,6 +131,9 @@ pub struct SourceArgs {
     /// How shard data is read: mmap, read (positioned reads, for network file systems) or auto.
     #[arg(long, default_value = "auto")]
     io: IoMode,
+    /// A file holding the Hugging Face token for hf:// inputs (default: HF_TOKEN, else ~/.cache/huggingface/token).
+    #[arg(long)]
+    token_file: Option<PathBuf>,
 }
 
 #[derive(Args, Debug, Clone, Copy)]
@@ -206,6 +209,7 @@ impl SourceArgs {
             hub_cache: self.hub_cache.clone(),
             io: self.io,
             keep_quantized: false,
+            token_file: self.token_file.clone(),
         }
     }
 }
@@ -244,6 +248,7 @@ impl ConvertArgs {
                 skip: self.quantize_skip.clone(),
             }))
             .io(source.io)
+            .token_file(source.token_file)
             .model_type(self.model_type)
             .part(self.part)
             .filters(Filters {

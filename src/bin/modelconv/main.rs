@@ -182,6 +182,9 @@ fn run_inspect(a: InspectArgs) -> Outcome {
 /// True when `path` names a checkpoint rather than a weight file: a directory without
 /// `weights.parquet`, or a `.safetensors`, `.bin`, `.pt`, `.pth` or `.json` index file.
 fn is_checkpoint(path: &std::path::Path) -> bool {
+    if modelconv::is_url(&path.to_string_lossy()) {
+        return true;
+    }
     if path.is_dir() {
         return !path.join("weights.parquet").exists();
     }

@@ -1,0 +1,363 @@
+//! Remote shard bytes: large aligned ranges (chunks) fetched ahead of the reader, a few
+//! in flight, kept in one bounded cache shared by every shard of a source.
+//!
+//! The cast stage reads a piece of a row at a time (about 1 MiB), in source order, from
+//! as many threads as the pipeline has row groups in flight. A piece is served from the
+//! chunks that cover it; the read also starts the next [`AHEAD`] chunks of its file, so
+//! the network stays busy while the pipeline casts and compresses. The cache holds at
+//! most [`CAPACITY`] chunks (fetched or in flight), evicting the least recently used:
+//! with the pipeline's bounded window of row groups, a chunk is used and done with long
+//! before it is the oldest; one that is needed again is fetched again (correct, and
+//! counted in the bytes fetched). Memory: at most `CAPACITY × CHUNK` bytes of input,
+//! whatever the model size, in place of the mapped pages a local shard would use.
+//!
+//! Every response is checked against the size and ETag the file had when its header
+//! was read: a file that changes while it is read is `SourceChanged`.
+
+use std::collections::HashMap;
+use std::ops::Range;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard, OnceLock};
+use std::time::Duration;
+
+use bytes::Bytes;
+use object_store::path::Path as StorePath;
+use object_store::{GetOptions, GetRange, ObjectStore};
+
+use super::client::Client;
+use crate::error::{Error, Result};
+
+/// Bytes per chunk: one request's range.
+pub(crate) const CHUNK: u64 = 8 << 20;
+/// Chunks a read starts ahead of itself.
+pub(crate) const AHEAD: u64 = 6;
+/// Chunks the cache holds, fetched or in flight.
+pub(crate) const CAPACITY: usize = 16;
+
+/// Why a fetch failed, kept for every reader of the source.
+#[derive(Debug, Clone)]
+enum Failure {
+    Changed(String, String),
+    Failed(String, String),
+}
+
+impl Failure {
+    fn error(&self) -> Error {
+        match self {
+            Failure::Changed(url, reason) => Error::SourceChanged {
+                path: url.into(),
+                reason: reason.clone(),
+            },
+            Failure::Failed(url, reason) => Error::Remote {
+                url: url.clone(),
+                reason: reason.clone(),
+            },
+        }
+    }
+}
+
+enum Slot {
+    Pending,
+    Ready { data: Bytes, used: u64 },
+}
+
+#[derive(Default)]
+struct Cache {
+    /// `(file, chunk)` → its slot.
+    slots: HashMap<(usize, u64), Slot>,
+    tick: u64,
+    failed: Option<Failure>,
+}
+
+/// What every remote file of one source shares: the client, the cache, the
+/// cancellation flag of the conversion reading it.
+pub(crate) struct Shared {
+    pub(crate) client: Arc<Client>,
+    cache: Mutex<Cache>,
+    ready: Condvar,
+    cancel: OnceLock<Arc<AtomicBool>>,
+    files: std::sync::atomic::AtomicUsize,
+}
+
+impl std::fmt::Debug for Shared {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Shared").finish_non_exhaustive()
+    }
+}
+
+impl Shared {
+    pub(crate) fn new(client: Arc<Client>) -> Arc<Shared> {
+        Arc::new(Shared {
+            client,
+            cache: Mutex::new(Cache::default()),
+            ready: Condvar::new(),
+            cancel: OnceLock::new(),
+            files: Default::default(),
+        })
+    }
+
+    /// Makes reads waiting on the network return `Cancelled` once `flag` is set.
+    pub(crate) fn set_cancel(&self, flag: Arc<AtomicBool>) {
+        let _ = self.cancel.set(flag);
+    }
+
+    fn cancelled(&self) -> bool {
+        self.cancel.get().is_some_and(|f| f.load(Ordering::Relaxed))
+    }
+
+    fn lock(&self) -> MutexGuard<'_, Cache> {
+        // A poisoned lock means a reader panicked; the cache itself is still coherent.
+        self.cache.lock().unwrap_or_else(|p| p.into_inner())
+    }
+}
+
+/// One remote file: where it is, its size and ETag as first seen.
+#[derive(Debug)]
+pub(crate) struct RemoteFile {
+    /// The URL shown to the user (no credentials in it).
+    pub(crate) url: String,
+    pub(crate) size: u64,
+    pub(crate) etag: Option<String>,
+    store: Arc<dyn ObjectStore>,
+    path: StorePath,
+    shared: Arc<Shared>,
+    id: usize,
+}
+
+impl RemoteFile {
+    pub(crate) fn new(
+        url: String,
+        store: Arc<dyn ObjectStore>,
+        path: StorePath,
+        size: u64,
+        etag: Option<String>,
+        shared: Arc<Shared>,
+    ) -> RemoteFile {
+        let id = shared.files.fetch_add(1, Ordering::Relaxed);
+        RemoteFile {
+            url,
+            size,
+            etag,
+            store,
+            path,
+            shared,
+            id,
+        }
+    }
+
+    /// Bytes `range` read at once, outside the cache (headers, small files).
+    ///
+    /// # Errors
+    ///
+    /// `Remote` after the retries, `SourceChanged` when the file is not the one seen.
+    pub(crate) fn read_direct(&self, range: Range<u64>) -> Result<Bytes> {
+        let fut = fetch(
+            self.store.clone(),
+            self.path.clone(),
+            range,
+            self.etag.clone(),
+            self.size,
+            self.url.clone(),
+        );
+        self.shared.client.rt().block_on(fut).map_err(|f| f.error())
+    }
+
+    /// The first error a fetch of this source met, if any.
+    pub(crate) fn check(&self) -> Result<()> {
+        match &self.shared.lock().failed {
+            Some(f) => Err(f.error()),
+            None => Ok(()),
+        }
+    }
+
+    fn chunks(&self) -> u64 {
+        self.size.div_ceil(CHUNK)
+    }
+
+    fn spawn(&self, k: u64) {
+        let start = k * CHUNK;
+        let range = start..(start + CHUNK).min(self.size);
+        let fut = fetch(
+            self.store.clone(),
+            self.path.clone(),
+            range,
+            self.etag.clone(),
+            self.size,
+            self.url.clone(),
+        );
+        let shared = self.shared.clone();
+        let key = (self.id, k);
+        self.shared.client.rt().spawn(async move {
+            let r = fut.await;
+            let mut g = shared.lock();
+            match r {
+                Ok(data) => {
+                    g.tick += 1;
+                    let used = g.tick;
+                    g.slots.insert(key, Slot::Ready { data, used });
+                }
+                Err(f) => {
+                    g.slots.remove(&key);
+                    g.failed.get_or_insert(f);
+                }
+            }
+            drop(g);
+            shared.ready.notify_all();
+        });
+    }
+
+    /// Frees a slot for a new chunk, evicting the least recently used fetched chunk
+    /// outside `keep` (this file's chunks being read); false when there is none.
+    fn make_room(&self, g: &mut Cache, keep: &Range<u64>) -> bool {
+        while g.slots.len() >= CAPACITY {
+            let victim = g
+                .slots
+                .iter()
+                .filter_map(|(key, s)| match s {
+                    Slot::Ready { used, .. } if !(key.0 == self.id && keep.contains(&key.1)) => {
+                        Some((*used, *key))
+                    }
+                    _ => None,
+                })
+                .min();
+            match victim {
+                Some((_, key)) => {
+                    g.slots.remove(&key);
+                }
+                None => return false,
+            }
+        }
+        true
+    }
+
+    /// Fills `out` with the bytes at `at`, from the cache, fetching what is missing and
+    /// starting the chunks after it.
+    ///
+    /// # Errors
+    ///
+    /// `Remote` after the retries, `SourceChanged`, `Cancelled`.
+    pub(crate) fn read_into(&self, at: u64, out: &mut [u8]) -> Result<()> {
+        if out.is_empty() {
+            return Ok(());
+        }
+        let end = at + out.len() as u64;
+        let need = at / CHUNK..(end - 1) / CHUNK + 1;
+        let mut g = self.shared.lock();
+        // The chunks read, then the ones ahead while there is room.
+        let last = (need.end + AHEAD).min(self.chunks());
+        for k in need.start..last {
+            if g.slots.contains_key(&(self.id, k)) {
+                continue;
+            }
+            let room = self.make_room(&mut g, &need);
+            if !room && !need.contains(&k) {
+                break;
+            }
+            g.slots.insert((self.id, k), Slot::Pending);
+            self.spawn(k);
+        }
+        for k in need.clone() {
+            let data = loop {
+                if let Some(f) = &g.failed {
+                    return Err(f.error());
+                }
+                if self.shared.cancelled() {
+                    return Err(Error::Cancelled);
+                }
+                g.tick += 1;
+                let tick = g.tick;
+                match g.slots.get_mut(&(self.id, k)) {
+                    Some(Slot::Ready { data, used }) => {
+                        *used = tick;
+                        break data.clone();
+                    }
+                    Some(Slot::Pending) => {
+                        g = self
+                            .shared
+                            .ready
+                            .wait_timeout(g, Duration::from_millis(100))
+                            .unwrap_or_else(|p| p.into_inner())
+                            .0;
+                    }
+                    // Evicted since it was fetched (another reader needed the room).
+                    None => {
+                        self.make_room(&mut g, &need);
+                        g.slots.insert((self.id, k), Slot::Pending);
+                        self.spawn(k);
+                    }
+                }
+            };
+            drop(g);
+            let base = k * CHUNK;
+            let from = at.max(base);
+            let to = end.min(base + data.len() as u64);
+            let src = data
+                .get((from - base) as usize..(to - base) as usize)
+                .ok_or_else(|| Error::internal("a fetched chunk is shorter than its range"))?;
+            out[(from - at) as usize..(to - at) as usize].copy_from_slice(src);
+            g = self.shared.lock();
+        }
+        Ok(())
+    }
+}
+
+/// GETs `range` of `path`, checking that the file still has `size` and `etag`.
+async fn fetch(
+    store: Arc<dyn ObjectStore>,
+    path: StorePath,
+    range: Range<u64>,
+    etag: Option<String>,
+    size: u64,
+    url: String,
+) -> std::result::Result<Bytes, Failure> {
+    let want = range.end - range.start;
+    let opts = GetOptions {
+        range: Some(GetRange::Bounded(range.clone())),
+        ..Default::default()
+    };
+    let res = store
+        .get_opts(&path, opts)
+        .await
+        .map_err(|e| failure(&url, e))?;
+    if let (Some(was), Some(now)) = (&etag, &res.meta.e_tag) {
+        if was != now {
+            return Err(Failure::Changed(
+                url,
+                format!("its ETag changed from {was} to {now} while it was read"),
+            ));
+        }
+    }
+    if res.meta.size != size {
+        return Err(Failure::Changed(
+            url,
+            format!(
+                "it changed size while it was read ({size} → {} bytes)",
+                res.meta.size
+            ),
+        ));
+    }
+    let data = res.bytes().await.map_err(|e| failure(&url, e))?;
+    if data.len() as u64 != want {
+        return Err(Failure::Failed(
+            url,
+            format!(
+                "asked for bytes {}..{} and received {} bytes",
+                range.start,
+                range.end,
+                data.len()
+            ),
+        ));
+    }
+    Ok(data)
+}
+
+/// What an `object_store` error means for the user.
+fn failure(url: &str, e: object_store::Error) -> Failure {
+    match e {
+        object_store::Error::Precondition { .. } => Failure::Changed(
+            url.to_string(),
+            "it changed while it was read (its ETag no longer matches)".into(),
+        ),
+        other => Failure::Failed(url.to_string(), super::describe(&other)),
+    }
+}

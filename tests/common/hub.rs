@@ -1,0 +1,101 @@
+//! The Hub-like test server (`tests/servers/hub_server.py`), started and stopped by the
+//! tests: loopback only, two ports (the Hub and its "storage"), gone when the test
+//! drops it (its stdin closes and it is killed).
+
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::TcpStream;
+use std::path::Path;
+use std::process::{Child, Command, Stdio};
+
+pub struct Hub {
+    child: Child,
+    pub port: u16,
+    pub storage_port: u16,
+}
+
+impl Hub {
+    /// Serves `repos` (`(org/name, dir)`), `files` under `/files/`, and `extra` flags.
+    pub fn start(repos: &[(&str, &Path)], files: Option<&Path>, extra: &[&str]) -> Hub {
+        let mut cmd = Command::new(super::python());
+        cmd.arg(super::root().join("tests/servers/hub_server.py"));
+        for (name, dir) in repos {
+            cmd.arg("--repo")
+                .arg(format!("{name}={}", dir.to_str().unwrap()));
+        }
+        if let Some(f) = files {
+            cmd.arg("--files").arg(f);
+        }
+        cmd.args(extra);
+        let mut child = cmd
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .unwrap();
+        let mut line = String::new();
+        BufReader::new(child.stdout.take().unwrap())
+            .read_line(&mut line)
+            .unwrap();
+        let mut it = line.split_whitespace().map(|p| p.parse::<u16>().unwrap());
+        let (port, storage_port) = (it.next().unwrap(), it.next().unwrap());
+        Hub {
+            child,
+            port,
+            storage_port,
+        }
+    }
+
+    /// `http://127.0.0.1:PORT`, for `HF_ENDPOINT`.
+    pub fn endpoint(&self) -> String {
+        format!("http://127.0.0.1:{}", self.port)
+    }
+
+    /// A plain file URL under `/files/`.
+    pub fn file_url(&self, rel: &str) -> String {
+        format!("http://127.0.0.1:{}/files/{rel}", self.port)
+    }
+
+    fn request(&self, method: &str, path: &str, body: &str) -> String {
+        let mut s = TcpStream::connect(("127.0.0.1", self.port)).unwrap();
+        write!(
+            s,
+            "{method} {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\nContent-Length: {}\r\n\r\n{body}",
+            body.len()
+        )
+        .unwrap();
+        let mut out = String::new();
+        s.read_to_string(&mut out).unwrap();
+        let (head, body) = out.split_once("\r\n\r\n").unwrap();
+        assert!(head.starts_with("HTTP/1.1 200"), "{head}");
+        body.to_string()
+    }
+
+    /// Adds a fault (see the server's doc).
+    pub fn fault(&self, json: &str) {
+        self.request("POST", "/_control", json);
+    }
+
+    /// The server's counters.
+    pub fn stats(&self) -> serde_json::Value {
+        serde_json::from_str(&self.request("GET", "/_stats", "")).unwrap()
+    }
+
+    /// The commit `main` of `repo` resolves to.
+    pub fn commit(&self, repo: &str) -> String {
+        let v: serde_json::Value = serde_json::from_str(&self.request(
+            "GET",
+            &format!("/api/models/{repo}/revision/main"),
+            "",
+        ))
+        .unwrap();
+        v["sha"].as_str().unwrap().to_string()
+    }
+}
+
+impl Drop for Hub {
+    fn drop(&mut self) {
+        drop(self.child.stdin.take());
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}

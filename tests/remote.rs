@@ -1,0 +1,626 @@
+//! Remote inputs against the Hub-like server of `tests/servers/hub_server.py` (loopback,
+//! started and stopped by each test): every URL form converts to the bytes a local
+//! conversion writes; every injected fault has its expected outcome; tokens go to the
+//! Hub only and are never shown.
+
+mod common;
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+
+use common::hub::Hub;
+use common::*;
+
+fn s(p: &Path) -> &str {
+    p.to_str().unwrap()
+}
+
+fn text(b: &[u8]) -> String {
+    String::from_utf8_lossy(b).into_owned()
+}
+
+/// The binary with a pinned conversion time and fast retries (50 ms first backoff),
+/// `env` added.
+fn modelconv(args: &[&str], env: &[(&str, &str)]) -> Output {
+    let mut c = Command::new(env!("CARGO_BIN_EXE_modelconv"));
+    c.args(args)
+        .env("SOURCE_DATE_EPOCH", "1700000000")
+        .env("MODELCONV_HTTP_BACKOFF", "0.05")
+        .env_remove("HF_TOKEN")
+        .env("HF_HOME", "/nonexistent-hf-home");
+    for (k, v) in env {
+        c.env(k, v);
+    }
+    c.output().unwrap()
+}
+
+fn ok(o: &Output) {
+    assert!(
+        o.status.success(),
+        "{}\n{}",
+        text(&o.stdout),
+        text(&o.stderr)
+    );
+}
+
+/// A local conversion of `dir` into `out`.
+fn local(dir: &Path, out: &Path) {
+    ok(&modelconv(&["convert", s(dir), "-o", s(out), "-q"], &[]));
+}
+
+/// The bytes of a weight file before its footer (every row group, byte for byte), and
+/// its footer's length.
+fn before_footer(p: &Path) -> Vec<u8> {
+    let b = std::fs::read(p).unwrap();
+    let n = b.len();
+    assert_eq!(&b[n - 4..], b"PAR1");
+    let footer = u32::from_le_bytes(b[n - 8..n - 4].try_into().unwrap()) as usize;
+    b[..n - 8 - footer].to_vec()
+}
+
+/// The metadata of an output without the two fields that name where it came from and
+/// went to.
+fn metadata_but_names(out: &Path) -> serde_json::Value {
+    let mut v: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(out.join("metadata.json")).unwrap()).unwrap();
+    let o = v.as_object_mut().unwrap();
+    o.remove("model_name");
+    o.remove("parquet_path");
+    o.remove("tokenizer_path");
+    v
+}
+
+/// Every file of `dir` (recursively) with its bytes, relative names.
+fn tree(dir: &Path) -> Vec<(PathBuf, Vec<u8>)> {
+    let mut out = Vec::new();
+    let mut stack = vec![dir.to_path_buf()];
+    while let Some(d) = stack.pop() {
+        for e in std::fs::read_dir(&d).unwrap() {
+            let p = e.unwrap().path();
+            if p.is_dir() {
+                stack.push(p);
+            } else {
+                out.push((
+                    p.strip_prefix(dir).unwrap().to_path_buf(),
+                    std::fs::read(&p).unwrap(),
+                ));
+            }
+        }
+    }
+    out.sort();
+    out
+}
+
+/// `remote` converted as `local_out` was: the same row groups byte for byte, the same
+/// metadata but for the names, the same copied files.
+fn assert_same_output(local_out: &Path, remote_out: &Path) {
+    let (a, b) = (
+        local_out.join("weights.parquet"),
+        remote_out.join("weights.parquet"),
+    );
+    assert!(before_footer(&a) == before_footer(&b), "row groups differ");
+    assert_eq!(
+        metadata_but_names(local_out),
+        metadata_but_names(remote_out)
+    );
+    let names = |t: &[(PathBuf, Vec<u8>)]| t.iter().map(|(p, _)| p.clone()).collect::<Vec<_>>();
+    let (ta, tb) = (tree(local_out), tree(remote_out));
+    assert_eq!(names(&ta), names(&tb));
+    for ((p, x), (_, y)) in ta.iter().zip(&tb) {
+        let n = p.to_string_lossy();
+        if n != "weights.parquet" && n != "metadata.json" {
+            assert!(x == y, "{n} differs");
+        }
+    }
+}
+
+fn no_temp_dirs_in(tmp: &Path) -> Vec<String> {
+    std::fs::read_dir(tmp)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .filter(|n| n.starts_with("modelconv-remote-"))
+        .collect()
+}
+
+#[test]
+fn every_fixture_and_minilm_from_the_hub_convert_as_they_do_locally() {
+    let tmp = tempdir();
+    let minilm = minilm();
+    let mut repos: Vec<(String, PathBuf)> = FIXTURES
+        .iter()
+        .map(|f| (format!("fixtures/{f}"), fixture(f)))
+        .collect();
+    repos.push((
+        "sentence-transformers/all-MiniLM-L6-v2".into(),
+        minilm.clone(),
+    ));
+    let refs: Vec<(&str, &Path)> = repos
+        .iter()
+        .map(|(n, p)| (n.as_str(), p.as_path()))
+        .collect();
+    let hub = Hub::start(&refs, None, &[]);
+    let ep = hub.endpoint();
+    // A token in the environment: it must reach the Hub's API and resolve, never the
+    // storage the Hub redirects to, and never any output.
+    let token = "hf_SECRETtoken1234567890";
+    let scratch = tmp.path().join("tmp");
+    std::fs::create_dir(&scratch).unwrap();
+    for (name, dir) in &repos {
+        let (lo, ro) = (
+            tmp.path().join(format!("{name}-l")),
+            tmp.path().join(format!("{name}-r")),
+        );
+        local(dir, &lo);
+        let url = format!("hf://{name}");
+        let o = modelconv(
+            &["convert", &url, "-o", s(&ro), "--json"],
+            &[
+                ("HF_ENDPOINT", &ep),
+                ("HF_TOKEN", token),
+                ("TMPDIR", s(&scratch)),
+            ],
+        );
+        ok(&o);
+        assert_same_output(&lo, &ro);
+        let all = format!("{}{}", text(&o.stdout), text(&o.stderr));
+        assert!(!all.contains(token), "{name}: the token was printed");
+        for (p, b) in tree(&ro) {
+            assert!(
+                !String::from_utf8_lossy(&b).contains(token),
+                "{name}: the token is in {}",
+                p.display()
+            );
+        }
+        let meta: serde_json::Value =
+            serde_json::from_slice(&std::fs::read(ro.join("metadata.json")).unwrap()).unwrap();
+        assert_eq!(meta["model_name"], url.as_str());
+    }
+    let st = hub.stats();
+    assert_eq!(
+        st["storage_auth"],
+        serde_json::json!([]),
+        "storage saw a token"
+    );
+    assert!(st["requests"]["storage"].as_u64().unwrap() > 0);
+    // The private copies of the small files are gone with each conversion.
+    assert!(
+        no_temp_dirs_in(&scratch).is_empty(),
+        "{:?}",
+        no_temp_dirs_in(&scratch)
+    );
+}
+
+#[test]
+fn every_url_form_reads_the_same_checkpoint() {
+    let tmp = tempdir();
+    let llama = fixture("tiny-llama-sharded-bf16");
+    let hub = Hub::start(&[("org/llama", &llama)], Some(&fixture("")), &[]);
+    let ep = hub.endpoint();
+    let env = [("HF_ENDPOINT", ep.as_str())];
+    let lo = tmp.path().join("local");
+    local(&llama, &lo);
+    let commit = hub.commit("org/llama");
+    let forms = [
+        "hf://org/llama".to_string(),
+        "hf://org/llama@main".to_string(),
+        format!("hf://org/llama@{commit}"),
+        "hf://org/llama/model.safetensors.index.json".to_string(),
+        hub.file_url("tiny-llama-sharded-bf16/model.safetensors.index.json"),
+        hub.file_url("tiny-llama-sharded-bf16/"),
+        hub.file_url("tiny-llama-sharded-bf16"),
+    ];
+    for (i, url) in forms.iter().enumerate() {
+        let ro = tmp.path().join(format!("r{i}"));
+        let o = modelconv(&["convert", url, "-o", s(&ro), "-q"], &env);
+        ok(&o);
+        assert_same_output(&lo, &ro);
+    }
+    // A single file by URL (its config.json beside it is found by name).
+    let bert = fixture("tiny-bert");
+    let (lo, ro) = (tmp.path().join("bl"), tmp.path().join("br"));
+    local(&bert.join("model.safetensors"), &lo);
+    let o = modelconv(
+        &[
+            "convert",
+            &hub.file_url("tiny-bert/model.safetensors"),
+            "-o",
+            s(&ro),
+            "-q",
+        ],
+        &env,
+    );
+    ok(&o);
+    assert_same_output(&lo, &ro);
+    // Revisions and repositories that do not exist.
+    let o = modelconv(
+        &[
+            "convert",
+            "hf://org/llama@nope",
+            "-o",
+            s(&tmp.path().join("x")),
+        ],
+        &env,
+    );
+    assert_eq!(o.status.code(), Some(1));
+    assert_eq!(
+        text(&o.stderr),
+        "error: hf://org/llama: revision `nope` not found (404): Invalid rev id: nope\n"
+    );
+    let o = modelconv(
+        &["convert", "hf://org/absent", "-o", s(&tmp.path().join("x"))],
+        &env,
+    );
+    assert_eq!(
+        text(&o.stderr),
+        "error: hf://org/absent: revision `main` not found (404): Repository Not Found\n"
+    );
+    let o = modelconv(
+        &[
+            "convert",
+            &hub.file_url("nothing-here/"),
+            "-o",
+            s(&tmp.path().join("x")),
+        ],
+        &env,
+    );
+    assert_eq!(o.status.code(), Some(1));
+    assert!(
+        text(&o.stderr).contains("no model.safetensors"),
+        "{}",
+        text(&o.stderr)
+    );
+    assert!(!tmp.path().join("x").exists());
+}
+
+#[test]
+fn verify_and_inspect_read_a_remote_source() {
+    let tmp = tempdir();
+    let llama = fixture("tiny-llama-sharded-bf16");
+    let hub = Hub::start(&[("org/llama", &llama)], None, &[]);
+    let env = [("HF_ENDPOINT", hub.endpoint())];
+    let env: Vec<(&str, &str)> = env.iter().map(|(k, v)| (*k, v.as_str())).collect();
+    let out = tmp.path().join("o");
+    local(&llama, &out);
+    let o = modelconv(
+        &["verify", s(&out), "--source", "hf://org/llama", "--json"],
+        &env,
+    );
+    ok(&o);
+    let v: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    assert_eq!(v["compared_with_source"], true, "{v}");
+    assert_eq!(v["problems"], serde_json::json!([]), "{v}");
+    assert_eq!(v["tensors"], 39);
+    let o = modelconv(&["inspect", "hf://org/llama", "--json"], &env);
+    ok(&o);
+    let remote: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    let o = modelconv(&["inspect", s(&llama), "--json"], &[]);
+    let local: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    assert_eq!(remote["tensors"], local["tensors"]);
+}
+
+/// MiniLM (90 MB, 11 chunks) served under `/files/` from a copy the faults may change.
+struct Served {
+    _tmp: tempfile::TempDir,
+    root: PathBuf,
+    hub: Hub,
+    local_out: PathBuf,
+}
+
+fn served() -> Served {
+    let tmp = tempdir();
+    let root = tmp.path().join("files");
+    std::fs::create_dir(&root).unwrap();
+    copy_dir(&minilm(), &root.join("minilm"));
+    let local_out = tmp.path().join("local");
+    local(&root.join("minilm"), &local_out);
+    let hub = Hub::start(&[], Some(&root), &[]);
+    Served {
+        _tmp: tmp,
+        root,
+        hub,
+        local_out,
+    }
+}
+
+impl Served {
+    fn url(&self) -> String {
+        self.hub.file_url("minilm/")
+    }
+
+    fn convert(&self, out: &str, env: &[(&str, &str)]) -> (Output, PathBuf) {
+        let out = self.root.parent().unwrap().join(out);
+        let o = modelconv(&["convert", &self.url(), "-o", s(&out), "-q"], env);
+        (o, out)
+    }
+}
+
+#[test]
+fn network_faults_are_retried_from_where_they_stopped() {
+    let sv = served();
+    let requests = || sv.hub.stats()["requests"]["files"].as_u64().unwrap_or(0);
+    let before = requests();
+    let (o, out) = sv.convert("clean", &[]);
+    ok(&o);
+    assert_same_output(&sv.local_out, &out);
+    let clean = requests() - before;
+    // (fault, environment): each conversion succeeds with the local bytes.
+    let cases: &[(&str, &[(&str, &str)])] = &[
+        (r#"{"reset_after": 3000000, "count": 3}"#, &[]),
+        (r#"{"status": 503, "count": 4}"#, &[]),
+        (r#"{"status": 500, "count": 2}"#, &[]),
+        (r#"{"truncate_after": 1000000, "count": 3}"#, &[]),
+        (
+            r#"{"slow_first_byte": 3, "count": 1}"#,
+            &[("MODELCONV_HTTP_TIMEOUT", "1")],
+        ),
+        (
+            r#"{"stall_after": 2000000, "seconds": 3, "count": 1}"#,
+            &[("MODELCONV_HTTP_TIMEOUT", "1")],
+        ),
+        (r#"{"reset_every": 4194304}"#, &[]),
+    ];
+    for (i, (fault, env)) in cases.iter().enumerate() {
+        sv.hub.fault(r#"{"clear": true}"#);
+        let before = requests();
+        sv.hub.fault(fault);
+        let (o, out) = sv.convert(&format!("f{i}"), env);
+        ok(&o);
+        assert_same_output(&sv.local_out, &out);
+        // The fault cost requests beyond the clean run's: it was met and retried.
+        let n = requests() - before;
+        assert!(
+            n > clean,
+            "{fault}: {n} requests, {clean} without the fault"
+        );
+    }
+    sv.hub.fault(r#"{"clear": true}"#);
+    // A 429 asks for 1.5 s: the next request comes after at least that.
+    sv.hub.fault(r#"{"retry_after": 1.5, "count": 1}"#);
+    let (o, out) = sv.convert("ra", &[]);
+    ok(&o);
+    assert_same_output(&sv.local_out, &out);
+    let waits = sv.hub.stats()["retry_after_waits"].clone();
+    let w = waits[0][0].as_f64().unwrap();
+    assert!(w >= 1.5, "waited {w} s after Retry-After: 1.5 ({waits})");
+}
+
+#[test]
+fn a_network_that_keeps_failing_is_an_error_naming_the_url_and_nothing_is_committed() {
+    let sv = served();
+    sv.hub.fault(r#"{"status": 503, "count": 1000}"#);
+    let (o, out) = sv.convert("bad", &[("MODELCONV_HTTP_RETRIES", "2")]);
+    assert_eq!(o.status.code(), Some(1), "{}", text(&o.stderr));
+    let err = text(&o.stderr);
+    assert!(err.starts_with(&format!("error: {}", sv.url())), "{err}");
+    assert!(err.contains("503"), "{err}");
+    assert!(!out.join("weights.parquet").exists());
+    assert!(!out.join("metadata.json").exists());
+}
+
+#[test]
+fn a_remote_file_replaced_while_it_is_read_is_source_changed() {
+    let sv = served();
+    // The file changes after its header was read, before its first chunk is: the
+    // chunk comes with another ETag.
+    sv.hub
+        .fault(r#"{"replace_on_get": 2, "path": "minilm/model.safetensors"}"#);
+    let (o, out) = sv.convert("changed", &[]);
+    assert_eq!(o.status.code(), Some(1), "{}", text(&o.stderr));
+    let err = text(&o.stderr);
+    assert!(
+        err.starts_with(&format!(
+            "error: {}model.safetensors: the file changed while being converted: its ETag changed from ",
+            sv.url()
+        )),
+        "{err}"
+    );
+    assert!(!out.join("weights.parquet").exists());
+    assert!(!out.join("metadata.json").exists());
+}
+
+#[test]
+fn private_and_gated_repositories_need_the_token_which_is_never_shown() {
+    let tmp = tempdir();
+    let bert = fixture("tiny-bert");
+    let token = "hf_privatetoken_abcdef";
+    let hub = Hub::start(
+        &[("me/private", &bert), ("them/gated", &bert)],
+        None,
+        &[
+            "--token",
+            token,
+            "--private",
+            "me/private",
+            "--gated",
+            "them/gated",
+        ],
+    );
+    let ep = hub.endpoint();
+    let x = tmp.path().join("x");
+    let o = modelconv(
+        &["convert", "hf://me/private", "-o", s(&x)],
+        &[("HF_ENDPOINT", &ep)],
+    );
+    assert_eq!(o.status.code(), Some(1));
+    assert_eq!(
+        text(&o.stderr),
+        "error: hf://me/private: access denied (401): the repository is private or gated, or does \
+         not exist: Invalid username or password.; set HF_TOKEN or pass --token-file with a token \
+         that can read it\n"
+    );
+    let o = modelconv(
+        &["convert", "hf://them/gated", "-o", s(&x)],
+        &[("HF_ENDPOINT", &ep), ("HF_TOKEN", "hf_wrong")],
+    );
+    let err = text(&o.stderr);
+    assert!(
+        err.starts_with("error: hf://them/gated: access denied (403): "),
+        "{err}"
+    );
+    assert!(!err.contains("hf_wrong"), "{err}");
+    assert!(!x.exists());
+    // With the token: from the environment, and from --token-file.
+    let lo = tmp.path().join("l");
+    local(&bert, &lo);
+    let ro = tmp.path().join("r1");
+    let o = modelconv(
+        &["convert", "hf://me/private", "-o", s(&ro)],
+        &[("HF_ENDPOINT", &ep), ("HF_TOKEN", token)],
+    );
+    ok(&o);
+    assert_same_output(&lo, &ro);
+    let tf = tmp.path().join("token");
+    std::fs::write(&tf, format!("{token}\n")).unwrap();
+    let ro = tmp.path().join("r2");
+    let o = modelconv(
+        &[
+            "convert",
+            "hf://them/gated",
+            "-o",
+            s(&ro),
+            "--token-file",
+            s(&tf),
+            "--json",
+        ],
+        &[("HF_ENDPOINT", &ep)],
+    );
+    ok(&o);
+    assert_same_output(&lo, &ro);
+    assert!(!text(&o.stdout).contains(token) && !text(&o.stderr).contains(token));
+    assert_eq!(hub.stats()["storage_auth"], serde_json::json!([]));
+}
+
+/// Hostile headers (RELIABILITY rows 1–20, the ones a file can carry) over HTTP are
+/// refused with the local file's message, the URL in place of the path.
+#[test]
+fn hostile_headers_over_http_are_refused_as_local_files_are() {
+    let tmp = tempdir();
+    let root = tmp.path().join("files");
+    std::fs::create_dir(&root).unwrap();
+    let header = |h: &str, data: usize| {
+        let mut b = (h.len() as u64).to_le_bytes().to_vec();
+        b.extend_from_slice(h.as_bytes());
+        b.extend(std::iter::repeat_n(0u8, data));
+        b
+    };
+    let cases: Vec<(&str, Vec<u8>)> = vec![
+        ("short", vec![1, 2, 3]),
+        ("huge-len", u64::MAX.to_le_bytes().to_vec()),
+        ("past-end", {
+            let mut b = 1000u64.to_le_bytes().to_vec();
+            b.extend_from_slice(b"{}");
+            b
+        }),
+        ("not-json", header("{not json", 0)),
+        (
+            "bad-dtype",
+            header(
+                r#"{"a":{"dtype":"Q9","shape":[1],"data_offsets":[0,4]}}"#,
+                4,
+            ),
+        ),
+        (
+            "size-mismatch",
+            header(
+                r#"{"a":{"dtype":"F32","shape":[2],"data_offsets":[0,4]}}"#,
+                4,
+            ),
+        ),
+        (
+            "overlap",
+            header(
+                r#"{"a":{"dtype":"F32","shape":[2],"data_offsets":[0,8]},"b":{"dtype":"F32","shape":[2],"data_offsets":[4,12]}}"#,
+                12,
+            ),
+        ),
+        (
+            "offset-past-end",
+            header(
+                r#"{"a":{"dtype":"F32","shape":[4],"data_offsets":[0,16]}}"#,
+                4,
+            ),
+        ),
+        (
+            "duplicate",
+            header(
+                r#"{"a":{"dtype":"F32","shape":[1],"data_offsets":[0,4]},"a":{"dtype":"F32","shape":[1],"data_offsets":[4,8]}}"#,
+                8,
+            ),
+        ),
+        (
+            "shape-overflow",
+            header(
+                r#"{"a":{"dtype":"F32","shape":[4294967296,4294967296,4294967296],"data_offsets":[0,4]}}"#,
+                4,
+            ),
+        ),
+    ];
+    for (name, bytes) in &cases {
+        let d = root.join(name);
+        std::fs::create_dir(&d).unwrap();
+        std::fs::write(d.join("model.safetensors"), bytes).unwrap();
+        std::fs::write(d.join("config.json"), br#"{"model_type": "bert"}"#).unwrap();
+    }
+    let hub = Hub::start(&[], Some(&root), &[]);
+    for (name, _) in &cases {
+        let file = root.join(name).join("model.safetensors");
+        let url = hub.file_url(&format!("{name}/model.safetensors"));
+        let x = tmp.path().join(format!("x-{name}"));
+        let lo = modelconv(&["convert", s(&file), "-o", s(&x)], &[]);
+        let ro = modelconv(&["convert", &url, "-o", s(&x)], &[]);
+        assert_eq!(lo.status.code(), Some(1), "{name}");
+        assert_eq!(ro.status.code(), Some(1), "{name}");
+        let want = text(&lo.stderr).replace(s(&file), &url);
+        assert_eq!(text(&ro.stderr), want, "{name}");
+        assert!(!x.exists(), "{name}");
+    }
+}
+
+#[test]
+fn ctrl_c_cancels_a_remote_conversion_and_leaves_nothing() {
+    let sv = served();
+    let scratch = sv.root.parent().unwrap().join("tmp");
+    std::fs::create_dir(&scratch).unwrap();
+    // Every body stalls for 20 s after 1 MB: the conversion is waiting on the network.
+    sv.hub
+        .fault(r#"{"stall_after": 1000000, "seconds": 20, "count": 1000}"#);
+    let out = sv.root.parent().unwrap().join("cancelled");
+    let child = Command::new(env!("CARGO_BIN_EXE_modelconv"))
+        .args(["convert", &sv.url(), "-o", s(&out)])
+        .env("TMPDIR", &scratch)
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let started = std::time::Instant::now();
+    let chunk_asked = || {
+        sv.hub.stats()["ranges"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|r| r[1].as_u64() == Some(8 << 20))
+    };
+    while !chunk_asked() {
+        assert!(
+            started.elapsed().as_secs() < 60,
+            "the conversion never got to the weights"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    std::thread::sleep(std::time::Duration::from_millis(300));
+    let sent = std::time::Instant::now();
+    // SAFETY: a signal to our own child.
+    unsafe { libc::kill(child.id() as i32, libc::SIGINT) };
+    let o = child.wait_with_output().unwrap();
+    assert_eq!(o.status.code(), Some(130), "{}", text(&o.stderr));
+    assert!(
+        sent.elapsed().as_secs() < 10,
+        "cancelling waited for the stalled requests"
+    );
+    assert_eq!(text(&o.stderr), "error: cancelled\n");
+    assert!(!out.join("weights.parquet").exists());
+    assert!(
+        no_temp_dirs_in(&scratch).is_empty(),
+        "{:?}",
+        no_temp_dirs_in(&scratch)
+    );
+}
