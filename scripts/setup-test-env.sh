@@ -13,8 +13,10 @@ if [ ! -x "$venv/bin/python" ]; then
   python3 -m venv "$venv"
 fi
 # DuckDB and polars: the parted output's tests read it with a glob as users of those do.
-if ! "$venv/bin/python" -c "import pyarrow, numpy, pytest, duckdb, polars" 2>/dev/null; then
-  "$venv/bin/pip" install --quiet --disable-pip-version-check pyarrow numpy pytest duckdb polars
+# moto's server: the S3-compatible store the remote tests start on loopback (boto3, which
+# comes with it, uploads their inputs independently of modelconv's client).
+if ! "$venv/bin/python" -c "import pyarrow, numpy, pytest, duckdb, polars, moto.server, boto3" 2>/dev/null; then
+  "$venv/bin/pip" install --quiet --disable-pip-version-check pyarrow numpy pytest duckdb polars "moto[server]"
 fi
 # The package is rebuilt every time (cargo makes that quick when nothing changed).
 CARGO_TARGET_DIR="$root/target" MATURIN_PEP517_ARGS="--profile dev" \

@@ -20,8 +20,8 @@ mod write;
 pub use cast::{QuantScheme, Quantize, TensorQuantError, MIN_QUANT_ELEMENTS};
 pub use convert::{
     convert, convert_part, convert_with, parse_size, plan_conversion, ConversionPlan,
-    ConversionReport, ConvertConfig, ConvertConfigBuilder, Dequantization, Event, Observer,
-    PartOutcome, PartStatus, PlannedEntry, PlannedPart, QuantReport, Silent,
+    ConversionReport, ConvertConfig, ConvertConfigBuilder, Dequantization, Event, Fetched,
+    Observer, PartOutcome, PartStatus, PlannedEntry, PlannedPart, QuantReport, Silent,
     DEFAULT_INFLIGHT_PER_THREAD, DEFAULT_MAX_ROW_MB, DEFAULT_ROW_GROUP_MB, DEFAULT_ZSTD_LEVEL,
     LOW_MEMORY_ROW_MB, MAX_BUDGET_BYTES, MIN_FILE_SIZE, TOKENIZER_FILES,
 };

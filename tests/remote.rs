@@ -624,3 +624,46 @@ fn ctrl_c_cancels_a_remote_conversion_and_leaves_nothing() {
         no_temp_dirs_in(&scratch)
     );
 }
+
+#[test]
+fn s3_inputs_convert_as_local_ones_do() {
+    let tmp = tempdir();
+    let s3 = common::hub::S3::start();
+    let (llama, bert) = (fixture("tiny-llama-sharded-bf16"), fixture("tiny-bert"));
+    s3.put("models", &[("llama/", &llama), ("deep/er/bert/", &bert)]);
+    let env = s3.env();
+    let env: Vec<(&str, &str)> = env.iter().map(|(k, v)| (*k, v.as_str())).collect();
+    let (ll, bl) = (tmp.path().join("ll"), tmp.path().join("bl"));
+    local(&llama, &ll);
+    local(&bert, &bl);
+    let forms: [(&str, &Path); 5] = [
+        ("s3://models/llama/", &ll),
+        ("s3://models/llama", &ll),
+        ("s3://models/llama/model.safetensors.index.json", &ll),
+        ("s3://models/deep/er/bert/", &bl),
+        ("s3://models/deep/er/bert/model.safetensors", &bl),
+    ];
+    for (i, (url, lo)) in forms.iter().enumerate() {
+        let ro = tmp.path().join(format!("r{i}"));
+        let o = modelconv(&["convert", url, "-o", s(&ro), "-q"], &env);
+        ok(&o);
+        assert_same_output(lo, &ro);
+    }
+    let o = modelconv(&["verify", s(&ll), "--source", "s3://models/llama/"], &env);
+    ok(&o);
+    // Nothing there: the directory has no weights; no such bucket.
+    let x = tmp.path().join("x");
+    let o = modelconv(&["convert", "s3://models/nothing/", "-o", s(&x)], &env);
+    assert_eq!(o.status.code(), Some(1));
+    assert_eq!(
+        text(&o.stderr),
+        "error: s3://models/nothing/: no weights: no model.safetensors, \
+         model.safetensors.index.json, pytorch_model.bin or pytorch_model.bin.index.json\n"
+    );
+    let o = modelconv(&["convert", "s3://absent-bucket/m/", "-o", s(&x)], &env);
+    assert_eq!(o.status.code(), Some(1));
+    let err = text(&o.stderr);
+    assert!(err.starts_with("error: s3://absent-bucket/m/: "), "{err}");
+    assert!(err.contains("NoSuchBucket"), "{err}");
+    assert!(!x.exists());
+}

@@ -228,7 +228,7 @@ impl Observer for Recorder {
             Event::Planned { source_bytes, .. } => {
                 self.0.total.store(*source_bytes, Ordering::Relaxed)
             }
-            Event::Progress { done, total } => {
+            Event::Progress { done, total, .. } => {
                 self.0.total.store(*total, Ordering::Relaxed);
                 self.0.done.store(*done, Ordering::Relaxed);
             }

@@ -21,8 +21,8 @@ pub use config::{
 pub use output::TOKENIZER_FILES;
 pub use parts::{convert_part, PartOutcome, PartStatus};
 pub use report::{
-    ConversionPlan, ConversionReport, Dequantization, Event, Observer, PlannedEntry, PlannedPart,
-    QuantReport, Silent,
+    ConversionPlan, ConversionReport, Dequantization, Event, Fetched, Observer, PlannedEntry,
+    PlannedPart, QuantReport, Silent,
 };
 
 use crate::cast::{CastStats, QuantError, TensorQuantError};
@@ -145,7 +145,11 @@ fn write_and_commit(
     });
 
     let mut writer = WeightWriter::create(out.weights(), config.write_options())?;
-    let sink = ObserverSink { observer, total };
+    let sink = ObserverSink {
+        observer,
+        total,
+        source: &job.source,
+    };
     let stats = writer.write(&job.source, &job.plan, &config.cancel, &sink)?;
     job.notice_overflow(&stats.cast, observer);
     let quant = job.quant_report(&stats.quant);
@@ -191,6 +195,7 @@ fn conversion_time() -> u64 {
 struct ObserverSink<'a> {
     observer: &'a dyn Observer,
     total: u64,
+    source: &'a Source,
 }
 
 impl ProgressSink for ObserverSink<'_> {
@@ -198,6 +203,7 @@ impl ProgressSink for ObserverSink<'_> {
         self.observer.event(&Event::Progress {
             done,
             total: self.total,
+            fetched: self.source.fetched().map(|f| f.0),
         });
     }
 }
@@ -499,6 +505,10 @@ impl Job {
             notices: self.recipe.notices.clone(),
             quantization,
             parts,
+            fetched: self
+                .source
+                .fetched()
+                .map(|(bytes, requests)| report::Fetched { bytes, requests }),
         }
     }
 

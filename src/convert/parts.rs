@@ -385,7 +385,11 @@ pub(crate) fn write_and_commit(
         tensors: plan.tensors.len(),
         source_bytes: total,
     });
-    let sink = ObserverSink { observer, total };
+    let sink = ObserverSink {
+        observer,
+        total,
+        source: &job.source,
+    };
     let mut done = 0u64;
     let share = Share::new(&config.write_options())?;
     for (k, status) in todo {

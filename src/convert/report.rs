@@ -26,6 +26,8 @@ pub enum Event<'a> {
         done: u64,
         /// Bytes in all.
         total: u64,
+        /// For a remote input: bytes fetched so far.
+        fetched: Option<u64>,
     },
     /// Something the user should know (unknown architecture, tied weights, ...).
     Notice(&'a str),
@@ -89,6 +91,19 @@ pub struct ConversionReport {
     /// The parts of a parted output, in order (empty for one file): written, kept
     /// from an interrupted run, or redone.
     pub parts: Vec<super::PartOutcome>,
+    /// For a remote input: what was fetched over the network.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub fetched: Option<Fetched>,
+}
+
+/// What a remote conversion fetched: body bytes (retried ranges and chunks fetched
+/// again included) and requests (retries included).
+#[derive(Debug, Clone, Copy, Serialize)]
+pub struct Fetched {
+    /// Body bytes received.
+    pub bytes: u64,
+    /// Requests sent.
+    pub requests: u64,
 }
 
 /// What `--quantize int8` did to the model.
@@ -131,6 +146,7 @@ impl ConversionReport {
             notices: Vec::new(),
             quantization: None,
             parts: Vec::new(),
+            fetched: None,
         }
     }
 }

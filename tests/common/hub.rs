@@ -99,3 +99,71 @@ impl Drop for Hub {
         let _ = self.child.wait();
     }
 }
+
+/// An S3-compatible server (moto, installed in the test venv), on loopback.
+pub struct S3 {
+    child: Child,
+    pub endpoint: String,
+}
+
+impl S3 {
+    pub fn start() -> S3 {
+        let bin = super::python().with_file_name("moto_server");
+        let mut child = Command::new(bin)
+            .args(["-H", "127.0.0.1", "-p", "0"])
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        // Werkzeug says where it listens on stderr (or stdout).
+        let (tx, rx) = std::sync::mpsc::channel();
+        for r in [
+            Box::new(child.stdout.take().unwrap()) as Box<dyn Read + Send>,
+            Box::new(child.stderr.take().unwrap()),
+        ] {
+            let tx = tx.clone();
+            std::thread::spawn(move || {
+                for line in BufReader::new(r).lines().map_while(|l| l.ok()) {
+                    if let Some(at) = line.find("http://127.0.0.1:") {
+                        let _ = tx.send(line[at..].trim().to_string());
+                    }
+                }
+            });
+        }
+        let endpoint = rx
+            .recv_timeout(std::time::Duration::from_secs(60))
+            .expect("moto_server did not start");
+        S3 { child, endpoint }
+    }
+
+    /// Makes `bucket` and uploads each `(prefix, dir)` with boto3.
+    pub fn put(&self, bucket: &str, dirs: &[(&str, &Path)]) {
+        let mut c = Command::new(super::python());
+        c.arg(super::root().join("tests/servers/s3_put.py"))
+            .arg(&self.endpoint)
+            .arg(bucket);
+        for (p, d) in dirs {
+            c.arg(format!("{p}={}", d.to_str().unwrap()));
+        }
+        assert!(c.status().unwrap().success());
+    }
+
+    /// The environment object_store's S3 client reads.
+    pub fn env(&self) -> Vec<(&'static str, String)> {
+        vec![
+            ("AWS_ENDPOINT_URL", self.endpoint.clone()),
+            ("AWS_ACCESS_KEY_ID", "test".into()),
+            ("AWS_SECRET_ACCESS_KEY", "test".into()),
+            ("AWS_REGION", "us-east-1".into()),
+            ("AWS_ALLOW_HTTP", "true".into()),
+        ]
+    }
+}
+
+impl Drop for S3 {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}

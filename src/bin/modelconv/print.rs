@@ -39,7 +39,13 @@ impl Observer for Bar {
                 self.0.set_length(*source_bytes);
                 self.0.reset_elapsed();
             }
-            Event::Progress { done, .. } => self.0.set_position(*done),
+            Event::Progress { done, fetched, .. } => {
+                self.0.set_position(*done);
+                if let Some(f) = fetched {
+                    self.0
+                        .set_message(format!("fetched {}", indicatif::BinaryBytes(*f)));
+                }
+            }
             Event::Notice(n) => self.0.suspend(|| eprintln!("note: {n}")),
             Event::Validating => self.0.set_message("validating"),
         }

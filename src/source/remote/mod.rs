@@ -527,8 +527,26 @@ pub(crate) fn describe(e: &object_store::Error) -> String {
                 }
                 src = e.source();
             }
-            s
+            shorten_xml(&s)
         }
+    }
+}
+
+/// An S3 error body (`<Error><Code>NoSuchBucket</Code><Message>…`) in `s`, said as
+/// `NoSuchBucket: …`.
+fn shorten_xml(s: &str) -> String {
+    let tag = |t: &str| {
+        let open = format!("<{t}>");
+        let a = s.find(&open)? + open.len();
+        let b = a + s[a..].find(&format!("</{t}>"))?;
+        Some(&s[a..b])
+    };
+    match (s.find("<?xml").or_else(|| s.find("<Error>")), tag("Code")) {
+        (Some(at), Some(code)) => {
+            let msg = tag("Message").map(|m| format!(": {m}")).unwrap_or_default();
+            format!("{}{code}{msg}", &s[..at])
+        }
+        _ => s.to_string(),
     }
 }
 
