@@ -667,3 +667,427 @@ fn s3_inputs_convert_as_local_ones_do() {
     assert!(err.contains("NoSuchBucket"), "{err}");
     assert!(!x.exists());
 }
+
+/// The part files of a parted output's `weights.parquet/`, by name, with their bytes.
+fn part_files(out: &Path) -> Vec<(PathBuf, Vec<u8>)> {
+    tree(&out.join("weights.parquet"))
+        .into_iter()
+        .filter(|(p, _)| p.to_string_lossy().starts_with("part-"))
+        .collect()
+}
+
+/// The JSON report's part statuses.
+fn statuses(o: &Output) -> Vec<String> {
+    let report: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    report["parts"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|p| p["status"].as_str().unwrap().to_string())
+        .collect()
+}
+
+#[test]
+fn outputs_in_s3_hold_the_bytes_a_local_conversion_writes() {
+    let tmp = tempdir();
+    let s3 = common::hub::S3::start();
+    let llama = fixture("tiny-llama-sharded-bf16");
+    let st = fixture("tiny-sentence-transformer");
+    s3.put("models", &[("llama/", &llama)]);
+    s3.put("out", &[]);
+    let env = s3.env();
+    let env: Vec<(&str, &str)> = env.iter().map(|(k, v)| (*k, v.as_str())).collect();
+    let got = |prefix: &str| {
+        let d = tmp.path().join(format!("got-{}", prefix.replace('/', "-")));
+        s3.download("out", prefix, &d);
+        d
+    };
+    // One file, from a local input and from an S3 one (no disk for either side); a
+    // sentence-transformers model with its module configs and tokenizer.
+    let (ll, sl) = (tmp.path().join("ll"), tmp.path().join("sl"));
+    local(&llama, &ll);
+    local(&st, &sl);
+    for (input, prefix, lo) in [
+        (s(&llama), "llama/", &ll),
+        ("s3://models/llama/", "llama-from-s3/", &ll),
+        (s(&st), "deep/st/", &sl),
+    ] {
+        let o = modelconv(
+            &["convert", input, "-o", &format!("s3://out/{prefix}"), "-q"],
+            &env,
+        );
+        ok(&o);
+        let d = got(prefix);
+        assert_same_output(lo, &d);
+        let meta: serde_json::Value =
+            serde_json::from_slice(&std::fs::read(d.join("metadata.json")).unwrap()).unwrap();
+        assert_eq!(
+            meta["parquet_path"],
+            format!("s3://out/{prefix}weights.parquet")
+        );
+    }
+    assert!(s3.uploads("out").is_empty());
+
+    // Parts: every part the local conversion's bytes, the manifest's parts the same.
+    let mini = minilm();
+    let parted = ["--max-file-size", "10MB"];
+    let ml = tmp.path().join("ml");
+    ok(&modelconv(
+        &[&["convert", s(&mini), "-o", s(&ml), "-q"][..], &parted].concat(),
+        &[],
+    ));
+    let o = modelconv(
+        &[
+            &["convert", s(&mini), "-o", "s3://out/minilm", "--json"][..],
+            &parted,
+        ]
+        .concat(),
+        &env,
+    );
+    ok(&o);
+    assert!(statuses(&o).iter().all(|s| s == "written"));
+    let d = got("minilm/");
+    let local_parts = part_files(&ml);
+    assert!(local_parts.len() >= 5, "{}", local_parts.len());
+    assert!(part_files(&d) == local_parts, "parts differ");
+    let manifest = |dir: &Path| -> serde_json::Value {
+        serde_json::from_slice(&std::fs::read(dir.join("weights.parquet/_manifest.json")).unwrap())
+            .unwrap()
+    };
+    assert_eq!(manifest(&ml)["parts"], manifest(&d)["parts"]);
+    assert_eq!(manifest(&ml)["identity"], manifest(&d)["identity"]);
+    assert_eq!(metadata_but_names(&ml), metadata_but_names(&d));
+    assert!(!d.join("weights.parquet/_journal.json").exists());
+    // Our reader and pyarrow read the downloaded copy as the local conversion.
+    let o = modelconv(&["verify", s(&d), "--source", s(&mini)], &[]);
+    ok(&o);
+
+    // An existing conversion is refused; --force replaces a parted output by one file
+    // and leaves none of the parts.
+    let o = modelconv(&["convert", s(&mini), "-o", "s3://out/minilm/"], &env);
+    assert_eq!(o.status.code(), Some(1));
+    assert_eq!(
+        text(&o.stderr),
+        "error: s3://out/minilm/metadata.json: output already holds a conversion; \
+         pass --force to replace it\n"
+    );
+    let o = modelconv(
+        &[
+            "convert",
+            s(&mini),
+            "-o",
+            "s3://out/minilm/",
+            "-q",
+            "--force",
+        ],
+        &env,
+    );
+    ok(&o);
+    let keys = s3.keys("out", "minilm/");
+    assert!(
+        keys.contains(&"minilm/weights.parquet".to_string()),
+        "{keys:?}"
+    );
+    assert!(
+        keys.contains(&"minilm/metadata.json".to_string()),
+        "{keys:?}"
+    );
+    assert!(
+        !keys
+            .iter()
+            .any(|k| k.starts_with("minilm/weights.parquet/")),
+        "{keys:?}"
+    );
+    // --validate reads a local output back: refused before anything is written.
+    let o = modelconv(
+        &["convert", s(&llama), "-o", "s3://out/v/", "--validate"],
+        &env,
+    );
+    assert_eq!(o.status.code(), Some(2), "{}", text(&o.stderr));
+    assert!(s3.keys("out", "v/").is_empty());
+    // No such bucket: an error naming the URL.
+    let o = modelconv(&["convert", s(&llama), "-o", "s3://nobucket/m/"], &env);
+    assert_eq!(o.status.code(), Some(1));
+    let e = text(&o.stderr);
+    assert!(e.starts_with("error: s3://nobucket/m/"), "{e}");
+    assert!(e.contains("NoSuchBucket"), "{e}");
+}
+
+#[test]
+fn a_failed_or_cancelled_upload_is_aborted_and_nothing_is_committed() {
+    let tmp = tempdir();
+    let s3 = common::hub::S3::start();
+    s3.put("out", &[]);
+    let env = s3.env();
+    let env: Vec<(&str, &str)> = env.iter().map(|(k, v)| (*k, v.as_str())).collect();
+    // 24 MB of f16 (three upload parts) before a tensor that overflows f16.
+    let model = tmp.path().join("overflow");
+    std::fs::create_dir(&model).unwrap();
+    let big = 1.0e6f32.to_le_bytes();
+    write_safetensors(
+        &model.join("model.safetensors"),
+        &[
+            (
+                "a.weight",
+                "F32",
+                vec![3072, 4096],
+                weights_f32(3072 * 4096),
+            ),
+            ("z.weight", "F32", vec![2], [big, big].concat()),
+        ],
+    );
+    // An earlier complete conversion there, replaced with --force.
+    let o = modelconv(
+        &[
+            "convert",
+            s(&fixture("tiny-bert")),
+            "-o",
+            "s3://out/m/",
+            "-q",
+        ],
+        &env,
+    );
+    ok(&o);
+    let o = modelconv(
+        &[
+            "convert",
+            s(&model),
+            "-o",
+            "s3://out/m/",
+            "--force",
+            "--threads",
+            "1",
+            "--model-type",
+            "transformers",
+        ],
+        &env,
+    );
+    assert_eq!(o.status.code(), Some(1));
+    let e = text(&o.stderr);
+    assert!(
+        e.contains("tensor `z.weight`: 2 finite values would overflow to infinity"),
+        "{e}"
+    );
+    // No upload left open, no metadata.json: nothing there looks complete.
+    assert!(s3.uploads("out").is_empty(), "{:?}", s3.uploads("out"));
+    assert!(!s3
+        .keys("out", "m/")
+        .contains(&"m/metadata.json".to_string()));
+
+    // Ctrl-C while a part is being uploaded: exit 130, the upload aborted, nothing new.
+    let child = Command::new(env!("CARGO_BIN_EXE_modelconv"))
+        .args(["convert", s(&minilm()), "-o", "s3://out/c/", "-q"])
+        .args(SLOW_CONVERT)
+        .envs(env.iter().copied())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let started = std::time::Instant::now();
+    let parts_stored = || {
+        let (st, body) = s3.get("/out?uploads");
+        assert_eq!(st, 200);
+        let xml = text(&body);
+        let Some(id) = xml
+            .split("<UploadId>")
+            .nth(1)
+            .and_then(|r| r.split_once("</UploadId>"))
+            .map(|(v, _)| v.to_string())
+        else {
+            return false;
+        };
+        let (_, parts) = s3.get(&format!("/out/c/weights.parquet?uploadId={id}"));
+        text(&parts).contains("<Part>")
+    };
+    while !parts_stored() {
+        assert!(started.elapsed().as_secs() < 120, "no upload part stored");
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    // SAFETY: a signal to our own child.
+    unsafe { libc::kill(child.id() as i32, libc::SIGINT) };
+    let o = child.wait_with_output().unwrap();
+    assert_eq!(o.status.code(), Some(130), "{}", text(&o.stderr));
+    assert_eq!(text(&o.stderr), "error: cancelled\n");
+    assert!(s3.uploads("out").is_empty(), "{:?}", s3.uploads("out"));
+    assert!(
+        s3.keys("out", "c/").is_empty(),
+        "{:?}",
+        s3.keys("out", "c/")
+    );
+}
+
+#[test]
+fn an_s3_parted_conversion_killed_after_a_part_resumes_into_the_same_bytes() {
+    let tmp = tempdir();
+    let s3 = common::hub::S3::start();
+    s3.put("out", &[]);
+    let env = s3.env();
+    let env: Vec<(&str, &str)> = env.iter().map(|(k, v)| (*k, v.as_str())).collect();
+    let mini = minilm();
+    let slow = [
+        "--level",
+        "19",
+        "--row-group-mb",
+        "1",
+        "--max-file-size",
+        "8MB",
+    ];
+    let whole = tmp.path().join("whole");
+    ok(&modelconv(
+        &[&["convert", s(&mini), "-o", s(&whole), "-q"][..], &slow].concat(),
+        &[],
+    ));
+    let mut child = Command::new(env!("CARGO_BIN_EXE_modelconv"))
+        .args([
+            "convert",
+            s(&mini),
+            "-o",
+            "s3://out/r/",
+            "-q",
+            "--threads",
+            "1",
+        ])
+        .args(slow)
+        .envs(env.iter().copied())
+        .spawn()
+        .unwrap();
+    let started = std::time::Instant::now();
+    while !s3
+        .keys("out", "r/weights.parquet/")
+        .contains(&"r/weights.parquet/_journal.json".to_string())
+    {
+        assert!(started.elapsed().as_secs() < 120, "no first part");
+        if child.try_wait().unwrap().is_some() {
+            panic!("the conversion ended before it could be killed");
+        }
+        std::thread::sleep(std::time::Duration::from_millis(5));
+    }
+    child.kill().unwrap();
+    child.wait().unwrap();
+    let keys = s3.keys("out", "r/");
+    assert!(
+        !keys
+            .iter()
+            .any(|k| k.ends_with("metadata.json") || k.ends_with("_manifest.json")),
+        "{keys:?}"
+    );
+    let left = keys.iter().filter(|k| k.contains("/part-")).count();
+    assert!((1..7).contains(&left), "{keys:?}");
+    // Without --resume it is refused as an existing conversion.
+    let o = modelconv(
+        &[&["convert", s(&mini), "-o", "s3://out/r/"][..], &slow].concat(),
+        &env,
+    );
+    assert_eq!(o.status.code(), Some(1));
+    assert!(
+        text(&o.stderr).contains("output already holds a conversion"),
+        "{}",
+        text(&o.stderr)
+    );
+    // Other options are refused, saying what differs.
+    let o = modelconv(
+        &[
+            &[
+                "convert",
+                s(&mini),
+                "-o",
+                "s3://out/r/",
+                "--resume",
+                "--dtype",
+                "bf16",
+            ][..],
+            &slow,
+        ]
+        .concat(),
+        &env,
+    );
+    assert_eq!(o.status.code(), Some(1));
+    assert_eq!(
+        text(&o.stderr),
+        "error: s3://out/r/weights.parquet/part-00001-of-00007.parquet: cannot resume: it was \
+         converted with other options: dtype \"f16\" (now \"bf16\"), use_float16 true (now false); \
+         convert into another output, or pass --force to start over\n"
+    );
+    let o = modelconv(
+        &[
+            &[
+                "convert",
+                s(&mini),
+                "-o",
+                "s3://out/r/",
+                "--resume",
+                "--json",
+            ][..],
+            &slow,
+        ]
+        .concat(),
+        &env,
+    );
+    ok(&o);
+    // The parts the journal recorded are kept; one completed as the run was killed
+    // (not yet in the journal) is redone; the rest are written.
+    let st = statuses(&o);
+    assert_eq!(st.len(), 7);
+    let kept = st.iter().filter(|s| *s == "kept").count();
+    assert!(kept >= 1 && kept <= left, "{st:?} {left}");
+    assert!(st[..kept].iter().all(|s| s == "kept"), "{st:?}");
+    assert!(
+        st[kept..]
+            .iter()
+            .all(|s| s == "written" || s.starts_with("redone")),
+        "{st:?}"
+    );
+    let d = tmp.path().join("got");
+    s3.download("out", "r/", &d);
+    assert!(part_files(&d) == part_files(&whole), "parts differ");
+    assert!(!d.join("weights.parquet/_journal.json").exists());
+
+    // A resume of the complete conversion keeps every part (read back and hashed: the
+    // manifest records no ETag); a part replaced since is redone.
+    let (_, second) = s3.get("/out/r/weights.parquet/part-00002-of-00007.parquet");
+    s3.put_object(
+        "/out/r/weights.parquet/part-00003-of-00007.parquet",
+        &second,
+    );
+    let o = modelconv(
+        &[
+            &[
+                "convert",
+                s(&mini),
+                "-o",
+                "s3://out/r/",
+                "--resume",
+                "--json",
+            ][..],
+            &slow,
+        ]
+        .concat(),
+        &env,
+    );
+    ok(&o);
+    let report: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    let parts = report["parts"].as_array().unwrap();
+    for (k, p) in parts.iter().enumerate() {
+        if k == 2 {
+            assert_eq!(p["status"], "redone", "{p}");
+            let m: serde_json::Value = serde_json::from_slice(
+                &std::fs::read(whole.join("weights.parquet/_manifest.json")).unwrap(),
+            )
+            .unwrap();
+            let rows = |k: usize| m["parts"][k]["rows"].as_u64().unwrap();
+            assert_eq!(
+                p["reason"],
+                format!(
+                    "it holds part 2 of 7 ({} rows), not part 3 of 7 ({} rows)",
+                    rows(1),
+                    rows(2)
+                ),
+                "{p}"
+            );
+        } else {
+            assert_eq!(p["status"], "kept", "{p}");
+        }
+    }
+    let d = tmp.path().join("again");
+    s3.download("out", "r/", &d);
+    assert!(part_files(&d) == part_files(&whole), "parts differ");
+}

@@ -6,6 +6,8 @@ mod config;
 mod output;
 mod parts;
 mod report;
+#[cfg(feature = "remote")]
+mod store;
 
 use std::path::Path;
 use std::sync::atomic::Ordering;
@@ -73,7 +75,23 @@ pub fn convert_with(
     observer: &dyn Observer,
 ) -> Result<ConversionReport> {
     let started = Instant::now();
+    let object_url = output
+        .as_ref()
+        .to_str()
+        .filter(|s| crate::write::is_object_url(s))
+        .map(str::to_owned);
+    #[cfg(not(feature = "remote"))]
+    if object_url.is_some() {
+        return Err(Error::option(
+            "this build of modelconv writes local files only (build it with the `remote` \
+             feature for s3:// outputs)",
+        ));
+    }
     let job = Job::prepare(source::open(input, config.source_options())?, config)?;
+    #[cfg(feature = "remote")]
+    if let Some(url) = object_url {
+        return store::convert(job, &url, config, observer, started);
+    }
     let out = OutputLayout::plan(output.as_ref(), &job.source, &job.files, config)?;
     // A directory this conversion creates is removed again if it fails (it is empty
     // by then: the temp file and staged side files are gone).

@@ -15,6 +15,7 @@ use crate::format;
 use crate::model::ModelFiles;
 use crate::source::Source;
 use crate::write::atomic::{remove_stale_temp_files, sync_dir, TempPath};
+use crate::write::Pending;
 
 /// The tokenizer and preprocessing files copied into `tokenizer/`.
 pub const TOKENIZER_FILES: &[&str] = &[
@@ -62,25 +63,7 @@ impl OutputLayout {
         files: &ModelFiles,
         config: &ConvertConfig,
     ) -> Result<OutputLayout> {
-        let model_dir = source.model_dir().to_path_buf();
-        let tokenizer = if config.extract_tokenizer {
-            TOKENIZER_FILES
-                .iter()
-                .copied()
-                .filter(|f| model_dir.join(f).is_file())
-                .collect()
-        } else {
-            Vec::new()
-        };
-        let layout = OutputLayout {
-            dir: dir.to_path_buf(),
-            weights: dir.join(format::WEIGHTS_FILE),
-            metadata: dir.join(format::METADATA_FILE),
-            model_dir,
-            config: files.config_path.clone(),
-            tokenizer,
-            st_files: files.st_files.clone(),
-        };
+        let layout = Self::of(dir, source, files, config);
         let mut inputs: Vec<PathBuf> = source.files().map(Path::to_path_buf).collect();
         inputs.extend(layout.copies().map(|(from, _)| from));
         let mut outputs: Vec<PathBuf> = vec![dir.to_path_buf(), layout.weights.clone()];
@@ -102,6 +85,51 @@ impl OutputLayout {
             }
         }
         Ok(layout)
+    }
+
+    /// The paths of a conversion into `dir` (a local directory, or an object-store
+    /// prefix's URL), unchecked.
+    pub(crate) fn of(
+        dir: &Path,
+        source: &Source,
+        files: &ModelFiles,
+        config: &ConvertConfig,
+    ) -> OutputLayout {
+        let model_dir = source.model_dir().to_path_buf();
+        let tokenizer = if config.extract_tokenizer {
+            TOKENIZER_FILES
+                .iter()
+                .copied()
+                .filter(|f| model_dir.join(f).is_file())
+                .collect()
+        } else {
+            Vec::new()
+        };
+        OutputLayout {
+            dir: dir.to_path_buf(),
+            weights: dir.join(format::WEIGHTS_FILE),
+            metadata: dir.join(format::METADATA_FILE),
+            model_dir,
+            config: files.config_path.clone(),
+            tokenizer,
+            st_files: files.st_files.clone(),
+        }
+    }
+
+    /// Every file copied from the model directory: `(from, name)`, the name relative
+    /// to the output (`tokenizer/vocab.txt`, with `/` between its parts).
+    #[cfg(feature = "remote")]
+    pub(crate) fn copied_names(&self) -> Vec<(PathBuf, String)> {
+        self.copies()
+            .filter_map(|(from, to)| {
+                let rel = to.strip_prefix(&self.dir).ok()?;
+                let parts: Vec<String> = rel
+                    .components()
+                    .map(|c| c.as_os_str().to_string_lossy().into_owned())
+                    .collect();
+                Some((from, parts.join("/")))
+            })
+            .collect()
     }
 
     /// Every file copied from the model directory: `(from, to)`.
@@ -173,9 +201,18 @@ impl OutputLayout {
     /// or the side files every version writes) that this one does not: plain relative
     /// paths only.
     fn leftovers(&self) -> Vec<PathBuf> {
-        let old: Vec<String> = std::fs::read(&self.metadata)
-            .ok()
-            .and_then(|b| serde_json::from_slice::<Value>(&b).ok())
+        let old = std::fs::read(&self.metadata).ok();
+        self.stale_names(old.as_deref())
+            .into_iter()
+            .map(|p| self.dir.join(p))
+            .collect()
+    }
+
+    /// The names, relative to the output, that an earlier conversion whose
+    /// `metadata.json` is `old` wrote and this one does not.
+    pub(crate) fn stale_names(&self, old: Option<&[u8]>) -> Vec<String> {
+        let old: Vec<String> = old
+            .and_then(|b| serde_json::from_slice::<Value>(b).ok())
             .map(|m| match m.get("files").and_then(Value::as_array) {
                 Some(files) => files
                     .iter()
@@ -187,12 +224,11 @@ impl OutputLayout {
         let new = self.written();
         old.into_iter()
             .filter(|f| !new.contains(f))
-            .map(PathBuf::from)
-            .filter(|p| {
-                p.components()
+            .filter(|f| {
+                Path::new(f)
+                    .components()
                     .all(|c| matches!(c, std::path::Component::Normal(_)))
             })
-            .map(|p| self.dir.join(p))
             .collect()
     }
 
@@ -271,7 +307,7 @@ impl Staged {
     /// # Errors
     ///
     /// `Io` naming the target that could not be replaced or removed.
-    pub(crate) fn commit(self, weights: Option<TempPath>) -> Result<()> {
+    pub(crate) fn commit(self, weights: Option<Pending>) -> Result<()> {
         if let Some(w) = weights {
             w.commit()?;
         }

@@ -16,13 +16,13 @@ use std::path::{Path, PathBuf};
 use serde::Serialize;
 use serde_json::{json, Value};
 
-use super::{Committed, ConvertConfig, Job, Observer, ObserverSink};
+use super::{Committed, ConvertConfig, Job, Observer, ObserverSink, QuantReport};
 use crate::cast::{CastStats, QuantError};
 use crate::error::{Error, Result};
 use crate::format::{self, Identity, Manifest, ManifestPart, PartStamp, TensorIndex};
 use crate::read::WeightFile;
 use crate::write::atomic::{remove_stale_temp_files, sync_dir, TempPath};
-use crate::write::{file_hash, hex128, Share, WeightWriter};
+use crate::write::{file_hash, hex128, Share, WeightWriter, Written};
 use crate::Event;
 
 use super::output::OutputLayout;
@@ -178,10 +178,10 @@ pub(crate) fn differs(was: &Identity, now: &Identity) -> Option<String> {
 }
 
 /// A kept part: its size, hash and what its cast saw.
-struct Kept {
-    bytes: u64,
-    hash: String,
-    stamp: PartStamp,
+pub(super) struct Kept {
+    pub(super) bytes: u64,
+    pub(super) hash: String,
+    pub(super) stamp: PartStamp,
 }
 
 /// Checks the part file at `path` for part `index` of this plan: `Ok(Ok(kept))` to
@@ -199,37 +199,13 @@ fn check_part(
         Ok(wf) => wf,
         Err(e) => return Ok(Err(format!("unreadable ({e})"))),
     };
-    let stamp: PartStamp = match wf
-        .key_value(format::KEY_PART)
-        .map(serde_json::from_str::<PartStamp>)
-    {
-        Some(Ok(s)) => s,
-        Some(Err(e)) => return Ok(Err(format!("its part stamp is damaged ({e})"))),
-        None => return Ok(Err("it has no part stamp".into())),
+    let value = wf.key_value(format::KEY_PART);
+    let stamp = match check_stamp(path, value, now, index, count, rows)? {
+        Ok(s) => s,
+        Err(why) => return Ok(Err(why)),
     };
-    if let Some(why) = differs(&stamp.identity, now) {
-        return Err(Error::ResumeRefused {
-            path: path.to_path_buf(),
-            reason: why,
-        });
-    }
-    if stamp.index != index || stamp.count != count || stamp.rows != rows {
-        return Ok(Err(format!(
-            "it holds part {} of {} ({} rows), not part {} of {count} ({rows} rows)",
-            stamp.index + 1,
-            stamp.count,
-            stamp.rows,
-            index + 1
-        )));
-    }
-    let held: u64 = wf
-        .parquet_metadata()
-        .row_groups()
-        .iter()
-        .map(|g| u64::try_from(g.num_rows()).unwrap_or(0))
-        .sum();
-    if held != rows {
-        return Ok(Err(format!("it holds {held} rows, not {rows}")));
+    if let Some(why) = wrong_rows(wf.parquet_metadata(), rows) {
+        return Ok(Err(why));
     }
     // A part the journal (or a manifest) recorded when it was written: its whole
     // file's XXH3-128 must be the recorded one (footer and pages included, at memory
@@ -267,6 +243,101 @@ fn check_part(
     }
     let (bytes, hash) = file_hash(path)?;
     Ok(Ok(Kept { bytes, hash, stamp }))
+}
+
+/// The stamp of the part at `path` (its footer's [`format::KEY_PART`] value): `Ok(Ok)`
+/// when it is part `index` of `count` of the conversion `now`, `Ok(Err(reason))` when
+/// it is another part of it or damaged (to be converted again), `Err` when it belongs
+/// to another plan.
+pub(super) fn check_stamp(
+    path: &Path,
+    value: Option<&str>,
+    now: &Identity,
+    index: usize,
+    count: usize,
+    rows: u64,
+) -> Result<std::result::Result<PartStamp, String>> {
+    let stamp: PartStamp = match value.map(serde_json::from_str::<PartStamp>) {
+        Some(Ok(s)) => s,
+        Some(Err(e)) => return Ok(Err(format!("its part stamp is damaged ({e})"))),
+        None => return Ok(Err("it has no part stamp".into())),
+    };
+    if let Some(why) = differs(&stamp.identity, now) {
+        return Err(Error::ResumeRefused {
+            path: path.to_path_buf(),
+            reason: why,
+        });
+    }
+    if stamp.index != index || stamp.count != count || stamp.rows != rows {
+        return Ok(Err(format!(
+            "it holds part {} of {} ({} rows), not part {} of {count} ({rows} rows)",
+            stamp.index + 1,
+            stamp.count,
+            stamp.rows,
+            index + 1
+        )));
+    }
+    Ok(Ok(stamp))
+}
+
+/// Why a part whose footer is `meta` does not hold the `rows` the plan gives it, if it
+/// does not.
+pub(super) fn wrong_rows(
+    meta: &parquet::file::metadata::ParquetMetaData,
+    rows: u64,
+) -> Option<String> {
+    let held: u64 = meta
+        .row_groups()
+        .iter()
+        .map(|g| u64::try_from(g.num_rows()).unwrap_or(0))
+        .sum();
+    (held != rows).then(|| format!("it holds {held} rows, not {rows}"))
+}
+
+/// The parts of a parted conversion once those an interrupted run left are checked.
+pub(super) struct Tally {
+    /// Kept parts; `None` for the rest.
+    pub(super) outcomes: Vec<Option<PartOutcome>>,
+    /// What the kept parts' casts saw, per planned tensor.
+    pub(super) stats: Vec<CastStats>,
+    /// The kept parts' quantization errors, per planned tensor.
+    pub(super) quant: Vec<QuantError>,
+    /// The parts to convert, in order, and why.
+    pub(super) todo: Vec<(usize, PartStatus)>,
+}
+
+/// Sorts the parts named `names` by what their check (`None`: no part there) said.
+pub(super) fn tally(
+    job: &Job,
+    names: &[String],
+    checked: Vec<Option<std::result::Result<Kept, String>>>,
+) -> Tally {
+    let plan = &job.plan;
+    let mut t = Tally {
+        outcomes: vec![None; plan.parts.len()],
+        stats: vec![CastStats::default(); plan.tensors.len()],
+        quant: vec![QuantError::default(); plan.tensors.len()],
+        todo: Vec::new(),
+    };
+    for (k, c) in checked.into_iter().enumerate() {
+        let part = &plan.parts[k];
+        let rows = (part.rows.end - part.rows.start) as u64;
+        match c {
+            Some(Ok(kept)) => {
+                merge_stamp(&kept.stamp, &mut t.stats, &mut t.quant);
+                t.outcomes[k] = Some(PartOutcome {
+                    file: names[k].clone(),
+                    bytes: kept.bytes,
+                    rows,
+                    xxh3_128: kept.hash,
+                    status: PartStatus::Kept,
+                });
+            }
+            Some(Err(reason)) => t.todo.push((k, PartStatus::Redone { reason })),
+            None => t.todo.push((k, PartStatus::Written)),
+        }
+    }
+    t
 }
 
 /// Writes the parts of `job` that are missing (all of them, unless resuming), then the
@@ -312,10 +383,6 @@ pub(crate) fn write_and_commit(
     // another input, would be mixed in by a dataset reader).
     refuse_foreign(&dir, &names, &now, config.resume)?;
 
-    let mut outcomes: Vec<Option<PartOutcome>> = vec![None; count];
-    let mut stats = vec![CastStats::default(); plan.tensors.len()];
-    let mut quant = vec![QuantError::default(); plan.tensors.len()];
-    let mut todo = Vec::new();
     // What the journal of an interrupted run (or the manifest of a complete one)
     // recorded of each part it wrote.
     let recorded = if config.resume {
@@ -354,24 +421,12 @@ pub(crate) fn write_and_commit(
         // The first part in order that belongs to another plan is the one named.
         .collect::<Result<Vec<_>>>()?
     };
-    for (k, c) in checked.into_iter().enumerate() {
-        let part = &plan.parts[k];
-        let rows = (part.rows.end - part.rows.start) as u64;
-        match c {
-            Some(Ok(kept)) => {
-                merge_stamp(&kept.stamp, &mut stats, &mut quant);
-                outcomes[k] = Some(PartOutcome {
-                    file: names[k].clone(),
-                    bytes: kept.bytes,
-                    rows,
-                    xxh3_128: kept.hash,
-                    status: PartStatus::Kept,
-                });
-            }
-            Some(Err(reason)) => todo.push((k, PartStatus::Redone { reason })),
-            None => todo.push((k, PartStatus::Written)),
-        }
-    }
+    let Tally {
+        mut outcomes,
+        mut stats,
+        mut quant,
+        todo,
+    } = tally(job, &names, checked);
     // Every kept part checked: from here on the output is not a conversion until the
     // manifest and metadata.json are renamed into place again.
     remove(out.metadata())?;
@@ -400,15 +455,64 @@ pub(crate) fn write_and_commit(
         write_journal(&dir, &outcomes)?;
     }
     let outcomes: Vec<PartOutcome> = outcomes.into_iter().flatten().collect();
-    if outcomes.len() != count {
+    let done = finish_manifest(job, config, out, now, &outcomes, &stats, &quant, observer)?;
+    let staged = out.stage(&done.metadata)?;
+    if config.cancel.load(std::sync::atomic::Ordering::Relaxed) {
+        return Err(Error::Cancelled);
+    }
+    let m = TempPath::beside(&dir.join(format::MANIFEST_FILE));
+    m.write_all(done.manifest.as_bytes())?;
+    m.commit()?;
+    // The manifest records every part: the journal is done.
+    remove(&dir.join(JOURNAL_FILE))?;
+    sync_dir(&dir);
+    staged.commit(None)?;
+    let file_bytes = outcomes.iter().map(|o| o.bytes).sum();
+    Ok(Committed {
+        file_bytes,
+        metadata: done.metadata,
+        quant: done.quant,
+        parts: outcomes,
+    })
+}
+
+/// What a parted conversion commits once every part is in.
+pub(super) struct Finished {
+    /// The `metadata.json` content (listing the parts).
+    pub(super) metadata: Value,
+    /// The `_manifest.json` text.
+    pub(super) manifest: String,
+    /// The quantization report, from every part's stamp.
+    pub(super) quant: Option<QuantReport>,
+}
+
+/// The manifest and `metadata.json` of a parted conversion whose parts are
+/// `outcomes` (every part, in order) and whose stamps added up to `stats` and `quant`.
+///
+/// # Errors
+///
+/// `Internal` when a part is missing.
+#[allow(clippy::too_many_arguments)]
+pub(super) fn finish_manifest(
+    job: &Job,
+    config: &ConvertConfig,
+    out: &OutputLayout,
+    now: Identity,
+    outcomes: &[PartOutcome],
+    stats: &[CastStats],
+    quant: &[QuantError],
+    observer: &dyn Observer,
+) -> Result<Finished> {
+    let plan = &job.plan;
+    if outcomes.len() != plan.parts.len() {
         return Err(Error::internal("a part was neither kept nor written"));
     }
-    job.notice_overflow(&stats, observer);
-    let quant_report = job.quant_report(&quant);
+    job.notice_overflow(stats, observer);
+    let quant_report = job.quant_report(quant);
     let listed: Vec<ManifestPart> = plan
         .parts
         .iter()
-        .zip(&outcomes)
+        .zip(outcomes)
         .enumerate()
         .map(|(k, (p, o))| {
             let tensors = plan.part_tensors(k);
@@ -423,7 +527,7 @@ pub(crate) fn write_and_commit(
             }
         })
         .collect();
-    let mut metadata = job.metadata(config, out, &stats, quant_report.as_ref());
+    let mut metadata = job.metadata(config, out, stats, quant_report.as_ref());
     if let Some(o) = metadata.as_object_mut() {
         o.insert(
             "parts".into(),
@@ -438,25 +542,12 @@ pub(crate) fn write_and_commit(
         index: serde_json::to_value(TensorIndex::of(plan)).unwrap_or_default(),
         metadata: metadata.clone(),
     };
-    let text = serde_json::to_string_pretty(&manifest)
+    let manifest = serde_json::to_string_pretty(&manifest)
         .map_err(|e| Error::internal(format!("{}: {e}", format::MANIFEST_FILE)))?;
-    let staged = out.stage(&metadata)?;
-    if config.cancel.load(std::sync::atomic::Ordering::Relaxed) {
-        return Err(Error::Cancelled);
-    }
-    let m = TempPath::beside(&dir.join(format::MANIFEST_FILE));
-    m.write_all(text.as_bytes())?;
-    m.commit()?;
-    // The manifest records every part: the journal is done.
-    remove(&dir.join(JOURNAL_FILE))?;
-    sync_dir(&dir);
-    staged.commit(None)?;
-    let file_bytes = outcomes.iter().map(|o| o.bytes).sum();
-    Ok(Committed {
-        file_bytes,
+    Ok(Finished {
         metadata,
+        manifest,
         quant: quant_report,
-        parts: outcomes,
     })
 }
 
@@ -474,12 +565,45 @@ fn write_part(
     sink: &dyn crate::write::ProgressSink,
     share: &Share,
 ) -> Result<(PartOutcome, PartStamp)> {
+    let count = job.plan.parts.len();
+    let name = format::part_name(k, count);
+    let target = dir.join(&name);
+    let writer = WeightWriter::create_sharing(&target, config.write_options(), share)?;
+    let (written, stamp) = encode_part(job, config, writer, k, now, done, sink)?;
+    let (bytes, hash) = (
+        written.file_bytes,
+        written.content_hash.clone().unwrap_or_default(),
+    );
+    written.tmp.commit()?;
+    sync_dir(dir);
+    let outcome = PartOutcome {
+        file: name,
+        bytes,
+        rows: stamp.rows,
+        xxh3_128: hash,
+        status,
+    };
+    Ok((outcome, stamp))
+}
+
+/// Writes part `k` of `job`'s plan with `writer` (a temp file or an upload): its row
+/// groups, then the footer with its stamp. Returns it finished, not yet committed.
+///
+/// # Errors
+///
+/// Every error of the writer; `Cancelled`.
+pub(super) fn encode_part(
+    job: &Job,
+    config: &ConvertConfig,
+    mut writer: WeightWriter,
+    k: usize,
+    now: &Identity,
+    done: u64,
+    sink: &dyn crate::write::ProgressSink,
+) -> Result<(Written, PartStamp)> {
     let plan = &job.plan;
     let count = plan.parts.len();
     let part = &plan.parts[k];
-    let name = format::part_name(k, count);
-    let target = dir.join(&name);
-    let mut writer = WeightWriter::create_sharing(&target, config.write_options(), share)?;
     let st = writer.write_groups(
         &job.source,
         plan,
@@ -516,20 +640,7 @@ fn write_part(
     if config.cancel.load(std::sync::atomic::Ordering::Relaxed) {
         return Err(Error::Cancelled);
     }
-    let (bytes, hash) = (
-        written.file_bytes,
-        written.content_hash.clone().unwrap_or_default(),
-    );
-    written.tmp.commit()?;
-    sync_dir(dir);
-    let outcome = PartOutcome {
-        file: name,
-        bytes,
-        rows: stamp.rows,
-        xxh3_128: hash,
-        status,
-    };
-    Ok((outcome, stamp))
+    Ok((written, stamp))
 }
 
 /// Converts one part of a parted conversion (`config` must give `max_file_size`) into
@@ -601,14 +712,17 @@ pub fn convert_part(
 /// written so far with its size and XXH3-128, rewritten (temp file, rename) after each
 /// part, so that `--resume` checks a part it lists by hashing the file instead of
 /// decompressing every row. Removed once the manifest (which lists them all) is in.
-const JOURNAL_FILE: &str = "_journal.json";
+pub(super) const JOURNAL_FILE: &str = "_journal.json";
 
 /// One journal (or manifest) entry.
 #[derive(Debug, Clone, Serialize, serde::Deserialize)]
-struct Recorded {
-    file: String,
-    bytes: u64,
-    xxh3_128: String,
+pub(super) struct Recorded {
+    pub(super) file: String,
+    pub(super) bytes: u64,
+    pub(super) xxh3_128: String,
+    /// The object's ETag, for a part in object storage.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub(super) e_tag: Option<String>,
 }
 
 /// Rewrites the journal with the parts `outcomes` has.
@@ -620,24 +734,32 @@ fn write_journal(dir: &Path, outcomes: &[Option<PartOutcome>]) -> Result<()> {
             file: o.file.clone(),
             bytes: o.bytes,
             xxh3_128: o.xxh3_128.clone(),
+            e_tag: None,
         })
         .collect();
-    let text = serde_json::to_string(&entries)
-        .map_err(|e| Error::internal(format!("{JOURNAL_FILE}: {e}")))?;
     let t = TempPath::beside(&dir.join(JOURNAL_FILE));
-    t.write_all(text.as_bytes())?;
+    t.write_all(journal_json(&entries)?.as_bytes())?;
     t.commit()
 }
 
-/// The parts the journal, or else the manifest, of `dir` records: name → (bytes,
-/// XXH3-128). Empty when neither reads.
-fn recorded_parts(dir: &Path) -> std::collections::HashMap<String, (u64, String)> {
-    let from_journal = std::fs::read(dir.join(JOURNAL_FILE))
-        .ok()
-        .and_then(|b| serde_json::from_slice::<Vec<Recorded>>(&b).ok());
+/// The journal's text.
+///
+/// # Errors
+///
+/// `Internal` (serialising cannot fail).
+pub(super) fn journal_json(entries: &[Recorded]) -> Result<String> {
+    serde_json::to_string(entries).map_err(|e| Error::internal(format!("{JOURNAL_FILE}: {e}")))
+}
+
+/// The parts a journal, or else a manifest, records, by name. Empty when neither
+/// reads.
+pub(super) fn recorded_in(
+    journal: Option<&[u8]>,
+    manifest: Option<&[u8]>,
+) -> std::collections::HashMap<String, Recorded> {
+    let from_journal = journal.and_then(|b| serde_json::from_slice::<Vec<Recorded>>(b).ok());
     let entries = from_journal.or_else(|| {
-        let b = std::fs::read(dir.join(format::MANIFEST_FILE)).ok()?;
-        let m: Manifest = serde_json::from_slice(&b).ok()?;
+        let m: Manifest = serde_json::from_slice(manifest?).ok()?;
         Some(
             m.parts
                 .into_iter()
@@ -645,6 +767,7 @@ fn recorded_parts(dir: &Path) -> std::collections::HashMap<String, (u64, String)
                     file: p.file,
                     bytes: p.bytes,
                     xxh3_128: p.xxh3_128,
+                    e_tag: None,
                 })
                 .collect(),
         )
@@ -652,12 +775,23 @@ fn recorded_parts(dir: &Path) -> std::collections::HashMap<String, (u64, String)
     entries
         .unwrap_or_default()
         .into_iter()
-        .map(|r| (r.file, (r.bytes, r.xxh3_128)))
+        .map(|r| (r.file.clone(), r))
+        .collect()
+}
+
+/// The parts the journal, or else the manifest, of `dir` records: name → (bytes,
+/// XXH3-128). Empty when neither reads.
+fn recorded_parts(dir: &Path) -> std::collections::HashMap<String, (u64, String)> {
+    let journal = std::fs::read(dir.join(JOURNAL_FILE)).ok();
+    let manifest = std::fs::read(dir.join(format::MANIFEST_FILE)).ok();
+    recorded_in(journal.as_deref(), manifest.as_deref())
+        .into_iter()
+        .map(|(name, r)| (name, (r.bytes, r.xxh3_128)))
         .collect()
 }
 
 /// Source bytes part `k` of `job`'s plan reads.
-fn part_src_bytes(job: &Job, k: usize) -> u64 {
+pub(super) fn part_src_bytes(job: &Job, k: usize) -> u64 {
     job.plan.groups[job.plan.parts[k].groups.clone()]
         .iter()
         .map(|g| g.src_bytes)
@@ -665,7 +799,7 @@ fn part_src_bytes(job: &Job, k: usize) -> u64 {
 }
 
 /// Adds a part's stamped statistics to the conversion's.
-fn merge_stamp(stamp: &PartStamp, stats: &mut [CastStats], quant: &mut [QuantError]) {
+pub(super) fn merge_stamp(stamp: &PartStamp, stats: &mut [CastStats], quant: &mut [QuantError]) {
     for &(t, nan, inf, overflow, max_overflow) in &stamp.cast {
         if let Some(s) = stats.get_mut(t) {
             s.merge(&CastStats {
@@ -723,7 +857,7 @@ fn refuse_foreign(dir: &Path, names: &[String], now: &Identity, resume: bool) ->
 }
 
 /// Removes a file if it is there.
-fn remove(p: &Path) -> Result<()> {
+pub(super) fn remove(p: &Path) -> Result<()> {
     match std::fs::remove_file(p) {
         Ok(()) => Ok(()),
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),

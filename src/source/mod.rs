@@ -7,7 +7,7 @@ mod header;
 mod hub;
 mod pickle;
 #[cfg(feature = "remote")]
-mod remote;
+pub(crate) mod remote;
 pub(crate) mod scheme;
 mod torch;
 mod zip;

@@ -71,11 +71,6 @@ impl TempPath {
         &self.tmp
     }
 
-    /// The final path.
-    pub(crate) fn target(&self) -> &Path {
-        &self.target
-    }
-
     /// Creates the temp file (refusing to follow anything already there).
     ///
     /// # Errors

@@ -17,6 +17,8 @@
 
 pub(crate) mod atomic;
 mod encode;
+#[cfg(feature = "remote")]
+pub(crate) mod object;
 mod pages;
 
 use std::collections::BTreeMap;
@@ -110,9 +112,82 @@ pub(crate) struct WriteOptions {
     pub(crate) content_hash: bool,
 }
 
+/// True when `s` names an object-store output (`s3://BUCKET/PREFIX/`), which needs
+/// the `remote` feature.
+pub(crate) fn is_object_url(s: &str) -> bool {
+    s.starts_with("s3://")
+}
+
+/// Where a weight file's bytes go: a temp file beside the target, or a multipart
+/// upload to object storage.
+pub(crate) enum Out {
+    /// The temp file, and its path (renamed over the target by the commit).
+    File(File, TempPath),
+    /// An upload whose completion is the commit.
+    #[cfg(feature = "remote")]
+    Object(object::Upload),
+}
+
+impl Out {
+    /// A new temp file beside `target`.
+    ///
+    /// # Errors
+    ///
+    /// `Io` naming the temp file.
+    pub(crate) fn temp_file(target: &std::path::Path) -> Result<Out> {
+        let tmp = TempPath::beside(target);
+        let file = tmp.create_file()?;
+        Ok(Out::File(file, tmp))
+    }
+}
+
+impl std::io::Write for Out {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        match self {
+            Out::File(f, _) => f.write(buf),
+            #[cfg(feature = "remote")]
+            Out::Object(u) => u.write(buf),
+        }
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        match self {
+            Out::File(f, _) => f.flush(),
+            #[cfg(feature = "remote")]
+            Out::Object(u) => u.flush(),
+        }
+    }
+}
+
+/// A finished weight file not yet in place: a synced temp file, or an upload with every
+/// part stored.
+pub(crate) enum Pending {
+    /// Renamed over its target by the commit.
+    File(TempPath),
+    /// Completed by the commit.
+    #[cfg(feature = "remote")]
+    Object(object::Upload),
+}
+
+impl Pending {
+    /// Puts the file in place: renames the temp file, or completes the upload (whose
+    /// ETag is returned).
+    ///
+    /// # Errors
+    ///
+    /// `Io` naming the target, `Remote` naming the object.
+    pub(crate) fn commit(self) -> Result<Option<String>> {
+        match self {
+            Pending::File(t) => t.commit().map(|()| None),
+            #[cfg(feature = "remote")]
+            Pending::Object(u) => u.complete(),
+        }
+    }
+}
+
 /// The file under the writer's buffer: every byte hashed on its way (when asked).
 pub(crate) struct Hashing {
-    file: File,
+    file: Out,
     hash: Option<Box<xxhash_rust::xxh3::Xxh3>>,
 }
 
@@ -236,7 +311,8 @@ pub(crate) struct WeightWriter {
     /// The worker threads and kept buffers, shared by the writers of a parted
     /// output's parts.
     share: Share,
-    tmp: TempPath,
+    /// The final path (or URL), for messages.
+    target: std::path::PathBuf,
     file: SerializedFileWriter<BufWriter<Hashing>>,
     factory: ArrowRowGroupWriterFactory,
     schema: SchemaRef,
@@ -247,8 +323,8 @@ pub(crate) struct WeightWriter {
 
 /// A finished weight file, still at its temp path.
 pub(crate) struct Written {
-    /// The synced temp file, to be committed over the target.
-    pub(crate) tmp: TempPath,
+    /// The synced temp file or the stored upload, to be committed.
+    pub(crate) tmp: Pending,
     /// Bytes of the file.
     pub(crate) file_bytes: u64,
     /// XXH3-128 of the file ([`hex128`]), when the options asked for it.
@@ -277,8 +353,21 @@ impl WeightWriter {
         opts: WriteOptions,
         share: &Share,
     ) -> Result<WeightWriter> {
-        let tmp = TempPath::beside(target);
-        let file = tmp.create_file()?;
+        Self::create_on(Out::temp_file(target)?, target, opts, share)
+    }
+
+    /// [`WeightWriter::create_sharing`] writing into `file` (a temp file or an upload)
+    /// whose final place is `target`.
+    ///
+    /// # Errors
+    ///
+    /// `Parquet` naming the target.
+    pub(crate) fn create_on(
+        file: Out,
+        target: &std::path::Path,
+        opts: WriteOptions,
+        share: &Share,
+    ) -> Result<WeightWriter> {
         let schema = format::schema(opts.quantized);
         let perr = |e| Error::parquet(target, None, e);
         let writer = ArrowWriter::try_new_with_options(
@@ -305,7 +394,7 @@ impl WeightWriter {
             .ok_or_else(|| Error::internal("the schema has no `data` leaf"))?;
         Ok(WeightWriter {
             share: share.clone(),
-            tmp,
+            target: target.to_path_buf(),
             file,
             factory,
             schema,
@@ -358,7 +447,7 @@ impl WeightWriter {
             data_descr: self.data_descr.clone(),
             compression: self.opts.compression,
             allow_overflow: self.opts.allow_overflow,
-            out_path: self.tmp.target(),
+            out_path: &self.target,
             pool: &buffers,
         };
         let budget = Budget::new(self.opts.inflight_bytes, self.opts.lean);
@@ -367,7 +456,7 @@ impl WeightWriter {
         let (tx, rx) = crossbeam_channel::unbounded::<(usize, Result<Encoded>)>();
         let mut appender = Appender::new(
             &mut self.file,
-            self.tmp.target(),
+            &self.target,
             plan,
             groups.clone(),
             done,
@@ -421,7 +510,7 @@ impl WeightWriter {
         for kv in footer {
             self.file.append_key_value_metadata(kv);
         }
-        let target = self.tmp.target().to_path_buf();
+        let target = self.target;
         let buf = self
             .file
             .into_inner()
@@ -429,13 +518,23 @@ impl WeightWriter {
         let Hashing { file, hash } = buf
             .into_inner()
             .map_err(|e| Error::io("write", &target, e.into_error()))?;
-        file.sync_all().map_err(|e| Error::io("sync", &target, e))?;
-        let file_bytes = file
-            .metadata()
-            .map_err(|e| Error::io("stat", self.tmp.path(), e))?
-            .len();
+        let (tmp, file_bytes) = match file {
+            Out::File(file, tmp) => {
+                file.sync_all().map_err(|e| Error::io("sync", &target, e))?;
+                let len = file
+                    .metadata()
+                    .map_err(|e| Error::io("stat", tmp.path(), e))?
+                    .len();
+                (Pending::File(tmp), len)
+            }
+            #[cfg(feature = "remote")]
+            Out::Object(mut up) => {
+                let len = up.finish()?;
+                (Pending::Object(up), len)
+            }
+        };
         Ok(Written {
-            tmp: self.tmp,
+            tmp,
             file_bytes,
             content_hash: hash.map(|h| hex128(h.digest128())),
         })

@@ -100,6 +100,10 @@ impl Drop for Hub {
     }
 }
 
+/// An `Authorization` header of the form moto expects (it checks no signature, but
+/// refuses some unsigned reads, `*.json` among them).
+const MOTO_AUTH: &str = "Authorization: AWS4-HMAC-SHA256 Credential=test/20260101/us-east-1/s3/aws4_request, SignedHeaders=host, Signature=00\r\n";
+
 /// An S3-compatible server (moto, installed in the test venv), on loopback.
 pub struct S3 {
     child: Child,
@@ -147,6 +151,75 @@ impl S3 {
             c.arg(format!("{p}={}", d.to_str().unwrap()));
         }
         assert!(c.status().unwrap().success());
+    }
+
+    /// A plain HTTP/1.0 GET of `path`, unsigned (moto checks no signatures): the status
+    /// and the body.
+    pub fn get(&self, path: &str) -> (u16, Vec<u8>) {
+        let addr = self.endpoint.trim_start_matches("http://").to_string();
+        let mut s = TcpStream::connect(addr.as_str()).unwrap();
+        write!(s, "GET {path} HTTP/1.0\r\nHost: {addr}\r\n{MOTO_AUTH}\r\n").unwrap();
+        let mut out = Vec::new();
+        s.read_to_end(&mut out).unwrap();
+        let at = out.windows(4).position(|w| w == b"\r\n\r\n").unwrap();
+        let head = String::from_utf8_lossy(&out[..at]).into_owned();
+        let status = head.split_whitespace().nth(1).unwrap().parse().unwrap();
+        (status, out[at + 4..].to_vec())
+    }
+
+    /// A plain unsigned HTTP/1.0 PUT of `body` as the object at `path`.
+    pub fn put_object(&self, path: &str, body: &[u8]) {
+        let addr = self.endpoint.trim_start_matches("http://").to_string();
+        let mut s = TcpStream::connect(addr.as_str()).unwrap();
+        write!(
+            s,
+            "PUT {path} HTTP/1.0\r\nHost: {addr}\r\n{MOTO_AUTH}Content-Length: {}\r\n\r\n",
+            body.len()
+        )
+        .unwrap();
+        s.write_all(body).unwrap();
+        let mut out = Vec::new();
+        s.read_to_end(&mut out).unwrap();
+        assert!(out.starts_with(b"HTTP/1.0 200") || out.starts_with(b"HTTP/1.1 200"));
+    }
+
+    /// The text of every `<tag>` element of `xml`.
+    fn elements(xml: &str, tag: &str) -> Vec<String> {
+        let (open, close) = (format!("<{tag}>"), format!("</{tag}>"));
+        xml.split(open.as_str())
+            .skip(1)
+            .filter_map(|p| p.split_once(close.as_str()).map(|(v, _)| v.to_string()))
+            .collect()
+    }
+
+    /// The keys of `bucket` below `prefix`, sorted.
+    pub fn keys(&self, bucket: &str, prefix: &str) -> Vec<String> {
+        let (st, body) = self.get(&format!(
+            "/{bucket}?list-type=2&max-keys=1000&prefix={prefix}"
+        ));
+        assert_eq!(st, 200, "{}", String::from_utf8_lossy(&body));
+        let mut k = Self::elements(&String::from_utf8_lossy(&body), "Key");
+        k.sort();
+        k
+    }
+
+    /// The keys of the multipart uploads of `bucket` still in progress.
+    pub fn uploads(&self, bucket: &str) -> Vec<String> {
+        let (st, body) = self.get(&format!("/{bucket}?uploads"));
+        assert_eq!(st, 200, "{}", String::from_utf8_lossy(&body));
+        Self::elements(&String::from_utf8_lossy(&body), "Key")
+    }
+
+    /// Downloads every object of `bucket` below `prefix` into `dir`, keys made relative
+    /// to `prefix`.
+    pub fn download(&self, bucket: &str, prefix: &str, dir: &Path) {
+        for key in self.keys(bucket, prefix) {
+            let (st, body) = self.get(&format!("/{bucket}/{key}"));
+            assert_eq!(st, 200, "{key}");
+            let to = dir.join(key.strip_prefix(prefix).unwrap());
+            std::fs::create_dir_all(to.parent().unwrap()).unwrap();
+            std::fs::write(to, body).unwrap();
+        }
     }
 
     /// The environment object_store's S3 client reads.

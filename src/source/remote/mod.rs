@@ -11,7 +11,7 @@
 //! ones: a hostile header over HTTP is refused the same way. The weights are then read
 //! by the cast stage through [`fetch`]'s bounded cache of large ranges.
 
-mod client;
+pub(crate) mod client;
 mod fetch;
 mod hub;
 
@@ -23,6 +23,7 @@ use std::sync::Arc;
 use object_store::path::Path as StorePath;
 use object_store::{ObjectStore, ObjectStoreExt};
 
+pub(crate) use client::Client;
 pub(crate) use fetch::RemoteFile;
 use fetch::Shared;
 
@@ -352,17 +353,7 @@ pub(crate) fn open(url: &str, opts: &SourceOptions) -> Result<Opened> {
     } else if let Some(rest) = url.strip_prefix("s3://") {
         let (bucket, key) = rest.split_once('/').unwrap_or((rest, ""));
         let (dir, target) = split_target(key);
-        let store: Arc<dyn ObjectStore> = Arc::new(
-            object_store::aws::AmazonS3Builder::from_env()
-                .with_bucket_name(bucket)
-                .with_http_connector(client.connector(false))
-                .with_retry(client.settings.retry())
-                .build()
-                .map_err(|e| Error::Remote {
-                    url: url.to_string(),
-                    reason: describe(&e),
-                })?,
-        );
+        let store = s3_store(&client, bucket, url)?;
         let files = list_bucket(&client, &store, bucket, &dir)?;
         (
             Listing {
@@ -471,6 +462,26 @@ fn st_module_dirs(local: &std::path::Path) -> Vec<String> {
         })
         .map(String::from)
         .collect()
+}
+
+/// A client of the S3 bucket `bucket` from the usual `AWS_*` environment (region,
+/// credentials chain, `AWS_ENDPOINT_URL` for S3-compatible stores), sending through
+/// `client`; `url` names it in errors.
+///
+/// # Errors
+///
+/// `Remote` when the environment does not make a client.
+pub(crate) fn s3_store(client: &Client, bucket: &str, url: &str) -> Result<Arc<dyn ObjectStore>> {
+    let store = object_store::aws::AmazonS3Builder::from_env()
+        .with_bucket_name(bucket)
+        .with_http_connector(client.connector(false))
+        .with_retry(client.settings.retry())
+        .build()
+        .map_err(|e| Error::Remote {
+            url: url.to_string(),
+            reason: describe(&e),
+        })?;
+    Ok(Arc::new(store))
 }
 
 /// Every object under `dir` in the bucket, by name relative to it.
