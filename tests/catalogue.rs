@@ -620,7 +620,7 @@ fn row_19_a_shard_truncated_during_conversion() {
     failed_with(
         &o,
         &format!(
-            "{}: file changed size while being converted ({was} → {} bytes)",
+            "{}: the file changed while being converted: its size changed ({was} → {} bytes)",
             last.display(),
             was / 2
         ),

@@ -897,7 +897,7 @@ fn a_shard_that_changes_size_during_conversion_stops_it() {
     assert_eq!(
         err.to_string(),
         format!(
-            "{}: file changed size while being converted ({was} → {} bytes)",
+            "{}: the file changed while being converted: its size changed ({was} → {} bytes)",
             last.display(),
             was + 8
         )

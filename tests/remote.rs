@@ -1091,3 +1091,95 @@ fn an_s3_parted_conversion_killed_after_a_part_resumes_into_the_same_bytes() {
     s3.download("out", "r/", &d);
     assert!(part_files(&d) == part_files(&whole), "parts differ");
 }
+
+#[test]
+fn pytorch_checkpoints_are_read_by_ranges_as_local_ones_are() {
+    let tmp = tempdir();
+    let names = [
+        "tiny-bert-bin",
+        "tiny-llama-sharded-bin",
+        "tricky-storage-bin",
+        "tiny-bert-bin-legacy",
+    ];
+    let repos: Vec<(String, PathBuf)> = names
+        .iter()
+        .map(|n| (format!("fixtures/{n}"), fixture(n)))
+        .collect();
+    let refs: Vec<(&str, &Path)> = repos
+        .iter()
+        .map(|(n, p)| (n.as_str(), p.as_path()))
+        .collect();
+    let hub = Hub::start(&refs, Some(&fixture("")), &[]);
+    let ep = hub.endpoint();
+    let env = [("HF_ENDPOINT", ep.as_str())];
+    // Zip checkpoints, single and sharded, with shared and strided storages: the local
+    // bytes, from the Hub and from a plain URL (by file name: tricky-storage-bin also
+    // holds a safetensors reference, which a directory would be read from).
+    let weights = [
+        ("tiny-bert-bin", "pytorch_model.bin"),
+        ("tiny-llama-sharded-bin", "pytorch_model.bin.index.json"),
+        ("tricky-storage-bin", "pytorch_model.bin"),
+    ];
+    for (n, w) in weights {
+        let lo = tmp.path().join(format!("{n}-l"));
+        local(&fixture(n).join(w), &lo);
+        let urls = [
+            format!("hf://fixtures/{n}/{w}"),
+            hub.file_url(&format!("{n}/{w}")),
+        ];
+        for (i, url) in urls.iter().enumerate() {
+            let ro = tmp.path().join(format!("{n}-r{i}"));
+            let o = modelconv(&["convert", url, "-o", s(&ro), "-q"], &env);
+            ok(&o);
+            assert_same_output(&lo, &ro);
+        }
+    }
+    // A legacy checkpoint cannot be read by ranges: refused by name.
+    let x = tmp.path().join("x");
+    let o = modelconv(
+        &["convert", "hf://fixtures/tiny-bert-bin-legacy", "-o", s(&x)],
+        &env,
+    );
+    assert_eq!(o.status.code(), Some(1));
+    assert_eq!(
+        text(&o.stderr),
+        format!(
+            "error: hf://fixtures/tiny-bert-bin-legacy@{}/pytorch_model.bin: invalid PyTorch \
+             checkpoint: a legacy (torch < 1.6) checkpoint: its storages follow a stream of \
+             pickles that range reads cannot locate; download it, or re-save it with \
+             torch.save\n",
+            hub.commit("fixtures/tiny-bert-bin-legacy")
+        )
+    );
+    let url = hub.file_url("hostile-bin/raw-pickle-eval.bin");
+    let o = modelconv(&["convert", &url, "-o", s(&x), "--model-type", "bert"], &[]);
+    assert_eq!(o.status.code(), Some(1));
+    assert!(
+        text(&o.stderr).starts_with(&format!(
+            "error: {url}: invalid PyTorch checkpoint: a legacy (torch < 1.6) checkpoint"
+        )),
+        "{}",
+        text(&o.stderr)
+    );
+    // Hostile and damaged archives are refused with the local file's message (a raw
+    // pickle is refused as the legacy format above, before anything in it is read).
+    for f in ["reduce-system.bin", "storage-too-short.bin"] {
+        let file = fixture("hostile-bin").join(f);
+        let url = hub.file_url(&format!("hostile-bin/{f}"));
+        let args = |input: &str| {
+            modelconv(
+                &["convert", input, "-o", s(&x), "--model-type", "bert"],
+                &[],
+            )
+        };
+        let (lo, ro) = (args(s(&file)), args(&url));
+        assert_eq!(lo.status.code(), Some(1), "{f}");
+        assert_eq!(ro.status.code(), Some(1), "{f}");
+        assert_eq!(
+            text(&ro.stderr),
+            text(&lo.stderr).replace(s(&file), &url),
+            "{f}"
+        );
+        assert!(!x.exists(), "{f}");
+    }
+}

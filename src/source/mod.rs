@@ -322,22 +322,35 @@ impl Shard {
         })
     }
 
-    /// Opens a remote safetensors shard: its header read with a fixed first read and
-    /// then its exact length, and validated as a local one is.
+    /// Opens a remote shard: a safetensors header read with a fixed first read and then
+    /// its exact length; a PyTorch zip checkpoint's directory, local headers and pickle
+    /// read by ranges into a sparse view ([`remote::archive`]). Both are validated as
+    /// local ones are.
     ///
     /// # Errors
     ///
-    /// `Remote` for what the network does, every header rule of [`parse_header`];
-    /// PyTorch checkpoints are not read remotely yet.
+    /// `Remote` for what the network does, every header rule of [`parse_header`], every
+    /// rule of the PyTorch reader; a legacy PyTorch checkpoint is refused.
     #[cfg(feature = "remote")]
     fn open_remote(file: remote::RemoteFile, name: &str, opts: &SourceOptions) -> Result<Shard> {
         let path = PathBuf::from(&file.url);
-        if is_torch_name(Path::new(name)) {
-            return Err(Error::NoWeights {
+        let sniffed_zip = !name.ends_with(".safetensors")
+            && file.size >= 4
+            && torch::is_zip(&file.read_direct(0..4)?);
+        if is_torch_name(Path::new(name)) || sniffed_zip {
+            let view = remote::archive::view(&file)?;
+            let ckpt = torch::read(&path, &view)?;
+            return Ok(Shard {
                 path,
-                reason: "PyTorch checkpoints are read from local files only; \
-                         convert a safetensors copy of the model, or download the .bin first"
-                    .into(),
+                file_len: file.size,
+                header: Header {
+                    header_len: 0,
+                    tensors: ckpt.tensors,
+                    metadata: Vec::new(),
+                },
+                format: ShardFormat::Torch,
+                ties: ckpt.ties,
+                data: Data::Remote(file),
             });
         }
         let file_len = file.size;

@@ -26,7 +26,7 @@ pub(crate) struct Entry {
     pub(crate) compressed: u64,
     pub(crate) size: u64,
     /// Offset of the local header.
-    local: u64,
+    pub(crate) local: u64,
 }
 
 fn u16_at(b: &[u8], at: usize) -> Option<u16> {
@@ -153,17 +153,41 @@ impl Archive {
     }
 }
 
-/// `(entries, directory offset, directory length)` from the end record.
-fn end_record(b: &[u8]) -> Result<(u64, u64, u64), String> {
+/// Bytes at the end of an archive that hold its end record, its ZIP64 locator and
+/// (as torch writes it) its ZIP64 end record: what a reader by ranges fetches first.
+pub(crate) const TAIL_BYTES: u64 = (EOCD_LEN + 0xffff + 20 + 56) as u64;
+
+/// The offset of the end record in `b` (an archive, or its last bytes).
+fn end_record_at(b: &[u8]) -> Result<usize, String> {
     if b.len() < EOCD_LEN {
         return Err("too short to be a zip archive".into());
     }
     // The record is the last 22 bytes unless a comment (at most 64 KiB) follows it.
     let lowest = b.len().saturating_sub(EOCD_LEN + 0xffff);
-    let at = (lowest..=b.len() - EOCD_LEN)
+    (lowest..=b.len() - EOCD_LEN)
         .rev()
         .find(|&i| u32_at(b, i) == Some(EOCD_SIG))
-        .ok_or("no end of central directory (truncated, or not a zip archive)")?;
+        .ok_or_else(|| "no end of central directory (truncated, or not a zip archive)".into())
+}
+
+/// Where the directory of the archive whose last bytes are `tail` is: `(offset,
+/// length)`, and the offset of its ZIP64 end record when it has one (which a reader by
+/// ranges needs before [`end_record`] can read it). `None` when `tail` has no end
+/// record.
+pub(crate) fn locate(tail: &[u8]) -> Option<(u64, u64, Option<u64>)> {
+    let at = end_record_at(tail).ok()?;
+    let dir_len = u32_at(tail, at + 12)? as u64;
+    let dir_off = u32_at(tail, at + 16)? as u64;
+    let loc = at.checked_sub(20);
+    let zip64 = loc
+        .filter(|&l| u32_at(tail, l) == Some(ZIP64_LOCATOR_SIG))
+        .and_then(|l| u64_at(tail, l + 8));
+    Some((dir_off, dir_len, zip64))
+}
+
+/// `(entries, directory offset, directory length)` from the end record.
+pub(crate) fn end_record(b: &[u8]) -> Result<(u64, u64, u64), String> {
+    let at = end_record_at(b)?;
     let count = u16_at(b, at + 10).ok_or("truncated end record")? as u64;
     let dir_len = u32_at(b, at + 12).ok_or("truncated end record")? as u64;
     let dir_off = u32_at(b, at + 16).ok_or("truncated end record")? as u64;

@@ -28,8 +28,9 @@ body-carrying responses of the storage server and of ``/files``:
   ``Retry-After: S``; ``/_stats`` records how long the client waited after each.
 * ``{"reset_after": N, "count": K}``: the next K bodies are cut after N bytes by a TCP
   reset.
-* ``{"reset_every": N}``: every response body is reset after each N bytes served on it
-  (a client resuming from the byte where it stopped makes progress).
+* ``{"reset_every": N}``: each time N more body bytes have been served in all, the
+  body being sent is cut by a TCP reset (a client resuming from the byte where it
+  stopped makes progress).
 * ``{"truncate_after": N, "count": K}``: the next K bodies end cleanly after N bytes (a
   short body under a longer ``Content-Length``).
 * ``{"slow_first_byte": S, "count": K}``: the next K requests wait S seconds before the
@@ -162,14 +163,20 @@ class State:
                 self.faults.append(f)
 
     def served_bytes(self, n):
+        """Counts `n` body bytes served; True when a `reset_every` mark was crossed."""
         replace = None
+        crossed = False
         with self.lock:
+            every = self.reset_every
+            if every:
+                crossed = (self.served + n) // every > self.served // every
             self.served += n
             self.stats["body_bytes"] += n
             if self.replace and self.served >= self.replace.get("replace_after", float("inf")):
                 replace, self.replace = self.replace, None
         if replace:
             self.replace_file(replace["path"])
+        return crossed
 
     def file_get(self, rel):
         """Counts a GET of `rel` under /files; the one a `replace_on_get` names changes
@@ -350,12 +357,13 @@ class Handler(BaseHTTPRequestHandler):
         with open(full, "rb") as fh:
             while sent < limit:
                 step = limit - sent
-                for mark in (reset_at, every and (sent // every + 1) * every, stall and stall[0]):
+                for mark in (reset_at, stall and stall[0]):
                     if mark is not None and mark > sent:
                         step = min(step, mark - sent)
-                if reset_at is None and every is None and stall is None and fault is None:
-                    # The plain path: the kernel copies the file into the socket.
-                    k = os.sendfile(sock.fileno(), fh.fileno(), start + sent, min(step, 64 << 20))
+                if reset_at is None and stall is None and fault is None:
+                    # The plain path: the kernel copies the file into the socket (in
+                    # 1 MiB steps when resets are counted).
+                    k = os.sendfile(sock.fileno(), fh.fileno(), start + sent, min(step, CHUNK if every else 64 << 20))
                     if k == 0:
                         break
                 else:
@@ -364,8 +372,8 @@ class Handler(BaseHTTPRequestHandler):
                     sock.sendall(buf)
                     k = len(buf)
                 sent += k
-                STATE.served_bytes(k)
-                if (reset_at is not None and sent >= reset_at) or (every and sent % every == 0 and sent < n):
+                crossed = STATE.served_bytes(k)
+                if (reset_at is not None and sent >= reset_at) or (crossed and sent < n):
                     self.reset()
                     return
                 if stall and sent == stall[0]:

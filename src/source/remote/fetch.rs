@@ -162,6 +162,47 @@ impl RemoteFile {
         self.shared.client.rt().block_on(fut).map_err(|f| f.error())
     }
 
+    /// Bytes of every range of `ranges` (small and scattered: a zip archive's local
+    /// headers), fetched outside the cache: ranges less than 64 KiB apart are read as
+    /// one, eight requests at a time. Returns the ranges read, each with its first
+    /// byte's offset; they cover `ranges`.
+    ///
+    /// # Errors
+    ///
+    /// As [`RemoteFile::read_direct`].
+    pub(crate) fn read_many(&self, ranges: &[Range<u64>]) -> Result<Vec<(u64, Bytes)>> {
+        use futures_util::{StreamExt, TryStreamExt};
+        const GAP: u64 = 64 << 10;
+        let mut sorted: Vec<Range<u64>> =
+            ranges.iter().filter(|r| r.end > r.start).cloned().collect();
+        sorted.sort_by_key(|r| r.start);
+        let mut merged: Vec<Range<u64>> = Vec::new();
+        for r in sorted {
+            match merged.last_mut() {
+                Some(last) if r.start <= last.end.saturating_add(GAP) => {
+                    last.end = last.end.max(r.end);
+                }
+                _ => merged.push(r),
+            }
+        }
+        let fetches = merged.into_iter().map(|r| {
+            let start = r.start;
+            let f = fetch(
+                self.store.clone(),
+                self.path.clone(),
+                r,
+                self.etag.clone(),
+                self.size,
+                self.url.clone(),
+            );
+            async move { f.await.map(|b| (start, b)) }
+        });
+        let all = futures_util::stream::iter(fetches)
+            .buffer_unordered(8)
+            .try_collect::<Vec<_>>();
+        self.shared.client.rt().block_on(all).map_err(|f| f.error())
+    }
+
     /// The first error a fetch of this source met, if any.
     pub(crate) fn check(&self) -> Result<()> {
         match &self.shared.lock().failed {

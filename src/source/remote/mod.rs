@@ -11,6 +11,7 @@
 //! ones: a hostile header over HTTP is refused the same way. The weights are then read
 //! by the cast stage through [`fetch`]'s bounded cache of large ranges.
 
+pub(crate) mod archive;
 pub(crate) mod client;
 mod fetch;
 mod hub;
