@@ -1010,6 +1010,10 @@ struct LocalDir(PathBuf);
 
 impl Dir for LocalDir {
     fn path(&self, name: &str) -> PathBuf {
+        if name.is_empty() {
+            // The directory itself, as the user named it (no trailing `/`).
+            return self.0.clone();
+        }
         self.0.join(name)
     }
 

@@ -155,6 +155,7 @@ impl Archive {
 
 /// Bytes at the end of an archive that hold its end record, its ZIP64 locator and
 /// (as torch writes it) its ZIP64 end record: what a reader by ranges fetches first.
+#[cfg(feature = "remote")]
 pub(crate) const TAIL_BYTES: u64 = (EOCD_LEN + 0xffff + 20 + 56) as u64;
 
 /// The offset of the end record in `b` (an archive, or its last bytes).
@@ -174,6 +175,7 @@ fn end_record_at(b: &[u8]) -> Result<usize, String> {
 /// length)`, and the offset of its ZIP64 end record when it has one (which a reader by
 /// ranges needs before [`end_record`] can read it). `None` when `tail` has no end
 /// record.
+#[cfg(feature = "remote")]
 pub(crate) fn locate(tail: &[u8]) -> Option<(u64, u64, Option<u64>)> {
     let at = end_record_at(tail).ok()?;
     let dir_len = u32_at(tail, at + 12)? as u64;

@@ -35,7 +35,7 @@ pub enum Command {
 pub struct ConvertArgs {
     /// Model directory, model.safetensors, model.safetensors.index.json, org/name[@rev] from the local HF cache, or a URL: hf://org/name[@rev], https://…, s3://bucket/prefix/.
     pub input: PathBuf,
-    /// Output directory (weights.parquet, metadata.json, config.json, tokenizer/).
+    /// Output directory (weights.parquet, metadata.json, config.json, tokenizer/), or s3://BUCKET/PREFIX/ (written as objects, by multipart uploads).
     #[arg(short, long, required_unless_present = "dry_run")]
     pub output: Option<PathBuf>,
     /// What floating-point tensors become: f16, bf16, f32 or keep.
