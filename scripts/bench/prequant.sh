@@ -29,7 +29,7 @@ for r in $(seq 1 "$rounds"); do
   for s in "${schemes[@]}"; do
     for c in zstd none; do
       rm -rf "$shm"
-      read -r w m u < <(secs "$bin" convert "$work/$s" -o "$shm" --threads 2 --compression "$c" --quiet)
+      read -r w m u _ < <(secs "$bin" convert "$work/$s" -o "$shm" --threads 2 --compression "$c" --quiet)
       wall[$s-$c]="${wall[$s-$c]:-} $w"
       user[$s-$c]="${user[$s-$c]:-} $u"
       rss[$s-$c]="${rss[$s-$c]:-} $m"

@@ -30,9 +30,10 @@ use crate::error::{Error, Result};
 /// Bytes per chunk: one request's range.
 pub(crate) const CHUNK: u64 = 8 << 20;
 /// Chunks a read starts ahead of itself.
-pub(crate) const AHEAD: u64 = 6;
-/// Chunks the cache holds, fetched or in flight.
-pub(crate) const CAPACITY: usize = 16;
+pub(crate) const AHEAD: u64 = 4;
+/// Chunks the cache holds, fetched or in flight: the chunk and those ahead of it for
+/// each of two readers at once (a 2-core pipeline's), and two more.
+pub(crate) const CAPACITY: usize = 12;
 
 /// Why a fetch failed, kept for every reader of the source.
 #[derive(Debug, Clone)]
@@ -58,7 +59,12 @@ impl Failure {
 
 enum Slot {
     Pending,
-    Ready { data: Bytes, used: u64 },
+    Ready {
+        data: Bytes,
+        used: u64,
+        /// A read ended at or past the chunk's end: its reader has moved on.
+        passed: bool,
+    },
 }
 
 #[derive(Default)]
@@ -235,7 +241,14 @@ impl RemoteFile {
                 Ok(data) => {
                     g.tick += 1;
                     let used = g.tick;
-                    g.slots.insert(key, Slot::Ready { data, used });
+                    g.slots.insert(
+                        key,
+                        Slot::Ready {
+                            data,
+                            used,
+                            passed: false,
+                        },
+                    );
                 }
                 Err(f) => {
                     g.slots.remove(&key);
@@ -247,20 +260,24 @@ impl RemoteFile {
         });
     }
 
-    /// Frees a slot for a new chunk, evicting the least recently used fetched chunk
-    /// outside `keep` (this file's chunks being read); false when there is none.
+    /// Frees a slot for a new chunk, evicting a fetched chunk outside `keep` (this
+    /// file's chunks being read): one a reader has moved past before one fetched ahead
+    /// and not read yet, the least recently used first; false when there is none.
     fn make_room(&self, g: &mut Cache, keep: &Range<u64>) -> bool {
         while g.slots.len() >= CAPACITY {
             let victim = g
                 .slots
                 .iter()
                 .filter_map(|(key, s)| match s {
-                    Slot::Ready { used, .. } if !(key.0 == self.id && keep.contains(&key.1)) => {
-                        Some((*used, *key))
+                    Slot::Ready { used, passed, .. }
+                        if !(key.0 == self.id && keep.contains(&key.1)) =>
+                    {
+                        Some((!*passed, *used, *key))
                     }
                     _ => None,
                 })
-                .min();
+                .min()
+                .map(|(_, used, key)| (used, key));
             match victim {
                 Some((_, key)) => {
                     g.slots.remove(&key);
@@ -308,8 +325,9 @@ impl RemoteFile {
                 g.tick += 1;
                 let tick = g.tick;
                 match g.slots.get_mut(&(self.id, k)) {
-                    Some(Slot::Ready { data, used }) => {
+                    Some(Slot::Ready { data, used, passed }) => {
                         *used = tick;
+                        *passed |= end >= k * CHUNK + data.len() as u64;
                         break data.clone();
                     }
                     Some(Slot::Pending) => {
