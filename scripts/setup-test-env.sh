@@ -18,6 +18,12 @@ fi
 if ! "$venv/bin/python" -c "import pyarrow, numpy, pytest, duckdb, polars, moto.server, boto3" 2>/dev/null; then
   "$venv/bin/pip" install --quiet --disable-pip-version-check pyarrow numpy pytest duckdb polars "moto[server]"
 fi
+# Ray (with its state API, `ray[default]`): the distributed tests start a two-node cluster
+# on this machine. Where it cannot be installed those tests are skipped, saying why.
+if ! "$venv/bin/python" -c "import ray, ray.util.state" 2>/dev/null; then
+  "$venv/bin/pip" install --quiet --disable-pip-version-check "ray[default]>=2.9" \
+    || echo "ray could not be installed: python/tests/test_distributed.py will be skipped" >&2
+fi
 # The package is rebuilt every time (cargo makes that quick when nothing changed).
 CARGO_TARGET_DIR="$root/target" MATURIN_PEP517_ARGS="--profile dev" \
   "$venv/bin/pip" install --quiet --disable-pip-version-check --force-reinstall --no-deps "$root/python"

@@ -7,4 +7,4 @@ cd "$(dirname "$0")/.."
 ./scripts/setup-test-env.sh
 cargo test "$@"
 # The Python package's tests, in the venv setup-test-env.sh made.
-.venv/bin/python -m pytest python/tests -q
+.venv/bin/python -m pytest python/tests -q -rs

@@ -19,7 +19,7 @@ mod write;
 
 pub use cast::{QuantScheme, Quantize, TensorQuantError, MIN_QUANT_ELEMENTS};
 pub use convert::{
-    convert, convert_part, convert_with, parse_size, plan_conversion, ConversionPlan,
+    convert, convert_part, convert_with, parse_size, plan_conversion, record_parts, ConversionPlan,
     ConversionReport, ConvertConfig, ConvertConfigBuilder, Dequantization, Event, Fetched,
     Observer, PartOutcome, PartStatus, PlannedEntry, PlannedPart, QuantReport, Silent,
     DEFAULT_INFLIGHT_PER_THREAD, DEFAULT_MAX_ROW_MB, DEFAULT_ROW_GROUP_MB, DEFAULT_ZSTD_LEVEL,

@@ -601,6 +601,56 @@ fn parts_converted_one_by_one_in_any_order_commit_into_the_clis_output() {
 }
 
 #[test]
+fn parts_recorded_by_their_workers_are_checked_by_hash_at_the_commit() {
+    let tmp = tempdir();
+    let (cli, out) = (tmp.path().join("cli"), tmp.path().join("out"));
+    ok(&convert(
+        &minilm(),
+        &cli,
+        &["--quiet", "--max-file-size", "6MB"],
+    ));
+    let cfg = modelconv::ConvertConfig::builder()
+        .max_file_size(Some(6_000_000))
+        .build()
+        .unwrap();
+    let n = modelconv::plan_conversion(minilm(), &cfg)
+        .unwrap()
+        .parts
+        .len();
+    let outcomes: Vec<modelconv::PartOutcome> = (0..n)
+        .map(|k| modelconv::convert_part(minilm(), &out, &cfg, k).unwrap())
+        .collect();
+    // What the workers reported goes to the journal; one part is damaged after.
+    modelconv::record_parts(&out, &outcomes).unwrap();
+    let journal: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(out.join("weights.parquet/_journal.json")).unwrap())
+            .unwrap();
+    assert_eq!(journal.as_array().unwrap().len(), n);
+    let damaged = out.join("weights.parquet").join(&outcomes[1].file);
+    flip(&damaged, |len| len / 2, 0x01);
+    let commit = modelconv::ConvertConfig::builder()
+        .max_file_size(Some(6_000_000))
+        .resume(true)
+        .build()
+        .unwrap();
+    let r = modelconv::convert(minilm(), &out, &commit).unwrap();
+    for (k, p) in r.parts.iter().enumerate() {
+        match &p.status {
+            modelconv::PartStatus::Redone { reason } if k == 1 => assert!(
+                reason.starts_with("its content differs from the one recorded when it was written"),
+                "{reason}"
+            ),
+            s => assert_eq!(*s, modelconv::PartStatus::Kept, "part {k}"),
+        }
+    }
+    assert_eq!(
+        part_hashes(&out.join("weights.parquet")),
+        part_hashes(&cli.join("weights.parquet"))
+    );
+    assert!(!out.join("weights.parquet/_journal.json").exists());
+}
+
+#[test]
 fn a_write_that_fails_in_part_two_keeps_part_one_and_resumes() {
     // RLIMIT_FSIZE binds root too: no part file may pass 4 MB. The first part (the
     // small embeddings) is smaller; the second (an embedding row of about 6 MB,

@@ -256,6 +256,16 @@ class ConversionResult:
     notices: List[str] = field(default_factory=list)
     quantization: Optional[Dict[str, Any]] = None
     parts: List[Dict[str, Any]] = field(default_factory=list)
+    #: For :func:`modelconv.distributed.convert`: per part, the task that wrote it
+    #: (``file``, ``status``, ``node``, ``pid``, ``seconds``).
+    tasks: List[Dict[str, Any]] = field(default_factory=list)
+
+
+def _result(report: Dict[str, Any]) -> ConversionResult:
+    """The result of a successful conversion, from its report (the CLI's ``--json``)."""
+    fields = ConversionResult.__dataclass_fields__
+    return ConversionResult(**{k: (v if not isinstance(v, os.PathLike) else os.fspath(v))
+                               for k, v in report.items() if k in fields})
 
 
 def _progress(progress: Union[bool, Callable[[int, int], None], None]) -> Tuple[Optional[Callable[[int, int], None]], Callable[[], None]]:
@@ -344,9 +354,7 @@ class ModelConverter:
                 conversion_time_sec=time.monotonic() - started,
                 error_message=str(e),
             )
-        fields = ConversionResult.__dataclass_fields__
-        return ConversionResult(**{k: (v if not isinstance(v, os.PathLike) else os.fspath(v))
-                                   for k, v in r.items() if k in fields})
+        return _result(r)
 
 
 def verify(path: PathLike, source: Optional[PathLike] = None, threads: int = 0) -> Dict[str, Any]:

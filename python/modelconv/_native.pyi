@@ -20,6 +20,9 @@ def plan(input: str, **options: Any) -> str:
 def convert_part(input: str, output: str, index: int, **options: Any) -> str:
     """Converts one part of a parted conversion; its outcome as JSON text."""
 
+def record_parts(output: str, outcomes: str) -> None:
+    """Records parts' outcomes (JSON list) in the output's journal."""
+
 def verify(path: str, source: Optional[str] = None, threads: int = 0) -> str:
     """Verifies; the report as JSON text."""
 

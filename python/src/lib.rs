@@ -593,12 +593,23 @@ fn convert_part(
         .map_err(err)
 }
 
+/// Records parts converted by `convert_part` (their outcomes as JSON, a list) in the
+/// output's journal, for the committing `convert` with `resume`.
+#[pyfunction]
+fn record_parts(py: Python<'_>, output: PathBuf, outcomes: &str) -> PyResult<()> {
+    let parts: Vec<modelconv::PartOutcome> = serde_json::from_str(outcomes)
+        .map_err(|e| PyTypeError::new_err(format!("part outcomes: {e}")))?;
+    py.detach(|| modelconv::record_parts(&output, &parts))
+        .map_err(err)
+}
+
 #[pymodule]
 fn _native(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add("NativeError", m.py().get_type::<NativeError>())?;
     m.add_function(wrap_pyfunction!(convert, m)?)?;
     m.add_function(wrap_pyfunction!(plan, m)?)?;
     m.add_function(wrap_pyfunction!(convert_part, m)?)?;
+    m.add_function(wrap_pyfunction!(record_parts, m)?)?;
     m.add_function(wrap_pyfunction!(verify, m)?)?;
     m.add_class::<PyWeightFile>()?;
     m.add_class::<TensorBuffer>()?;

@@ -21,7 +21,7 @@ pub use config::{
     MAX_BUDGET_BYTES, MIN_FILE_SIZE,
 };
 pub use output::TOKENIZER_FILES;
-pub use parts::{convert_part, PartOutcome, PartStatus};
+pub use parts::{convert_part, record_parts, PartOutcome, PartStatus};
 pub use report::{
     ConversionPlan, ConversionReport, Dequantization, Event, Fetched, Observer, PlannedEntry,
     PlannedPart, QuantReport, Silent,
@@ -75,22 +75,13 @@ pub fn convert_with(
     observer: &dyn Observer,
 ) -> Result<ConversionReport> {
     let started = Instant::now();
-    let object_url = output
-        .as_ref()
-        .to_str()
-        .filter(|s| crate::write::is_object_url(s))
-        .map(str::to_owned);
-    #[cfg(not(feature = "remote"))]
-    if object_url.is_some() {
-        return Err(Error::option(
-            "this build of modelconv writes local files only (build it with the `remote` \
-             feature for s3:// outputs)",
-        ));
-    }
+    let object_url = object_url(output.as_ref())?;
     let job = Job::prepare(source::open(input, config.source_options())?, config)?;
-    #[cfg(feature = "remote")]
     if let Some(url) = object_url {
+        #[cfg(feature = "remote")]
         return store::convert(job, &url, config, observer, started);
+        #[cfg(not(feature = "remote"))]
+        let _ = url;
     }
     let out = OutputLayout::plan(output.as_ref(), &job.source, &job.files, config)?;
     // A directory this conversion creates is removed again if it fails (it is empty
@@ -133,6 +124,25 @@ pub fn convert_with(
         parts,
     };
     Ok(job.report(&out, outcome, started))
+}
+
+/// The object-store URL `output` names (`s3://…`), if it names one.
+///
+/// # Errors
+///
+/// `InvalidOption` for an object-store URL in a build without the `remote` feature.
+fn object_url(output: &Path) -> Result<Option<String>> {
+    let url = output
+        .to_str()
+        .filter(|s| crate::write::is_object_url(s))
+        .map(str::to_owned);
+    if cfg!(not(feature = "remote")) && url.is_some() {
+        return Err(Error::option(
+            "this build of modelconv writes local files only (build it with the `remote` \
+             feature for s3:// outputs)",
+        ));
+    }
+    Ok(url)
 }
 
 /// What a committed conversion wrote.

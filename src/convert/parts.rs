@@ -28,7 +28,7 @@ use crate::Event;
 use super::output::OutputLayout;
 
 /// What became of one part.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, serde::Deserialize)]
 #[serde(rename_all = "snake_case", tag = "status")]
 pub enum PartStatus {
     /// Converted by this run.
@@ -43,7 +43,7 @@ pub enum PartStatus {
 }
 
 /// One part of a parted output, as the report lists it.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, serde::Deserialize)]
 pub struct PartOutcome {
     /// File name inside `weights.parquet/`.
     pub file: String,
@@ -56,6 +56,9 @@ pub struct PartOutcome {
     /// Written, kept or redone.
     #[serde(flatten)]
     pub status: PartStatus,
+    /// The object's ETag, for a part in object storage.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub e_tag: Option<String>,
 }
 
 /// XXH3-128 of the canonical JSON of `v`.
@@ -331,6 +334,7 @@ pub(super) fn tally(
                     rows,
                     xxh3_128: kept.hash,
                     status: PartStatus::Kept,
+                    e_tag: None,
                 });
             }
             Some(Err(reason)) => t.todo.push((k, PartStatus::Redone { reason })),
@@ -582,6 +586,7 @@ fn write_part(
         rows: stamp.rows,
         xxh3_128: hash,
         status,
+        e_tag: None,
     };
     Ok((outcome, stamp))
 }
@@ -675,6 +680,12 @@ pub fn convert_part(
             count - 1
         )));
     }
+    if let Some(url) = super::object_url(output.as_ref())? {
+        #[cfg(feature = "remote")]
+        return super::store::convert_part(&job, &url, config, index);
+        #[cfg(not(feature = "remote"))]
+        let _ = url;
+    }
     let dir = output.as_ref().join(format::WEIGHTS_FILE);
     std::fs::create_dir_all(&dir).map_err(|e| Error::io("create", &dir, e))?;
     let now = identity(&job, config);
@@ -692,6 +703,7 @@ pub fn convert_part(
                     rows,
                     xxh3_128: kept.hash,
                     status: PartStatus::Kept,
+                    e_tag: None,
                 })
             }
             Err(reason) => PartStatus::Redone { reason },
@@ -699,13 +711,65 @@ pub fn convert_part(
     } else {
         PartStatus::Written
     };
-    struct Quiet;
-    impl crate::write::ProgressSink for Quiet {
-        fn advanced(&self, _: u64) {}
-    }
     let share = Share::new(&config.write_options())?;
     let (outcome, _) = write_part(&job, config, &dir, index, &now, status, 0, &Quiet, &share)?;
     Ok(outcome)
+}
+
+/// Progress of a part converted alone: nobody watches it.
+pub(super) struct Quiet;
+
+impl crate::write::ProgressSink for Quiet {
+    fn advanced(&self, _: u64) {}
+}
+
+/// Records parts that [`convert_part`] converted (in other processes: a cluster's
+/// workers) in the journal of the parted output `output`, beside the parts it already
+/// records, so that the [`crate::convert`] with `resume` that commits them checks each
+/// by its XXH3-128 (in object storage, its ETag) instead of reading every row. A part
+/// whose file no longer matches its record is converted again by that commit.
+///
+/// # Errors
+///
+/// `Io` naming the journal (`Remote` in object storage).
+pub fn record_parts(output: impl AsRef<Path>, parts: &[PartOutcome]) -> Result<()> {
+    let record = |o: &PartOutcome| Recorded {
+        file: o.file.clone(),
+        bytes: o.bytes,
+        xxh3_128: o.xxh3_128.clone(),
+        e_tag: o.e_tag.clone(),
+    };
+    if let Some(url) = super::object_url(output.as_ref())? {
+        #[cfg(feature = "remote")]
+        return super::store::record_parts(&url, parts.iter().map(record));
+        #[cfg(not(feature = "remote"))]
+        let _ = url;
+    }
+    let dir = output.as_ref().join(format::WEIGHTS_FILE);
+    std::fs::create_dir_all(&dir).map_err(|e| Error::io("create", &dir, e))?;
+    let old = std::fs::read(dir.join(JOURNAL_FILE)).ok();
+    let entries = merge_records(old.as_deref(), parts.iter().map(record));
+    let t = TempPath::beside(&dir.join(JOURNAL_FILE));
+    t.write_all(journal_json(&entries)?.as_bytes())?;
+    t.commit()
+}
+
+/// The journal `old` (if it reads) with `new` added, an entry of `new` replacing one of
+/// the same file; sorted by file.
+pub(super) fn merge_records(
+    old: Option<&[u8]>,
+    new: impl Iterator<Item = Recorded>,
+) -> Vec<Recorded> {
+    let mut by_file: std::collections::BTreeMap<String, Recorded> = old
+        .and_then(|b| serde_json::from_slice::<Vec<Recorded>>(b).ok())
+        .unwrap_or_default()
+        .into_iter()
+        .map(|r| (r.file.clone(), r))
+        .collect();
+    for r in new {
+        by_file.insert(r.file.clone(), r);
+    }
+    by_file.into_values().collect()
 }
 
 /// The journal of a parted conversion in progress, in `weights.parquet/`: every part

@@ -418,7 +418,7 @@ fn write_parts(
             file: names[k].clone(),
             bytes,
             xxh3_128: hash.clone(),
-            e_tag,
+            e_tag: e_tag.clone(),
         });
         dest.put(
             &format!("{pdir}{JOURNAL_FILE}"),
@@ -430,6 +430,7 @@ fn write_parts(
             rows: stamp.rows,
             xxh3_128: hash,
             status,
+            e_tag,
         });
     }
     let outcomes: Vec<PartOutcome> = outcomes.into_iter().flatten().collect();
@@ -451,4 +452,75 @@ fn write_parts(
         quant: fin.quant,
         parts: outcomes,
     })
+}
+
+/// Converts part `index` of `job`'s plan into the object-store prefix `url`, and nothing
+/// else (see [`super::convert_part`]). A part object already there of this plan is
+/// converted again: checking it would read it back whole, and the new one is the same
+/// bytes. One of another plan is refused.
+///
+/// # Errors
+///
+/// `ResumeRefused` for a part object of another plan at that name; `Remote`; every
+/// error of the writer.
+pub(super) fn convert_part(
+    job: &Job,
+    url: &str,
+    config: &ConvertConfig,
+    index: usize,
+) -> Result<PartOutcome> {
+    let dest = ObjectDir::open(url)?;
+    let plan = &job.plan;
+    let count = plan.parts.len();
+    let now = parts::identity(job, config);
+    let file = format::part_name(index, count);
+    let name = format!("{}{file}", parts_dir());
+    let rows = (plan.parts[index].rows.end - plan.parts[index].rows.start) as u64;
+    let status = match dest.head(&name)? {
+        None => parts::PartStatus::Written,
+        Some(l) => {
+            if let Ok((value, _)) = read_footer(&dest, &name, l.size)? {
+                let at = dest.url(&name);
+                check_stamp(Path::new(&at), value.as_deref(), &now, index, count, rows)?.ok();
+            }
+            parts::PartStatus::Redone {
+                reason: "a part in object storage is written again (checking it would read it back whole)".into(),
+            }
+        }
+    };
+    let expected: u64 = plan.groups[plan.parts[index].groups.clone()]
+        .iter()
+        .map(|g| g.out_bytes)
+        .sum();
+    let share = Share::new(&config.write_options())?;
+    let writer = upload_writer(&dest, &name, expected, config, &share)?;
+    let (written, stamp) = encode_part(job, config, writer, index, &now, 0, &parts::Quiet)?;
+    let (bytes, hash) = (
+        written.file_bytes,
+        written.content_hash.clone().unwrap_or_default(),
+    );
+    let e_tag = written.tmp.commit()?;
+    Ok(PartOutcome {
+        file,
+        bytes,
+        rows: stamp.rows,
+        xxh3_128: hash,
+        status,
+        e_tag,
+    })
+}
+
+/// Adds `records` to the journal of the parted output at `url` (see
+/// [`super::record_parts`]).
+///
+/// # Errors
+///
+/// `Remote` naming the journal.
+pub(super) fn record_parts(url: &str, records: impl Iterator<Item = Recorded>) -> Result<()> {
+    let dest = ObjectDir::open(url)?;
+    let name = format!("{}{JOURNAL_FILE}", parts_dir());
+    let old = dest.get(&name)?;
+    let entries = parts::merge_records(old.as_deref(), records);
+    dest.put(&name, journal_json(&entries)?.into_bytes())?;
+    Ok(())
 }
