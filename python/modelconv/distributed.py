@@ -2,9 +2,9 @@
 
 A parted conversion (``max_file_size``) is a plan of parts, each a pure function of the
 input, the options and its index. :func:`convert` plans once on the driver (headers
-only, no tensor bytes), runs one Ray task per part (each :func:`modelconv.convert_part`
-with the GIL released and as many threads as the task has CPUs), records what every task
-wrote in the output's journal, and commits: one :func:`modelconv.convert` with
+only, no tensor bytes), runs one Ray task per part, spread over the nodes (each
+:func:`modelconv.convert_part` with the GIL released and as many threads as the task has
+CPUs), records what every task wrote in the output's journal, and commits: one :func:`modelconv.convert` with
 ``resume=True`` on the driver checks each part by its hash (XXH3-128, or its ETag in
 object storage) and writes the manifest and ``metadata.json`` last. The parts are the
 bytes the CLI writes with the same options, whichever machine wrote them::
@@ -149,8 +149,11 @@ def convert(
         ray.init(address=address, log_to_driver=False)
         started_ray = True
     try:
+        # Spread over the nodes: a part loads its node's network and disks as much as
+        # its CPUs, and Ray's default packs tasks onto the driver's node first.
         task = ray.remote(_part_task).options(num_cpus=cpus_per_task, max_retries=max_retries,
-                                              retry_exceptions=False, runtime_env=runtime_env)
+                                              retry_exceptions=False, runtime_env=runtime_env,
+                                              scheduling_strategy="SPREAD")
         return _run(ray, task, jobs, plans, opts, model_type, task_opts, progress, zoo)
     finally:
         if started_ray:
