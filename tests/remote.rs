@@ -972,6 +972,17 @@ fn an_s3_parted_conversion_killed_after_a_part_resumes_into_the_same_bytes() {
     );
     let left = keys.iter().filter(|k| k.contains("/part-")).count();
     assert!((1..7).contains(&left), "{keys:?}");
+    let resume = || {
+        let args = [
+            "convert",
+            s(&mini),
+            "-o",
+            "s3://out/r/",
+            "--resume",
+            "--json",
+        ];
+        modelconv(&[&args[..], &slow].concat(), &env)
+    };
     // Without --resume it is refused as an existing conversion.
     let o = modelconv(
         &[&["convert", s(&mini), "-o", "s3://out/r/"][..], &slow].concat(),
@@ -1007,21 +1018,7 @@ fn an_s3_parted_conversion_killed_after_a_part_resumes_into_the_same_bytes() {
          converted with other options: dtype \"f16\" (now \"bf16\"), use_float16 true (now false); \
          convert into another output, or pass --force to start over\n"
     );
-    let o = modelconv(
-        &[
-            &[
-                "convert",
-                s(&mini),
-                "-o",
-                "s3://out/r/",
-                "--resume",
-                "--json",
-            ][..],
-            &slow,
-        ]
-        .concat(),
-        &env,
-    );
+    let o = resume();
     ok(&o);
     // The parts the journal recorded are kept; one completed as the run was killed
     // (not yet in the journal) is redone; the rest are written.
@@ -1048,21 +1045,7 @@ fn an_s3_parted_conversion_killed_after_a_part_resumes_into_the_same_bytes() {
         "/out/r/weights.parquet/part-00003-of-00007.parquet",
         &second,
     );
-    let o = modelconv(
-        &[
-            &[
-                "convert",
-                s(&mini),
-                "-o",
-                "s3://out/r/",
-                "--resume",
-                "--json",
-            ][..],
-            &slow,
-        ]
-        .concat(),
-        &env,
-    );
+    let o = resume();
     ok(&o);
     let report: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
     let parts = report["parts"].as_array().unwrap();

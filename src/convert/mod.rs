@@ -166,23 +166,8 @@ fn write_and_commit(
     stale: &[String],
 ) -> Result<Committed> {
     job.notify(observer, stale);
-    let total = job.plan.src_bytes();
-    observer.event(&Event::Planned {
-        tensors: job.plan.tensors.len(),
-        source_bytes: total,
-    });
-
-    let mut writer = WeightWriter::create(out.weights(), config.write_options())?;
-    let sink = ObserverSink {
-        observer,
-        total,
-        source: &job.source,
-    };
-    let stats = writer.write(&job.source, &job.plan, &config.cancel, &sink)?;
-    job.notice_overflow(&stats.cast, observer);
-    let quant = job.quant_report(&stats.quant);
-    let metadata = job.metadata(config, out, &stats.cast, quant.as_ref());
-    let written = writer.finish(format::footer(&job.plan, &metadata))?;
+    let writer = WeightWriter::create(out.weights(), config.write_options())?;
+    let (written, metadata, quant) = write_one(job, writer, out, config, observer)?;
     let staged = out.stage(&metadata)?;
     if config.cancel.load(Ordering::Relaxed) {
         return Err(Error::Cancelled);
@@ -194,6 +179,38 @@ fn write_and_commit(
         quant,
         parts: Vec::new(),
     })
+}
+
+/// Writes the whole weight file with `writer` (a temp file or an upload): every row
+/// group, then the footer with the metadata. Returns it finished, not yet committed,
+/// with `metadata.json`'s content and the quantization report.
+///
+/// # Errors
+///
+/// Every error of the writer.
+fn write_one(
+    job: &Job,
+    mut writer: WeightWriter,
+    out: &OutputLayout,
+    config: &ConvertConfig,
+    observer: &dyn Observer,
+) -> Result<(crate::write::Written, Value, Option<QuantReport>)> {
+    let total = job.plan.src_bytes();
+    observer.event(&Event::Planned {
+        tensors: job.plan.tensors.len(),
+        source_bytes: total,
+    });
+    let sink = ObserverSink {
+        observer,
+        total,
+        source: &job.source,
+    };
+    let stats = writer.write(&job.source, &job.plan, &config.cancel, &sink)?;
+    job.notice_overflow(&stats.cast, observer);
+    let quant = job.quant_report(&stats.quant);
+    let metadata = job.metadata(config, out, &stats.cast, quant.as_ref());
+    let written = writer.finish(format::footer(&job.plan, &metadata))?;
+    Ok((written, metadata, quant))
 }
 
 /// Works out what [`convert`] would do, reading only headers and config files.

@@ -435,15 +435,7 @@ pub(crate) fn write_and_commit(
     // manifest and metadata.json are renamed into place again.
     remove(out.metadata())?;
     remove(&dir.join(format::MANIFEST_FILE))?;
-    let kept_src: u64 = (0..count)
-        .filter(|k| outcomes[*k].is_some())
-        .map(|k| part_src_bytes(job, k))
-        .sum();
-    let total: u64 = plan.src_bytes() - kept_src;
-    observer.event(&Event::Planned {
-        tensors: plan.tensors.len(),
-        source_bytes: total,
-    });
+    let total = announce(job, &outcomes, observer);
     let sink = ObserverSink {
         observer,
         total,
@@ -478,6 +470,26 @@ pub(crate) fn write_and_commit(
         quant: done.quant,
         parts: outcomes,
     })
+}
+
+/// Tells `observer` what is left to convert once the parts `outcomes` has are kept:
+/// returns the source bytes of the others.
+pub(super) fn announce(
+    job: &Job,
+    outcomes: &[Option<PartOutcome>],
+    observer: &dyn Observer,
+) -> u64 {
+    let plan = &job.plan;
+    let kept_src: u64 = (0..plan.parts.len())
+        .filter(|k| outcomes[*k].is_some())
+        .map(|k| part_src_bytes(job, k))
+        .sum();
+    let total = plan.src_bytes() - kept_src;
+    observer.event(&Event::Planned {
+        tensors: plan.tensors.len(),
+        source_bytes: total,
+    });
+    total
 }
 
 /// What a parted conversion commits once every part is in.

@@ -29,9 +29,7 @@ use super::parts::{
     self, check_stamp, differs, encode_part, finish_manifest, journal_json, part_src_bytes,
     recorded_in, tally, wrong_rows, Kept, PartOutcome, Recorded, Tally, JOURNAL_FILE,
 };
-use super::{
-    Committed, ConversionReport, ConvertConfig, Event, Job, Observer, ObserverSink, Outcome,
-};
+use super::{Committed, ConversionReport, ConvertConfig, Job, Observer, ObserverSink, Outcome};
 use crate::error::{Error, Result};
 use crate::format;
 use crate::write::object::{Listed, ObjectDir};
@@ -158,32 +156,18 @@ fn write_one(
     old_meta: Option<&[u8]>,
 ) -> Result<Committed> {
     job.notify(observer, &[]);
-    let total = job.plan.src_bytes();
-    observer.event(&Event::Planned {
-        tensors: job.plan.tensors.len(),
-        source_bytes: total,
-    });
     // Nothing there is a conversion from here on; a parted output there goes (--force).
     dest.delete(format::METADATA_FILE)?;
     delete_below(dest, &parts_dir())?;
     let share = Share::new(&config.write_options())?;
-    let mut writer = upload_writer(
+    let writer = upload_writer(
         dest,
         format::WEIGHTS_FILE,
         job.plan.out_bytes(),
         config,
         &share,
     )?;
-    let sink = ObserverSink {
-        observer,
-        total,
-        source: &job.source,
-    };
-    let stats = writer.write(&job.source, &job.plan, &config.cancel, &sink)?;
-    job.notice_overflow(&stats.cast, observer);
-    let quant = job.quant_report(&stats.quant);
-    let metadata = job.metadata(config, out, &stats.cast, quant.as_ref());
-    let written = writer.finish(format::footer(&job.plan, &metadata))?;
+    let (written, metadata, quant) = super::write_one(job, writer, out, config, observer)?;
     if config.cancel.load(Ordering::Relaxed) {
         return Err(Error::Cancelled);
     }
@@ -383,15 +367,7 @@ fn write_parts(
             e_tag: listed.get(&o.file).and_then(|l| l.e_tag.clone()),
         })
         .collect();
-    let kept_src: u64 = (0..count)
-        .filter(|k| outcomes[*k].is_some())
-        .map(|k| part_src_bytes(job, k))
-        .sum();
-    let total = plan.src_bytes() - kept_src;
-    observer.event(&Event::Planned {
-        tensors: plan.tensors.len(),
-        source_bytes: total,
-    });
+    let total = parts::announce(job, &outcomes, observer);
     let sink = ObserverSink {
         observer,
         total,
