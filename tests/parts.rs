@@ -651,6 +651,57 @@ fn parts_recorded_by_their_workers_are_checked_by_hash_at_the_commit() {
 }
 
 #[test]
+fn a_part_written_twice_at_once_commits_into_the_clis_bytes() {
+    // A retried task whose first attempt was not dead after all: two writers of the
+    // same part at the same time, each to its own temp file, each renamed whole.
+    let tmp = tempdir();
+    let (cli, out) = (tmp.path().join("cli"), tmp.path().join("out"));
+    ok(&convert(
+        &minilm(),
+        &cli,
+        &["--quiet", "--max-file-size", "6MB"],
+    ));
+    let cfg = modelconv::ConvertConfig::builder()
+        .max_file_size(Some(6_000_000))
+        .threads(1)
+        .build()
+        .unwrap();
+    let n = modelconv::plan_conversion(minilm(), &cfg)
+        .unwrap()
+        .parts
+        .len();
+    let twice: Vec<modelconv::PartOutcome> = std::thread::scope(|s| {
+        let a = s.spawn(|| modelconv::convert_part(minilm(), &out, &cfg, 1).unwrap());
+        let b = s.spawn(|| modelconv::convert_part(minilm(), &out, &cfg, 1).unwrap());
+        vec![a.join().unwrap(), b.join().unwrap()]
+    });
+    assert_eq!(twice[0].xxh3_128, twice[1].xxh3_128);
+    let mut outcomes: Vec<modelconv::PartOutcome> = (0..n)
+        .filter(|k| *k != 1)
+        .map(|k| modelconv::convert_part(minilm(), &out, &cfg, k).unwrap())
+        .collect();
+    outcomes.push(twice[1].clone());
+    modelconv::record_parts(&out, &outcomes).unwrap();
+    let commit = modelconv::ConvertConfig::builder()
+        .max_file_size(Some(6_000_000))
+        .resume(true)
+        .build()
+        .unwrap();
+    let r = modelconv::convert(minilm(), &out, &commit).unwrap();
+    assert!(r
+        .parts
+        .iter()
+        .all(|p| p.status == modelconv::PartStatus::Kept));
+    assert_eq!(
+        part_hashes(&out.join("weights.parquet")),
+        part_hashes(&cli.join("weights.parquet"))
+    );
+    assert!(listing(&out.join("weights.parquet"))
+        .iter()
+        .all(|n| !n.starts_with('.')));
+}
+
+#[test]
 fn a_write_that_fails_in_part_two_keeps_part_one_and_resumes() {
     // RLIMIT_FSIZE binds root too: no part file may pass 4 MB. The first part (the
     // small embeddings) is smaller; the second (an embedding row of about 6 MB,

@@ -40,6 +40,8 @@ body-carrying responses of the storage server and of ``/files``:
 * ``{"replace_after": N, "path": P}``: once N body bytes have been served in all, the
   file P changes (its last byte flipped, a new ETag and sha256); ``{"replace_on_get":
   K, "path": P}``: it changes before the K-th GET of ``/files/P`` is answered.
+* ``{"rate": B}``: every body byte of every response together at most B bytes a second
+  (a link of that speed shared by all connections; 1 MiB steps).
 * ``{"clear": true}``: no fault.
 
 ``GET /_stats`` returns counters: requests per kind, body bytes served, the
@@ -110,6 +112,8 @@ class State:
         self.faults = []
         self.reset_every = None
         self.replace = None
+        self.rate = None
+        self.rate_next = 0.0
         self.served = 0
         self.stats = {
             "requests": {},
@@ -153,7 +157,10 @@ class State:
     def add_fault(self, f):
         with self.lock:
             if f.get("clear"):
-                self.faults, self.reset_every, self.replace = [], None, None
+                self.faults, self.reset_every, self.replace, self.rate = [], None, None, None
+            elif "rate" in f:
+                self.rate = float(f["rate"])
+                self.rate_next = time.monotonic()
             elif "reset_every" in f:
                 self.reset_every = int(f["reset_every"])
             elif "replace_after" in f or "replace_on_get" in f:
@@ -161,6 +168,17 @@ class State:
             else:
                 f.setdefault("count", 1)
                 self.faults.append(f)
+
+    def pace(self, n):
+        """Waits for the slot of `n` more body bytes on the shared link of `rate`."""
+        with self.lock:
+            if not self.rate:
+                return
+            now = time.monotonic()
+            start = max(now, self.rate_next)
+            self.rate_next = start + n / self.rate
+        if start > now:
+            time.sleep(start - now)
 
     def served_bytes(self, n):
         """Counts `n` body bytes served; True when a `reset_every` mark was crossed."""
@@ -353,6 +371,7 @@ class Handler(BaseHTTPRequestHandler):
         if fault and "stall_after" in fault:
             stall = (int(fault["stall_after"]), float(fault.get("seconds", 5)))
         every = STATE.reset_every
+        paced = STATE.rate is not None
         sent = 0
         with open(full, "rb") as fh:
             while sent < limit:
@@ -363,7 +382,9 @@ class Handler(BaseHTTPRequestHandler):
                 if reset_at is None and stall is None and fault is None:
                     # The plain path: the kernel copies the file into the socket (in
                     # 1 MiB steps when resets are counted).
-                    k = os.sendfile(sock.fileno(), fh.fileno(), start + sent, min(step, CHUNK if every else 64 << 20))
+                    step = min(step, CHUNK if every or paced else 64 << 20)
+                    STATE.pace(step)
+                    k = os.sendfile(sock.fileno(), fh.fileno(), start + sent, step)
                     if k == 0:
                         break
                 else:
