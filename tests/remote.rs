@@ -883,22 +883,7 @@ fn a_failed_or_cancelled_upload_is_aborted_and_nothing_is_committed() {
         .spawn()
         .unwrap();
     let started = std::time::Instant::now();
-    let parts_stored = || {
-        let (st, body) = s3.get("/out?uploads");
-        assert_eq!(st, 200);
-        let xml = text(&body);
-        let Some(id) = xml
-            .split("<UploadId>")
-            .nth(1)
-            .and_then(|r| r.split_once("</UploadId>"))
-            .map(|(v, _)| v.to_string())
-        else {
-            return false;
-        };
-        let (_, parts) = s3.get(&format!("/out/c/weights.parquet?uploadId={id}"));
-        text(&parts).contains("<Part>")
-    };
-    while !parts_stored() {
+    while s3.upload_parts("out", "c/weights.parquet") == 0 {
         assert!(started.elapsed().as_secs() < 120, "no upload part stored");
         std::thread::sleep(std::time::Duration::from_millis(20));
     }
@@ -1165,4 +1150,44 @@ fn pytorch_checkpoints_are_read_by_ranges_as_local_ones_are() {
         );
         assert!(!x.exists(), "{f}");
     }
+}
+
+#[test]
+fn an_upload_whose_store_goes_away_fails_naming_the_object() {
+    let mut s3 = common::hub::S3::start();
+    s3.put("out", &[]);
+    let mut env = s3.env();
+    env.push(("MODELCONV_HTTP_RETRIES", "1".into()));
+    let child = Command::new(env!("CARGO_BIN_EXE_modelconv"))
+        .args(["convert", s(&minilm()), "-o", "s3://out/gone/", "-q"])
+        .args(SLOW_CONVERT)
+        .envs(env.iter().map(|(k, v)| (*k, v.as_str())))
+        .env("MODELCONV_HTTP_BACKOFF", "0.05")
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let started = std::time::Instant::now();
+    while s3.upload_parts("out", "gone/weights.parquet") == 0 {
+        assert!(started.elapsed().as_secs() < 120, "no upload part stored");
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    // The store is gone with an upload open: the next part fails after its retry.
+    s3.kill();
+    let gone = std::time::Instant::now();
+    let o = child.wait_with_output().unwrap();
+    assert_eq!(o.status.code(), Some(1), "{}", text(&o.stderr));
+    let e = text(&o.stderr);
+    assert!(
+        e.starts_with("error: s3://out/gone/weights.parquet: "),
+        "{e}"
+    );
+    assert!(
+        e.contains("upload of s3://out/gone/weights.parquet failed"),
+        "{e}"
+    );
+    assert!(
+        gone.elapsed().as_secs() < 60,
+        "the failed upload took {:?} to end",
+        gone.elapsed()
+    );
 }

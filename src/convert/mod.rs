@@ -50,9 +50,11 @@ pub fn convert(
     convert_with(input, output, config, &Silent)
 }
 
-/// Converts a checkpoint (model directory, `.safetensors` file, shard index, or hub id
-/// in the local cache) into `output/weights.parquet`, `metadata.json`, `config.json`
-/// and `tokenizer/`, reporting progress to `observer`.
+/// Converts a checkpoint (model directory, `.safetensors` file, shard index, hub id in
+/// the local cache, or with the `remote` feature a URL: `hf://`, `https://`, `s3://`)
+/// into `output/weights.parquet`, `metadata.json`, `config.json` and `tokenizer/`,
+/// reporting progress to `observer`. With the `remote` feature `output` may be an S3
+/// prefix (`s3://BUCKET/PREFIX/`), written as objects by multipart uploads.
 ///
 /// # Errors
 ///

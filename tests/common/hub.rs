@@ -222,6 +222,25 @@ impl S3 {
         }
     }
 
+    /// Upload parts stored so far for the multipart upload in progress of `key` in
+    /// `bucket` (0 when there is none).
+    pub fn upload_parts(&self, bucket: &str, key: &str) -> usize {
+        let (st, body) = self.get(&format!("/{bucket}?uploads"));
+        assert_eq!(st, 200);
+        let xml = String::from_utf8_lossy(&body).into_owned();
+        let Some(id) = Self::elements(&xml, "UploadId").into_iter().next() else {
+            return 0;
+        };
+        let (_, parts) = self.get(&format!("/{bucket}/{key}?uploadId={id}"));
+        Self::elements(&String::from_utf8_lossy(&parts), "PartNumber").len()
+    }
+
+    /// Stops the server now (a store that goes away).
+    pub fn kill(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+
     /// The environment object_store's S3 client reads.
     pub fn env(&self) -> Vec<(&'static str, String)> {
         vec![
