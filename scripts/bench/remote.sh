@@ -9,21 +9,23 @@
 #   local     `modelconv convert DIR`                       (the reference)
 #   hub       `modelconv convert hf://bench/llama22`
 #   resets    the same with the connection reset after every 256 MiB of each body
-#   curl@1G, hub@1G   curl and the hub conversion with the server's link capped at 1 GB/s
-#             in all (its `rate` fault): a network slower than the conversion, where
-#             the fetch throughput against curl's is the measure
+#   curl@cap, hub@cap   curl and the hub conversion with the server's link capped at
+#             RATE bytes/s in all (its `rate` fault; RATE=5e8 by default): a network
+#             slower than the conversion, where the fetch throughput against curl's is
+#             the measure
 #
 # Prints the median wall time, peak RSS, CPU seconds (user + system: modelconv's, and
 # the server's beside it, which shares the 2 cores) and throughput of each, and the
 # ratios the issue asks for: hub/local time, hub throughput / curl throughput,
 # hub/local RSS, resets/hub.
 #
-#   scripts/bench/remote.sh [WORKDIR] [ROUNDS]
+#   [RATE=B] scripts/bench/remote.sh [WORKDIR] [ROUNDS]
 set -euo pipefail
 root="$(cd "$(dirname "$0")/../.." && pwd)"
 . "$root/scripts/bench/lib.sh"
 bench_init "${1:-$root/.cache/bench-remote}"
 rounds="${2:-3}"
+rate="${RATE:-5e8}"
 model="$work/llama22"
 [ -f "$model/config.json" ] || "$py" "$root/scripts/bench/make_llama.py" "$model" 22 3
 bytes=$(cat "$model"/*.safetensors | wc -c)
@@ -45,7 +47,7 @@ shm=/dev/shm/modelconv-remote
 server_cpu() { awk -v t="$(getconf CLK_TCK)" '{printf "%.2f", ($14 + $15) / t}' "/proc/$HUB_PID/stat"; }
 declare -A wall rss cpu srv
 for r in $(seq 1 "$rounds"); do
-  for mode in curl local hub resets curl@1G hub@1G; do
+  for mode in curl local hub resets curl@cap hub@cap; do
     rm -rf "$shm"
     fault '{"clear": true}'
     s0=$(server_cpu)
@@ -57,12 +59,12 @@ for r in $(seq 1 "$rounds"); do
         fault '{"reset_every": 268435456}'
         read -r w m u y < <(secs env HF_ENDPOINT="$ep" "$bin" convert hf://bench/llama22 -o "$shm" --quiet)
         ;;
-      curl@1G)
-        fault '{"rate": 1e9}'
+      curl@cap)
+        fault "{\"rate\": $rate}"
         read -r w m u y < <(secs bash -c "$(declare -f curl_all); shards='$shards' ep='$ep' curl_all")
         ;;
-      hub@1G)
-        fault '{"rate": 1e9}'
+      hub@cap)
+        fault "{\"rate\": $rate}"
         read -r w m u y < <(secs env HF_ENDPOINT="$ep" "$bin" convert hf://bench/llama22 -o "$shm" --quiet)
         ;;
     esac
@@ -80,7 +82,7 @@ report=$(HF_ENDPOINT="$ep" "$bin" convert hf://bench/llama22 -o "$shm" --json)
 fetched=$(echo "$report" | "$py" -c 'import json,sys; f=json.load(sys.stdin)["fetched"]; print(f["bytes"], f["requests"])')
 median() { tr ' ' '\n' | grep . | sort -g | awk '{a[NR]=$1} END {print a[int((NR+1)/2)]}'; }
 printf '%-8s %9s %9s %8s %10s %10s\n' run median_s peak_MiB cpu_s server_cpu_s MB_per_s
-for mode in curl local hub resets curl@1G hub@1G; do
+for mode in curl local hub resets curl@cap hub@cap; do
   w=$(echo "${wall[$mode]}" | median); m=$(echo "${rss[$mode]}" | median)
   c=$(echo "${cpu[$mode]}" | median); sc=$(echo "${srv[$mode]}" | median)
   printf '%-8s %9s %9s %8s %10s %10s\n' "$mode" "$w" "$((m / 1024))" "$c" "$sc" "$(awk -v b="$bytes" -v w="$w" 'BEGIN {printf "%.0f", b / w / 1e6}')"
@@ -92,4 +94,4 @@ echo "hub / local time: $(ratio "$w_hub" "$w_local") (goal <= 1.15)"
 echo "hub throughput / curl throughput: $(ratio "$w_curl" "$w_hub") (goal >= 0.9)"
 echo "hub / local peak RSS: $(ratio "$m_hub" "$m_local") (goal <= 1.10)"
 echo "resets every 256 MiB / clean hub run: $(ratio "$w_resets" "$w_hub") (goal <= 1.3)"
-echo "at a 1 GB/s link: hub throughput / curl throughput: $(ratio "$w_curl_1G" "$w_hub_1G") (goal >= 0.9)"
+echo "at a $rate B/s link: hub throughput / curl throughput: $(ratio "$w_curl_cap" "$w_hub_cap") (goal >= 0.9)"
