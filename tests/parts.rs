@@ -527,13 +527,13 @@ fn part_sizes_parse_in_decimal_and_binary_units_and_too_small_is_refused() {
     );
 }
 
-#[test]
-fn parts_converted_one_by_one_in_any_order_commit_into_the_clis_output() {
-    let tmp = tempdir();
-    let (cli, lib) = (tmp.path().join("cli"), tmp.path().join("lib"));
+/// MiniLM converted by the CLI in 6 MB parts into `cli` (the reference for parts
+/// converted one by one), the library options of the same plan (one thread), and its
+/// part count.
+fn six_mb_reference(cli: &Path) -> (modelconv::ConvertConfig, usize) {
     ok(&convert(
         &minilm(),
-        &cli,
+        cli,
         &["--quiet", "--max-file-size", "6MB"],
     ));
     let cfg = modelconv::ConvertConfig::builder()
@@ -541,9 +541,29 @@ fn parts_converted_one_by_one_in_any_order_commit_into_the_clis_output() {
         .threads(1)
         .build()
         .unwrap();
-    let plan = modelconv::plan_conversion(minilm(), &cfg).unwrap();
-    let n = plan.parts.len();
+    let n = modelconv::plan_conversion(minilm(), &cfg)
+        .unwrap()
+        .parts
+        .len();
     assert_eq!(n, part_hashes(&cli.join("weights.parquet")).len());
+    (cfg, n)
+}
+
+/// The options of the resumed conversion that commits parts converted one by one.
+fn six_mb_commit() -> modelconv::ConvertConfig {
+    modelconv::ConvertConfig::builder()
+        .max_file_size(Some(6_000_000))
+        .resume(true)
+        .build()
+        .unwrap()
+}
+
+#[test]
+fn parts_converted_one_by_one_in_any_order_commit_into_the_clis_output() {
+    let tmp = tempdir();
+    let (cli, lib) = (tmp.path().join("cli"), tmp.path().join("lib"));
+    let (cfg, n) = six_mb_reference(&cli);
+    let plan = modelconv::plan_conversion(minilm(), &cfg).unwrap();
     // Two "workers" at once, each taking parts from the end.
     let next = std::sync::Mutex::new((0..n).collect::<Vec<usize>>());
     let done = std::sync::Mutex::new(Vec::new());
@@ -575,12 +595,7 @@ fn parts_converted_one_by_one_in_any_order_commit_into_the_clis_output() {
         )
     );
     // The commit: a resumed conversion keeps every part and writes the manifest.
-    let commit = modelconv::ConvertConfig::builder()
-        .max_file_size(Some(6_000_000))
-        .resume(true)
-        .build()
-        .unwrap();
-    let r = modelconv::convert(minilm(), &lib, &commit).unwrap();
+    let r = modelconv::convert(minilm(), &lib, &six_mb_commit()).unwrap();
     assert!(r
         .parts
         .iter()
@@ -604,19 +619,7 @@ fn parts_converted_one_by_one_in_any_order_commit_into_the_clis_output() {
 fn parts_recorded_by_their_workers_are_checked_by_hash_at_the_commit() {
     let tmp = tempdir();
     let (cli, out) = (tmp.path().join("cli"), tmp.path().join("out"));
-    ok(&convert(
-        &minilm(),
-        &cli,
-        &["--quiet", "--max-file-size", "6MB"],
-    ));
-    let cfg = modelconv::ConvertConfig::builder()
-        .max_file_size(Some(6_000_000))
-        .build()
-        .unwrap();
-    let n = modelconv::plan_conversion(minilm(), &cfg)
-        .unwrap()
-        .parts
-        .len();
+    let (cfg, n) = six_mb_reference(&cli);
     let outcomes: Vec<modelconv::PartOutcome> = (0..n)
         .map(|k| modelconv::convert_part(minilm(), &out, &cfg, k).unwrap())
         .collect();
@@ -628,12 +631,7 @@ fn parts_recorded_by_their_workers_are_checked_by_hash_at_the_commit() {
     assert_eq!(journal.as_array().unwrap().len(), n);
     let damaged = out.join("weights.parquet").join(&outcomes[1].file);
     flip(&damaged, |len| len / 2, 0x01);
-    let commit = modelconv::ConvertConfig::builder()
-        .max_file_size(Some(6_000_000))
-        .resume(true)
-        .build()
-        .unwrap();
-    let r = modelconv::convert(minilm(), &out, &commit).unwrap();
+    let r = modelconv::convert(minilm(), &out, &six_mb_commit()).unwrap();
     for (k, p) in r.parts.iter().enumerate() {
         match &p.status {
             modelconv::PartStatus::Redone { reason } if k == 1 => assert!(
@@ -656,20 +654,7 @@ fn a_part_written_twice_at_once_commits_into_the_clis_bytes() {
     // same part at the same time, each to its own temp file, each renamed whole.
     let tmp = tempdir();
     let (cli, out) = (tmp.path().join("cli"), tmp.path().join("out"));
-    ok(&convert(
-        &minilm(),
-        &cli,
-        &["--quiet", "--max-file-size", "6MB"],
-    ));
-    let cfg = modelconv::ConvertConfig::builder()
-        .max_file_size(Some(6_000_000))
-        .threads(1)
-        .build()
-        .unwrap();
-    let n = modelconv::plan_conversion(minilm(), &cfg)
-        .unwrap()
-        .parts
-        .len();
+    let (cfg, n) = six_mb_reference(&cli);
     let twice: Vec<modelconv::PartOutcome> = std::thread::scope(|s| {
         let a = s.spawn(|| modelconv::convert_part(minilm(), &out, &cfg, 1).unwrap());
         let b = s.spawn(|| modelconv::convert_part(minilm(), &out, &cfg, 1).unwrap());
@@ -682,12 +667,7 @@ fn a_part_written_twice_at_once_commits_into_the_clis_bytes() {
         .collect();
     outcomes.push(twice[1].clone());
     modelconv::record_parts(&out, &outcomes).unwrap();
-    let commit = modelconv::ConvertConfig::builder()
-        .max_file_size(Some(6_000_000))
-        .resume(true)
-        .build()
-        .unwrap();
-    let r = modelconv::convert(minilm(), &out, &commit).unwrap();
+    let r = modelconv::convert(minilm(), &out, &six_mb_commit()).unwrap();
     assert!(r
         .parts
         .iter()

@@ -745,22 +745,16 @@ impl crate::write::ProgressSink for Quiet {
 ///
 /// `Io` naming the journal (`Remote` in object storage).
 pub fn record_parts(output: impl AsRef<Path>, parts: &[PartOutcome]) -> Result<()> {
-    let record = |o: &PartOutcome| Recorded {
-        file: o.file.clone(),
-        bytes: o.bytes,
-        xxh3_128: o.xxh3_128.clone(),
-        e_tag: o.e_tag.clone(),
-    };
     if let Some(url) = super::object_url(output.as_ref())? {
         #[cfg(feature = "remote")]
-        return super::store::record_parts(&url, parts.iter().map(record));
+        return super::store::record_parts(&url, parts.iter().map(Recorded::from));
         #[cfg(not(feature = "remote"))]
         let _ = url;
     }
     let dir = output.as_ref().join(format::WEIGHTS_FILE);
     std::fs::create_dir_all(&dir).map_err(|e| Error::io("create", &dir, e))?;
     let old = std::fs::read(dir.join(JOURNAL_FILE)).ok();
-    let entries = merge_records(old.as_deref(), parts.iter().map(record));
+    let entries = merge_records(old.as_deref(), parts.iter().map(Recorded::from));
     let t = TempPath::beside(&dir.join(JOURNAL_FILE));
     t.write_all(journal_json(&entries)?.as_bytes())?;
     t.commit()
@@ -801,18 +795,20 @@ pub(super) struct Recorded {
     pub(super) e_tag: Option<String>,
 }
 
-/// Rewrites the journal with the parts `outcomes` has.
-fn write_journal(dir: &Path, outcomes: &[Option<PartOutcome>]) -> Result<()> {
-    let entries: Vec<Recorded> = outcomes
-        .iter()
-        .flatten()
-        .map(|o| Recorded {
+impl From<&PartOutcome> for Recorded {
+    fn from(o: &PartOutcome) -> Recorded {
+        Recorded {
             file: o.file.clone(),
             bytes: o.bytes,
             xxh3_128: o.xxh3_128.clone(),
-            e_tag: None,
-        })
-        .collect();
+            e_tag: o.e_tag.clone(),
+        }
+    }
+}
+
+/// Rewrites the journal with the parts `outcomes` has.
+fn write_journal(dir: &Path, outcomes: &[Option<PartOutcome>]) -> Result<()> {
+    let entries: Vec<Recorded> = outcomes.iter().flatten().map(Recorded::from).collect();
     let t = TempPath::beside(&dir.join(JOURNAL_FILE));
     t.write_all(journal_json(&entries)?.as_bytes())?;
     t.commit()

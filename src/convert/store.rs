@@ -273,6 +273,54 @@ fn check_part(
     Ok(Ok(Kept { bytes, hash, stamp }))
 }
 
+/// Converts part `k` of `job`'s plan into a new upload of its object under `dest`,
+/// completed when whole.
+///
+/// # Errors
+///
+/// `Remote` naming the object; every error of the writer.
+#[allow(clippy::too_many_arguments)]
+fn upload_part(
+    job: &Job,
+    dest: &ObjectDir,
+    config: &ConvertConfig,
+    share: &Share,
+    k: usize,
+    now: &format::Identity,
+    status: parts::PartStatus,
+    done: u64,
+    sink: &dyn crate::write::ProgressSink,
+) -> Result<(PartOutcome, format::PartStamp)> {
+    let plan = &job.plan;
+    let file = format::part_name(k, plan.parts.len());
+    let expected: u64 = plan.groups[plan.parts[k].groups.clone()]
+        .iter()
+        .map(|g| g.out_bytes)
+        .sum();
+    let writer = upload_writer(
+        dest,
+        &format!("{}{file}", parts_dir()),
+        expected,
+        config,
+        share,
+    )?;
+    let (written, stamp) = encode_part(job, config, writer, k, now, done, sink)?;
+    let (bytes, hash) = (
+        written.file_bytes,
+        written.content_hash.clone().unwrap_or_default(),
+    );
+    let e_tag = written.tmp.commit()?;
+    let outcome = PartOutcome {
+        file,
+        bytes,
+        rows: stamp.rows,
+        xxh3_128: hash,
+        status,
+        e_tag,
+    };
+    Ok((outcome, stamp))
+}
+
 /// Parts: those missing (all, unless resuming) streamed up one by one, the journal after
 /// each, then the manifest, the side files and `metadata.json`.
 fn write_parts(
@@ -361,10 +409,8 @@ fn write_parts(
         .iter()
         .flatten()
         .map(|o| Recorded {
-            file: o.file.clone(),
-            bytes: o.bytes,
-            xxh3_128: o.xxh3_128.clone(),
             e_tag: listed.get(&o.file).and_then(|l| l.e_tag.clone()),
+            ..Recorded::from(o)
         })
         .collect();
     let total = parts::announce(job, &outcomes, observer);
@@ -376,38 +422,16 @@ fn write_parts(
     let share = Share::new(&config.write_options())?;
     let mut done = 0u64;
     for (k, status) in todo {
-        let name = format!("{pdir}{}", names[k]);
-        let expected: u64 = plan.groups[plan.parts[k].groups.clone()]
-            .iter()
-            .map(|g| g.out_bytes)
-            .sum();
-        let writer = upload_writer(dest, &name, expected, config, &share)?;
-        let (written, stamp) = encode_part(job, config, writer, k, &now, done, &sink)?;
-        let (bytes, hash) = (
-            written.file_bytes,
-            written.content_hash.clone().unwrap_or_default(),
-        );
-        let e_tag = written.tmp.commit()?;
+        let (outcome, stamp) =
+            upload_part(job, dest, config, &share, k, &now, status, done, &sink)?;
         done += part_src_bytes(job, k);
         parts::merge_stamp(&stamp, &mut stats, &mut quant);
-        journal.push(Recorded {
-            file: names[k].clone(),
-            bytes,
-            xxh3_128: hash.clone(),
-            e_tag: e_tag.clone(),
-        });
+        journal.push(Recorded::from(&outcome));
         dest.put(
             &format!("{pdir}{JOURNAL_FILE}"),
             journal_json(&journal)?.into_bytes(),
         )?;
-        outcomes[k] = Some(PartOutcome {
-            file: names[k].clone(),
-            bytes,
-            rows: stamp.rows,
-            xxh3_128: hash,
-            status,
-            e_tag,
-        });
+        outcomes[k] = Some(outcome);
     }
     let outcomes: Vec<PartOutcome> = outcomes.into_iter().flatten().collect();
     let fin = finish_manifest(job, config, out, now, &outcomes, &stats, &quant, observer)?;
@@ -464,26 +488,19 @@ pub(super) fn convert_part(
             }
         }
     };
-    let expected: u64 = plan.groups[plan.parts[index].groups.clone()]
-        .iter()
-        .map(|g| g.out_bytes)
-        .sum();
     let share = Share::new(&config.write_options())?;
-    let writer = upload_writer(&dest, &name, expected, config, &share)?;
-    let (written, stamp) = encode_part(job, config, writer, index, &now, 0, &parts::Quiet)?;
-    let (bytes, hash) = (
-        written.file_bytes,
-        written.content_hash.clone().unwrap_or_default(),
-    );
-    let e_tag = written.tmp.commit()?;
-    Ok(PartOutcome {
-        file,
-        bytes,
-        rows: stamp.rows,
-        xxh3_128: hash,
+    let (outcome, _) = upload_part(
+        job,
+        &dest,
+        config,
+        &share,
+        index,
+        &now,
         status,
-        e_tag,
-    })
+        0,
+        &parts::Quiet,
+    )?;
+    Ok(outcome)
 }
 
 /// Adds `records` to the journal of the parted output at `url` (see
