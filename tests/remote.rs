@@ -1191,3 +1191,26 @@ fn an_upload_whose_store_goes_away_fails_naming_the_object() {
         gone.elapsed()
     );
 }
+
+#[test]
+fn a_hub_file_whose_storage_etag_changes_is_source_changed() {
+    // The Hub's listing gives no ETag for the storage it redirects to: the first
+    // response's (the header read) is the one every later range must carry.
+    let tmp = tempdir();
+    let hub = Hub::start(&[("org/minilm", &minilm())], None, &[]);
+    hub.fault(r#"{"storage_etag": "changed", "after": 1}"#);
+    let out = tmp.path().join("o");
+    let o = modelconv(
+        &["convert", "hf://org/minilm", "-o", s(&out)],
+        &[("HF_ENDPOINT", &hub.endpoint())],
+    );
+    assert_eq!(o.status.code(), Some(1), "{}", text(&o.stderr));
+    let e = text(&o.stderr);
+    let want = format!(
+        "error: hf://org/minilm@{}/model.safetensors: the file changed while being converted: its ETag changed from \"",
+        hub.commit("org/minilm")
+    );
+    assert!(e.starts_with(&want), "{e}");
+    assert!(e.ends_with("to \"changed\" while it was read\n"), "{e}");
+    assert!(!out.exists());
+}

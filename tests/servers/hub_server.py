@@ -40,6 +40,8 @@ body-carrying responses of the storage server and of ``/files``:
 * ``{"replace_after": N, "path": P}``: once N body bytes have been served in all, the
   file P changes (its last byte flipped, a new ETag and sha256); ``{"replace_on_get":
   K, "path": P}``: it changes before the K-th GET of ``/files/P`` is answered.
+* ``{"storage_etag": E, "after": K}``: after K more requests to the storage server, it
+  answers with ETag E (a storage object replaced under the same URL).
 * ``{"rate": B}``: every body byte of every response together at most B bytes a second
   (a link of that speed shared by all connections; 1 MiB steps).
 * ``{"clear": true}``: no fault.
@@ -114,6 +116,7 @@ class State:
         self.replace = None
         self.rate = None
         self.rate_next = 0.0
+        self.new_etag = None
         self.served = 0
         self.stats = {
             "requests": {},
@@ -158,6 +161,9 @@ class State:
         with self.lock:
             if f.get("clear"):
                 self.faults, self.reset_every, self.replace, self.rate = [], None, None, None
+                self.new_etag = None
+            elif "storage_etag" in f:
+                self.new_etag = (str(f["storage_etag"]), int(f.get("after", 0)))
             elif "rate" in f:
                 self.rate = float(f["rate"])
                 self.rate_next = time.monotonic()
@@ -168,6 +174,18 @@ class State:
             else:
                 f.setdefault("count", 1)
                 self.faults.append(f)
+
+    def storage_etag(self, etag):
+        """The ETag a storage response carries: `etag`, or the one a `storage_etag`
+        fault gives once its GETs are counted down."""
+        with self.lock:
+            if self.new_etag is None:
+                return etag
+            new, after = self.new_etag
+            if after > 0:
+                self.new_etag = (new, after - 1)
+                return etag
+            return new
 
     def pace(self, n):
         """Waits for the slot of `n` more body bytes on the shared link of `rate`."""
@@ -441,7 +459,7 @@ class Handler(BaseHTTPRequestHandler):
                     STATE.stats["storage_auth"].append(self.headers.get("Authorization"))
             if len(parts) == 2 and parts[0] == "storage" and parts[1] in STATE.by_sha:
                 d = STATE.by_sha[parts[1]]
-                return self.send_file(d, d["sha256"][:32] + "-storage")
+                return self.send_file(d, STATE.storage_etag(d["sha256"][:32] + "-storage"))
             return self.error(404, "no such object")
         if url.path == "/_stats":
             with STATE.lock:

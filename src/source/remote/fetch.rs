@@ -123,7 +123,9 @@ pub(crate) struct RemoteFile {
     /// The URL shown to the user (no credentials in it).
     pub(crate) url: String,
     pub(crate) size: u64,
-    pub(crate) etag: Option<String>,
+    /// The ETag every response must carry: the listing's, else the first response's
+    /// (the Hub's listing has none for the storage it redirects to).
+    seen: Arc<OnceLock<String>>,
     store: Arc<dyn ObjectStore>,
     path: StorePath,
     shared: Arc<Shared>,
@@ -140,10 +142,14 @@ impl RemoteFile {
         shared: Arc<Shared>,
     ) -> RemoteFile {
         let id = shared.files.fetch_add(1, Ordering::Relaxed);
+        let seen = Arc::new(OnceLock::new());
+        if let Some(e) = &etag {
+            let _ = seen.set(e.clone());
+        }
         RemoteFile {
             url,
             size,
-            etag,
+            seen,
             store,
             path,
             shared,
@@ -161,7 +167,7 @@ impl RemoteFile {
             self.store.clone(),
             self.path.clone(),
             range,
-            self.etag.clone(),
+            self.seen.clone(),
             self.size,
             self.url.clone(),
         );
@@ -197,7 +203,7 @@ impl RemoteFile {
                 self.store.clone(),
                 self.path.clone(),
                 r,
-                self.etag.clone(),
+                self.seen.clone(),
                 self.size,
                 self.url.clone(),
             );
@@ -228,7 +234,7 @@ impl RemoteFile {
             self.store.clone(),
             self.path.clone(),
             range,
-            self.etag.clone(),
+            self.seen.clone(),
             self.size,
             self.url.clone(),
         );
@@ -360,12 +366,13 @@ impl RemoteFile {
     }
 }
 
-/// GETs `range` of `path`, checking that the file still has `size` and `etag`.
+/// GETs `range` of `path`, checking that the file still has `size` and the ETag in
+/// `seen` (set by the first response when the listing gave none).
 async fn fetch(
     store: Arc<dyn ObjectStore>,
     path: StorePath,
     range: Range<u64>,
-    etag: Option<String>,
+    seen: Arc<OnceLock<String>>,
     size: u64,
     url: String,
 ) -> std::result::Result<Bytes, Failure> {
@@ -378,7 +385,8 @@ async fn fetch(
         .get_opts(&path, opts)
         .await
         .map_err(|e| failure(&url, e))?;
-    if let (Some(was), Some(now)) = (&etag, &res.meta.e_tag) {
+    if let Some(now) = &res.meta.e_tag {
+        let was = seen.get_or_init(|| now.clone());
         if was != now {
             return Err(Failure::Changed(
                 url,
