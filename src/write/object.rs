@@ -24,7 +24,7 @@ use object_store::path::Path as StorePath;
 use object_store::{MultipartUpload, ObjectStore, ObjectStoreExt, PutPayload};
 
 use crate::error::{Error, Result};
-use crate::source::remote::{client, describe, s3_store, Client};
+use crate::source::remote::{client, describe, list_below, s3_store, Client};
 
 /// Upload parts sent at once; the appender waits for the oldest beyond this.
 pub(crate) const PARTS_IN_FLIGHT: usize = 4;
@@ -234,21 +234,17 @@ impl ObjectDir {
     ///
     /// `Remote` naming the prefix.
     pub(crate) fn list(&self, dir: &str) -> Result<BTreeMap<String, Listed>> {
-        use futures_util::TryStreamExt;
         let full = format!("{}{dir}", self.prefix);
-        let prefix = StorePath::from(full.trim_end_matches('/'));
-        let metas: Vec<object_store::ObjectMeta> = self
-            .block_on(self.store.list(Some(&prefix)).try_collect())
+        let below = list_below(&self.client, self.store.as_ref(), &full)
             .map_err(|e| self.error(dir, "cannot list it", &e))?;
-        Ok(metas
+        Ok(below
             .into_iter()
-            .filter_map(|m| {
-                let name = m.location.as_ref().strip_prefix(full.as_str())?.to_string();
+            .map(|(name, m)| {
                 let l = Listed {
                     size: m.size,
                     e_tag: m.e_tag,
                 };
-                Some((name, l))
+                (name, l)
             })
             .collect())
     }

@@ -492,27 +492,45 @@ fn list_bucket(
     bucket: &str,
     dir: &str,
 ) -> Result<BTreeMap<String, Entry>> {
+    let below = list_below(client, store.as_ref(), dir).map_err(|e| Error::Remote {
+        url: format!("s3://{bucket}/{dir}"),
+        reason: describe(&e),
+    })?;
+    Ok(below
+        .into_iter()
+        .map(|(name, m)| {
+            let entry = Entry {
+                size: m.size,
+                etag: m.e_tag,
+                sha256: None,
+            };
+            (name, entry)
+        })
+        .collect())
+}
+
+/// Every object of `store` below `dir` (a key prefix ending with `/`, or empty for the
+/// whole store), by its key relative to `dir`: what an input's and an output's listings
+/// read.
+///
+/// # Errors
+///
+/// The store's, for the caller to name the URL.
+pub(crate) fn list_below(
+    client: &Client,
+    store: &dyn ObjectStore,
+    dir: &str,
+) -> std::result::Result<Vec<(String, object_store::ObjectMeta)>, object_store::Error> {
     use futures_util::TryStreamExt;
     let prefix = (!dir.is_empty()).then(|| StorePath::from(dir.trim_end_matches('/')));
     let metas: Vec<object_store::ObjectMeta> = client
         .rt()
-        .block_on(store.list(prefix.as_ref()).try_collect())
-        .map_err(|e| Error::Remote {
-            url: format!("s3://{bucket}/{dir}"),
-            reason: describe(&e),
-        })?;
+        .block_on(store.list(prefix.as_ref()).try_collect())?;
     Ok(metas
         .into_iter()
         .filter_map(|m| {
             let name = m.location.as_ref().strip_prefix(dir)?.to_string();
-            Some((
-                name,
-                Entry {
-                    size: m.size,
-                    etag: m.e_tag,
-                    sha256: None,
-                },
-            ))
+            Some((name, m))
         })
         .collect())
 }
