@@ -910,6 +910,18 @@ impl Source {
         let _ = flag;
     }
 
+    /// Sizes what a remote source holds in memory for `readers` reading at once (its
+    /// range cache); the bytes it may hold, 0 for a local source (its mapped pages are
+    /// the page cache's, released once cast).
+    pub(crate) fn set_readers(&self, readers: usize) -> u64 {
+        #[cfg(feature = "remote")]
+        if let Some(r) = &self.remote {
+            return r.set_readers(readers);
+        }
+        let _ = readers;
+        0
+    }
+
     /// For a remote source: the body bytes received so far and the requests sent.
     pub fn fetched(&self) -> Option<(u64, u64)> {
         #[cfg(feature = "remote")]

@@ -5,11 +5,12 @@
 //! as many threads as the pipeline has row groups in flight. A piece is served from the
 //! chunks that cover it; the read also starts the next [`AHEAD`] chunks of its file, so
 //! the network stays busy while the pipeline casts and compresses. The cache holds at
-//! most [`CAPACITY`] chunks (fetched or in flight), evicting the least recently used:
+//! most [`capacity`] chunks (fetched or in flight), evicting the least recently used:
 //! with the pipeline's bounded window of row groups, a chunk is used and done with long
 //! before it is the oldest; one that is needed again is fetched again (correct, and
-//! counted in the bytes fetched). Memory: at most `CAPACITY × CHUNK` bytes of input,
-//! whatever the model size, in place of the mapped pages a local shard would use.
+//! counted in the bytes fetched). Memory: at most `capacity × CHUNK` bytes of input,
+//! whatever the model size, in place of the mapped pages a local shard would use; the
+//! conversion counts them in its budget of bytes in flight.
 //!
 //! Every response is checked against the size and ETag the file had when its header
 //! was read: a file that changes while it is read is `SourceChanged`.
@@ -30,10 +31,17 @@ use crate::error::{Error, Result};
 /// Bytes per chunk: one request's range.
 pub(crate) const CHUNK: u64 = 8 << 20;
 /// Chunks a read starts ahead of itself.
-pub(crate) const AHEAD: u64 = 4;
-/// Chunks the cache holds, fetched or in flight: the chunk and those ahead of it for
-/// each of two readers at once (a 2-core pipeline's), and two more.
-pub(crate) const CAPACITY: usize = 12;
+pub(crate) const AHEAD: u64 = 2;
+
+/// Chunks the cache holds, fetched or in flight, for `readers` reading at once (the
+/// pipeline's worker threads): for each, the chunk it reads and the [`AHEAD`] ones after
+/// it, and two more (a piece that spans two chunks, one evicted early).
+pub(crate) fn capacity(readers: usize) -> usize {
+    readers
+        .max(1)
+        .saturating_mul(1 + AHEAD as usize)
+        .saturating_add(2)
+}
 
 /// Why a fetch failed, kept for every reader of the source.
 #[derive(Debug, Clone)]
@@ -57,10 +65,52 @@ impl Failure {
     }
 }
 
+/// A fetched chunk: its response body's frames as they came off the connection (no
+/// copy: the one copy of these bytes is into the reader's buffer, as `pread` makes from
+/// the page cache for a local file read), each with its offset in the chunk.
+#[derive(Clone)]
+struct Frames {
+    parts: Arc<[(u64, Bytes)]>,
+    len: u64,
+}
+
+impl Frames {
+    /// Copies the chunk's bytes `[from, from + out.len())` into `out`; false when that
+    /// is past its end.
+    fn copy_to(&self, from: u64, out: &mut [u8]) -> bool {
+        if from
+            .checked_add(out.len() as u64)
+            .is_none_or(|e| e > self.len)
+        {
+            return false;
+        }
+        // The last frame starting at or before `from`.
+        let mut i = self
+            .parts
+            .partition_point(|(s, _)| *s <= from)
+            .saturating_sub(1);
+        let mut done = 0usize;
+        while done < out.len() {
+            let Some((start, data)) = self.parts.get(i) else {
+                return false;
+            };
+            let at = (from + done as u64).saturating_sub(*start) as usize;
+            let Some(src) = data.get(at..) else {
+                return false;
+            };
+            let n = src.len().min(out.len() - done);
+            out[done..done + n].copy_from_slice(&src[..n]);
+            done += n;
+            i += 1;
+        }
+        true
+    }
+}
+
 enum Slot {
     Pending,
     Ready {
-        data: Bytes,
+        data: Frames,
         used: u64,
         /// A read ended at or past the chunk's end: its reader has moved on.
         passed: bool,
@@ -83,6 +133,8 @@ pub(crate) struct Shared {
     ready: Condvar,
     cancel: OnceLock<Arc<AtomicBool>>,
     files: std::sync::atomic::AtomicUsize,
+    /// Chunks the cache holds (see [`capacity`]).
+    capacity: std::sync::atomic::AtomicUsize,
 }
 
 impl std::fmt::Debug for Shared {
@@ -99,12 +151,21 @@ impl Shared {
             ready: Condvar::new(),
             cancel: OnceLock::new(),
             files: Default::default(),
+            capacity: capacity(1).into(),
         })
     }
 
     /// Makes reads waiting on the network return `Cancelled` once `flag` is set.
     pub(crate) fn set_cancel(&self, flag: Arc<AtomicBool>) {
         let _ = self.cancel.set(flag);
+    }
+
+    /// Sizes the cache for `readers` reading at once; returns the bytes it may hold,
+    /// which the conversion counts in its memory budget.
+    pub(crate) fn set_readers(&self, readers: usize) -> u64 {
+        let n = capacity(readers);
+        self.capacity.store(n, Ordering::Relaxed);
+        n as u64 * CHUNK
     }
 
     fn cancelled(&self) -> bool {
@@ -230,7 +291,7 @@ impl RemoteFile {
     fn spawn(&self, k: u64) {
         let start = k * CHUNK;
         let range = start..(start + CHUNK).min(self.size);
-        let fut = fetch(
+        let fut = fetch_frames(
             self.store.clone(),
             self.path.clone(),
             range,
@@ -270,7 +331,8 @@ impl RemoteFile {
     /// file's chunks being read): one a reader has moved past before one fetched ahead
     /// and not read yet, the least recently used first; false when there is none.
     fn make_room(&self, g: &mut Cache, keep: &Range<u64>) -> bool {
-        while g.slots.len() >= CAPACITY {
+        let capacity = self.shared.capacity.load(Ordering::Relaxed);
+        while g.slots.len() >= capacity {
             let victim = g
                 .slots
                 .iter()
@@ -333,7 +395,7 @@ impl RemoteFile {
                 match g.slots.get_mut(&(self.id, k)) {
                     Some(Slot::Ready { data, used, passed }) => {
                         *used = tick;
-                        *passed |= end >= k * CHUNK + data.len() as u64;
+                        *passed |= end >= k * CHUNK + data.len;
                         break data.clone();
                     }
                     Some(Slot::Pending) => {
@@ -355,11 +417,13 @@ impl RemoteFile {
             drop(g);
             let base = k * CHUNK;
             let from = at.max(base);
-            let to = end.min(base + data.len() as u64);
-            let src = data
-                .get((from - base) as usize..(to - base) as usize)
-                .ok_or_else(|| Error::internal("a fetched chunk is shorter than its range"))?;
-            out[(from - at) as usize..(to - at) as usize].copy_from_slice(src);
+            let to = end.min(base + data.len);
+            if !data.copy_to(
+                from - base,
+                &mut out[(from - at) as usize..(to - at) as usize],
+            ) {
+                return Err(Error::internal("a fetched chunk is shorter than its range"));
+            }
             g = self.shared.lock();
         }
         Ok(())
@@ -367,7 +431,8 @@ impl RemoteFile {
 }
 
 /// GETs `range` of `path`, checking that the file still has `size` and the ETag in
-/// `seen` (set by the first response when the listing gave none).
+/// `seen` (set by the first response when the listing gave none); the body in one
+/// buffer.
 async fn fetch(
     store: Arc<dyn ObjectStore>,
     path: StorePath,
@@ -377,45 +442,103 @@ async fn fetch(
     url: String,
 ) -> std::result::Result<Bytes, Failure> {
     let want = range.end - range.start;
+    let res = get(&store, &path, range.clone(), &seen, size, &url).await?;
+    let data = res.bytes().await.map_err(|e| failure(&url, e))?;
+    check_len(&url, &range, data.len() as u64, want)?;
+    Ok(data)
+}
+
+/// [`fetch`], the body kept as the frames it arrived in.
+async fn fetch_frames(
+    store: Arc<dyn ObjectStore>,
+    path: StorePath,
+    range: Range<u64>,
+    seen: Arc<OnceLock<String>>,
+    size: u64,
+    url: String,
+) -> std::result::Result<Frames, Failure> {
+    use futures_util::StreamExt;
+    let want = range.end - range.start;
+    let res = get(&store, &path, range.clone(), &seen, size, &url).await?;
+    let mut body = res.into_stream();
+    let mut parts = Vec::new();
+    let mut len = 0u64;
+    while let Some(frame) = body.next().await {
+        let frame = frame.map_err(|e| failure(&url, e))?;
+        if frame.is_empty() {
+            continue;
+        }
+        let n = frame.len() as u64;
+        parts.push((len, frame));
+        len += n;
+        if len > want {
+            break;
+        }
+    }
+    check_len(&url, &range, len, want)?;
+    Ok(Frames {
+        parts: parts.into(),
+        len,
+    })
+}
+
+/// The response to a GET of `range` of `path`, once its size and ETag are checked.
+async fn get(
+    store: &Arc<dyn ObjectStore>,
+    path: &StorePath,
+    range: Range<u64>,
+    seen: &OnceLock<String>,
+    size: u64,
+    url: &str,
+) -> std::result::Result<object_store::GetResult, Failure> {
     let opts = GetOptions {
-        range: Some(GetRange::Bounded(range.clone())),
+        range: Some(GetRange::Bounded(range)),
         ..Default::default()
     };
     let res = store
-        .get_opts(&path, opts)
+        .get_opts(path, opts)
         .await
-        .map_err(|e| failure(&url, e))?;
+        .map_err(|e| failure(url, e))?;
     if let Some(now) = &res.meta.e_tag {
         let was = seen.get_or_init(|| now.clone());
         if was != now {
             return Err(Failure::Changed(
-                url,
+                url.to_string(),
                 format!("its ETag changed from {was} to {now} while it was read"),
             ));
         }
     }
     if res.meta.size != size {
         return Err(Failure::Changed(
-            url,
+            url.to_string(),
             format!(
                 "it changed size while it was read ({size} → {} bytes)",
                 res.meta.size
             ),
         ));
     }
-    let data = res.bytes().await.map_err(|e| failure(&url, e))?;
-    if data.len() as u64 != want {
-        return Err(Failure::Failed(
-            url,
-            format!(
-                "asked for bytes {}..{} and received {} bytes",
-                range.start,
-                range.end,
-                data.len()
-            ),
-        ));
+    Ok(res)
+}
+
+/// A body of `got` bytes for `range` (`want` bytes) is whole, or the failure.
+fn check_len(
+    url: &str,
+    range: &Range<u64>,
+    got: u64,
+    want: u64,
+) -> std::result::Result<(), Failure> {
+    if got == want {
+        return Ok(());
     }
-    Ok(data)
+    Err(Failure::Failed(
+        url.to_string(),
+        format!(
+            "asked for bytes {}..{} and received {got}{} bytes",
+            range.start,
+            range.end,
+            if got > want { " or more" } else { "" }
+        ),
+    ))
 }
 
 /// What an `object_store` error means for the user.
@@ -426,5 +549,61 @@ fn failure(url: &str, e: object_store::Error) -> Failure {
             "it changed while it was read (its ETag no longer matches)".into(),
         ),
         other => Failure::Failed(url.to_string(), super::describe(&other)),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A chunk of `len` bytes cut into frames of the given sizes.
+    fn frames(bytes: &[u8], sizes: &[usize]) -> Frames {
+        let mut parts = Vec::new();
+        let mut at = 0usize;
+        for &n in sizes {
+            parts.push((at as u64, Bytes::copy_from_slice(&bytes[at..at + n])));
+            at += n;
+        }
+        assert_eq!(at, bytes.len());
+        Frames {
+            parts: parts.into(),
+            len: at as u64,
+        }
+    }
+
+    #[test]
+    fn every_range_of_a_chunk_is_copied_from_its_frames_whatever_their_cuts() {
+        let bytes: Vec<u8> = (0..1000u32).map(|i| (i * 7 + i / 251) as u8).collect();
+        for sizes in [
+            vec![1000],
+            vec![1, 999],
+            vec![999, 1],
+            vec![100; 10],
+            vec![3, 500, 7, 1, 1, 488],
+        ] {
+            let f = frames(&bytes, &sizes);
+            for from in [0usize, 1, 2, 3, 99, 100, 101, 503, 510, 511, 999, 1000] {
+                for len in [0usize, 1, 2, 97, 400, 1000] {
+                    let mut out = vec![0xAAu8; len];
+                    let fits = from + len <= bytes.len();
+                    assert_eq!(
+                        f.copy_to(from as u64, &mut out),
+                        fits,
+                        "{sizes:?} {from}+{len}"
+                    );
+                    if fits {
+                        assert_eq!(out, bytes[from..from + len], "{sizes:?} {from}+{len}");
+                    }
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn the_cache_holds_each_readers_chunk_and_those_ahead_and_two_more() {
+        assert_eq!(capacity(0), 1 + AHEAD as usize + 2);
+        assert_eq!(capacity(1), 1 + AHEAD as usize + 2);
+        assert_eq!(capacity(2), 2 * (1 + AHEAD as usize) + 2);
+        assert_eq!(capacity(usize::MAX), usize::MAX);
     }
 }

@@ -50,6 +50,11 @@ impl Remote {
         self.shared.set_cancel(flag);
     }
 
+    /// Sizes the range cache for `readers` reading at once; the bytes it may hold.
+    pub(crate) fn set_readers(&self, readers: usize) -> u64 {
+        self.shared.set_readers(readers)
+    }
+
     /// Body bytes received so far, and requests sent.
     pub(crate) fn fetched(&self) -> (u64, u64) {
         let c = &self.shared.client.counters;
