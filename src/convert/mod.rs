@@ -168,7 +168,7 @@ fn write_and_commit(
     stale: &[String],
 ) -> Result<Committed> {
     job.notify(observer, stale);
-    let writer = WeightWriter::create(out.weights(), job.write_options(config))?;
+    let writer = WeightWriter::create(out.weights(), config.write_options())?;
     let (written, metadata, quant) = write_one(job, writer, out, config, observer)?;
     let staged = out.stage(&metadata)?;
     if config.cancel.load(Ordering::Relaxed) {
@@ -267,9 +267,6 @@ struct Outcome {
 /// An open source with its model knowledge applied: what will be converted, and how.
 struct Job {
     source: Source,
-    /// Input bytes the source holds in memory (a remote source's range cache), counted
-    /// in the writer's budget.
-    held: u64,
     files: ModelFiles,
     recipe: Recipe,
     selection: Selection,
@@ -279,7 +276,7 @@ struct Job {
 impl Job {
     fn prepare(source: Source, config: &ConvertConfig) -> Result<Job> {
         source.set_cancel(config.cancel.clone());
-        let held = source.set_readers(config.threads);
+        source.set_readers(config.threads);
         let files = ModelFiles::load(source.model_dir())?;
         let mut recipe = model::resolve_recipe(
             config.model_type,
@@ -306,7 +303,6 @@ impl Job {
             .splice(0..0, source.notices().iter().cloned());
         let mut job = Job {
             source,
-            held,
             files,
             recipe,
             selection,
@@ -326,19 +322,6 @@ impl Job {
     /// What the user should know of a pre-quantized checkpoint: how many weights are
     /// dequantized; with `--keep-quantized`, which stored dtypes the seed's loader
     /// cannot read.
-    /// What the writer needs of `config`, the source's in-memory input (a remote
-    /// source's range cache) counted in the output bytes in flight, so that a remote
-    /// conversion stays within the memory of a local one; a row group per thread stays
-    /// in flight whatever the cache holds.
-    fn write_options(&self, config: &ConvertConfig) -> crate::write::WriteOptions {
-        let mut w = config.write_options();
-        let floor = (config.threads as u64)
-            .saturating_mul(config.row_group_bytes)
-            .min(w.inflight_bytes);
-        w.inflight_bytes = w.inflight_bytes.saturating_sub(self.held).max(floor);
-        w
-    }
-
     fn notice_prequantized(&mut self, config: &ConvertConfig) {
         let deq = self
             .plan
@@ -650,35 +633,5 @@ impl Job {
                 _ => out / 100 * 92,
             },
         }
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn a_sources_held_input_is_counted_in_the_writers_bytes_in_flight() {
-        let dir = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/fixtures/tiny-bert");
-        let config = ConvertConfig::builder()
-            .threads(2)
-            .row_group_bytes(32 << 20)
-            .build()
-            .expect("options");
-        let mut job = Job::prepare(
-            source::open(dir, config.source_options()).expect("open"),
-            &config,
-        )
-        .expect("prepare");
-        // A local source holds nothing: the whole budget, 2 threads × 2 groups × 32 MiB.
-        assert_eq!(job.held, 0);
-        assert_eq!(job.write_options(&config).inflight_bytes, 128 << 20);
-        job.held = 16 << 20;
-        assert_eq!(job.write_options(&config).inflight_bytes, 112 << 20);
-        // Never under a group per thread.
-        job.held = 96 << 20;
-        assert_eq!(job.write_options(&config).inflight_bytes, 64 << 20);
-        job.held = u64::MAX;
-        assert_eq!(job.write_options(&config).inflight_bytes, 64 << 20);
     }
 }

@@ -116,18 +116,12 @@ fn upload_writer(
     dest: &ObjectDir,
     name: &str,
     expected: u64,
-    job: &Job,
     config: &ConvertConfig,
     share: &Share,
 ) -> Result<WeightWriter> {
     let upload = dest.upload(name, expected)?;
     let target = std::path::PathBuf::from(upload.url());
-    WeightWriter::create_on(
-        Out::Object(upload),
-        &target,
-        job.write_options(config),
-        share,
-    )
+    WeightWriter::create_on(Out::Object(upload), &target, config.write_options(), share)
 }
 
 /// Writes the side files, removes what an earlier conversion (whose `metadata.json`
@@ -165,12 +159,11 @@ fn write_one(
     // Nothing there is a conversion from here on; a parted output there goes (--force).
     dest.delete(format::METADATA_FILE)?;
     delete_below(dest, &parts_dir())?;
-    let share = Share::new(&job.write_options(config))?;
+    let share = Share::new(&config.write_options())?;
     let writer = upload_writer(
         dest,
         format::WEIGHTS_FILE,
         job.plan.out_bytes(),
-        job,
         config,
         &share,
     )?;
@@ -308,7 +301,6 @@ fn upload_part(
         dest,
         &format!("{}{file}", parts_dir()),
         expected,
-        job,
         config,
         share,
     )?;
@@ -427,7 +419,7 @@ fn write_parts(
         total,
         source: &job.source,
     };
-    let share = Share::new(&job.write_options(config))?;
+    let share = Share::new(&config.write_options())?;
     let mut done = 0u64;
     for (k, status) in todo {
         let (outcome, stamp) =
@@ -496,7 +488,7 @@ pub(super) fn convert_part(
             }
         }
     };
-    let share = Share::new(&job.write_options(config))?;
+    let share = Share::new(&config.write_options())?;
     let (outcome, _) = upload_part(
         job,
         &dest,

@@ -910,16 +910,15 @@ impl Source {
         let _ = flag;
     }
 
-    /// Sizes what a remote source holds in memory for `readers` reading at once (its
-    /// range cache); the bytes it may hold, 0 for a local source (its mapped pages are
-    /// the page cache's, released once cast).
-    pub(crate) fn set_readers(&self, readers: usize) -> u64 {
+    /// Sizes what a remote source holds in memory (its range cache) for `readers`
+    /// reading at once.
+    pub(crate) fn set_readers(&self, readers: usize) {
         #[cfg(feature = "remote")]
         if let Some(r) = &self.remote {
-            return r.set_readers(readers);
+            r.set_readers(readers);
         }
+        #[cfg(not(feature = "remote"))]
         let _ = readers;
-        0
     }
 
     /// For a remote source: the body bytes received so far and the requests sent.

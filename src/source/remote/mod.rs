@@ -50,9 +50,9 @@ impl Remote {
         self.shared.set_cancel(flag);
     }
 
-    /// Sizes the range cache for `readers` reading at once; the bytes it may hold.
-    pub(crate) fn set_readers(&self, readers: usize) -> u64 {
-        self.shared.set_readers(readers)
+    /// Sizes the range cache for `readers` reading at once.
+    pub(crate) fn set_readers(&self, readers: usize) {
+        self.shared.set_readers(readers);
     }
 
     /// Body bytes received so far, and requests sent.
