@@ -217,7 +217,8 @@ impl RemoteFile {
     ///
     /// `Remote` after the retries, `SourceChanged` when the file is not the one seen.
     pub(crate) fn read_direct(&self, range: Range<u64>) -> Result<Bytes> {
-        let fut = fetch(
+        let fut = fetch_into(
+            Vec::new(),
             self.store.clone(),
             self.path.clone(),
             range,
@@ -225,7 +226,8 @@ impl RemoteFile {
             self.size,
             self.url.clone(),
         );
-        self.shared.client.rt().block_on(fut).map_err(|f| f.error())
+        let data = self.shared.client.rt().block_on(fut);
+        data.map(Bytes::from).map_err(|f| f.error())
     }
 
     /// Bytes of every range of `ranges` (small and scattered: a zip archive's local
@@ -253,7 +255,8 @@ impl RemoteFile {
         }
         let fetches = merged.into_iter().map(|r| {
             let start = r.start;
-            let f = fetch(
+            let f = fetch_into(
+                Vec::new(),
                 self.store.clone(),
                 self.path.clone(),
                 r,
@@ -261,7 +264,7 @@ impl RemoteFile {
                 self.size,
                 self.url.clone(),
             );
-            async move { f.await.map(|b| (start, b)) }
+            async move { f.await.map(|b| (start, Bytes::from(b))) }
         });
         let all = futures_util::stream::iter(fetches)
             .buffer_unordered(8)
@@ -429,26 +432,9 @@ impl RemoteFile {
     }
 }
 
-/// GETs `range` of `path`, checking that the file still has `size` and the ETag in
-/// `seen` (set by the first response when the listing gave none); the body in one
-/// buffer.
-async fn fetch(
-    store: Arc<dyn ObjectStore>,
-    path: StorePath,
-    range: Range<u64>,
-    seen: Arc<OnceLock<String>>,
-    size: u64,
-    url: String,
-) -> std::result::Result<Bytes, Failure> {
-    let want = range.end - range.start;
-    let res = get(&store, &path, range.clone(), &seen, size, &url).await?;
-    let data = res.bytes().await.map_err(|e| failure(&url, e))?;
-    check_len(&url, &range, data.len() as u64, want)?;
-    Ok(data)
-}
-
-/// [`fetch`] into `buf` (a pooled buffer: the body's frames are copied into it as they
-/// arrive).
+/// GETs `range` of `path` into `buf` (a pooled buffer, or a new one: the body's frames
+/// are copied into it as they arrive), checking that the file still has `size` and the
+/// ETag in `seen` (set by the first response when the listing gave none).
 async fn fetch_into(
     mut buf: Vec<u8>,
     store: Arc<dyn ObjectStore>,
