@@ -234,6 +234,7 @@ impl ConvertConfig {
             inflight_bytes: (self.threads as u64)
                 .saturating_mul(self.inflight_per_thread)
                 .saturating_mul(self.row_group_bytes),
+            held_bytes: 0,
             // A group's cast buffer (its rows and their page leads) or its compressed
             // pages (at most the codec's bound).
             pool_max_bytes: self.row_group_bytes + self.row_group_bytes / 64 + (2 << 20),

@@ -168,7 +168,7 @@ fn write_and_commit(
     stale: &[String],
 ) -> Result<Committed> {
     job.notify(observer, stale);
-    let writer = WeightWriter::create(out.weights(), config.write_options())?;
+    let writer = WeightWriter::create(out.weights(), job.write_options(config))?;
     let (written, metadata, quant) = write_one(job, writer, out, config, observer)?;
     let staged = out.stage(&metadata)?;
     if config.cancel.load(Ordering::Relaxed) {
@@ -267,6 +267,9 @@ struct Outcome {
 /// An open source with its model knowledge applied: what will be converted, and how.
 struct Job {
     source: Source,
+    /// Input bytes the source holds in memory (a remote source's range cache), counted
+    /// in the writer's budget.
+    held: u64,
     files: ModelFiles,
     recipe: Recipe,
     selection: Selection,
@@ -276,7 +279,7 @@ struct Job {
 impl Job {
     fn prepare(source: Source, config: &ConvertConfig) -> Result<Job> {
         source.set_cancel(config.cancel.clone());
-        source.set_readers(config.threads);
+        let held = source.size_for(config.threads, config.write_options().inflight_bytes);
         let files = ModelFiles::load(source.model_dir())?;
         let mut recipe = model::resolve_recipe(
             config.model_type,
@@ -303,6 +306,7 @@ impl Job {
             .splice(0..0, source.notices().iter().cloned());
         let mut job = Job {
             source,
+            held,
             files,
             recipe,
             selection,
@@ -322,6 +326,15 @@ impl Job {
     /// What the user should know of a pre-quantized checkpoint: how many weights are
     /// dequantized; with `--keep-quantized`, which stored dtypes the seed's loader
     /// cannot read.
+    /// What the writer needs of `config`, with the input the source holds in memory
+    /// counted in its budget: a remote conversion stays within a local one's memory.
+    fn write_options(&self, config: &ConvertConfig) -> crate::write::WriteOptions {
+        crate::write::WriteOptions {
+            held_bytes: self.held,
+            ..config.write_options()
+        }
+    }
+
     fn notice_prequantized(&mut self, config: &ConvertConfig) {
         let deq = self
             .plan
@@ -633,5 +646,30 @@ impl Job {
                 _ => out / 100 * 92,
             },
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_input_a_source_holds_is_handed_to_the_writer_as_part_of_its_budget() {
+        let dir = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/fixtures/tiny-bert");
+        let config = ConvertConfig::builder()
+            .threads(2)
+            .row_group_bytes(32 << 20)
+            .build()
+            .expect("options");
+        let source = source::open(dir, config.source_options()).expect("open");
+        let mut job = Job::prepare(source, &config).expect("prepare");
+        // A local source holds nothing; the budget is 2 threads × 2 groups × 32 MiB.
+        assert_eq!(job.held, 0);
+        let w = job.write_options(&config);
+        assert_eq!((w.inflight_bytes, w.held_bytes), (128 << 20, 0));
+        // A remote one's range cache (a quarter of that budget) goes with the options.
+        job.held = 32 << 20;
+        let w = job.write_options(&config);
+        assert_eq!((w.inflight_bytes, w.held_bytes), (128 << 20, 32 << 20));
     }
 }

@@ -442,7 +442,7 @@ pub(crate) fn write_and_commit(
         source: &job.source,
     };
     let mut done = 0u64;
-    let share = Share::new(&config.write_options())?;
+    let share = Share::new(&job.write_options(config))?;
     for (k, status) in todo {
         let (outcome, stamp) = write_part(job, config, &dir, k, &now, status, done, &sink, &share)?;
         done += part_src_bytes(job, k);
@@ -584,7 +584,7 @@ fn write_part(
     let count = job.plan.parts.len();
     let name = format::part_name(k, count);
     let target = dir.join(&name);
-    let writer = WeightWriter::create_sharing(&target, config.write_options(), share)?;
+    let writer = WeightWriter::create_sharing(&target, job.write_options(config), share)?;
     let (written, stamp) = encode_part(job, config, writer, k, now, done, sink)?;
     let (bytes, hash) = (
         written.file_bytes,
@@ -723,7 +723,7 @@ pub fn convert_part(
     } else {
         PartStatus::Written
     };
-    let share = Share::new(&config.write_options())?;
+    let share = Share::new(&job.write_options(config))?;
     let (outcome, _) = write_part(&job, config, &dir, index, &now, status, 0, &Quiet, &share)?;
     Ok(outcome)
 }

@@ -116,12 +116,18 @@ fn upload_writer(
     dest: &ObjectDir,
     name: &str,
     expected: u64,
+    job: &Job,
     config: &ConvertConfig,
     share: &Share,
 ) -> Result<WeightWriter> {
     let upload = dest.upload(name, expected)?;
     let target = std::path::PathBuf::from(upload.url());
-    WeightWriter::create_on(Out::Object(upload), &target, config.write_options(), share)
+    WeightWriter::create_on(
+        Out::Object(upload),
+        &target,
+        job.write_options(config),
+        share,
+    )
 }
 
 /// Writes the side files, removes what an earlier conversion (whose `metadata.json`
@@ -159,11 +165,12 @@ fn write_one(
     // Nothing there is a conversion from here on; a parted output there goes (--force).
     dest.delete(format::METADATA_FILE)?;
     delete_below(dest, &parts_dir())?;
-    let share = Share::new(&config.write_options())?;
+    let share = Share::new(&job.write_options(config))?;
     let writer = upload_writer(
         dest,
         format::WEIGHTS_FILE,
         job.plan.out_bytes(),
+        job,
         config,
         &share,
     )?;
@@ -301,6 +308,7 @@ fn upload_part(
         dest,
         &format!("{}{file}", parts_dir()),
         expected,
+        job,
         config,
         share,
     )?;
@@ -419,7 +427,7 @@ fn write_parts(
         total,
         source: &job.source,
     };
-    let share = Share::new(&config.write_options())?;
+    let share = Share::new(&job.write_options(config))?;
     let mut done = 0u64;
     for (k, status) in todo {
         let (outcome, stamp) =
@@ -488,7 +496,7 @@ pub(super) fn convert_part(
             }
         }
     };
-    let share = Share::new(&config.write_options())?;
+    let share = Share::new(&job.write_options(config))?;
     let (outcome, _) = upload_part(
         job,
         &dest,

@@ -911,14 +911,16 @@ impl Source {
     }
 
     /// Sizes what a remote source holds in memory (its range cache) for `readers`
-    /// reading at once.
-    pub(crate) fn set_readers(&self, readers: usize) {
+    /// reading at once within a conversion's `budget` of bytes in flight; the bytes it
+    /// may hold, 0 for a local source (its mapped pages are the page cache's, released
+    /// once cast).
+    pub(crate) fn size_for(&self, readers: usize, budget: u64) -> u64 {
         #[cfg(feature = "remote")]
         if let Some(r) = &self.remote {
-            r.set_readers(readers);
+            return r.size_for(readers, budget);
         }
-        #[cfg(not(feature = "remote"))]
-        let _ = readers;
+        let _ = (readers, budget);
+        0
     }
 
     /// For a remote source: the body bytes received so far and the requests sent.

@@ -97,6 +97,9 @@ pub(crate) struct WriteOptions {
     pub(crate) allow_overflow: bool,
     /// Output bytes allowed in flight.
     pub(crate) inflight_bytes: u64,
+    /// Input bytes the source holds in memory (a remote source's range cache), counted
+    /// against `inflight_bytes` and the ceiling beside a big row.
+    pub(crate) held_bytes: u64,
     /// Largest buffer kept for reuse.
     pub(crate) pool_max_bytes: u64,
     /// Buffers kept for reuse.
@@ -450,7 +453,8 @@ impl WeightWriter {
             out_path: &self.target,
             pool: &buffers,
         };
-        let budget = Budget::new(self.opts.inflight_bytes, self.opts.lean);
+        let budget =
+            Budget::new(self.opts.inflight_bytes, self.opts.lean).holding(self.opts.held_bytes);
         let stop = AtomicBool::new(false);
         let halted = || stop.load(Ordering::Relaxed) || cancel.load(Ordering::Relaxed);
         let (tx, rx) = crossbeam_channel::unbounded::<(usize, Result<Encoded>)>();
@@ -475,7 +479,7 @@ impl WeightWriter {
                     .collect();
                 pool.in_place_scope(|s| {
                     let threads = if budget.lean { 1 } else { threads };
-                    for i in start_order(&sizes, budget.cap, threads) {
+                    for i in start_order(&sizes, budget.cap, budget.held, threads) {
                         let i = groups.start + i;
                         let g = &plan.groups[i];
                         if !budget.acquire(g.out_bytes, halted) {
@@ -580,14 +584,14 @@ fn alongside(big: u64, cap: u64) -> bool {
 /// budget must admit it beside whatever was started out of order. A large group passes
 /// only small groups after the previous large one (so at most one group is ever
 /// started ahead of a waiting one), and only those the budget admits beside it.
-fn start_order(out_bytes: &[u64], cap: u64, threads: usize) -> Vec<usize> {
+fn start_order(out_bytes: &[u64], cap: u64, held: u64, threads: usize) -> Vec<usize> {
     let mut order: Vec<usize> = (0..out_bytes.len()).collect();
     if threads < 2 {
         return order;
     }
     // Whether, with only a large group of `h` bytes in flight, the budget admits a
     // group of `u` bytes.
-    let budget = Budget::new(cap, false);
+    let budget = Budget::new(cap, false).holding(held);
     let admits = |h: u64, u: u64| {
         let mut alone = Used::default();
         alone.add(h, cap);
@@ -624,6 +628,9 @@ struct Budget {
     cap: u64,
     /// No group runs beside the cap (low-memory mode).
     lean: bool,
+    /// Input bytes held by the source, taken from the cap the small groups share and
+    /// from [`ALONGSIDE_BYTES`] (which groups are large still follows the whole cap).
+    held: u64,
 }
 
 #[derive(Default)]
@@ -665,19 +672,30 @@ impl Budget {
             cv: Condvar::new(),
             cap: cap.max(1),
             lean,
+            held: 0,
         }
+    }
+
+    /// The budget with `held` input bytes counted in it.
+    fn holding(mut self, held: u64) -> Budget {
+        self.held = held;
+        self
     }
 
     /// Whether a group of `bytes` may start beside the groups in flight (always when
     /// nothing of its kind is in flight).
     fn fits(&self, u: &Used, bytes: u64) -> bool {
         let cap = self.cap;
+        // What the small groups share: the cap less the input held.
+        let share = cap.saturating_sub(self.held);
         let small = u.small();
-        // All buffers of the groups in flight with this one under ALONGSIDE_BYTES.
+        // All buffers of the groups in flight with this one, and the input held, under
+        // ALONGSIDE_BYTES.
         let under = small
             .saturating_add(u.big)
             .saturating_add(bytes)
             .saturating_mul(2)
+            .saturating_add(self.held)
             <= ALONGSIDE_BYTES;
         u.open
             || if bytes > cap {
@@ -694,7 +712,9 @@ impl Budget {
                 };
                 let rest = small.saturating_add(bytes).saturating_sub(free);
                 (u.big == 0 || alongside(u.big, cap))
-                    && (small == 0 || small.saturating_add(bytes) <= cap || (rest <= cap && under))
+                    && (small == 0
+                        || small.saturating_add(bytes) <= share
+                        || (rest <= share && under))
             }
     }
 
@@ -878,7 +898,7 @@ impl<'a> Appender<'a> {
 
 #[cfg(test)]
 mod tests {
-    use super::{alongside, start_order, Budget, Used, ALONGSIDE_BYTES};
+    use super::{alongside, large, start_order, Budget, Used, ALONGSIDE_BYTES};
 
     const MIB: u64 = 1 << 20;
 
@@ -889,18 +909,21 @@ mod tests {
         let mut sizes = vec![125 * MIB];
         sizes.extend(std::iter::repeat_n(32 * MIB, 10));
         sizes.push(125 * MIB);
-        let order = start_order(&sizes, 128 * MIB, 2);
+        let order = start_order(&sizes, 128 * MIB, 0, 2);
         // The head passes four 32 MiB groups (128 MiB >= 125 MiB); the embedding,
         // already first, stays.
         assert_eq!(order, [0, 1, 2, 3, 4, 5, 6, 11, 7, 8, 9, 10]);
         // Three threads: the other two take twice its bytes, eight groups.
-        let order = start_order(&sizes, 128 * MIB, 3);
+        let order = start_order(&sizes, 128 * MIB, 0, 3);
         assert_eq!(order, [0, 1, 2, 11, 3, 4, 5, 6, 7, 8, 9, 10]);
         // A group of at most half the cap is not moved.
-        assert_eq!(start_order(&[MIB, MIB, 64 * MIB], 128 * MIB, 2), [0, 1, 2]);
+        assert_eq!(
+            start_order(&[MIB, MIB, 64 * MIB], 128 * MIB, 0, 2),
+            [0, 1, 2]
+        );
         // One thread: plan order.
         assert_eq!(
-            start_order(&sizes, 128 * MIB, 1),
+            start_order(&sizes, 128 * MIB, 0, 1),
             (0..12).collect::<Vec<_>>()
         );
     }
@@ -909,24 +932,24 @@ mod tests {
     fn a_big_group_never_passes_another_big_one_nor_one_that_must_run_alone() {
         // The second big group stops behind the first.
         let sizes = [32 * MIB, 200 * MIB, 32 * MIB, 150 * MIB];
-        assert_eq!(start_order(&sizes, 128 * MIB, 2), [0, 1, 3, 2]);
+        assert_eq!(start_order(&sizes, 128 * MIB, 0, 2), [0, 1, 3, 2]);
         // A 262 MB row (the 7B's LM head) with a 128 MiB cap runs alone: not moved.
         let big = 262 * 1_000_000;
         assert!(!alongside(big, 128 * MIB));
         let sizes = [32 * MIB, 32 * MIB, 32 * MIB, big];
-        assert_eq!(start_order(&sizes, 128 * MIB, 2), [0, 1, 2, 3]);
+        assert_eq!(start_order(&sizes, 128 * MIB, 0, 2), [0, 1, 2, 3]);
         // Right at the limit it still runs beside them.
         assert!(alongside((ALONGSIDE_BYTES - 3 * 128 * MIB) / 2, 128 * MIB));
         // Small groups only: plan order.
-        assert_eq!(start_order(&[MIB; 5], 128 * MIB, 2), [0, 1, 2, 3, 4]);
+        assert_eq!(start_order(&[MIB; 5], 128 * MIB, 0, 2), [0, 1, 2, 3, 4]);
     }
 
     /// Runs the producer and the appender against a budget: the producer starts groups
     /// in `order` as soon as they fit (the fullest budget, the worst case), every group
     /// finishes at once, the appender appends in plan order. False on a deadlock: the
     /// next group cannot start and the next to append has not started.
-    fn completes(out_bytes: &[u64], cap: u64, lean: bool, order: &[usize]) -> bool {
-        let b = Budget::new(cap, lean);
+    fn completes(out_bytes: &[u64], cap: u64, held: u64, lean: bool, order: &[usize]) -> bool {
+        let b = Budget::new(cap, lean).holding(held);
         let mut u = Used::default();
         let (mut started, mut next_start, mut next_append) = (vec![false; out_bytes.len()], 0, 0);
         while next_append < out_bytes.len() {
@@ -976,25 +999,36 @@ mod tests {
         }
         for sizes in &layouts {
             for cap in [8 * MIB, 32 * MIB, 128 * MIB, 300 * MIB, 1 << 30] {
-                for threads in [1, 2, 3, 8] {
-                    let order = start_order(sizes, cap, threads);
-                    let mut sorted = order.clone();
-                    sorted.sort_unstable();
-                    assert_eq!(sorted, (0..sizes.len()).collect::<Vec<_>>());
-                    assert!(
-                        completes(sizes, cap, false, &order),
-                        "deadlock: cap {cap}, {threads} threads, sizes {sizes:?}, order {order:?}"
-                    );
+                // Input held by the source: none, a quarter of the cap (a remote
+                // source's range cache), all of it and more.
+                for held in [0, cap / 4, cap, 2 * cap] {
+                    for threads in [1, 2, 3, 8] {
+                        let order = start_order(sizes, cap, held, threads);
+                        let mut sorted = order.clone();
+                        sorted.sort_unstable();
+                        assert_eq!(sorted, (0..sizes.len()).collect::<Vec<_>>());
+                        assert!(
+                            completes(sizes, cap, held, false, &order),
+                            "deadlock: cap {cap}, held {held}, {threads} threads, sizes {sizes:?}, order {order:?}"
+                        );
+                    }
+                    // Low-memory mode: plan order, the cap for every group.
+                    let order = start_order(sizes, cap, held, 1);
+                    assert!(completes(sizes, cap, held, true, &order));
                 }
-                // Low-memory mode: plan order, the cap for every group.
-                assert!(completes(sizes, cap, true, &start_order(sizes, cap, 1)));
             }
         }
         // The check itself finds a deadlock: a 7B layer's three MLP rows moved ahead of
         // its attention rows (an earlier order did this, and hung).
         let (g, mlp) = (32 * MIB, 86 * MIB);
         let sizes = [g, g, g, g, mlp, mlp, mlp];
-        assert!(!completes(&sizes, 128 * MIB, false, &[0, 4, 5, 6, 1, 2, 3]));
+        assert!(!completes(
+            &sizes,
+            128 * MIB,
+            0,
+            false,
+            &[0, 4, 5, 6, 1, 2, 3]
+        ));
     }
 
     /// Small groups of `small` bytes and big ones of `big` bytes in flight.
@@ -1050,5 +1084,44 @@ mod tests {
         assert!(!lean.fits(&used(&[emb], &[]), g));
         assert!(lean.fits(&used(&[g, g, g], &[]), g));
         assert!(!lean.fits(&used(&[mlp], &[]), mlp));
+    }
+
+    #[test]
+    fn input_held_by_the_source_is_taken_from_the_budget_not_from_what_is_large() {
+        // A remote source's 32 MiB range cache in a 128 MiB budget: three 32 MiB groups
+        // in flight, not four.
+        let b = Budget::new(128 * MIB, false).holding(32 * MIB);
+        let g = 32 * MIB;
+        assert!(b.fits(&used(&[g, g], &[]), g));
+        assert!(!b.fits(&used(&[g, g, g], &[]), g));
+        // A 32 MiB group is still small (half the whole cap at most): two of them do
+        // not run as large rows beside each other.
+        assert!(!large(g, b.cap));
+        // The 125 MiB embedding still runs beside the small groups, two of them now.
+        let emb = 125 * MIB;
+        assert!(b.fits(&used(&[emb, g], &[]), g));
+        assert!(!b.fits(&used(&[emb, g, g, g], &[]), g));
+        // The held bytes count under the 768 MiB ceiling beside a large row: with a
+        // 384 MiB cap, a 250 MiB row and a 50 MiB group in flight, another 50 MiB group
+        // passes what the small groups share (350 MiB) and may start only while all
+        // buffers, 2 × 350 MiB, and the held bytes stay under 768 MiB: 40 MiB held
+        // leaves room, 96 MiB does not.
+        let mut u = Used::default();
+        u.add(250 * MIB, 384 * MIB);
+        u.add(50 * MIB, 384 * MIB);
+        assert!(Budget::new(384 * MIB, false)
+            .holding(40 * MIB)
+            .fits(&u, 50 * MIB));
+        assert!(!Budget::new(384 * MIB, false)
+            .holding(96 * MIB)
+            .fits(&u, 50 * MIB));
+        // Beside a big row (over the cap) small groups share what is left.
+        let held = Budget::new(128 * MIB, false).holding(64 * MIB);
+        assert!(held.fits(&used(&[g], &[180 * MIB]), g));
+        assert!(!held.fits(&used(&[g, g], &[180 * MIB]), g));
+        // Nothing in flight: anything starts, whatever is held.
+        assert!(Budget::new(128 * MIB, false)
+            .holding(1 << 40)
+            .fits(&used(&[], &[]), g));
     }
 }

@@ -42,6 +42,9 @@ body-carrying responses of the storage server and of ``/files``:
   K, "path": P}``: it changes before the K-th GET of ``/files/P`` is answered.
 * ``{"storage_etag": E, "after": K}``: after K more requests to the storage server, it
   answers with ETag E (a storage object replaced under the same URL).
+* ``{"expire_after": K}``: after K more requests to the storage server, the locations
+  ``resolve`` gave so far expire (their ``?gen=`` is old: 403), as the Hub's signed
+  storage URLs do.
 * ``{"rate": B}``: every body byte of every response together at most B bytes a second
   (a link of that speed shared by all connections; 1 MiB steps).
 * ``{"clear": true}``: no fault.
@@ -117,6 +120,8 @@ class State:
         self.rate = None
         self.rate_next = 0.0
         self.new_etag = None
+        self.gen = 0
+        self.expire_at = None
         self.served = 0
         self.stats = {
             "requests": {},
@@ -161,9 +166,11 @@ class State:
         with self.lock:
             if f.get("clear"):
                 self.faults, self.reset_every, self.replace, self.rate = [], None, None, None
-                self.new_etag = None
+                self.new_etag, self.expire_at = None, None
             elif "storage_etag" in f:
                 self.new_etag = (str(f["storage_etag"]), int(f.get("after", 0)))
+            elif "expire_after" in f:
+                self.expire_at = self.stats["requests"].get("storage", 0) + int(f["expire_after"])
             elif "rate" in f:
                 self.rate = float(f["rate"])
                 self.rate_next = time.monotonic()
@@ -454,9 +461,17 @@ class Handler(BaseHTTPRequestHandler):
         storage = self.server.server_address[1] == STATE.storage_port
         if storage:
             STATE.count("storage")
-            if self.headers.get("Authorization"):
-                with STATE.lock:
+            with STATE.lock:
+                if self.headers.get("Authorization"):
                     STATE.stats["storage_auth"].append(self.headers.get("Authorization"))
+                if STATE.expire_at is not None and STATE.stats["requests"]["storage"] > STATE.expire_at:
+                    STATE.gen += 1
+                    STATE.expire_at = None
+                gen = urllib.parse.parse_qs(url.query).get("gen", ["0"])[0]
+                expired = gen != str(STATE.gen)
+            if expired:
+                STATE.count("expired")
+                return self.error(403, "Request has expired")
             if len(parts) == 2 and parts[0] == "storage" and parts[1] in STATE.by_sha:
                 d = STATE.by_sha[parts[1]]
                 return self.send_file(d, STATE.storage_etag(d["sha256"][:32] + "-storage"))
@@ -513,7 +528,7 @@ class Handler(BaseHTTPRequestHandler):
                 return self.error(404, f"Entry not found: {rel}", "EntryNotFound")
             common = {"X-Repo-Commit": repo.commit}
             if d["lfs"]:
-                location = f"http://127.0.0.1:{STATE.storage_port}/storage/{d['sha256']}"
+                location = f"http://127.0.0.1:{STATE.storage_port}/storage/{d['sha256']}?gen={STATE.gen}"
                 self.send_response(302)
                 self.send_header("Location", location)
                 self.send_header("X-Linked-Etag", f'"{d["sha256"]}"')

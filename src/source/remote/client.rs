@@ -227,7 +227,9 @@ impl Client {
             } else {
                 self.plain.clone()
             },
+            plain: self.plain.clone(),
             counters: self.counters.clone(),
+            moved: Arc::default(),
         }
     }
 
@@ -255,10 +257,22 @@ impl Drop for Client {
 }
 
 /// Sends `object_store`'s requests with reqwest and waits out `Retry-After`.
+///
+/// A GET redirected elsewhere (the Hub's `resolve` URL to its storage) is remembered:
+/// the next GET of the same URL goes straight to where it led, so a file read by many
+/// ranges costs one `resolve` request, not one per range (half the requests, and the
+/// Hub rate-limits `resolve`). Such a request goes without the Hub token, as a redirect
+/// to another host would; when the storage no longer takes it (a signed location
+/// expired: 401, 403, 404, 410), the original URL is asked again and its new location
+/// kept.
 #[derive(Debug, Clone)]
 pub(crate) struct Connector {
     client: reqwest::Client,
+    /// The client without a token, for remembered locations.
+    plain: reqwest::Client,
     counters: Arc<Counters>,
+    /// Where GETs of a URL were redirected.
+    moved: Arc<std::sync::Mutex<std::collections::HashMap<reqwest::Url, reqwest::Url>>>,
 }
 
 impl HttpConnector for Connector {
@@ -352,21 +366,89 @@ fn classify(e: &reqwest::Error) -> HttpErrorKind {
     HttpErrorKind::Unknown
 }
 
+impl Connector {
+    fn moved(
+        &self,
+    ) -> std::sync::MutexGuard<'_, std::collections::HashMap<reqwest::Url, reqwest::Url>> {
+        self.moved.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Sends `method url` with `headers` through `client`.
+    async fn send(
+        &self,
+        client: &reqwest::Client,
+        method: http::Method,
+        url: reqwest::Url,
+        headers: &http::HeaderMap,
+        body: Option<reqwest::Body>,
+    ) -> std::result::Result<reqwest::Response, HttpError> {
+        let mut r = reqwest::Request::new(method, url);
+        *r.headers_mut() = headers.clone();
+        *r.body_mut() = body;
+        self.counters.requests.fetch_add(1, Ordering::Relaxed);
+        client
+            .execute(r)
+            .await
+            .map_err(|e| HttpError::new(classify(&e), e.without_url()))
+    }
+
+    /// A GET of `url` at the location it was last redirected to, if it was and the
+    /// storage there still takes it.
+    async fn at_location(
+        &self,
+        url: &reqwest::Url,
+        headers: &http::HeaderMap,
+    ) -> std::result::Result<Option<reqwest::Response>, HttpError> {
+        let Some(to) = self.moved().get(url).cloned() else {
+            return Ok(None);
+        };
+        let mut headers = headers.clone();
+        headers.remove(reqwest::header::AUTHORIZATION);
+        let res = self
+            .send(&self.plain, http::Method::GET, to, &headers, None)
+            .await?;
+        use reqwest::StatusCode as S;
+        if matches!(
+            res.status(),
+            S::UNAUTHORIZED | S::FORBIDDEN | S::NOT_FOUND | S::GONE
+        ) {
+            self.moved().remove(url);
+            return Ok(None);
+        }
+        Ok(Some(res))
+    }
+}
+
 #[async_trait]
 impl HttpService for Connector {
     async fn call(&self, req: HttpRequest) -> std::result::Result<HttpResponse, HttpError> {
         let (parts, body) = req.into_parts();
         let url = reqwest::Url::parse(&parts.uri.to_string())
             .map_err(|e| HttpError::new(HttpErrorKind::Request, e))?;
-        let mut r = reqwest::Request::new(parts.method, url);
-        *r.headers_mut() = parts.headers;
-        *r.body_mut() = Some(reqwest::Body::wrap(body));
-        self.counters.requests.fetch_add(1, Ordering::Relaxed);
-        let res = self
-            .client
-            .execute(r)
-            .await
-            .map_err(|e| HttpError::new(classify(&e), e.without_url()))?;
+        let get = parts.method == http::Method::GET;
+        let mut res = None;
+        if get {
+            res = self.at_location(&url, &parts.headers).await?;
+        }
+        let res = match res {
+            Some(r) => r,
+            None => {
+                let body = Some(reqwest::Body::wrap(body));
+                let r = self
+                    .send(
+                        &self.client,
+                        parts.method,
+                        url.clone(),
+                        &parts.headers,
+                        body,
+                    )
+                    .await?;
+                if get && r.status().is_success() && r.url() != &url {
+                    self.moved().insert(url, r.url().clone());
+                }
+                r
+            }
+        };
         let status = res.status();
         if status == reqwest::StatusCode::TOO_MANY_REQUESTS
             || status == reqwest::StatusCode::SERVICE_UNAVAILABLE

@@ -3,13 +3,14 @@
 //!
 //! The cast stage reads a piece of a row at a time (about 1 MiB), in source order, from
 //! as many threads as the pipeline has row groups in flight. A piece is served from the
-//! chunks that cover it; the read also starts the next [`AHEAD`] chunks of its file, so
+//! chunks that cover it; the read also starts the next [`ahead`] chunks of its file, so
 //! the network stays busy while the pipeline casts and compresses. The cache holds at
 //! most [`capacity`] chunks (fetched or in flight), evicting the least recently used:
 //! with the pipeline's bounded window of row groups, a chunk is used and done with long
 //! before it is the oldest; one that is needed again is fetched again (correct, and
 //! counted in the bytes fetched). Memory: at most `capacity × CHUNK` bytes of input,
-//! whatever the model size, in place of the mapped pages a local shard would use.
+//! whatever the model size, in place of the mapped pages a local shard would use: a
+//! quarter of the conversion's budget of bytes in flight, which the writer counts.
 //!
 //! Every response is checked against the size and ETag the file had when its header
 //! was read: a file that changes while it is read is `SourceChanged`.
@@ -28,18 +29,25 @@ use super::client::Client;
 use crate::error::{Error, Result};
 
 /// Bytes per chunk: one request's range.
-pub(crate) const CHUNK: u64 = 8 << 20;
-/// Chunks a read starts ahead of itself.
-pub(crate) const AHEAD: u64 = 4;
+pub(crate) const CHUNK: u64 = 4 << 20;
 
 /// Chunks the cache holds, fetched or in flight, for `readers` reading at once (the
-/// pipeline's worker threads): for each, the chunk it reads and the [`AHEAD`] ones after
-/// it, and two more (a piece that spans two chunks, one evicted early).
-pub(crate) fn capacity(readers: usize) -> usize {
-    readers
-        .max(1)
-        .saturating_mul(1 + AHEAD as usize)
-        .saturating_add(2)
+/// pipeline's worker threads) within a conversion's `budget` of bytes in flight: a
+/// quarter of it (the rest is the writer's), and at least each reader's chunk and the
+/// one after it, and two more (a piece that spans two chunks, one evicted early).
+pub(crate) fn capacity(readers: usize, budget: u64) -> usize {
+    let least = readers.max(1).saturating_mul(2).saturating_add(2);
+    usize::try_from(budget / 4 / CHUNK)
+        .unwrap_or(usize::MAX)
+        .max(least)
+}
+
+/// Chunks a read starts ahead of itself: what `capacity` leaves each of `readers`
+/// beyond the chunk it reads and the two spare.
+pub(crate) fn ahead(capacity: usize, readers: usize) -> u64 {
+    (capacity.saturating_sub(2) / readers.max(1))
+        .saturating_sub(1)
+        .max(1) as u64
 }
 
 /// Why a fetch failed, kept for every reader of the source.
@@ -129,6 +137,8 @@ pub(crate) struct Shared {
     files: std::sync::atomic::AtomicUsize,
     /// Chunks the cache holds (see [`capacity`]).
     capacity: std::sync::atomic::AtomicUsize,
+    /// Chunks a read starts ahead of itself (see [`ahead`]).
+    ahead: std::sync::atomic::AtomicU64,
     pool: Arc<Pool>,
 }
 
@@ -146,7 +156,8 @@ impl Shared {
             ready: Condvar::new(),
             cancel: OnceLock::new(),
             files: Default::default(),
-            capacity: capacity(1).into(),
+            capacity: capacity(1, 0).into(),
+            ahead: ahead(capacity(1, 0), 1).into(),
             pool: Arc::default(),
         })
     }
@@ -156,9 +167,13 @@ impl Shared {
         let _ = self.cancel.set(flag);
     }
 
-    /// Sizes the cache for `readers` reading at once.
-    pub(crate) fn set_readers(&self, readers: usize) {
-        self.capacity.store(capacity(readers), Ordering::Relaxed);
+    /// Sizes the cache for `readers` reading at once within `budget` bytes in flight;
+    /// returns the bytes it may hold, which the writer counts in that budget.
+    pub(crate) fn size_for(&self, readers: usize, budget: u64) -> u64 {
+        let n = capacity(readers, budget);
+        self.capacity.store(n, Ordering::Relaxed);
+        self.ahead.store(ahead(n, readers), Ordering::Relaxed);
+        n as u64 * CHUNK
     }
 
     fn cancelled(&self) -> bool {
@@ -373,7 +388,8 @@ impl RemoteFile {
         let need = at / CHUNK..(end - 1) / CHUNK + 1;
         let mut g = self.shared.lock();
         // The chunks read, then the ones ahead while there is room.
-        let last = (need.end + AHEAD).min(self.chunks());
+        let ahead = self.shared.ahead.load(Ordering::Relaxed);
+        let last = (need.end + ahead).min(self.chunks());
         for k in need.start..last {
             if g.slots.contains_key(&(self.id, k)) {
                 continue;
@@ -556,10 +572,18 @@ mod tests {
     }
 
     #[test]
-    fn the_cache_holds_each_readers_chunk_and_those_ahead_and_two_more() {
-        assert_eq!(capacity(0), 1 + AHEAD as usize + 2);
-        assert_eq!(capacity(1), 1 + AHEAD as usize + 2);
-        assert_eq!(capacity(2), 2 * (1 + AHEAD as usize) + 2);
-        assert_eq!(capacity(usize::MAX), usize::MAX);
+    fn the_cache_is_a_quarter_of_the_budget_and_at_least_two_chunks_a_reader() {
+        // The default budget (2 threads × 2 groups × 32 MiB): 32 MiB, 8 chunks, each
+        // reader 2 ahead.
+        assert_eq!(capacity(2, 128 << 20), 8);
+        assert_eq!(ahead(8, 2), 2);
+        // A small budget still gives each reader its chunk, the next, and two spare.
+        assert_eq!(capacity(2, 8 << 20), 6);
+        assert_eq!(ahead(6, 2), 1);
+        assert_eq!(capacity(0, 0), 4);
+        // 32 threads with 64 MiB groups: 1 GiB of chunks, 6 ahead each.
+        assert_eq!(capacity(32, 32 * 2 * (64 << 20)), 256);
+        assert_eq!(ahead(256, 32), 6);
+        assert_eq!(capacity(usize::MAX, u64::MAX), usize::MAX);
     }
 }

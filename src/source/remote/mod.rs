@@ -50,9 +50,10 @@ impl Remote {
         self.shared.set_cancel(flag);
     }
 
-    /// Sizes the range cache for `readers` reading at once.
-    pub(crate) fn set_readers(&self, readers: usize) {
-        self.shared.set_readers(readers);
+    /// Sizes the range cache for `readers` reading at once within `budget` bytes in
+    /// flight; the bytes it may hold.
+    pub(crate) fn size_for(&self, readers: usize, budget: u64) -> u64 {
+        self.shared.size_for(readers, budget)
     }
 
     /// Body bytes received so far, and requests sent.
