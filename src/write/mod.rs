@@ -13,7 +13,8 @@
 //! A group holds its value buffer (the cast rows, laid out as the `data` pages) and
 //! their compressed pages, which [`pages`] compresses straight from it, so peak memory
 //! is about twice that budget plus twice the largest row, never a multiple of the
-//! model size. Source pages are released from the mapping once cast.
+//! model size. Source pages are released from the mapping once cast. A remote source's
+//! range cache is counted in the budget (`WriteOptions::held_bytes`).
 
 pub(crate) mod atomic;
 mod encode;
