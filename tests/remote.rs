@@ -327,9 +327,23 @@ impl Served {
         self.hub.file_url("minilm/")
     }
 
+    /// Converts with one thread: a single reader never has a range evicted before it
+    /// is done with it, so a conversion's request count is the same every time and a
+    /// fault's retries show in it.
     fn convert(&self, out: &str, env: &[(&str, &str)]) -> (Output, PathBuf) {
         let out = self.root.parent().unwrap().join(out);
-        let o = modelconv(&["convert", &self.url(), "-o", s(&out), "-q"], env);
+        let o = modelconv(
+            &[
+                "convert",
+                &self.url(),
+                "-o",
+                s(&out),
+                "-q",
+                "--threads",
+                "1",
+            ],
+            env,
+        );
         (o, out)
     }
 }
