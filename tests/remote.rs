@@ -890,18 +890,7 @@ fn a_failed_or_cancelled_upload_is_aborted_and_nothing_is_committed() {
         .contains(&"m/metadata.json".to_string()));
 
     // Ctrl-C while a part is being uploaded: exit 130, the upload aborted, nothing new.
-    let child = Command::new(env!("CARGO_BIN_EXE_modelconv"))
-        .args(["convert", s(&minilm()), "-o", "s3://out/c/", "-q"])
-        .args(SLOW_CONVERT)
-        .envs(env.iter().copied())
-        .stderr(std::process::Stdio::piped())
-        .spawn()
-        .unwrap();
-    let started = std::time::Instant::now();
-    while s3.upload_parts("out", "c/weights.parquet") == 0 {
-        assert!(started.elapsed().as_secs() < 120, "no upload part stored");
-        std::thread::sleep(std::time::Duration::from_millis(20));
-    }
+    let child = slow_upload_started(&s3, "c/", &env);
     // SAFETY: a signal to our own child.
     unsafe { libc::kill(child.id() as i32, libc::SIGINT) };
     let o = child.wait_with_output().unwrap();
@@ -1167,25 +1156,43 @@ fn pytorch_checkpoints_are_read_by_ranges_as_local_ones_are() {
     }
 }
 
+/// A slow conversion of MiniLM (see `SLOW_CONVERT`) into `s3://out/PREFIX`, once the
+/// first part of its weight file's upload is stored.
+fn slow_upload_started(
+    s3: &common::hub::S3,
+    prefix: &str,
+    env: &[(&str, &str)],
+) -> std::process::Child {
+    let child = Command::new(env!("CARGO_BIN_EXE_modelconv"))
+        .args([
+            "convert",
+            s(&minilm()),
+            "-o",
+            &format!("s3://out/{prefix}"),
+            "-q",
+        ])
+        .args(SLOW_CONVERT)
+        .envs(env.iter().copied())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let started = std::time::Instant::now();
+    while s3.upload_parts("out", &format!("{prefix}weights.parquet")) == 0 {
+        assert!(started.elapsed().as_secs() < 120, "no upload part stored");
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    child
+}
+
 #[test]
 fn an_upload_whose_store_goes_away_fails_naming_the_object() {
     let mut s3 = common::hub::S3::start();
     s3.put("out", &[]);
     let mut env = s3.env();
     env.push(("MODELCONV_HTTP_RETRIES", "1".into()));
-    let child = Command::new(env!("CARGO_BIN_EXE_modelconv"))
-        .args(["convert", s(&minilm()), "-o", "s3://out/gone/", "-q"])
-        .args(SLOW_CONVERT)
-        .envs(env.iter().map(|(k, v)| (*k, v.as_str())))
-        .env("MODELCONV_HTTP_BACKOFF", "0.05")
-        .stderr(std::process::Stdio::piped())
-        .spawn()
-        .unwrap();
-    let started = std::time::Instant::now();
-    while s3.upload_parts("out", "gone/weights.parquet") == 0 {
-        assert!(started.elapsed().as_secs() < 120, "no upload part stored");
-        std::thread::sleep(std::time::Duration::from_millis(20));
-    }
+    env.push(("MODELCONV_HTTP_BACKOFF", "0.05".into()));
+    let env: Vec<(&str, &str)> = env.iter().map(|(k, v)| (*k, v.as_str())).collect();
+    let child = slow_upload_started(&s3, "gone/", &env);
     // The store is gone with an upload open: the next part fails after its retry.
     s3.kill();
     let gone = std::time::Instant::now();

@@ -323,9 +323,6 @@ impl Job {
         Ok(job)
     }
 
-    /// What the user should know of a pre-quantized checkpoint: how many weights are
-    /// dequantized; with `--keep-quantized`, which stored dtypes the seed's loader
-    /// cannot read.
     /// What the writer needs of `config`, with the input the source holds in memory
     /// counted in its budget: a remote conversion stays within a local one's memory.
     fn write_options(&self, config: &ConvertConfig) -> crate::write::WriteOptions {
@@ -335,6 +332,9 @@ impl Job {
         }
     }
 
+    /// What the user should know of a pre-quantized checkpoint: how many weights are
+    /// dequantized; with `--keep-quantized`, which stored dtypes the seed's loader
+    /// cannot read.
     fn notice_prequantized(&mut self, config: &ConvertConfig) {
         let deq = self
             .plan

@@ -272,8 +272,11 @@ pub(crate) struct Connector {
     plain: reqwest::Client,
     counters: Arc<Counters>,
     /// Where GETs of a URL were redirected.
-    moved: Arc<std::sync::Mutex<std::collections::HashMap<reqwest::Url, reqwest::Url>>>,
+    moved: Arc<std::sync::Mutex<Moved>>,
 }
+
+/// A URL → the location a GET of it was redirected to.
+type Moved = std::collections::HashMap<reqwest::Url, reqwest::Url>;
 
 impl HttpConnector for Connector {
     fn connect(&self, _options: &ClientOptions) -> object_store::Result<HttpClient> {
@@ -367,9 +370,7 @@ fn classify(e: &reqwest::Error) -> HttpErrorKind {
 }
 
 impl Connector {
-    fn moved(
-        &self,
-    ) -> std::sync::MutexGuard<'_, std::collections::HashMap<reqwest::Url, reqwest::Url>> {
+    fn moved(&self) -> std::sync::MutexGuard<'_, Moved> {
         self.moved.lock().unwrap_or_else(|p| p.into_inner())
     }
 
@@ -379,11 +380,11 @@ impl Connector {
         client: &reqwest::Client,
         method: http::Method,
         url: reqwest::Url,
-        headers: &http::HeaderMap,
+        headers: http::HeaderMap,
         body: Option<reqwest::Body>,
     ) -> std::result::Result<reqwest::Response, HttpError> {
         let mut r = reqwest::Request::new(method, url);
-        *r.headers_mut() = headers.clone();
+        *r.headers_mut() = headers;
         *r.body_mut() = body;
         self.counters.requests.fetch_add(1, Ordering::Relaxed);
         client
@@ -405,7 +406,7 @@ impl Connector {
         let mut headers = headers.clone();
         headers.remove(reqwest::header::AUTHORIZATION);
         let res = self
-            .send(&self.plain, http::Method::GET, to, &headers, None)
+            .send(&self.plain, http::Method::GET, to, headers, None)
             .await?;
         use reqwest::StatusCode as S;
         if matches!(
@@ -435,13 +436,7 @@ impl HttpService for Connector {
             None => {
                 let body = Some(reqwest::Body::wrap(body));
                 let r = self
-                    .send(
-                        &self.client,
-                        parts.method,
-                        url.clone(),
-                        &parts.headers,
-                        body,
-                    )
+                    .send(&self.client, parts.method, url.clone(), parts.headers, body)
                     .await?;
                 if get && r.status().is_success() && r.url() != &url {
                     self.moved().insert(url, r.url().clone());

@@ -467,8 +467,10 @@ async fn fetch_into(
     let mut body = res.into_stream();
     while let Some(frame) = body.next().await {
         let frame = frame.map_err(|e| failure(&url, e))?;
-        if (buf.len() + frame.len()) as u64 > want {
-            check_len(&url, &range, (buf.len() + frame.len()) as u64, want)?;
+        let got = (buf.len() + frame.len()) as u64;
+        if got > want {
+            // More than asked for: refused before it is kept.
+            check_len(&url, &range, got, want)?;
         }
         buf.extend_from_slice(&frame);
     }
