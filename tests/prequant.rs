@@ -22,6 +22,7 @@ const SCHEMES: &[&str] = &[
     "fbgemm-fp8",
     "ct-fp8-int8",
     "gptq-4bit-desc-act",
+    "gptq-4bit",
     "gptq-3bit",
     "gptq-8bit-v2",
     "gptq-2bit",

@@ -175,7 +175,7 @@ fn f64_to_f32_odd(v: f64) -> f32 {
 
 /// f32 → bf16 bits, round-to-nearest-even, NaN kept quiet (as `half::bf16::from_f32`).
 #[inline(always)]
-fn f32_to_bf16_bits(x: u32) -> u16 {
+pub(crate) fn f32_to_bf16_bits(x: u32) -> u16 {
     if x & 0x7fff_ffff > 0x7f80_0000 {
         ((x >> 16) | 0x0040) as u16
     } else {

@@ -38,8 +38,9 @@ const READ_PIECE_BYTES: u64 = 1 << 20;
 fn piece_bytes(source: &Source, t: &PlannedTensor) -> u64 {
     if let Some(d) = &t.dequant {
         let row = t.src.shape.last().copied().unwrap_or(1).max(1);
+        let unit = dequant::piece_row_unit(d);
         let per = if row <= dequant::PIECE_VALUES {
-            (dequant::PIECE_VALUES / row).max(dequant::min_piece_rows(d)) * row
+            (dequant::PIECE_VALUES / row / unit).max(1) * unit * row
         } else {
             dequant::PIECE_VALUES
         };
@@ -165,6 +166,17 @@ pub(crate) fn cast_row(
             for (k, d_piece) in dst.chunks_mut((per * os) as usize).enumerate() {
                 let first = row.elem_start + k as u64 * per;
                 let n = d_piece.len() as u64 / os;
+                if let Some(d) = &t.dequant {
+                    // A kernel that writes the target type itself: no f32 in between.
+                    if let Some(piece) = dequant::fill_half(source, d, t.dtype, first, n, d_piece)?
+                    {
+                        hash.update(d_piece);
+                        stats.merge(&piece);
+                        // SAFETY: as below.
+                        unsafe { release_piece(source, t, first, n) };
+                        continue;
+                    }
+                }
                 let s_piece = tensor_elements(
                     source,
                     t.shard,

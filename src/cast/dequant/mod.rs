@@ -12,38 +12,42 @@
 //! the group count, are errors naming the tensor: the value they would make is not the
 //! checkpoint's weight.
 
+mod mxfp4;
+
 use std::cell::RefCell;
 use std::sync::OnceLock;
 
 use half::{bf16, f16};
 
+use crate::cast::CastStats;
 use crate::dtype::Dtype;
 use crate::error::{Error, Result};
-use crate::source::scheme::{Awq, Gptq, Grid, Mxfp4, Packed};
+use crate::source::scheme::{Awq, Gptq, Grid, Packed};
 use crate::source::{Dequantized, Kernel, Source, TensorInfo, TensorRef};
 
 /// Output values per piece of a dequantized row (1 MiB of f32): the piece stays in the
 /// CPU cache between its dequantization and its cast.
 pub(crate) const PIECE_VALUES: u64 = 1 << 18;
 
-/// Output rows a piece of `d` should hold at least: for MXFP4, whose output rows are
-/// columns of the stored blocks, one whole group of 32 (measured on the bench's 1.1B
-/// layout, CPU time: 1 row minimum 2.74 s, 16 rows 2.67 s, 32 rows 2.43 s, 64 rows
-/// 2.74 s, 128 rows 2.98 s; larger pieces no longer fit the cache between the
-/// dequantization and the cast).
-pub(crate) fn min_piece_rows(d: &Dequantized) -> u64 {
+/// The output rows a piece of `d` holds a multiple of: for MXFP4, whose output rows
+/// are columns of the stored blocks, whole groups of 32, so that no group is decoded
+/// twice (measured on the bench's 1.1B layout, CPU time, when a piece held at least
+/// this many rows: 1 row 2.74 s, 16 rows 2.67 s, 32 rows 2.43 s, 64 rows 2.74 s, 128
+/// rows 2.98 s; larger pieces no longer fit the cache between the dequantization and
+/// the cast).
+pub(crate) fn piece_row_unit(d: &Dequantized) -> u64 {
     match d.kernel {
         Kernel::Mxfp4(_) => 32,
         _ => 1,
     }
 }
 
-/// The FP4 E2M1 values by nibble (transformers' `FP4_VALUES`, the OCP MX table): what
-/// [`fp4`] computes, checked by the tests.
-#[cfg(test)]
-const FP4: [f32; 16] = [
-    0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0, -0.0, -0.5, -1.0, -1.5, -2.0, -3.0, -4.0, -6.0,
-];
+/// True when the CPU has AVX2.
+#[cfg(target_arch = "x86_64")]
+pub(super) fn avx2() -> bool {
+    static HAS: OnceLock<bool> = OnceLock::new();
+    *HAS.get_or_init(|| is_x86_feature_detected!("avx2"))
+}
 
 /// AWQ's packing order: nibble `n` of a word holds output column `8c + AWQ_ORDER[n]`.
 const AWQ_ORDER: [u64; 8] = [0, 2, 4, 6, 1, 3, 5, 7];
@@ -283,40 +287,68 @@ pub(crate) fn fill(
         return Ok(());
     }
     let r = Reader { source, d };
-    BUFS.with(|b| {
-        let mut owned;
-        let mut guard = b.try_borrow_mut();
-        let bufs: &mut [Vec<u8>; 4] = match guard.as_deref_mut() {
-            Ok(b) => b,
-            Err(_) => {
-                owned = [Vec::new(), Vec::new(), Vec::new(), Vec::new()];
-                &mut owned
-            }
-        };
-        match &d.kernel {
-            Kernel::Grid(g) => {
-                out.clear();
-                grid(&r, g, first, count, bufs, out)
-            }
-            Kernel::Packed(p) => {
-                out.clear();
-                packed(&r, p, first, count, bufs, out)
-            }
-            Kernel::Gptq(g) => {
-                transposed(&r, first, count, out, d.info.shape[1], |o0, o1, tile| {
-                    gptq(&r, g, o0, o1, bufs, tile)
-                })
-            }
-            Kernel::Awq(a) => transposed(&r, first, count, out, d.info.shape[1], |o0, o1, tile| {
-                awq(&r, a, o0, o1, bufs, tile)
-            }),
-            Kernel::Mxfp4(m) => transposed(&r, first, count, out, m.rows, |o0, o1, tile| {
-                mxfp4(&r, m, o0, o1, bufs, tile)
-            }),
+    with_bufs(|bufs| match &d.kernel {
+        Kernel::Grid(g) => {
+            out.clear();
+            grid(&r, g, first, count, bufs, out)
         }
+        Kernel::Packed(p) => {
+            out.clear();
+            packed(&r, p, first, count, bufs, out)
+        }
+        Kernel::Gptq(g) => transposed(&r, first, count, out, d.info.shape[1], |o0, o1, tile| {
+            gptq(&r, g, o0, o1, bufs, tile)
+        }),
+        Kernel::Awq(a) => transposed(&r, first, count, out, d.info.shape[1], |o0, o1, tile| {
+            awq(&r, a, o0, o1, bufs, tile)
+        }),
+        Kernel::Mxfp4(m) => transposed(&r, first, count, out, m.rows, |o0, o1, tile| {
+            mxfp4::mxfp4(&r, m, o0, o1, bufs, tile)
+        }),
     })?;
     debug_assert_eq!(out.len() as u64, count);
     Ok(())
+}
+
+/// Fills `dst` with elements `[first, first + count)` of `d` cast to `to`, where the
+/// kernel writes that type directly (MXFP4 into f16 or bf16, in whole output rows),
+/// bit for bit what [`fill`] and the cast give, and returns what the cast would have
+/// seen; `None` (nothing written) where it does not.
+///
+/// # Errors
+///
+/// As [`fill`].
+pub(crate) fn fill_half(
+    source: &Source,
+    d: &Dequantized,
+    to: Dtype,
+    first: u64,
+    count: u64,
+    dst: &mut [u8],
+) -> Result<Option<CastStats>> {
+    let half = match to {
+        Dtype::F16 => mxfp4::Half::F16,
+        Dtype::Bf16 => mxfp4::Half::Bf16,
+        _ => return Ok(None),
+    };
+    let Kernel::Mxfp4(m) = &d.kernel else {
+        return Ok(None);
+    };
+    let row = m.rows.max(1);
+    if !first.is_multiple_of(row) || !count.is_multiple_of(row) || dst.len() as u64 != count * 2 {
+        return Ok(None);
+    }
+    let r = Reader { source, d };
+    let (o0, o1) = (first / row, (first + count) / row);
+    with_bufs(|bufs| mxfp4::mxfp4_half(&r, m, o0, o1, bufs, half, dst)).map(Some)
+}
+
+/// Runs `f` with this worker's read buffers (fresh ones if `f` re-enters).
+fn with_bufs<T>(f: impl FnOnce(&mut [Vec<u8>; 4]) -> T) -> T {
+    BUFS.with(|b| match b.try_borrow_mut() {
+        Ok(mut b) => f(&mut b),
+        Err(_) => f(&mut [Vec::new(), Vec::new(), Vec::new(), Vec::new()]),
+    })
 }
 
 /// For the kernels whose output is the stored layout transposed: computes whole output
@@ -532,14 +564,13 @@ fn gptq(
     let qt = r.info(g.qweight);
     let all = r.bytes_read(g.qweight, 0, qt.len, qb, o0 == 0)?;
     let mut wt = vec![0u32; width * packed];
-    // Sixteen packed rows at a time, so that each tile row gets 64 contiguous bytes.
+    // Sixteen packed rows at a time, each read in order: each tile row gets 64
+    // contiguous bytes.
     for k0 in (0..packed).step_by(16) {
-        let k1 = (k0 + 16).min(packed);
-        for oo in 0..width {
-            let dst = &mut wt[oo * packed + k0..oo * packed + k1];
-            for (d, k) in dst.iter_mut().zip(k0..k1) {
-                let at = (k as u64 * outs + o0) as usize * 4 + oo * 4;
-                *d = u32::from_le_bytes([all[at], all[at + 1], all[at + 2], all[at + 3]]);
+        for k in k0..(k0 + 16).min(packed) {
+            let at = (k as u64 * outs + o0) as usize * 4;
+            for (oo, b) in all[at..at + width * 4].chunks_exact(4).enumerate() {
+                wt[oo * packed + k] = u32::from_le_bytes([b[0], b[1], b[2], b[3]]);
             }
         }
     }
@@ -561,6 +592,12 @@ fn gptq(
             &scale[oo * groups..(oo + 1) * groups],
             &zero[oo * groups..(oo + 1) * groups],
         );
+        #[cfg(target_arch = "x86_64")]
+        if plain && bits == 4 && avx2() {
+            // SAFETY: the CPU has AVX2 (checked at run time).
+            unsafe { gptq4_row_avx2(w, out, s, z, g.group as usize) };
+            continue;
+        }
         if plain {
             for (k, (&word, o)) in w.iter().zip(out.chunks_exact_mut(per)).enumerate() {
                 let gk = k * per / g.group as usize;
@@ -586,6 +623,38 @@ fn gptq(
         }
     }
     Ok(())
+}
+
+/// One output row of 4-bit GPTQ in input order (group `group`, a multiple of 8):
+/// `out[8k + j] = (nibble j of w[k] − z) × s` in f32, with the group's `s` and `z`, eight
+/// values per word with AVX2 (the scalar loop's arithmetic, the same two roundings).
+///
+/// # Safety
+///
+/// The CPU must support AVX2. Panics (before any store) when `out` is shorter than
+/// `8 · w.len()` or the groups do not cover the row.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2")]
+unsafe fn gptq4_row_avx2(w: &[u32], out: &mut [f32], s: &[f32], z: &[f32], group: usize) {
+    use std::arch::x86_64::*;
+    let per = group / 8;
+    assert!(per > 0 && out.len() >= w.len() * 8 && s.len().min(z.len()) * per >= w.len());
+    // SAFETY: stores of 8 f32 at out[8k..8k + 8] for k < w.len() (inside by the assert).
+    unsafe {
+        let shifts = _mm256_setr_epi32(0, 4, 8, 12, 16, 20, 24, 28);
+        let mask = _mm256_set1_epi32(15);
+        for (gk, ws) in w.chunks(per).enumerate() {
+            let (sv, zv) = (_mm256_set1_ps(s[gk]), _mm256_set1_ps(z[gk]));
+            for (j, &word) in ws.iter().enumerate() {
+                let q = _mm256_and_si256(
+                    _mm256_srlv_epi32(_mm256_set1_epi32(word as i32), shifts),
+                    mask,
+                );
+                let v = _mm256_mul_ps(_mm256_sub_ps(_mm256_cvtepi32_ps(q), zv), sv);
+                _mm256_storeu_ps(out.as_mut_ptr().add((gk * per + j) * 8), v);
+            }
+        }
+    }
 }
 
 /// AWQ (GEMM): output rows `[o0, o1)` (`[out, in]`) into `tile`.
@@ -641,413 +710,6 @@ fn awq(
     Ok(())
 }
 
-/// Stored rows ahead that an MXFP4 slab copy prefetches.
-const PREFETCH_AHEAD: usize = 16;
-
-/// Hints the CPU to fetch `bytes[at..at + len]` into the cache (nothing when outside).
-#[inline(always)]
-fn prefetch(bytes: &[u8], at: u64, len: u64) {
-    #[cfg(target_arch = "x86_64")]
-    {
-        use std::arch::x86_64::{_mm_prefetch, _MM_HINT_T0};
-        let mut a = at as usize;
-        let end = (at + len) as usize;
-        while a < end {
-            if let Some(b) = bytes.get(a) {
-                // SAFETY: a prefetch never faults and reads nothing into the program;
-                // the pointer is inside `bytes`.
-                unsafe { _mm_prefetch::<_MM_HINT_T0>((b as *const u8).cast()) };
-            }
-            a += 64;
-        }
-    }
-    #[cfg(not(target_arch = "x86_64"))]
-    let _ = (bytes, at, len);
-}
-
-/// Bytes of stored MXFP4 blocks an [`Slab`] holds at most (beyond its first four
-/// groups): the groups of one expert regrouped so that each group's rows are
-/// contiguous.
-const SLAB_BYTES: u64 = 4 << 20;
-
-/// Some groups of one MXFP4 expert, regrouped: blocks `[S, R, 16]` and scales `[S, R]`
-/// for groups `[g0, g0 + S)`, copied from the stored `[R, G, 16]` and `[R, G]`.
-///
-/// A piece's output rows are columns of the stored values: reading them in place
-/// touches every stored row's page for each group (1 KiB rows: hundreds of
-/// translation misses per group on a 4 KiB-page mapping, and a cache line read four
-/// times). Copying a slab of groups touches each page once per slab, and every piece
-/// of its groups then reads contiguous bytes.
-#[derive(Default)]
-struct Slab {
-    /// (source id, blocks tensor, expert, first group) of what `blocks` holds.
-    key: Option<(u64, TensorRef, u64, u64)>,
-    /// Stored rows of the expert.
-    rows: u64,
-    blocks: Vec<u8>,
-    scales: Vec<u8>,
-}
-
-thread_local! {
-    /// The slab this worker read last, reused by the pieces of its groups.
-    static SLAB: RefCell<Slab> = RefCell::new(Slab::default());
-}
-
-/// Groups per slab of an expert with `rows` stored rows of `groups` groups: whole
-/// 64-byte lines of every row (4 groups), up to [`SLAB_BYTES`].
-fn slab_groups(rows: u64, groups: u64) -> u64 {
-    let fit = SLAB_BYTES / (rows * 16).max(1);
-    (fit / 4 * 4).max(4).min(groups)
-}
-
-impl Slab {
-    /// Copies groups `[g0, g0 + per)` (those that exist) of the expert `span` into the
-    /// slab, under `key` (whose last field is `g0`).
-    fn hold(&mut self, key: (u64, TensorRef, u64, u64), per: u64, span: &Span) {
-        let (rows, g, g0) = (span.rows, span.groups, key.3);
-        let n = per.min(g - g0);
-        let (r, nn, g, g0) = (rows as usize, n as usize, g as usize, g0 as usize);
-        self.blocks.resize(r * nn * 16, 0);
-        self.scales.resize(r * nn, 0);
-        for rr in 0..r {
-            let at = (rr * g + g0) * 16;
-            // Rows are G·16 bytes apart: the hardware prefetcher stops at each page,
-            // so ask for a row some way ahead explicitly.
-            prefetch(span.blocks, (at + PREFETCH_AHEAD * g * 16) as u64, n * 16);
-            let src = &span.blocks[at..at + nn * 16];
-            for (j, b) in src.chunks_exact(16).enumerate() {
-                self.blocks[(j * r + rr) * 16..][..16].copy_from_slice(b);
-            }
-            let sa = rr * g + g0;
-            for (j, &s) in span.scales[sa..sa + nn].iter().enumerate() {
-                self.scales[j * r + rr] = s;
-            }
-        }
-        self.key = Some(key);
-        self.rows = rows;
-    }
-
-    /// Group `gg`'s blocks `[R, 16]` and scales `[R]` (it must be held).
-    fn group(&self, gg: u64) -> (&[u8], &[u8]) {
-        let j = (gg - self.key.map_or(0, |k| k.3)) as usize;
-        let r = self.rows as usize;
-        (
-            &self.blocks[j * r * 16..(j + 1) * r * 16],
-            &self.scales[j * r..(j + 1) * r],
-        )
-    }
-}
-
-/// MXFP4: output rows `[o0, o1)` of `[E, G·32, R]` (each `R` values) into `tile`.
-fn mxfp4(
-    r: &Reader,
-    m: &Mxfp4,
-    o0: u64,
-    o1: u64,
-    bufs: &mut [Vec<u8>; 4],
-    tile: &mut [f32],
-) -> Result<()> {
-    let [qb, sb, _, _] = bufs;
-    let (rows, g) = (m.rows, m.groups);
-    let cols = g * 32;
-    let per = slab_groups(rows, g);
-    let mut o = o0;
-    let mut owned = None;
-    SLAB.with(|cell| {
-        let mut guard = cell.try_borrow_mut();
-        let slab: &mut Slab = match guard.as_deref_mut() {
-            Ok(s) => s,
-            Err(_) => owned.insert(Slab::default()),
-        };
-        while o < o1 {
-            let e = o / cols;
-            let c0 = o % cols;
-            let c1 = (o1 - e * cols).min(cols);
-            let out = &mut tile[((e * cols + c0 - o0) * rows) as usize..];
-            // Expert e's blocks [R, G, 16] and scales [R, G], read when a slab is
-            // copied (a fresh piece's pages were not populated by an earlier one).
-            let fresh = c0 == 0;
-            let fill = |slab: &mut Slab, key| {
-                let blocks = r.bytes_read(m.blocks, e * rows * g * 16, rows * g * 16, qb, fresh)?;
-                let scales = r.bytes_read(m.scales, e * rows * g, rows * g, sb, fresh)?;
-                slab.hold(key, per, &Span { blocks, scales, groups: g, rows });
-                Ok(())
-            };
-            match expert_rows(slab, (r.source.id, m.blocks, e), per, c0, c1, out, fill) {
-                Ok(()) => {}
-                Err(Fail::Read(err)) => return Err(err),
-                Err(Fail::NanScale(rr, gg)) => {
-                    return Err(r.error(
-                        m.scales,
-                        format!(
-                            "scale [{e}, {rr}, {gg}] is 255, E8M0's NaN; no weight is dequantized from a NaN scale (stored {})",
-                            r.info(m.scales).dtype
-                        ),
-                    ))
-                }
-            }
-            o = e * cols + c1;
-        }
-        Ok(())
-    })
-}
-
-/// Why [`expert_rows`] stopped.
-enum Fail {
-    /// Reading the stored bytes failed.
-    Read(Error),
-    /// The scale of (stored row, group) is E8M0's NaN.
-    NanScale(u64, u64),
-}
-
-/// Output rows `[c0, c1)` of one expert (`key`: source id, blocks tensor, expert) into
-/// `out` (row `c` at `(c − c0) · R`), through `slab` (`per` groups a slab); `fill`
-/// copies the slab of a key from the expert's stored bytes ([`Slab::hold`]).
-fn expert_rows(
-    slab: &mut Slab,
-    key: (u64, TensorRef, u64),
-    per: u64,
-    c0: u64,
-    c1: u64,
-    out: &mut [f32],
-    mut fill: impl FnMut(&mut Slab, (u64, TensorRef, u64, u64)) -> Result<()>,
-) -> std::result::Result<(), Fail> {
-    for gg in c0 / 32..(c1 - 1) / 32 + 1 {
-        let want = (key.0, key.1, key.2, gg / per * per);
-        if slab.key != Some(want) {
-            fill(slab, want).map_err(Fail::Read)?;
-        }
-        let rows = slab.rows;
-        let (blocks, scales) = slab.group(gg);
-        let (lo, hi) = (c0.max(gg * 32), c1.min(gg * 32 + 32));
-        let group = Group {
-            blocks,
-            scales,
-            lo: lo - gg * 32,
-            hi: hi - gg * 32,
-        };
-        let out = &mut out[((lo - c0) * rows) as usize..];
-        #[cfg(target_arch = "x86_64")]
-        let done = if avx2() {
-            // SAFETY: the CPU has AVX2 (checked at run time).
-            unsafe { mxfp4_group_avx2(&group, out) }
-        } else {
-            mxfp4_group::<false>(&group, out)
-        };
-        #[cfg(not(target_arch = "x86_64"))]
-        let done = mxfp4_group::<false>(&group, out);
-        done.map_err(|rr| Fail::NanScale(rr, gg))?;
-    }
-    Ok(())
-}
-
-/// One expert's stored blocks `[R, G, 16]` and scales `[R, G]`.
-struct Span<'a> {
-    blocks: &'a [u8],
-    scales: &'a [u8],
-    groups: u64,
-    rows: u64,
-}
-
-/// One group of an expert, regrouped: blocks `[R, 16]`, scales `[R]`, and the columns
-/// `[lo, hi)` of its 32 a piece wants.
-struct Group<'a> {
-    blocks: &'a [u8],
-    scales: &'a [u8],
-    lo: u64,
-    hi: u64,
-}
-
-/// True when the CPU has AVX2.
-#[cfg(target_arch = "x86_64")]
-fn avx2() -> bool {
-    static HAS: OnceLock<bool> = OnceLock::new();
-    *HAS.get_or_init(|| is_x86_feature_detected!("avx2"))
-}
-
-/// [`mxfp4_group`] compiled for AVX2 (the decode loop vectorizes 8 lanes wide).
-///
-/// # Safety
-///
-/// The CPU must support AVX2.
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx2")]
-unsafe fn mxfp4_group_avx2(gr: &Group, out: &mut [f32]) -> std::result::Result<(), u64> {
-    mxfp4_group::<true>(gr, out)
-}
-
-/// Output rows `[lo, hi)` of one group into `out` (row `c` at `(c − lo) · R`): a
-/// transpose of the group's `[R, 32]` values. Sixteen stored rows at a time are
-/// decoded into a `[16][32]` tile (contiguous, the loop vectorizes), then each output
-/// row gets its 16 values as 64 contiguous bytes (with `AVX2`, through 8×8 register
-/// transposes). Returns the row of an E8M0 NaN scale.
-#[inline(always)]
-fn mxfp4_group<const AVX2: bool>(gr: &Group, out: &mut [f32]) -> std::result::Result<(), u64> {
-    const RB: usize = 16;
-    let rows = gr.scales.len();
-    let mut dec = [[0f32; 32]; RB];
-    for r0 in (0..rows).step_by(RB) {
-        let n = (rows - r0).min(RB);
-        for (ro, d) in dec.iter_mut().enumerate().take(n) {
-            let rr = r0 + ro;
-            let Some(scale) = e8m0(gr.scales[rr]) else {
-                return Err(rr as u64);
-            };
-            let blk = &gr.blocks[rr * 16..rr * 16 + 16];
-            #[cfg(target_arch = "x86_64")]
-            if AVX2 {
-                // SAFETY: as below.
-                unsafe { fp4_group_avx2(blk, scale, d) };
-                continue;
-            }
-            fp4_group(blk, scale, d);
-        }
-        #[cfg(target_arch = "x86_64")]
-        if AVX2 && n == RB && gr.hi - gr.lo == 32 {
-            // SAFETY: AVX2 is only true in `mxfp4_group_avx2`, whose caller checked
-            // the CPU.
-            unsafe { transpose_group_avx2(&dec, &mut out[r0..], rows) };
-            continue;
-        }
-        for k in gr.lo as usize..gr.hi as usize {
-            let at = (k - gr.lo as usize) * rows + r0;
-            for (v, d) in out[at..at + n].iter_mut().zip(&dec) {
-                *v = d[k];
-            }
-        }
-    }
-    Ok(())
-}
-
-/// `out[k · stride + ro] = dec[ro][k]` for the 16 rows and 32 columns of `dec`, in 8×8
-/// blocks transposed in registers: each output row gets two adjacent 32-byte stores.
-///
-/// # Safety
-///
-/// The CPU must support AVX2. Panics (before any store) when `out` is shorter than
-/// `31 · stride + 16`.
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx2")]
-unsafe fn transpose_group_avx2(dec: &[[f32; 32]; 16], out: &mut [f32], stride: usize) {
-    use std::arch::x86_64::*;
-    assert!(out.len() >= 31 * stride + 16);
-    for rb in 0..2 {
-        for kb in 0..4 {
-            // SAFETY: loads of 8 f32 at dec[8rb + i][8kb..8kb + 8] (inside the array);
-            // stores of 8 f32 at out[(8kb + i) · stride + 8rb..] (inside by the assert).
-            unsafe {
-                let ld = |i: usize| _mm256_loadu_ps(dec[8 * rb + i].as_ptr().add(8 * kb));
-                let (a0, a1, a2, a3) = (ld(0), ld(1), ld(2), ld(3));
-                let (a4, a5, a6, a7) = (ld(4), ld(5), ld(6), ld(7));
-                let t0 = _mm256_unpacklo_ps(a0, a1);
-                let t1 = _mm256_unpackhi_ps(a0, a1);
-                let t2 = _mm256_unpacklo_ps(a2, a3);
-                let t3 = _mm256_unpackhi_ps(a2, a3);
-                let t4 = _mm256_unpacklo_ps(a4, a5);
-                let t5 = _mm256_unpackhi_ps(a4, a5);
-                let t6 = _mm256_unpacklo_ps(a6, a7);
-                let t7 = _mm256_unpackhi_ps(a6, a7);
-                let u0 = _mm256_shuffle_ps::<0x44>(t0, t2);
-                let u1 = _mm256_shuffle_ps::<0xEE>(t0, t2);
-                let u2 = _mm256_shuffle_ps::<0x44>(t1, t3);
-                let u3 = _mm256_shuffle_ps::<0xEE>(t1, t3);
-                let u4 = _mm256_shuffle_ps::<0x44>(t4, t6);
-                let u5 = _mm256_shuffle_ps::<0xEE>(t4, t6);
-                let u6 = _mm256_shuffle_ps::<0x44>(t5, t7);
-                let u7 = _mm256_shuffle_ps::<0xEE>(t5, t7);
-                let rows = [
-                    _mm256_permute2f128_ps::<0x20>(u0, u4),
-                    _mm256_permute2f128_ps::<0x20>(u1, u5),
-                    _mm256_permute2f128_ps::<0x20>(u2, u6),
-                    _mm256_permute2f128_ps::<0x20>(u3, u7),
-                    _mm256_permute2f128_ps::<0x31>(u0, u4),
-                    _mm256_permute2f128_ps::<0x31>(u1, u5),
-                    _mm256_permute2f128_ps::<0x31>(u2, u6),
-                    _mm256_permute2f128_ps::<0x31>(u3, u7),
-                ];
-                for (i, v) in rows.into_iter().enumerate() {
-                    let p = out.as_mut_ptr().add((8 * kb + i) * stride + 8 * rb);
-                    _mm256_storeu_ps(p, v);
-                }
-            }
-        }
-    }
-}
-
-/// The high bytes of FP4[n] as bfloat16 (0.5 = 0x3F00, 6 = 0x40C0, sign in bit 15).
-#[cfg(target_arch = "x86_64")]
-const FP4_BF16_HI: [u8; 16] = [
-    0x00, 0x3F, 0x3F, 0x3F, 0x40, 0x40, 0x40, 0x40, 0x80, 0xBF, 0xBF, 0xBF, 0xC0, 0xC0, 0xC0, 0xC0,
-];
-/// The low bytes of FP4[n] as bfloat16.
-#[cfg(target_arch = "x86_64")]
-const FP4_BF16_LO: [u8; 16] = [
-    0x00, 0x00, 0x80, 0xC0, 0x00, 0x40, 0x80, 0xC0, 0x00, 0x00, 0x80, 0xC0, 0x00, 0x40, 0x80, 0xC0,
-];
-
-/// [`fp4_group`] with byte shuffles: each FP4 value is a bfloat16 (two bytes looked up
-/// by nibble), widened to f32 and multiplied by the scale in f32.
-///
-/// # Safety
-///
-/// The CPU must support AVX2. Panics when `blk` is shorter than 16 bytes.
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx2")]
-unsafe fn fp4_group_avx2(blk: &[u8], scale: f32, out: &mut [f32; 32]) {
-    use std::arch::x86_64::*;
-    let blk = &blk[..16];
-    // SAFETY: 16 bytes are read from `blk` and 32 f32 written to `out`, both in bounds.
-    unsafe {
-        let b = _mm_loadu_si128(blk.as_ptr().cast());
-        let m = _mm_set1_epi8(0x0F);
-        let lo = _mm_and_si128(b, m);
-        let hi = _mm_and_si128(_mm_srli_epi16::<4>(b), m);
-        // The bfloat16 bits of FP4[n]: high bytes, then low bytes.
-        let th = _mm_loadu_si128(FP4_BF16_HI.as_ptr().cast());
-        let tl = _mm_loadu_si128(FP4_BF16_LO.as_ptr().cast());
-        let sc = _mm256_set1_ps(scale);
-        // Nibbles in element order: byte i gives elements 2i (low) and 2i + 1 (high).
-        for (half, n) in [_mm_unpacklo_epi8(lo, hi), _mm_unpackhi_epi8(lo, hi)]
-            .into_iter()
-            .enumerate()
-        {
-            let h = _mm_shuffle_epi8(th, n);
-            let l = _mm_shuffle_epi8(tl, n);
-            for (q, w) in [_mm_unpacklo_epi8(l, h), _mm_unpackhi_epi8(l, h)]
-                .into_iter()
-                .enumerate()
-            {
-                let f = _mm256_castsi256_ps(_mm256_slli_epi32::<16>(_mm256_cvtepu16_epi32(w)));
-                let p = out.as_mut_ptr().add(16 * half + 8 * q);
-                _mm256_storeu_ps(p, _mm256_mul_ps(f, sc));
-            }
-        }
-    }
-}
-
-/// One group's 16 bytes (low nibble first) times its scale, as 32 f32.
-#[inline(always)]
-fn fp4_group(blk: &[u8], scale: f32, out: &mut [f32; 32]) {
-    for (i, &b) in blk.iter().enumerate().take(16) {
-        out[2 * i] = fp4(b as u32 & 15) * scale;
-        out[2 * i + 1] = fp4(b as u32 >> 4) * scale;
-    }
-}
-
-/// The FP4 E2M1 value of nibble `n`, computed rather than looked up so that the decode
-/// loop vectorizes: exponent field 0 is zero or the subnormal 0.5, others are
-/// `2^(e−1) · (1 + m/2)`; bit 3 is the sign.
-#[inline(always)]
-fn fp4(n: u32) -> f32 {
-    let (e, m) = ((n >> 1) & 3, n & 1);
-    let mag = if e == 0 {
-        m * 0x3F00_0000
-    } else {
-        ((e + 126) << 23) | (m << 22)
-    };
-    f32::from_bits(mag | ((n & 8) << 28))
-}
-
 /// Releases the mapped pages of `d`'s components that the piece `[first, first +
 /// count)` was the last to read: the codes of the piece for elementwise kernels, and
 /// for the transposed ones (which read every stored row for each piece) whole
@@ -1080,16 +742,7 @@ pub(crate) unsafe fn release(source: &Source, d: &Dequantized, first: u64, count
             for e in first / per..end / per {
                 if (e + 1) * per <= end {
                     rel(m.blocks, e * m.rows * m.groups * 16, m.rows * m.groups * 16);
-                    // The expert's slab is not read again: its memory goes back.
-                    SLAB.with(|cell| {
-                        if let Ok(mut s) = cell.try_borrow_mut() {
-                            if s.key
-                                .is_some_and(|k| (k.0, k.1, k.2) == (source.id, m.blocks, e))
-                            {
-                                *s = Slab::default();
-                            }
-                        }
-                    });
+                    mxfp4::drop_slab(source, m, e);
                 }
             }
         }
@@ -1131,149 +784,49 @@ mod tests {
     }
 
     #[test]
+    fn e8m0_is_a_power_of_two() {
+        assert_eq!(e8m0(127), Some(1.0));
+        assert_eq!(e8m0(0), Some(2f32.powi(-127)));
+        assert_eq!(e8m0(254), Some(2f32.powi(127)));
+        assert_eq!(e8m0(255), None);
+    }
+
+    /// The AVX2 4-bit GPTQ row against the formula, scalar, with groups of 8, 128 and
+    /// a last group cut short, zero points on both sides of the codes.
+    #[test]
     #[cfg(target_arch = "x86_64")]
-    fn fp4_group_avx2_equals_the_scalar_decode() {
+    fn gptq4_row_avx2_equals_the_formula() {
         if !avx2() {
             eprintln!("skipped: no AVX2 on this CPU");
             return;
         }
-        let scales = [0u8, 1, 100, 127, 130, 200, 254];
-        for start in (0..=255u8).step_by(16) {
-            let blk: Vec<u8> = (0..16).map(|i| start.wrapping_add(i * 17)).collect();
-            for &s in &scales {
-                let scale = e8m0(s).unwrap_or(1.0);
-                let (mut a, mut b) = ([0f32; 32], [0f32; 32]);
-                fp4_group(&blk, scale, &mut a);
-                // SAFETY: AVX2 is present (checked above).
-                unsafe { fp4_group_avx2(&blk, scale, &mut b) };
-                assert_eq!(
-                    a.map(f32::to_bits),
-                    b.map(f32::to_bits),
-                    "bytes {blk:?} scale {s}"
-                );
-            }
-        }
-    }
-
-    /// Output rows of MXFP4 experts through slabs of 4 groups (9 groups: the last slab
-    /// short; 37 stored rows: the last block of 16 short), in pieces that start and end
-    /// inside groups and cross slabs, the two experts alternating (a slab of the other
-    /// is never reused): every value equals FP4[nibble] × 2^(scale − 127) at its place.
-    #[test]
-    fn experts_through_slabs_equal_the_direct_decode() {
-        let (rows, g, experts) = (37u64, 9u64, 2u64);
-        let mut seed = 0x9E37_79B9_7F4A_7C15u64;
+        let mut seed = 0x2545_F491_4F6C_DD1Du64;
         let mut next = move || {
             seed ^= seed << 13;
             seed ^= seed >> 7;
             seed ^= seed << 17;
             seed
         };
-        let blocks: Vec<Vec<u8>> = (0..experts)
-            .map(|_| (0..rows * g * 16).map(|_| next() as u8).collect())
-            .collect();
-        let scales: Vec<Vec<u8>> = (0..experts)
-            .map(|_| (0..rows * g).map(|_| 110 + (next() % 30) as u8).collect())
-            .collect();
-        let direct = |e: usize, c: u64, rr: u64| {
-            let (gg, k) = (c / 32, c % 32);
-            let byte = blocks[e][((rr * g + gg) * 16 + k / 2) as usize];
-            let nib = if k % 2 == 0 { byte & 15 } else { byte >> 4 };
-            let s = scales[e][(rr * g + gg) as usize] as i32 - 127;
-            FP4[nib as usize] * 2f32.powi(s)
-        };
-        let blocks_ref = TensorRef {
-            shard: 0,
-            tensor: 5,
-        };
-        let mut slab = Slab::default();
-        let cols = g * 32;
-        let pieces = [
-            (0, 32),
-            (32, 45),
-            (45, 150),
-            (150, 288),
-            (0, 288),
-            (100, 101),
-            (287, 288),
-        ];
-        for (c0, c1) in pieces {
-            for e in [0usize, 1, 0] {
-                let mut out = vec![f32::NAN; ((c1 - c0) * rows) as usize];
-                let fill = |slab: &mut Slab, key: (u64, TensorRef, u64, u64)| {
-                    let span = Span {
-                        blocks: &blocks[e],
-                        scales: &scales[e],
-                        groups: g,
-                        rows,
-                    };
-                    slab.hold(key, 4, &span);
-                    Ok(())
-                };
-                let done = expert_rows(
-                    &mut slab,
-                    (7, blocks_ref, e as u64),
-                    4,
-                    c0,
-                    c1,
-                    &mut out,
-                    fill,
+        for (words, group) in [(16usize, 8usize), (40, 128), (3, 128), (24, 64)] {
+            let w: Vec<u32> = (0..words).map(|_| next() as u32).collect();
+            let groups = (words * 8).div_ceil(group);
+            let s: Vec<f32> = (0..groups)
+                .map(|_| f16::from_bits((next() % 0x7800) as u16).to_f32())
+                .collect();
+            let z: Vec<f32> = (0..groups).map(|_| (next() % 17) as f32).collect();
+            let mut out = vec![f32::NAN; words * 8];
+            // SAFETY: AVX2 is present (checked above).
+            unsafe { gptq4_row_avx2(&w, &mut out, &s, &z, group) };
+            for (i, v) in out.iter().enumerate() {
+                let q = (w[i / 8] >> (4 * (i % 8))) & 15;
+                let want = (q as f32 - z[i / group]) * s[i / group];
+                assert_eq!(
+                    v.to_bits(),
+                    want.to_bits(),
+                    "{words} words, group {group}, value {i}"
                 );
-                assert!(done.is_ok());
-                for c in c0..c1.min(cols) {
-                    for rr in 0..rows {
-                        let got = out[((c - c0) * rows + rr) as usize];
-                        assert_eq!(
-                            got.to_bits(),
-                            direct(e, c, rr).to_bits(),
-                            "e {e} c {c} row {rr}"
-                        );
-                    }
-                }
             }
         }
-        // An E8M0 NaN scale is reported at its (row, group).
-        let mut bad = scales[0].clone();
-        bad[(20 * g + 6) as usize] = 255;
-        let mut out = vec![0f32; (cols * rows) as usize];
-        let fill = |slab: &mut Slab, key: (u64, TensorRef, u64, u64)| {
-            slab.hold(
-                key,
-                4,
-                &Span {
-                    blocks: &blocks[0],
-                    scales: &bad,
-                    groups: g,
-                    rows,
-                },
-            );
-            Ok(())
-        };
-        let done = expert_rows(
-            &mut Slab::default(),
-            (8, blocks_ref, 0),
-            4,
-            0,
-            cols,
-            &mut out,
-            fill,
-        );
-        assert!(matches!(done, Err(Fail::NanScale(20, 6))));
-    }
-
-    #[test]
-    fn fp4_computes_the_table() {
-        for n in 0..16u32 {
-            assert_eq!(fp4(n).to_bits(), FP4[n as usize].to_bits(), "nibble {n}");
-        }
-    }
-
-    #[test]
-    fn e8m0_is_a_power_of_two() {
-        assert_eq!(e8m0(127), Some(1.0));
-        assert_eq!(e8m0(0), Some(2f32.powi(-127)));
-        assert_eq!(e8m0(254), Some(2f32.powi(127)));
-        assert_eq!(e8m0(255), None);
     }
 
     #[test]
