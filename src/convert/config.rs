@@ -225,6 +225,21 @@ impl ConvertConfig {
         }
     }
 
+    /// A row group's cast buffer (its rows and their page leads) or its compressed
+    /// pages, at most.
+    fn pool_buffer_bytes(&self) -> u64 {
+        self.row_group_bytes + self.row_group_bytes / 64 + (2 << 20)
+    }
+
+    /// Buffers the writer's pool keeps: the chunk buffers of the groups in flight, a
+    /// cast buffer per thread, a spare.
+    fn pool_keep(&self) -> usize {
+        (self.threads as u64)
+            .saturating_mul(self.inflight_per_thread + 1)
+            .saturating_add(1)
+            .min(64) as usize
+    }
+
     /// What the writer needs of these options.
     pub(crate) fn write_options(&self) -> WriteOptions {
         WriteOptions {
@@ -236,13 +251,14 @@ impl ConvertConfig {
                 .saturating_mul(self.row_group_bytes),
             held_bytes: 0,
             // A group's cast buffer (its rows and their page leads) or its compressed
-            // pages (at most the codec's bound).
-            pool_max_bytes: self.row_group_bytes + self.row_group_bytes / 64 + (2 << 20),
+            // pages (at most the codec's bound), or a row of up to two row groups (a
+            // small model's MLP rows: kept, the next layer's rows reuse them instead of
+            // fragmenting the allocator with fresh ones).
+            pool_max_bytes: 2 * self.pool_buffer_bytes(),
             // The chunk buffers of the groups in flight, a cast buffer per thread, a spare.
-            pool_keep: (self.threads as u64)
-                .saturating_mul(self.inflight_per_thread + 1)
-                .saturating_add(1)
-                .min(64) as usize,
+            pool_keep: self.pool_keep(),
+            // As many row-group-sized buffers: larger ones count for more.
+            pool_total_bytes: (self.pool_keep() as u64).saturating_mul(self.pool_buffer_bytes()),
             quantized: self.quantize.is_some(),
             lean: self.inflight_per_thread <= 1,
             content_hash: self.max_file_size.is_some(),

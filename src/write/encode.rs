@@ -48,14 +48,17 @@ pub(super) struct BufferPool {
     keep: usize,
     /// Larger buffers (a single big row) are freed, not kept.
     max_bytes: usize,
+    /// The kept buffers' capacity, at most: past it the smallest go.
+    max_total: usize,
 }
 
 impl BufferPool {
-    pub(super) fn new(keep: usize, max_bytes: u64) -> BufferPool {
+    pub(super) fn new(keep: usize, max_bytes: u64, max_total: u64) -> BufferPool {
         BufferPool {
             free: Mutex::new(Vec::new()),
             keep,
             max_bytes: usize::try_from(max_bytes).unwrap_or(usize::MAX),
+            max_total: usize::try_from(max_total).unwrap_or(usize::MAX),
         }
     }
 
@@ -112,23 +115,25 @@ impl BufferPool {
         }
     }
 
-    /// Keeps `b` for reuse, unless it is too large; when the pool is full, the smallest
-    /// buffer goes.
+    /// Keeps `b` for reuse, unless it is too large; while the pool holds more buffers
+    /// or more bytes than it keeps, the smallest go.
     pub(super) fn give(&self, b: Vec<u8>) {
         if b.capacity() > self.max_bytes || self.keep == 0 {
             return;
         }
         if let Ok(mut f) = self.free.lock() {
             f.push(b);
-            if f.len() > self.keep {
-                if let Some(i) = f
+            while f.len() > self.keep || f.iter().map(Vec::capacity).sum::<usize>() > self.max_total
+            {
+                let Some(i) = f
                     .iter()
                     .enumerate()
                     .min_by_key(|(_, b)| b.capacity())
                     .map(|(i, _)| i)
-                {
-                    f.swap_remove(i);
-                }
+                else {
+                    break;
+                };
+                f.swap_remove(i);
             }
         }
     }
@@ -361,4 +366,43 @@ fn v2_columns(
         Arc::new(Int32Array::from(axis)),
         Arc::new(Int32Array::from(group)),
     ]
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn held(p: &BufferPool) -> Vec<usize> {
+        let mut v: Vec<usize> = p.free.lock().unwrap().iter().map(Vec::capacity).collect();
+        v.sort_unstable();
+        v
+    }
+
+    /// The pool keeps buffers up to its size limit, at most `keep` of them and at most
+    /// its byte total, dropping the smallest first; a taken buffer is the smallest that
+    /// fits, and its memory is the one given.
+    #[test]
+    fn the_pool_keeps_the_largest_buffers_within_its_count_and_bytes() {
+        let pool = BufferPool::new(3, 100, 200);
+        pool.give(Vec::with_capacity(101));
+        assert!(held(&pool).is_empty(), "over the size limit");
+        for c in [10, 60, 40] {
+            pool.give(Vec::with_capacity(c));
+        }
+        assert_eq!(held(&pool), [10, 40, 60]);
+        pool.give(Vec::with_capacity(50));
+        assert_eq!(held(&pool), [40, 50, 60], "four buffers: the smallest goes");
+        pool.give(Vec::with_capacity(100));
+        // 40 + 50 + 60 + 100: four buffers, and 250 bytes: 40 goes, then 50.
+        assert_eq!(held(&pool), [60, 100], "the smallest go until within both");
+        let b = Vec::<u8>::with_capacity(80);
+        let at = b.as_ptr();
+        pool.give(b);
+        assert_eq!(held(&pool), [80, 100]);
+        let t = pool.take(70);
+        assert_eq!((t.len(), t.as_ptr()), (70, at), "the smallest that fits");
+        assert_eq!(held(&pool), [100]);
+        assert_eq!(pool.take(120).capacity(), 120, "none fits: a new one");
+        assert_eq!(held(&pool), [100]);
+    }
 }

@@ -105,6 +105,8 @@ pub(crate) struct WriteOptions {
     pub(crate) pool_max_bytes: u64,
     /// Buffers kept for reuse.
     pub(crate) pool_keep: usize,
+    /// Bytes of capacity kept for reuse, at most.
+    pub(crate) pool_total_bytes: u64,
     /// Write the V2 schema (quantized output).
     pub(crate) quantized: bool,
     /// Memory over speed (one row group per thread in flight): the in-flight cap holds
@@ -304,7 +306,11 @@ impl Share {
                 reason: e.to_string(),
             })?;
         Ok(Share {
-            buffers: std::sync::Arc::new(BufferPool::new(opts.pool_keep, opts.pool_max_bytes)),
+            buffers: std::sync::Arc::new(BufferPool::new(
+                opts.pool_keep,
+                opts.pool_max_bytes,
+                opts.pool_total_bytes,
+            )),
             pool: std::sync::Arc::new(pool),
         })
     }
