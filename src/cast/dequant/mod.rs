@@ -42,6 +42,13 @@ pub(crate) fn piece_row_unit(d: &Dequantized) -> u64 {
     }
 }
 
+/// True when the CPU has AVX2 and F16C.
+#[cfg(target_arch = "x86_64")]
+fn f16c() -> bool {
+    static HAS: OnceLock<bool> = OnceLock::new();
+    *HAS.get_or_init(|| avx2() && is_x86_feature_detected!("f16c"))
+}
+
 /// True when the CPU has AVX2.
 #[cfg(target_arch = "x86_64")]
 pub(super) fn avx2() -> bool {
@@ -311,7 +318,8 @@ pub(crate) fn fill(
 }
 
 /// Fills `dst` with elements `[first, first + count)` of `d` cast to `to`, where the
-/// kernel writes that type directly (MXFP4 into f16 or bf16, in whole output rows),
+/// kernel writes that type directly (MXFP4 into f16 or bf16, in whole output rows; an
+/// F8 E4M3 grid without zero points into f16),
 /// bit for bit what [`fill`] and the cast give, and returns what the cast would have
 /// seen; `None` (nothing written) where it does not.
 ///
@@ -326,11 +334,27 @@ pub(crate) fn fill_half(
     count: u64,
     dst: &mut [u8],
 ) -> Result<Option<CastStats>> {
+    if count == 0 {
+        return Ok(None);
+    }
     let half = match to {
         Dtype::F16 => mxfp4::Half::F16,
         Dtype::Bf16 => mxfp4::Half::Bf16,
         _ => return Ok(None),
     };
+    #[cfg(target_arch = "x86_64")]
+    if let Kernel::Grid(g) = &d.kernel {
+        let r = Reader { source, d };
+        if to != Dtype::F16
+            || g.zero.is_some()
+            || r.info(g.q).dtype != Dtype::F8E4M3
+            || !f16c()
+            || dst.len() as u64 != count * 2
+        {
+            return Ok(None);
+        }
+        return with_bufs(|bufs| grid_f16(&r, g, first, count, bufs, dst)).map(Some);
+    }
     let Kernel::Mxfp4(m) = &d.kernel else {
         return Ok(None);
     };
@@ -390,9 +414,74 @@ fn grid(
     bufs: &mut [Vec<u8>; 4],
     out: &mut Vec<f32>,
 ) -> Result<()> {
+    let lut = table(r.info(g.q).dtype);
+    out.reserve(count as usize);
+    grid_runs(r, g, first, count, bufs, |src, s, z| match z {
+        None => out.extend(src.iter().map(|&b| lut[b as usize] * s)),
+        Some(z) => out.extend(src.iter().map(|&b| (lut[b as usize] - z) * s)),
+    })
+}
+
+/// Elements `[first, first + count)` of an F8 E4M3 grid without zero points, straight
+/// into `dst` as f16 bits: each code widened to f32 by its bit fields (with AVX2 and
+/// F16C), times its scale in f32, rounded to nearest even by F16C: [`grid`]'s values
+/// and the cast's rounding, without the f32 buffer between them. Returns what the cast
+/// would have counted (NaN codes, overflow).
+#[cfg(target_arch = "x86_64")]
+fn grid_f16(
+    r: &Reader,
+    g: &Grid,
+    first: u64,
+    count: u64,
+    bufs: &mut [Vec<u8>; 4],
+    dst: &mut [u8],
+) -> Result<CastStats> {
+    let mut at = 0usize;
+    let mut special = false;
+    grid_runs(r, g, first, count, bufs, |src, s, _| {
+        let out = &mut dst[at..at + src.len() * 2];
+        // SAFETY: `fill_half` takes this path only where the CPU has AVX2 and F16C.
+        special |= unsafe { e4m3_f16_run(src, s, out) };
+        at += src.len() * 2;
+    })?;
+    let mut stats = CastStats::default();
+    if special {
+        // A NaN code or an overflow somewhere: count them as the cast does, from the
+        // values.
+        let lut = table(Dtype::F8E4M3);
+        let mut i = 0usize;
+        grid_runs(r, g, first, count, bufs, |src, s, _| {
+            for &b in src {
+                let v = lut[b as usize] * s;
+                let h = u16::from_le_bytes([dst[2 * i], dst[2 * i + 1]]);
+                if h & 0x7c00 == 0x7c00 {
+                    if h & 0x03ff != 0 {
+                        stats.nan += 1;
+                    } else if v.is_finite() {
+                        stats.overflow += 1;
+                        stats.max_overflow = stats.max_overflow.max(v.abs() as f64);
+                    } else {
+                        stats.inf += 1;
+                    }
+                }
+                i += 1;
+            }
+        })?;
+    }
+    Ok(stats)
+}
+
+/// Runs `run(codes, scale, zero)` over elements `[first, first + count)` of a grid in
+/// order, a run of one scale (to the end of its block or of the range) at a time.
+fn grid_runs(
+    r: &Reader,
+    g: &Grid,
+    first: u64,
+    count: u64,
+    bufs: &mut [Vec<u8>; 4],
+    mut run: impl FnMut(&[u8], f32, Option<f32>),
+) -> Result<()> {
     let [qb, sb, zb, _] = bufs;
-    let qt = r.info(g.q);
-    let lut = table(qt.dtype);
     let q = r.bytes(g.q, first, count, qb)?;
     let (rows, cols) = (g.rows.max(1), g.cols.max(1));
     let mat = rows * cols;
@@ -419,7 +508,6 @@ fn grid(
     if let Some(z) = g.zero {
         r.scales(z, s0, s1 - s0, zb, &mut zv)?;
     }
-    out.reserve(count as usize);
     let mut e = first;
     let end = first + count;
     let mut qi = 0usize;
@@ -430,24 +518,69 @@ fn grid(
         let mut c0 = c;
         while e < row_end {
             // A run of one scale: to the end of the block or of the range.
-            let run = (bc - c0 % bc).min(row_end - e) as usize;
+            let n = (bc - c0 % bc).min(row_end - e) as usize;
             let k = if g.per_tensor {
                 0
             } else {
                 base + (c0 / bc) as usize
             };
-            let s = sv[k];
-            let src = &q[qi..qi + run];
-            match zv.get(k) {
-                None => out.extend(src.iter().map(|&b| lut[b as usize] * s)),
-                Some(&z) => out.extend(src.iter().map(|&b| (lut[b as usize] - z) * s)),
-            }
-            qi += run;
-            e += run as u64;
-            c0 += run as u64;
+            run(&q[qi..qi + n], sv[k], zv.get(k).copied());
+            qi += n;
+            e += n as u64;
+            c0 += n as u64;
         }
     }
     Ok(())
+}
+
+/// F8 E4M3 codes times `s`, as f16 bits into `out` (2 bytes a code), eight at a time:
+/// a normal code's f32 bits are its own shifted into place with the exponent rebased
+/// (`(b & 0x7f) << 20` plus 120 exponent steps), a subnormal's its mantissa times 2^-9,
+/// `0x7f` NaN (positive, as the table has it), the sign bit its own. Returns true when
+/// some output is infinite or NaN.
+///
+/// # Safety
+///
+/// The CPU must support AVX2 and F16C. Panics when `out` is shorter than `2 ·
+/// q.len()`.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,f16c")]
+unsafe fn e4m3_f16_run(q: &[u8], s: f32, out: &mut [u8]) -> bool {
+    use std::arch::x86_64::*;
+    let out = &mut out[..q.len() * 2];
+    let full = q.len() / 8 * 8;
+    let mut special = 0i32;
+    // SAFETY: loads of 8 bytes at q[i..i + 8] and stores of 16 bytes at out[2i..2i +
+    // 16] for i + 8 <= full <= q.len().
+    unsafe {
+        let sv = _mm256_set1_ps(s);
+        let mag = _mm256_set1_epi32(0x7f);
+        let rebase = _mm256_set1_epi32(120 << 23);
+        let sub_scale = _mm256_set1_ps(1.0 / 512.0);
+        let eight = _mm256_set1_epi32(8);
+        let nan = _mm256_set1_epi32(0x7fc0_0000);
+        let exp = _mm_set1_epi16(0x7c00);
+        for i in (0..full).step_by(8) {
+            let b = _mm256_cvtepu8_epi32(_mm_loadl_epi64(q.as_ptr().add(i).cast()));
+            let m = _mm256_and_si256(b, mag);
+            let sign = _mm256_slli_epi32::<24>(_mm256_andnot_si256(mag, b));
+            let normal = _mm256_add_epi32(_mm256_slli_epi32::<20>(m), rebase);
+            let sub = _mm256_castps_si256(_mm256_mul_ps(_mm256_cvtepi32_ps(m), sub_scale));
+            let is_sub = _mm256_cmpgt_epi32(eight, m);
+            let v = _mm256_or_si256(_mm256_blendv_epi8(normal, sub, is_sub), sign);
+            let v = _mm256_blendv_epi8(v, nan, _mm256_cmpeq_epi32(m, mag));
+            let h = _mm256_cvtps_ph::<0>(_mm256_mul_ps(_mm256_castsi256_ps(v), sv));
+            special |= _mm_movemask_epi8(_mm_cmpeq_epi16(_mm_and_si128(h, exp), exp));
+            _mm_storeu_si128(out.as_mut_ptr().add(2 * i).cast(), h);
+        }
+    }
+    let lut = table(Dtype::F8E4M3);
+    for (o, &b) in out[2 * full..].chunks_exact_mut(2).zip(&q[full..]) {
+        let h = f16::from_f32(lut[b as usize] * s).to_bits();
+        special |= (h & 0x7c00 == 0x7c00) as i32;
+        o.copy_from_slice(&h.to_le_bytes());
+    }
+    special != 0
 }
 
 /// compressed-tensors `pack-quantized`: rows of densely packed offset-binary codes.
@@ -825,6 +958,51 @@ mod tests {
                     want.to_bits(),
                     "{words} words, group {group}, value {i}"
                 );
+            }
+        }
+    }
+
+    /// Every E4M3 code, in runs of 0 to 21 codes (the 8-wide loop and its tail), times
+    /// scales that keep it finite, underflow it to f16 subnormals and zero, and overflow
+    /// it: each output is the table's value times the scale rounded once by the `half`
+    /// crate, and a run reports exactly when an output is infinite or NaN.
+    #[test]
+    #[cfg(target_arch = "x86_64")]
+    fn e4m3_f16_run_equals_the_table_times_the_scale_rounded_once() {
+        if !f16c() {
+            eprintln!("skipped: no AVX2 and F16C on this CPU");
+            return;
+        }
+        let lut = table(Dtype::F8E4M3);
+        let codes: Vec<u8> = (0..=255u8).chain((0..=255u8).rev()).collect();
+        for s in [
+            1.0f32,
+            3.7e-3,
+            1.0 / 448.0,
+            2.5e-7,
+            1e-12,
+            200.0,
+            -0.75,
+            0.0,
+        ] {
+            for len in 0..22usize {
+                for q in codes
+                    .chunks(len.max(1))
+                    .take(if len == 0 { 1 } else { usize::MAX })
+                {
+                    let q = &q[..len.min(q.len())];
+                    let mut out = vec![0xA5u8; q.len() * 2];
+                    // SAFETY: AVX2 and F16C are present (checked above).
+                    let special = unsafe { e4m3_f16_run(q, s, &mut out) };
+                    let mut any = false;
+                    for (i, &b) in q.iter().enumerate() {
+                        let want = f16::from_f32(lut[b as usize] * s);
+                        let got = u16::from_le_bytes([out[2 * i], out[2 * i + 1]]);
+                        assert_eq!(got, want.to_bits(), "code {b:#04x} scale {s}");
+                        any |= !want.is_finite();
+                    }
+                    assert_eq!(special, any, "{q:?} scale {s}");
+                }
             }
         }
     }
