@@ -17,7 +17,7 @@ mod mxfp4;
 use std::cell::RefCell;
 use std::sync::OnceLock;
 
-use half::{bf16, f16};
+use half::f16;
 
 use crate::cast::CastStats;
 use crate::dtype::Dtype;
@@ -126,18 +126,7 @@ fn e8m0(e: u8) -> Option<f32> {
 /// Scale-like values (f32, bf16, f16, E8M0 bytes, integers) as f32, appended to `out`.
 fn widen_scales(d: Dtype, b: &[u8], out: &mut Vec<f32>) {
     match d {
-        Dtype::F32 => out.extend(
-            b.chunks_exact(4)
-                .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]])),
-        ),
-        Dtype::Bf16 => out.extend(
-            b.chunks_exact(2)
-                .map(|c| bf16::from_le_bytes([c[0], c[1]]).to_f32()),
-        ),
-        Dtype::F16 => out.extend(
-            b.chunks_exact(2)
-                .map(|c| f16::from_le_bytes([c[0], c[1]]).to_f32()),
-        ),
+        Dtype::F32 | Dtype::Bf16 | Dtype::F16 => crate::cast::widen(d, b, out),
         Dtype::U8 | Dtype::F8E8M0 => out.extend(b.iter().map(|&e| e8m0(e).unwrap_or(f32::NAN))),
         Dtype::I8 => out.extend(b.iter().map(|&v| v as i8 as f32)),
         Dtype::I32 => out.extend(

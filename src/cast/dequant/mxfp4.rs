@@ -140,9 +140,9 @@ pub(super) fn mxfp4(
 
 /// MXFP4: output rows `[o0, o1)` straight into `out` as `to` (f16 or bf16) bits,
 /// little-endian, row `o` at `(o − o0) · R · 2`: what [`mxfp4`] and the cast after it
-/// give, bit for bit (a group whose scales keep every value normal in `to` is exact
-/// by integer arithmetic; any other group is multiplied in f32 and rounded to nearest
-/// even); returns the infinities, counted as the cast counts them.
+/// give, bit for bit (sixteen stored rows whose scales keep every value normal in `to`
+/// are exact by integer arithmetic; other rows are multiplied in f32 and rounded to
+/// nearest even); returns the infinities, counted as the cast counts them.
 pub(super) fn mxfp4_half(
     r: &Reader,
     m: &Mxfp4,
@@ -693,6 +693,49 @@ mod tests {
         Half(Half),
     }
 
+    /// What [`expert_rows`] decoded into each sink for output rows `[c0, c1)` of an
+    /// expert stored as `blocks` and `scales` (`key` its slab key).
+    struct Decoded {
+        done: std::result::Result<(), Fail>,
+        f32s: Vec<f32>,
+        bits: Vec<u8>,
+        stats: CastStats,
+    }
+
+    fn decode(
+        slab: &mut Slab,
+        key: (u64, TensorRef, u64),
+        (blocks, scales, g, rows): (&[u8], &[u8], u64, u64),
+        c0: u64,
+        c1: u64,
+        sink: Sink,
+    ) -> Decoded {
+        let n = ((c1 - c0) * rows) as usize;
+        let (mut f32s, mut bits) = (vec![f32::NAN; n], vec![0xA5u8; n * 2]);
+        let mut stats = CastStats::default();
+        let fill = |slab: &mut Slab, key: (u64, TensorRef, u64, u64)| {
+            let span = Span {
+                blocks,
+                scales,
+                groups: g,
+                rows,
+            };
+            slab.hold(key, 4, &span);
+            Ok(())
+        };
+        let each = |gr: &Group, at: u64| match sink {
+            Sink::F32 => group_f32(gr, &mut f32s[(at * rows) as usize..]),
+            Sink::Half(h) => group_half(gr, h, &mut bits[(at * rows * 2) as usize..], &mut stats),
+        };
+        let done = expert_rows(slab, key, 4, c0, c1, fill, each);
+        Decoded {
+            done,
+            f32s,
+            bits,
+            stats,
+        }
+    }
+
     /// Output rows of MXFP4 experts through slabs of 4 groups (9 groups: the last slab
     /// short; 37 stored rows: the last block of 16 short), in pieces that start and end
     /// inside groups and cross slabs, the two experts alternating (a slab of the other
@@ -758,28 +801,10 @@ mod tests {
             let mut seen = 0u64;
             for (c0, c1) in pieces {
                 for e in [0usize, 1, 0] {
-                    let n = ((c1 - c0) * rows) as usize;
-                    let (mut out, mut bits) = (vec![f32::NAN; n], vec![0xA5u8; n * 2]);
-                    let mut stats = CastStats::default();
-                    let fill = |slab: &mut Slab, key: (u64, TensorRef, u64, u64)| {
-                        let span = Span {
-                            blocks: &blocks[e],
-                            scales: &scales[e],
-                            groups: g,
-                            rows,
-                        };
-                        slab.hold(key, 4, &span);
-                        Ok(())
-                    };
-                    let each = |gr: &Group, at: u64| match sink {
-                        Sink::F32 => group_f32(gr, &mut out[(at * rows) as usize..]),
-                        Sink::Half(h) => {
-                            group_half(gr, h, &mut bits[(at * rows * 2) as usize..], &mut stats)
-                        }
-                    };
-                    let done =
-                        expert_rows(&mut slab, (7, blocks_ref, e as u64), 4, c0, c1, fill, each);
-                    assert!(done.is_ok(), "{sink:?}");
+                    let expert = (&blocks[e][..], &scales[e][..], g, rows);
+                    let d = decode(&mut slab, (7, blocks_ref, e as u64), expert, c0, c1, sink);
+                    let (out, bits) = (&d.f32s, &d.bits);
+                    assert!(d.done.is_ok(), "{sink:?}");
                     let mut want = CastStats::default();
                     for c in c0..c1.min(cols) {
                         for rr in 0..rows {
@@ -809,7 +834,7 @@ mod tests {
                             assert_eq!(got, exp, "{sink:?} e {e} c {c} row {rr} value {v}");
                         }
                     }
-                    assert_eq!(stats, want, "{sink:?} piece {c0}..{c1}");
+                    assert_eq!(d.stats, want, "{sink:?} piece {c0}..{c1}");
                     seen += want.overflow + want.inf;
                 }
             }
@@ -824,35 +849,16 @@ mod tests {
         let mut bad = normal[0].clone();
         bad[(20 * g + 6) as usize] = 255;
         for sink in sinks {
-            let mut out = vec![0f32; (cols * rows) as usize];
-            let mut bits = vec![0u8; (cols * rows * 2) as usize];
-            let mut stats = CastStats::default();
-            let fill = |slab: &mut Slab, key: (u64, TensorRef, u64, u64)| {
-                let span = Span {
-                    blocks: &blocks[0],
-                    scales: &bad,
-                    groups: g,
-                    rows,
-                };
-                slab.hold(key, 4, &span);
-                Ok(())
-            };
-            let each = |gr: &Group, at: u64| match sink {
-                Sink::F32 => group_f32(gr, &mut out[(at * rows) as usize..]),
-                Sink::Half(h) => {
-                    group_half(gr, h, &mut bits[(at * rows * 2) as usize..], &mut stats)
-                }
-            };
-            let done = expert_rows(
+            let expert = (&blocks[0][..], &bad[..], g, rows);
+            let d = decode(
                 &mut Slab::default(),
                 (8, blocks_ref, 0),
-                4,
+                expert,
                 0,
                 cols,
-                fill,
-                each,
+                sink,
             );
-            assert!(matches!(done, Err(Fail::NanScale(20, 6))), "{sink:?}");
+            assert!(matches!(d.done, Err(Fail::NanScale(20, 6))), "{sink:?}");
         }
     }
 
