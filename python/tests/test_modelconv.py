@@ -312,16 +312,20 @@ def read_reference(path):
             for k, v in h.items() if k != "__metadata__"}
 
 
-@pytest.mark.parametrize("name", ["fp8-block", "gptq-4bit-desc-act", "mxfp4", "ct-w4a16"])
-def test_prequantized_checkpoints_convert_and_read_back_unchanged(tmp_path, name):
+@pytest.mark.parametrize("dtype", ["f32", "f16"])
+@pytest.mark.parametrize("name", ["fp8-block", "gptq-4bit-desc-act", "gptq-4bit", "mxfp4", "ct-w4a16"])
+def test_prequantized_checkpoints_convert_and_read_back_unchanged(tmp_path, name, dtype):
+    # f16 takes the kernels that write f16 directly (FP8 E4M3, MXFP4): numpy's
+    # float32 -> float16 (round to nearest even) of the reference is the expected value.
     src = FIXTURES / "prequant" / name
     ref = read_reference(FIXTURES / "prequant" / f"{name}.reference.safetensors")
-    result = modelconv.ModelConverter(modelconv.ConversionConfig(dtype="f32")).convert(str(src), str(tmp_path / "o"))
+    result = modelconv.ModelConverter(modelconv.ConversionConfig(dtype=dtype)).convert(str(src), str(tmp_path / "o"))
     assert result.success and result.validation_passed, result.error_message
     f = modelconv.open(tmp_path / "o")
     for k, want in ref.items():
         got = f.get_tensor(k)
-        assert got.dtype == np.float32 and np.array_equal(got.view(np.uint32), want.view(np.uint32)), k
+        want = want.astype(np.float16) if dtype == "f16" else want
+        assert got.dtype == want.dtype and np.array_equal(got.view(np.uint8), want.view(np.uint8)), k
     assert json.loads((tmp_path / "o" / "metadata.json").read_text())["source_quantization"]["kept_quantized"] is False
 
 
