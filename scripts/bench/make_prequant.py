@@ -5,6 +5,8 @@ real key names) pre-quantized, for the dequantization bench: every linear layer 
   gptq   4-bit GPTQ, group 128 (`qweight`, `qzeros`, `scales` F16, `g_idx`)
   mxfp4  each MLP as one MXFP4 expert (`experts.gate_up_proj_blocks`/`_scales`,
          `experts.down_proj_blocks`/`_scales`, gpt-oss layout); attention stays bf16
+  ct     compressed-tensors pack-quantized int4, symmetric, group 32, BF16 scales
+         (`weight_packed`, `weight_scale`, `weight_shape`: Kimi-K2's W4A16 layout)
   bf16   the reference: the same layout in bf16
 
 with embeddings, norms and the LM head in bf16. Every variant dequantizes to the same
@@ -53,6 +55,14 @@ def stored(name, shape):
         yield stem + ".qzeros", "I32", (g, outs // 8), np.full((g, outs // 8), 0x77777777, np.uint32).tobytes()
         yield stem + ".scales", "F16", (g, outs), (rng.random((g, outs), dtype=np.float32) * 3e-3 + 1e-4).astype(np.float16).tobytes()
         yield stem + ".g_idx", "I32", (ins,), (np.arange(ins) // 128).astype(np.int32).tobytes()
+    elif scheme == "ct":
+        # Codes q + 8 in [0, 16), eight to a little-endian int32 word along the input.
+        q = rng.integers(0, 16, size=(r, c // 8, 8), dtype=np.uint32)
+        words = np.bitwise_or.reduce(q << (np.arange(8, dtype=np.uint32) * 4), axis=-1)
+        yield stem + ".weight_packed", "I32", (r, c // 8), words.astype(np.uint32).tobytes()
+        s = rng.random((r, c // 32), dtype=np.float32) * 3e-3 + 1e-4
+        yield stem + ".weight_scale", "BF16", (r, c // 32), (s.view(np.uint32) >> 16).astype(np.uint16).tobytes()
+        yield stem + ".weight_shape", "I64", (2,), np.array([r, c], np.int64).tobytes()
     elif scheme == "mxfp4":
         # gate and up become one expert's gate_up_proj [1, 2*MLP, H]; down_proj [1, H, MLP].
         base = stem.replace(".mlp.", ".mlp.experts.").rsplit(".", 1)[0]
@@ -101,7 +111,12 @@ def main():
     cfg = json.loads((out / "config.json").read_text())
     q = {"fp8": {"quant_method": "fp8", "fmt": "e4m3", "activation_scheme": "dynamic", "weight_block_size": [128, 128]},
          "gptq": {"quant_method": "gptq", "bits": 4, "group_size": 128, "desc_act": False, "sym": True, "checkpoint_format": "gptq"},
-         "mxfp4": {"quant_method": "mxfp4"}}.get(scheme)
+         "mxfp4": {"quant_method": "mxfp4"},
+         "ct": {"quant_method": "compressed-tensors", "format": "pack-quantized",
+                "config_groups": {"group_0": {"targets": ["Linear"], "weights": {
+                    "num_bits": 4, "type": "int", "strategy": "group", "group_size": 32,
+                    "symmetric": True, "actorder": None}}},
+                "ignore": ["lm_head"]}}.get(scheme)
     if q:
         cfg["quantization_config"] = q
     (out / "config.json").write_text(json.dumps(cfg, indent=2))

@@ -572,7 +572,9 @@ unsafe fn e4m3_f16_run(q: &[u8], s: f32, out: &mut [u8]) -> bool {
     special != 0
 }
 
-/// compressed-tensors `pack-quantized`: rows of densely packed offset-binary codes.
+/// compressed-tensors `pack-quantized`: rows of densely packed offset-binary codes,
+/// `(q − z) × s` with the codes' offset cancelling between `q` and `z` (no zero points:
+/// `z` is the offset). Whole 4-bit rows in input order take the AVX2 row kernel.
 fn packed(
     r: &Reader,
     p: &Packed,
@@ -593,7 +595,7 @@ fn packed(
     let w: Vec<u32> = words(wb).collect();
     let mut sv = Vec::new();
     r.scales(p.scale, o0 * p.groups, (o1 - o0) * p.groups, sb, &mut sv)?;
-    let offset = 1i32 << (p.bits - 1);
+    let offset = 1u32 << (p.bits - 1);
     // Zero points: packed along the output, column g's bitstream over the rows.
     let zeros: Option<Vec<u32>> = match p.zero {
         Some(z) => {
@@ -606,7 +608,15 @@ fn packed(
         Some(g) => Some(r.groups(g, p.groups, gb)?),
         None => None,
     };
-    let zrows = (p.rows * p.bits as u64).div_ceil(32);
+    let groups = p.groups as usize;
+    // The zero code of each group for the row at hand, as an integer and as f32.
+    let (mut zi, mut zf) = (vec![offset; groups], vec![offset as f32; groups]);
+    #[cfg(target_arch = "x86_64")]
+    let whole_rows = gi.is_none()
+        && p.bits == 4
+        && cols.is_multiple_of(8)
+        && p.group.is_multiple_of(8)
+        && avx2();
     out.reserve(count as usize);
     for o in o0..o1 {
         let row = &w[((o - o0) * p.row_words) as usize..((o - o0 + 1) * p.row_words) as usize];
@@ -617,23 +627,36 @@ fn packed(
             cols
         };
         let srow = &sv[((o - o0) * p.groups) as usize..((o - o0 + 1) * p.groups) as usize];
+        if let Some(zw) = &zeros {
+            // Word k of column g is zw[k · groups + g]; row o starts at bit o · bits.
+            let (at, bits) = (o * p.bits as u64, p.bits);
+            let (k, off) = ((at / 32) as usize, (at % 32) as u32);
+            for (g, (zi, zf)) in zi.iter_mut().zip(zf.iter_mut()).enumerate() {
+                let word = |k: usize| zw.get(k * groups + g).copied().unwrap_or(0);
+                let mut v = word(k) >> off;
+                if off + bits > 32 {
+                    v |= word(k + 1) << (32 - off);
+                }
+                *zi = v & ((1u32 << bits) - 1);
+                *zf = *zi as f32;
+            }
+        }
+        #[cfg(target_arch = "x86_64")]
+        if whole_rows && i0 == 0 && i1 == cols {
+            let at = out.len();
+            out.resize(at + cols as usize, 0.0);
+            // SAFETY: the CPU has AVX2 (checked at run time); the row's words hold its
+            // `cols` codes, eight a word.
+            unsafe { int4_row_avx2(row, &mut out[at..], srow, &zf, p.group as usize) };
+            continue;
+        }
         for i in i0..i1 {
             let g = match &gi {
-                Some(gi) => gi[i as usize] as u64,
-                None => i / p.group,
+                Some(gi) => gi[i as usize] as usize,
+                None => (i / p.group) as usize,
             };
-            let q = bitstream(row, i, p.bits) as i32 - offset;
-            let z = match &zeros {
-                // Word (k, g) of the [zrows, groups] packed zeros; row o at bit o·bits.
-                Some(zw) => {
-                    let col: Vec<u32> = (0..zrows)
-                        .map(|k| zw[(k * p.groups + g) as usize])
-                        .collect();
-                    bitstream(&col, o, p.bits) as i32 - offset
-                }
-                None => 0,
-            };
-            out.push((q - z) as f32 * srow[g as usize]);
+            let q = bitstream(row, i, p.bits) as i32;
+            out.push((q - zi[g] as i32) as f32 * srow[g]);
         }
     }
     Ok(())
@@ -717,7 +740,7 @@ fn gptq(
         #[cfg(target_arch = "x86_64")]
         if plain && bits == 4 && avx2() {
             // SAFETY: the CPU has AVX2 (checked at run time).
-            unsafe { gptq4_row_avx2(w, out, s, z, g.group as usize) };
+            unsafe { int4_row_avx2(w, out, s, z, g.group as usize) };
             continue;
         }
         if plain {
@@ -747,7 +770,8 @@ fn gptq(
     Ok(())
 }
 
-/// One output row of 4-bit GPTQ in input order (group `group`, a multiple of 8):
+/// One output row of 4-bit codes in input order (GPTQ's, compressed-tensors'; group
+/// `group`, a multiple of 8):
 /// `out[8k + j] = (nibble j of w[k] − z) × s` in f32, with the group's `s` and `z`, eight
 /// values per word with AVX2 (the scalar loop's arithmetic, the same two roundings).
 ///
@@ -757,7 +781,7 @@ fn gptq(
 /// `8 · w.len()` or the groups do not cover the row.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2")]
-unsafe fn gptq4_row_avx2(w: &[u32], out: &mut [f32], s: &[f32], z: &[f32], group: usize) {
+unsafe fn int4_row_avx2(w: &[u32], out: &mut [f32], s: &[f32], z: &[f32], group: usize) {
     use std::arch::x86_64::*;
     let per = group / 8;
     assert!(per > 0 && out.len() >= w.len() * 8 && s.len().min(z.len()) * per >= w.len());
@@ -847,23 +871,49 @@ pub(crate) unsafe fn release(source: &Source, d: &Dequantized, first: u64, count
         // SAFETY: forwarded to the caller.
         unsafe { source.shards[r.shard].release_bytes(info(r), at, len) }
     };
+    let whole = |r: TensorRef| rel(r, 0, info(r).len);
     let end = first + count;
+    // The piece that ends the weight releases its scale-like components whole (their
+    // pages a piece shares with the next are not released by the piece).
+    let last = end == d.info.numel;
     match &d.kernel {
-        Kernel::Grid(g) => rel(g.q, first, count),
+        Kernel::Grid(g) => {
+            rel(g.q, first, count);
+            if last {
+                [Some(g.scale), g.zero]
+                    .into_iter()
+                    .flatten()
+                    .for_each(whole);
+            }
+        }
         Kernel::Packed(p) => {
             let cols = p.cols.max(1);
             let (o0, o1) = (first.div_ceil(cols), end / cols);
             if o1 > o0 {
                 rel(p.packed, o0 * p.row_words * 4, (o1 - o0) * p.row_words * 4);
+                // Int4 codes with a BF16 scale per 32 (Kimi-K2's W4A16): the scales are
+                // an eighth of the input, released with their rows.
+                let es = info(p.scale).dtype.size() as u64;
+                rel(p.scale, o0 * p.groups * es, (o1 - o0) * p.groups * es);
+            }
+            if last {
+                [Some(p.scale), p.zero, p.g_idx]
+                    .into_iter()
+                    .flatten()
+                    .for_each(whole);
             }
         }
-        Kernel::Gptq(g) if end == d.info.numel => rel(g.qweight, 0, info(g.qweight).len),
-        Kernel::Awq(a) if end == d.info.numel => rel(a.qweight, 0, info(a.qweight).len),
+        Kernel::Gptq(g) if last => [Some(g.qweight), Some(g.scales), g.qzeros, g.g_idx]
+            .into_iter()
+            .flatten()
+            .for_each(whole),
+        Kernel::Awq(a) if last => [a.qweight, a.qzeros, a.scales].into_iter().for_each(whole),
         Kernel::Mxfp4(m) => {
             let per = m.groups * 32 * m.rows;
             for e in first / per..end / per {
                 if (e + 1) * per <= end {
                     rel(m.blocks, e * m.rows * m.groups * 16, m.rows * m.groups * 16);
+                    rel(m.scales, e * m.rows * m.groups, m.rows * m.groups);
                     mxfp4::drop_slab(source, m, e);
                 }
             }
@@ -913,11 +963,11 @@ mod tests {
         assert_eq!(e8m0(255), None);
     }
 
-    /// The AVX2 4-bit GPTQ row against the formula, scalar, with groups of 8, 128 and
+    /// The AVX2 4-bit row against the formula, scalar, with groups of 8, 128 and
     /// a last group cut short, zero points on both sides of the codes.
     #[test]
     #[cfg(target_arch = "x86_64")]
-    fn gptq4_row_avx2_equals_the_formula() {
+    fn int4_row_avx2_equals_the_formula() {
         if !avx2() {
             eprintln!("skipped: no AVX2 on this CPU");
             return;
@@ -938,7 +988,7 @@ mod tests {
             let z: Vec<f32> = (0..groups).map(|_| (next() % 17) as f32).collect();
             let mut out = vec![f32::NAN; words * 8];
             // SAFETY: AVX2 is present (checked above).
-            unsafe { gptq4_row_avx2(&w, &mut out, &s, &z, group) };
+            unsafe { int4_row_avx2(&w, &mut out, &s, &z, group) };
             for (i, v) in out.iter().enumerate() {
                 let q = (w[i / 8] >> (4 * (i % 8))) & 15;
                 let want = (q as f32 - z[i / group]) * s[i / group];
