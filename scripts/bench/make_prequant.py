@@ -7,6 +7,8 @@ real key names) pre-quantized, for the dequantization bench: every linear layer 
          `experts.down_proj_blocks`/`_scales`, gpt-oss layout); attention stays bf16
   ct     compressed-tensors pack-quantized int4, symmetric, group 32, BF16 scales
          (`weight_packed`, `weight_scale`, `weight_shape`: Kimi-K2's W4A16 layout)
+  awq    AWQ GEMM 4-bit, group 128 (`qweight` [in, out/8] in AWQ's nibble order,
+         `qzeros`, `scales` F16)
   bf16   the reference: the same layout in bf16
 
 with embeddings, norms and the LM head in bf16. Every variant dequantizes to the same
@@ -55,6 +57,12 @@ def stored(name, shape):
         yield stem + ".qzeros", "I32", (g, outs // 8), np.full((g, outs // 8), 0x77777777, np.uint32).tobytes()
         yield stem + ".scales", "F16", (g, outs), (rng.random((g, outs), dtype=np.float32) * 3e-3 + 1e-4).astype(np.float16).tobytes()
         yield stem + ".g_idx", "I32", (ins,), (np.arange(ins) // 128).astype(np.int32).tobytes()
+    elif scheme == "awq":
+        ins, outs = c, r
+        g = ins // 128
+        yield stem + ".qweight", "I32", (ins, outs // 8), rng.integers(0, 2**32, size=(ins, outs // 8), dtype=np.uint32).tobytes()
+        yield stem + ".qzeros", "I32", (g, outs // 8), rng.integers(0, 2**32, size=(g, outs // 8), dtype=np.uint32).tobytes()
+        yield stem + ".scales", "F16", (g, outs), (rng.random((g, outs), dtype=np.float32) * 3e-3 + 1e-4).astype(np.float16).tobytes()
     elif scheme == "ct":
         # Codes q + 8 in [0, 16), eight to a little-endian int32 word along the input.
         q = rng.integers(0, 16, size=(r, c // 8, 8), dtype=np.uint32)
@@ -112,6 +120,7 @@ def main():
     q = {"fp8": {"quant_method": "fp8", "fmt": "e4m3", "activation_scheme": "dynamic", "weight_block_size": [128, 128]},
          "gptq": {"quant_method": "gptq", "bits": 4, "group_size": 128, "desc_act": False, "sym": True, "checkpoint_format": "gptq"},
          "mxfp4": {"quant_method": "mxfp4"},
+         "awq": {"quant_method": "awq", "bits": 4, "group_size": 128, "zero_point": True, "version": "gemm"},
          "ct": {"quant_method": "compressed-tensors", "format": "pack-quantized",
                 "config_groups": {"group_0": {"targets": ["Linear"], "weights": {
                     "num_bits": 4, "type": "int", "strategy": "group", "group_size": 32,
