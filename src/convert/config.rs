@@ -250,12 +250,14 @@ impl ConvertConfig {
                 .saturating_mul(self.inflight_per_thread)
                 .saturating_mul(self.row_group_bytes),
             held_bytes: 0,
-            // A group's cast buffer (its rows and their page leads) or its compressed
-            // pages (at most the codec's bound), or a row of up to two row groups (a
-            // small model's MLP rows: kept, the next layer's rows reuse them instead of
-            // fragmenting the allocator with fresh ones).
-            pool_max_bytes: 2 * self.pool_buffer_bytes(),
-            // The chunk buffers of the groups in flight, a cast buffer per thread, a spare.
+            // Also a row of up to two row groups (a small model's MLP rows): kept, the
+            // next layer's rows reuse it instead of fragmenting the allocator with fresh
+            // ones; in low-memory mode row-group-sized buffers only.
+            pool_max_bytes: if self.low_memory() {
+                self.pool_buffer_bytes()
+            } else {
+                2 * self.pool_buffer_bytes()
+            },
             pool_keep: self.pool_keep(),
             // As many row-group-sized buffers: larger ones count for more.
             pool_total_bytes: (self.pool_keep() as u64).saturating_mul(self.pool_buffer_bytes()),
