@@ -6,7 +6,10 @@
 //! arithmetic in f32, the code times its scale with the zero point subtracted first
 //! where there is one. The cast stage then rounds these values once to the target
 //! dtype with the usual policy (RNE, overflow checked), or quantizes them to int8.
-//! Nothing holds a whole tensor in f32: a piece is about 1 MiB of values.
+//! Nothing holds a whole tensor in f32: a piece is about 1 MiB of values. Where a
+//! kernel can write the target type itself ([`fill_half`]: MXFP4 into f16 or bf16, an
+//! FP8 E4M3 grid into f16), it does, bit for bit what the f32 values and the cast give,
+//! with what the cast would have counted.
 //!
 //! A scale that is NaN or infinite (an E8M0 255, a corrupt f32), and a `g_idx` past
 //! the group count, are errors naming the tensor: the value they would make is not the
