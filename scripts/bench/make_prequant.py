@@ -3,6 +3,7 @@ real key names) pre-quantized, for the dequantization bench: every linear layer 
 
   fp8    F8_E4M3 codes + F32 `weight_scale_inv` per 128x128 block (DeepSeek-V3 style)
   gptq   4-bit GPTQ, group 128 (`qweight`, `qzeros`, `scales` F16, `g_idx`)
+  gptq-act  the same with `desc_act`: `g_idx` a permutation of the groups
   mxfp4  each MLP as one MXFP4 expert (`experts.gate_up_proj_blocks`/`_scales`,
          `experts.down_proj_blocks`/`_scales`, gpt-oss layout); attention stays bf16
   ct     compressed-tensors pack-quantized int4, symmetric, group 32, BF16 scales
@@ -50,13 +51,16 @@ def stored(name, shape):
         grid = (-(-r // 128), -(-c // 128))
         s = (rng.random(grid, dtype=np.float32) * 1e-4 + 1e-5).astype(np.float32)
         yield stem + ".weight_scale_inv", "F32", grid, s.tobytes()
-    elif scheme == "gptq":
+    elif scheme in ("gptq", "gptq-act"):
         ins, outs = c, r
         g = ins // 128
         yield stem + ".qweight", "I32", (ins // 8, outs), rng.integers(0, 2**32, size=(ins // 8, outs), dtype=np.uint32).tobytes()
         yield stem + ".qzeros", "I32", (g, outs // 8), np.full((g, outs // 8), 0x77777777, np.uint32).tobytes()
         yield stem + ".scales", "F16", (g, outs), (rng.random((g, outs), dtype=np.float32) * 3e-3 + 1e-4).astype(np.float16).tobytes()
-        yield stem + ".g_idx", "I32", (ins,), (np.arange(ins) // 128).astype(np.int32).tobytes()
+        g_idx = np.arange(ins) // 128
+        if scheme == "gptq-act":
+            g_idx = rng.permutation(g_idx)
+        yield stem + ".g_idx", "I32", (ins,), g_idx.astype(np.int32).tobytes()
     elif scheme == "awq":
         ins, outs = c, r
         g = ins // 128
@@ -119,6 +123,7 @@ def main():
     cfg = json.loads((out / "config.json").read_text())
     q = {"fp8": {"quant_method": "fp8", "fmt": "e4m3", "activation_scheme": "dynamic", "weight_block_size": [128, 128]},
          "gptq": {"quant_method": "gptq", "bits": 4, "group_size": 128, "desc_act": False, "sym": True, "checkpoint_format": "gptq"},
+         "gptq-act": {"quant_method": "gptq", "bits": 4, "group_size": 128, "desc_act": True, "sym": True, "checkpoint_format": "gptq"},
          "mxfp4": {"quant_method": "mxfp4"},
          "awq": {"quant_method": "awq", "bits": 4, "group_size": 128, "zero_point": True, "version": "gemm"},
          "ct": {"quant_method": "compressed-tensors", "format": "pack-quantized",

@@ -397,6 +397,106 @@ fn transposed(
     Ok(())
 }
 
+/// A piece of GPTQ 4-bit codes (any `g_idx` order): the stored words `[ins / 8, outs]`
+/// (bytes), the tile's first output `o0` and `width` outputs, and the tile's scales and
+/// zero points transposed, `[groups][width]`.
+#[cfg(target_arch = "x86_64")]
+struct GidxTile<'a> {
+    words: &'a [u8],
+    outs: usize,
+    o0: usize,
+    gi: &'a [u32],
+    st: &'a [f32],
+    zt: &'a [f32],
+    width: usize,
+    ins: usize,
+}
+
+/// Tile rows `oo..oo + 8` of `t` into `out` (row `r` at `r · ins`): for each block of
+/// eight inputs, the eight rows' words are one load; input `j`'s codes for the eight
+/// rows are one shift, its group's scales and zero points for them two loads, the
+/// value `(q − z) × s` in f32 (the scalar arithmetic); an 8 × 8 transpose then gives
+/// each row its eight values, one store.
+///
+/// # Safety
+///
+/// The CPU must support AVX2, and every entry of `t.gi` must be below the group count
+/// (`t.st.len() / t.width`). Panics (before any store) when a stored word, a `g_idx`
+/// entry or an output the rows need is out of range.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2")]
+unsafe fn gptq4_gidx_rows8_avx2(t: &GidxTile, oo: usize, out: &mut [f32]) {
+    use std::arch::x86_64::*;
+    let kw = t.ins / 8;
+    assert!(
+        oo + 8 <= t.width && t.st.len() == t.zt.len() && t.st.len().is_multiple_of(t.width.max(1))
+    );
+    assert!(t.gi.len() >= kw * 8 && out.len() >= 7 * t.ins + kw * 8);
+    assert!(kw == 0 || ((kw - 1) * t.outs + t.o0 + oo + 8) * 4 <= t.words.len());
+    // SAFETY: for k < kw: a load of 8 words at word (k · outs + o0 + oo) of `words`
+    // (inside by the third assert); loads of 8 f32 at st/zt[g · width + oo..] for g
+    // below the group count (the caller's promise; oo + 8 <= width); stores of 8 f32
+    // at out[r · ins + 8k..] for r < 8 (inside by the second assert).
+    unsafe {
+        let mask = _mm256_set1_epi32(15);
+        for k in 0..kw {
+            let at = (k * t.outs + t.o0 + oo) * 4;
+            let w = _mm256_loadu_si256(t.words.as_ptr().add(at).cast());
+            let mut v = [_mm256_setzero_ps(); 8];
+            for (j, v) in v.iter_mut().enumerate() {
+                let g = t.gi[8 * k + j] as usize * t.width + oo;
+                let q =
+                    _mm256_and_si256(_mm256_srlv_epi32(w, _mm256_set1_epi32(4 * j as i32)), mask);
+                let zv = _mm256_loadu_ps(t.zt.as_ptr().add(g));
+                let sv = _mm256_loadu_ps(t.st.as_ptr().add(g));
+                *v = _mm256_mul_ps(_mm256_sub_ps(_mm256_cvtepi32_ps(q), zv), sv);
+            }
+            for (r, row) in transpose8_avx2(v).into_iter().enumerate() {
+                _mm256_storeu_ps(out.as_mut_ptr().add(r * t.ins + 8 * k), row);
+            }
+        }
+    }
+}
+
+/// The transpose of an 8 × 8 block of f32 held in eight registers (row `i` of the
+/// result is lane `i` of each input, in order).
+///
+/// # Safety
+///
+/// The CPU must support AVX2.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2")]
+#[inline]
+unsafe fn transpose8_avx2(a: [std::arch::x86_64::__m256; 8]) -> [std::arch::x86_64::__m256; 8] {
+    use std::arch::x86_64::*;
+    let t0 = _mm256_unpacklo_ps(a[0], a[1]);
+    let t1 = _mm256_unpackhi_ps(a[0], a[1]);
+    let t2 = _mm256_unpacklo_ps(a[2], a[3]);
+    let t3 = _mm256_unpackhi_ps(a[2], a[3]);
+    let t4 = _mm256_unpacklo_ps(a[4], a[5]);
+    let t5 = _mm256_unpackhi_ps(a[4], a[5]);
+    let t6 = _mm256_unpacklo_ps(a[6], a[7]);
+    let t7 = _mm256_unpackhi_ps(a[6], a[7]);
+    let u0 = _mm256_shuffle_ps::<0x44>(t0, t2);
+    let u1 = _mm256_shuffle_ps::<0xEE>(t0, t2);
+    let u2 = _mm256_shuffle_ps::<0x44>(t1, t3);
+    let u3 = _mm256_shuffle_ps::<0xEE>(t1, t3);
+    let u4 = _mm256_shuffle_ps::<0x44>(t4, t6);
+    let u5 = _mm256_shuffle_ps::<0xEE>(t4, t6);
+    let u6 = _mm256_shuffle_ps::<0x44>(t5, t7);
+    let u7 = _mm256_shuffle_ps::<0xEE>(t5, t7);
+    [
+        _mm256_permute2f128_ps::<0x20>(u0, u4),
+        _mm256_permute2f128_ps::<0x20>(u1, u5),
+        _mm256_permute2f128_ps::<0x20>(u2, u6),
+        _mm256_permute2f128_ps::<0x20>(u3, u7),
+        _mm256_permute2f128_ps::<0x31>(u0, u4),
+        _mm256_permute2f128_ps::<0x31>(u1, u5),
+        _mm256_permute2f128_ps::<0x31>(u2, u6),
+        _mm256_permute2f128_ps::<0x31>(u3, u7),
+    ]
+}
+
 /// One AWQ output row: `out[i] = (nibble (shift / 4) of col[i] − z) × s` in f32, with
 /// group `i / group`'s `s` and `z` (the loop vectorizes: one shift for the row).
 #[inline(always)]
@@ -737,21 +837,9 @@ fn gptq(
         Some(t) => r.groups(t, g.groups, gb)?,
         None => (0..ins).map(|i| (i / g.group) as u32).collect(),
     };
-    // The tile's packed columns, transposed: `wt[oo][k]`.
     let packed = (ins * g.bits as u64 / 32) as usize;
     let qt = r.info(g.qweight);
     let all = r.bytes_read(g.qweight, 0, qt.len, qb, o0 == 0)?;
-    let mut wt = vec![0u32; width * packed];
-    // Sixteen packed rows at a time, each read in order: each tile row gets 64
-    // contiguous bytes.
-    for k0 in (0..packed).step_by(16) {
-        for k in k0..(k0 + 16).min(packed) {
-            let at = (k as u64 * outs + o0) as usize * 4;
-            for (oo, b) in all[at..at + width * 4].chunks_exact(4).enumerate() {
-                wt[oo * packed + k] = u32::from_le_bytes([b[0], b[1], b[2], b[3]]);
-            }
-        }
-    }
     let bits = g.bits as usize;
     let mask = (1u32 << g.bits) - 1;
     // Groups in input order (no `g_idx`, or one that is `i / group`): one scale and
@@ -763,8 +851,58 @@ fn gptq(
             .iter()
             .enumerate()
             .all(|(i, &x)| x as u64 == i as u64 / g.group);
-    for oo in 0..width {
-        let w = &wt[oo * packed..(oo + 1) * packed];
+    // 4-bit codes with AVX2: eight tile rows at a time straight from the stored words
+    // (`blocks` rows; any `g_idx` order), the rest one by one.
+    #[cfg(target_arch = "x86_64")]
+    let blocks = if bits == 4 && ins.is_multiple_of(8) && avx2() {
+        width / 8 * 8
+    } else {
+        0
+    };
+    #[cfg(not(target_arch = "x86_64"))]
+    let blocks = 0;
+    #[cfg(target_arch = "x86_64")]
+    if blocks > 0 {
+        let mut st = vec![0f32; groups * width];
+        let mut zt = vec![0f32; groups * width];
+        for oo in 0..width {
+            for k in 0..groups {
+                st[k * width + oo] = scale[oo * groups + k];
+                zt[k * width + oo] = zero[oo * groups + k];
+            }
+        }
+        let t = GidxTile {
+            words: all,
+            outs: outs as usize,
+            o0: o0 as usize,
+            gi: &gi,
+            st: &st,
+            zt: &zt,
+            width,
+            ins: ins as usize,
+        };
+        for oo in (0..blocks).step_by(8) {
+            // SAFETY: the CPU has AVX2 (checked above); every `g_idx` entry is below the
+            // group count (`Reader::groups`).
+            unsafe { gptq4_gidx_rows8_avx2(&t, oo, &mut tile[oo * ins as usize..]) };
+        }
+    }
+    // The other rows' packed columns, transposed: `wt[oo − blocks][k]`, sixteen packed
+    // rows at a time, each read in order: each tile row gets 64 contiguous bytes.
+    let mut wt = vec![0u32; (width - blocks) * packed];
+    for k0 in (0..packed).step_by(16) {
+        for k in k0..(k0 + 16).min(packed) {
+            let at = (k as u64 * outs + o0) as usize * 4;
+            for (oo, b) in all[at + blocks * 4..at + width * 4]
+                .chunks_exact(4)
+                .enumerate()
+            {
+                wt[oo * packed + k] = u32::from_le_bytes([b[0], b[1], b[2], b[3]]);
+            }
+        }
+    }
+    for oo in blocks..width {
+        let w = &wt[(oo - blocks) * packed..(oo - blocks + 1) * packed];
         let out = &mut tile[oo * ins as usize..(oo + 1) * ins as usize];
         let (s, z) = (
             &scale[oo * groups..(oo + 1) * groups],
@@ -1091,6 +1229,57 @@ mod tests {
                         any |= !want.is_finite();
                     }
                     assert_eq!(special, any, "{q:?} scale {s}");
+                }
+            }
+        }
+    }
+
+    /// Eight GPTQ 4-bit tile rows with a permuted `g_idx` against the formula, from
+    /// stored words `[ins / 8, outs]` with the tile at an offset inside them.
+    #[test]
+    #[cfg(target_arch = "x86_64")]
+    fn gptq4_gidx_rows8_avx2_equals_the_formula() {
+        if !avx2() {
+            eprintln!("skipped: no AVX2 on this CPU");
+            return;
+        }
+        let (ins, outs, groups, width, o0) = (48usize, 40usize, 5usize, 16usize, 8usize);
+        let words: Vec<u32> = (0..(ins / 8 * outs) as u32)
+            .map(|i| i.wrapping_mul(0x2545_F491) ^ 0x5A5A_A5A5)
+            .collect();
+        let bytes: Vec<u8> = words.iter().flat_map(|w| w.to_le_bytes()).collect();
+        let gi: Vec<u32> = (0..ins)
+            .map(|i| ((i * 7 + i / 3) % groups) as u32)
+            .collect();
+        let st: Vec<f32> = (0..groups * width)
+            .map(|k| f16::from_f32(0.003 * (k as f32 + 0.7)).to_f32())
+            .collect();
+        let zt: Vec<f32> = (0..groups * width).map(|k| (k * 3 % 16) as f32).collect();
+        let t = GidxTile {
+            words: &bytes,
+            outs,
+            o0,
+            gi: &gi,
+            st: &st,
+            zt: &zt,
+            width,
+            ins,
+        };
+        for oo in [0, 8] {
+            let mut out = vec![f32::NAN; 8 * ins];
+            // SAFETY: AVX2 is present (checked above); every gi entry is below 5.
+            unsafe { gptq4_gidx_rows8_avx2(&t, oo, &mut out) };
+            for r in 0..8 {
+                for i in 0..ins {
+                    let word = words[(i / 8) * outs + o0 + oo + r];
+                    let (q, g) = ((word >> (4 * (i % 8))) & 15, gi[i] as usize);
+                    let (s, z) = (st[g * width + oo + r], zt[g * width + oo + r]);
+                    let want = (q as f32 - z) * s;
+                    assert_eq!(
+                        out[r * ins + i].to_bits(),
+                        want.to_bits(),
+                        "row {oo}+{r} input {i}"
+                    );
                 }
             }
         }

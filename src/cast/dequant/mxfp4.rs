@@ -373,34 +373,16 @@ unsafe fn transpose_group_avx2(dec: &[[f32; 32]; 16], out: &mut [f32], stride: u
             // stores of 8 f32 at out[(8kb + i) · stride + 8rb..] (inside by the assert).
             unsafe {
                 let ld = |i: usize| _mm256_loadu_ps(dec[8 * rb + i].as_ptr().add(8 * kb));
-                let (a0, a1, a2, a3) = (ld(0), ld(1), ld(2), ld(3));
-                let (a4, a5, a6, a7) = (ld(4), ld(5), ld(6), ld(7));
-                let t0 = _mm256_unpacklo_ps(a0, a1);
-                let t1 = _mm256_unpackhi_ps(a0, a1);
-                let t2 = _mm256_unpacklo_ps(a2, a3);
-                let t3 = _mm256_unpackhi_ps(a2, a3);
-                let t4 = _mm256_unpacklo_ps(a4, a5);
-                let t5 = _mm256_unpackhi_ps(a4, a5);
-                let t6 = _mm256_unpacklo_ps(a6, a7);
-                let t7 = _mm256_unpackhi_ps(a6, a7);
-                let u0 = _mm256_shuffle_ps::<0x44>(t0, t2);
-                let u1 = _mm256_shuffle_ps::<0xEE>(t0, t2);
-                let u2 = _mm256_shuffle_ps::<0x44>(t1, t3);
-                let u3 = _mm256_shuffle_ps::<0xEE>(t1, t3);
-                let u4 = _mm256_shuffle_ps::<0x44>(t4, t6);
-                let u5 = _mm256_shuffle_ps::<0xEE>(t4, t6);
-                let u6 = _mm256_shuffle_ps::<0x44>(t5, t7);
-                let u7 = _mm256_shuffle_ps::<0xEE>(t5, t7);
-                let rows = [
-                    _mm256_permute2f128_ps::<0x20>(u0, u4),
-                    _mm256_permute2f128_ps::<0x20>(u1, u5),
-                    _mm256_permute2f128_ps::<0x20>(u2, u6),
-                    _mm256_permute2f128_ps::<0x20>(u3, u7),
-                    _mm256_permute2f128_ps::<0x31>(u0, u4),
-                    _mm256_permute2f128_ps::<0x31>(u1, u5),
-                    _mm256_permute2f128_ps::<0x31>(u2, u6),
-                    _mm256_permute2f128_ps::<0x31>(u3, u7),
-                ];
+                let rows = super::transpose8_avx2([
+                    ld(0),
+                    ld(1),
+                    ld(2),
+                    ld(3),
+                    ld(4),
+                    ld(5),
+                    ld(6),
+                    ld(7),
+                ]);
                 for (i, v) in rows.into_iter().enumerate() {
                     let p = out.as_mut_ptr().add((8 * kb + i) * stride + 8 * rb);
                     _mm256_storeu_ps(p, v);
