@@ -150,11 +150,18 @@ fn words(b: &[u8]) -> impl Iterator<Item = u32> + '_ {
 /// may straddle two words).
 #[inline]
 fn bitstream(w: &[u32], i: u64, bits: u32) -> u32 {
+    bits_at(|k| w.get(k).copied().unwrap_or(0), i, bits)
+}
+
+/// Value `i` of a little-endian bitstream of `bits`-bit values whose word `k` is
+/// `word(k)`.
+#[inline(always)]
+fn bits_at(word: impl Fn(usize) -> u32, i: u64, bits: u32) -> u32 {
     let p = i * bits as u64;
     let (k, off) = ((p / 32) as usize, (p % 32) as u32);
-    let lo = w.get(k).copied().unwrap_or(0) >> off;
+    let lo = word(k) >> off;
     let v = if off + bits > 32 {
-        lo | (w.get(k + 1).copied().unwrap_or(0) << (32 - off))
+        lo | (word(k + 1) << (32 - off))
     } else {
         lo
     };
@@ -311,9 +318,9 @@ pub(crate) fn fill(
 
 /// Fills `dst` with elements `[first, first + count)` of `d` cast to `to`, where the
 /// kernel writes that type directly (MXFP4 into f16 or bf16, in whole output rows; an
-/// F8 E4M3 grid without zero points into f16),
-/// bit for bit what [`fill`] and the cast give, and returns what the cast would have
-/// seen; `None` (nothing written) where it does not.
+/// F8 E4M3 grid without zero points into f16), bit for bit what [`fill`] and the cast
+/// give, and returns what the cast would have seen; `None` (nothing written) where it
+/// does not.
 ///
 /// # Errors
 ///
@@ -326,37 +333,35 @@ pub(crate) fn fill_half(
     count: u64,
     dst: &mut [u8],
 ) -> Result<Option<CastStats>> {
-    if count == 0 {
-        return Ok(None);
-    }
-    let half = match to {
-        Dtype::F16 => mxfp4::Half::F16,
-        Dtype::Bf16 => mxfp4::Half::Bf16,
-        _ => return Ok(None),
-    };
-    #[cfg(target_arch = "x86_64")]
-    if let Kernel::Grid(g) = &d.kernel {
-        let r = Reader { source, d };
-        if to != Dtype::F16
-            || g.zero.is_some()
-            || r.info(g.q).dtype != Dtype::F8E4M3
-            || !f16c()
-            || dst.len() as u64 != count * 2
-        {
-            return Ok(None);
-        }
-        return with_bufs(|bufs| grid_f16(&r, g, first, count, bufs, dst)).map(Some);
-    }
-    let Kernel::Mxfp4(m) = &d.kernel else {
-        return Ok(None);
-    };
-    let row = m.rows.max(1);
-    if !first.is_multiple_of(row) || !count.is_multiple_of(row) || dst.len() as u64 != count * 2 {
+    if count == 0 || dst.len() as u64 != count * 2 {
         return Ok(None);
     }
     let r = Reader { source, d };
-    let (o0, o1) = (first / row, (first + count) / row);
-    with_bufs(|bufs| mxfp4::mxfp4_half(&r, m, o0, o1, bufs, half, dst)).map(Some)
+    match &d.kernel {
+        #[cfg(target_arch = "x86_64")]
+        Kernel::Grid(g)
+            if to == Dtype::F16
+                && g.zero.is_none()
+                && r.info(g.q).dtype == Dtype::F8E4M3
+                && f16c() =>
+        {
+            with_bufs(|bufs| grid_f16(&r, g, first, count, bufs, dst)).map(Some)
+        }
+        Kernel::Mxfp4(m) => {
+            let half = match to {
+                Dtype::F16 => mxfp4::Half::F16,
+                Dtype::Bf16 => mxfp4::Half::Bf16,
+                _ => return Ok(None),
+            };
+            let row = m.rows.max(1);
+            if !first.is_multiple_of(row) || !count.is_multiple_of(row) {
+                return Ok(None);
+            }
+            let (o0, o1) = (first / row, (first + count) / row);
+            with_bufs(|bufs| mxfp4::mxfp4_half(&r, m, o0, o1, bufs, half, dst)).map(Some)
+        }
+        _ => Ok(None),
+    }
 }
 
 /// Runs `f` with this worker's read buffers (fresh ones if `f` re-enters).
@@ -761,16 +766,10 @@ fn packed(
         };
         let srow = &sv[((o - o0) * p.groups) as usize..((o - o0 + 1) * p.groups) as usize];
         if let Some(zw) = &zeros {
-            // Word k of column g is zw[k · groups + g]; row o starts at bit o · bits.
-            let (at, bits) = (o * p.bits as u64, p.bits);
-            let (k, off) = ((at / 32) as usize, (at % 32) as u32);
+            // Column g's bitstream: its word k is zw[k · groups + g].
             for (g, (zi, zf)) in zi.iter_mut().zip(zf.iter_mut()).enumerate() {
                 let word = |k: usize| zw.get(k * groups + g).copied().unwrap_or(0);
-                let mut v = word(k) >> off;
-                if off + bits > 32 {
-                    v |= word(k + 1) << (32 - off);
-                }
-                *zi = v & ((1u32 << bits) - 1);
+                *zi = bits_at(word, o, p.bits);
                 *zf = *zi as f32;
             }
         }

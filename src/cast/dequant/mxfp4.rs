@@ -402,6 +402,11 @@ const FP4_BF16_HI: [u8; 16] = [
 const FP4_BF16_LO: [u8; 16] = [
     0x00, 0x00, 0x80, 0xC0, 0x00, 0x40, 0x80, 0xC0, 0x00, 0x00, 0x80, 0xC0, 0x00, 0x40, 0x80, 0xC0,
 ];
+/// The high bytes of FP4[n] as f16 (0.5 = 0x3800, 6 = 0x4600; every low byte is 0).
+#[cfg(target_arch = "x86_64")]
+const FP4_F16_HI: [u8; 16] = [
+    0x00, 0x38, 0x3C, 0x3E, 0x40, 0x42, 0x44, 0x46, 0x80, 0xB8, 0xBC, 0xBE, 0xC0, 0xC2, 0xC4, 0xC6,
+];
 
 /// [`fp4_group`] with byte shuffles: each FP4 value is a bfloat16 (two bytes looked up
 /// by nibble), widened to f32 and multiplied by the scale in f32.
@@ -493,13 +498,12 @@ impl Half {
     }
 
     /// The high and low bytes of each FP4 value in this type, by nibble.
+    #[cfg(target_arch = "x86_64")]
     fn tables(self) -> ([u8; 16], [u8; 16]) {
-        let (mut hi, mut lo) = ([0u8; 16], [0u8; 16]);
-        for n in 0..16 {
-            let [l, h] = self.round(fp4(n as u32)).to_le_bytes();
-            (hi[n], lo[n]) = (h, l);
+        match self {
+            Half::F16 => (FP4_F16_HI, [0; 16]),
+            Half::Bf16 => (FP4_BF16_HI, FP4_BF16_LO),
         }
-        (hi, lo)
     }
 }
 
@@ -881,6 +885,15 @@ mod tests {
     fn fp4_computes_the_table() {
         for n in 0..16u32 {
             assert_eq!(fp4(n).to_bits(), FP4[n as usize].to_bits(), "nibble {n}");
+        }
+        // The byte tables the AVX2 kernels look values up in.
+        #[cfg(target_arch = "x86_64")]
+        for to in [Half::F16, Half::Bf16] {
+            let (hi, lo) = to.tables();
+            for n in 0..16 {
+                let want = to.round(FP4[n]).to_le_bytes();
+                assert_eq!([lo[n], hi[n]], want, "{to:?} nibble {n}");
+            }
         }
     }
 }
