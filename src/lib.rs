@@ -11,6 +11,7 @@ mod dtype;
 mod error;
 mod format;
 mod glob;
+mod io;
 mod model;
 mod plan;
 mod read;
@@ -19,15 +20,16 @@ mod write;
 
 pub use cast::{QuantScheme, Quantize, TensorQuantError, MIN_QUANT_ELEMENTS};
 pub use convert::{
-    convert, convert_part, convert_with, parse_size, plan_conversion, record_parts, ConversionPlan,
-    ConversionReport, ConvertConfig, ConvertConfigBuilder, Dequantization, Event, Fetched,
-    Observer, PartOutcome, PartStatus, PlannedEntry, PlannedPart, QuantReport, Silent,
+    convert, convert_part, convert_with, parse_size, plan_conversion, prepare_parts, record_parts,
+    ConversionPlan, ConversionReport, ConvertConfig, ConvertConfigBuilder, Dequantization, Event,
+    Fetched, Observer, PartOutcome, PartStatus, PlannedEntry, PlannedPart, QuantReport, Silent,
     DEFAULT_INFLIGHT_PER_THREAD, DEFAULT_MAX_ROW_MB, DEFAULT_ROW_GROUP_MB, DEFAULT_ZSTD_LEVEL,
-    LOW_MEMORY_ROW_MB, MAX_BUDGET_BYTES, MIN_FILE_SIZE, TOKENIZER_FILES,
+    LOW_MEMORY_ROW_MB, MAX_BUDGET_BYTES, MIN_FILE_SIZE,
 };
 pub use dtype::{Dtype, TargetDtype};
 pub use error::{sanitize, Error, Result};
 pub use format::QuantInfo;
+pub use io::temp::remove_temp_files;
 pub use model::{Filters, ModelType, Part};
 pub use read::{
     export, inspect, inspect_source, verify, ExportOptions, ExportReport, InspectReport, QuantData,
@@ -36,8 +38,8 @@ pub use read::{
 };
 pub use source::{
     is_url, open as open_source, IoMode, Source, SourceOptions, DEFAULT_MAX_HEADER_BYTES,
+    TOKENIZER_FILES,
 };
-pub use write::atomic::remove_temp_files;
 pub use write::Codec;
 
 /// Pipeline internals for the fuzz targets and benches. Not a stable API.

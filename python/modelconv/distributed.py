@@ -37,7 +37,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import time
 from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple, Union
 
@@ -71,10 +70,6 @@ def _part_task(source: str, output: str, index: int, model_type: str, options: D
         "node": ray.get_runtime_context().get_node_id(),
         "pid": os.getpid(),
     }
-
-
-def _is_url(s: str) -> bool:
-    return s.startswith(("s3://", "hf://", "http://", "https://"))
 
 
 def convert(
@@ -126,23 +121,15 @@ def convert(
     opts: Dict[str, Any] = {**cfg._options(), **options, "max_file_size": max_file_size}
     force = bool(opts.pop("force", False))
     opts.pop("resume", None)
-    for _, out in jobs:
-        if force and _is_url(out):
-            raise OptionError(f"{out}: force=True starts a local output over; remove an object-store prefix's objects first")
-        if opts.get("validate") and _is_url(out):
-            raise OptionError(f"{out}: validate_output reads a local output back; pass validate_output=False for an object-store output")
     task_opts = {k: v for k, v in opts.items() if k not in ("validate", "extract_tokenizer")}
     task_opts["threads"] = cpus_per_task
 
     # The plans, on the driver: headers only.
     plans = [_plan(src, model_type, **{k: v for k, v in task_opts.items() if k != "threads"}) for src, _ in jobs]
-    if force:
-        for _, out in jobs:
-            shutil.rmtree(os.path.join(out, "weights.parquet"), ignore_errors=True)
-            for f in ("weights.parquet", "metadata.json"):
-                p = os.path.join(out, f)
-                if os.path.isfile(p):
-                    os.remove(p)
+    # What each output can take (validate_output reads a local one back), and with force
+    # the conversion there removed: the library decides, as for one machine.
+    for _, out in jobs:
+        _call(_native.prepare_parts, out, force=force, **opts)
 
     started_ray = False
     if not ray.is_initialized():

@@ -603,12 +603,27 @@ fn record_parts(py: Python<'_>, output: PathBuf, outcomes: &str) -> PyResult<()>
         .map_err(err)
 }
 
+/// Gets `output` ready for parts converted elsewhere and committed with `resume`:
+/// refuses options it cannot take; with `force` removes the conversion there.
+#[pyfunction]
+#[pyo3(signature = (output, **options))]
+fn prepare_parts(
+    py: Python<'_>,
+    output: PathBuf,
+    options: Option<&Bound<'_, PyDict>>,
+) -> PyResult<()> {
+    let cfg = config(options, Arc::new(AtomicBool::new(false)))?;
+    py.detach(|| modelconv::prepare_parts(&output, &cfg))
+        .map_err(err)
+}
+
 #[pymodule]
 fn _native(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add("NativeError", m.py().get_type::<NativeError>())?;
     m.add_function(wrap_pyfunction!(convert, m)?)?;
     m.add_function(wrap_pyfunction!(plan, m)?)?;
     m.add_function(wrap_pyfunction!(convert_part, m)?)?;
+    m.add_function(wrap_pyfunction!(prepare_parts, m)?)?;
     m.add_function(wrap_pyfunction!(record_parts, m)?)?;
     m.add_function(wrap_pyfunction!(verify, m)?)?;
     m.add_class::<PyWeightFile>()?;

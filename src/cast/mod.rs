@@ -11,10 +11,12 @@ mod dequant;
 mod kernels;
 mod quant;
 
+pub(crate) use crate::plan::QuantSpec;
+pub use crate::plan::{QuantScheme, Quantize, MIN_QUANT_ELEMENTS};
 pub use kernels::{cast_and_hash, cast_into, CastStats};
 pub(crate) use kernels::{value_f64, widen};
-pub(crate) use quant::{dequantize, quantize_unit, QuantSpec};
-pub use quant::{QuantError, QuantScheme, Quantize, TensorQuantError, MIN_QUANT_ELEMENTS};
+pub(crate) use quant::{dequantize, quantize_unit};
+pub use quant::{QuantError, TensorQuantError};
 
 use kernels::{cast_hashing, Xxh3};
 

@@ -6,10 +6,8 @@ mod config;
 mod output;
 mod parts;
 mod report;
-#[cfg(feature = "remote")]
-mod store;
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::sync::atomic::Ordering;
 use std::time::Instant;
 
@@ -20,8 +18,7 @@ pub use config::{
     DEFAULT_MAX_ROW_MB, DEFAULT_ROW_GROUP_MB, DEFAULT_ZSTD_LEVEL, LOW_MEMORY_ROW_MB,
     MAX_BUDGET_BYTES, MIN_FILE_SIZE,
 };
-pub use output::TOKENIZER_FILES;
-pub use parts::{convert_part, record_parts, PartOutcome, PartStatus};
+pub use parts::{convert_part, prepare_parts, record_parts, PartOutcome, PartStatus};
 pub use report::{
     ConversionPlan, ConversionReport, Dequantization, Event, Fetched, Observer, PlannedEntry,
     PlannedPart, QuantReport, Silent,
@@ -31,11 +28,12 @@ use crate::cast::{CastStats, QuantError, TensorQuantError};
 use crate::error::{sanitize, Error, Result};
 use crate::format;
 use crate::model::{self, MetadataInput, ModelFiles, Recipe, Selection};
-use crate::plan::Plan;
+use crate::plan::{Plan, PlanOptions};
 use crate::read::{verify, VerifyOptions};
 use crate::source::{self, Source};
-use crate::write::{ProgressSink, WeightWriter};
-use output::{OutputLayout, OutputLock};
+use crate::write::dest::{parts_dir, Begin, Begun, Destination, Output};
+use crate::write::{ProgressSink, Share, WeightWriter};
+use output::OutputLayout;
 
 /// Converts a checkpoint into `output`, with no progress reports.
 ///
@@ -77,30 +75,29 @@ pub fn convert_with(
     observer: &dyn Observer,
 ) -> Result<ConversionReport> {
     let started = Instant::now();
-    let object_url = object_url(output.as_ref())?;
+    let output = Output::parse(output.as_ref())?;
     let job = Job::prepare(source::open(input, config.source_options())?, config)?;
-    if let Some(url) = object_url {
-        #[cfg(feature = "remote")]
-        return store::convert(job, &url, config, observer, started);
-        #[cfg(not(feature = "remote"))]
-        let _ = url;
-    }
-    let out = OutputLayout::plan(output.as_ref(), &job.source, &job.files, config)?;
-    // A directory this conversion creates is removed again if it fails (it is empty
-    // by then: the temp file and staged side files are gone).
-    let created = !out.dir().exists();
-    let stale = out.create_dir()?;
-    let written = OutputLock::acquire(out.dir()).and_then(|lock| {
-        let r = if job.plan.parted {
-            parts::write_and_commit(&job, &out, config, observer, &stale)
-        } else {
-            write_and_commit(&job, &out, config, observer, &stale)
-        };
-        drop(lock);
-        r
-    });
-    if written.is_err() && created {
-        let _ = std::fs::remove_dir(out.dir());
+    let dest = output.open()?;
+    let out = OutputLayout::of(&output.root(), &job.source, &job.files, config);
+    let mut inputs: Vec<PathBuf> = job.source.files().map(Path::to_path_buf).collect();
+    inputs.extend(out.inputs());
+    let begun = dest.begin(&Begin {
+        force: config.force,
+        resume: config.resume,
+        validate: config.validate,
+        inputs: &inputs,
+        side_files: &out.side_names(),
+    })?;
+    let written = if job.plan.parted {
+        parts::write_and_commit(&job, &out, dest.as_ref(), config, observer, &begun)
+    } else {
+        write_and_commit(&job, &out, dest.as_ref(), config, observer, &begun)
+    };
+    drop(begun);
+    if written.is_err() {
+        // A directory this conversion created is removed again (it is empty by then:
+        // the temp file and staged side files are gone).
+        dest.abandon();
     }
     let Committed {
         file_bytes,
@@ -109,14 +106,15 @@ pub fn convert_with(
         parts,
     } = written?;
 
-    let validation_passed = if config.validate {
-        observer.event(&Event::Validating);
-        let opts = VerifyOptions {
-            threads: config.threads,
-        };
-        Some(verify(out.weights(), Some(&job.source), &opts)?.passed())
-    } else {
-        None
+    let validation_passed = match &output {
+        Output::Dir(_) if config.validate => {
+            observer.event(&Event::Validating);
+            let opts = VerifyOptions {
+                threads: config.threads,
+            };
+            Some(verify(out.weights(), Some(&job.source), &opts)?.passed())
+        }
+        _ => None,
     };
     let outcome = Outcome {
         file_bytes,
@@ -126,25 +124,6 @@ pub fn convert_with(
         parts,
     };
     Ok(job.report(&out, outcome, started))
-}
-
-/// The object-store URL `output` names (`s3://…`), if it names one.
-///
-/// # Errors
-///
-/// `InvalidOption` for an object-store URL in a build without the `remote` feature.
-fn object_url(output: &Path) -> Result<Option<String>> {
-    let url = output
-        .to_str()
-        .filter(|s| crate::write::is_object_url(s))
-        .map(str::to_owned);
-    if cfg!(not(feature = "remote")) && url.is_some() {
-        return Err(Error::option(
-            "this build of modelconv writes local files only (build it with the `remote` \
-             feature for s3:// outputs)",
-        ));
-    }
-    Ok(url)
 }
 
 /// What a committed conversion wrote.
@@ -159,22 +138,35 @@ struct Committed {
     parts: Vec<PartOutcome>,
 }
 
-/// Writes the weight file and the side files and commits them.
+/// Writes the weight file and the side files and commits them, `metadata.json` last.
 fn write_and_commit(
     job: &Job,
     out: &OutputLayout,
+    dest: &dyn Destination,
     config: &ConvertConfig,
     observer: &dyn Observer,
-    stale: &[String],
+    begun: &Begun,
 ) -> Result<Committed> {
-    job.notify(observer, stale);
-    let writer = WeightWriter::create(out.weights(), job.write_options(config))?;
+    job.notify(observer, &begun.stale);
+    if !dest.replaces_atomically() {
+        // Nothing there is a conversion from here on; a parted output there goes.
+        dest.remove(format::METADATA_FILE)?;
+        dest.remove(&parts_dir())?;
+    }
+    let share = Share::new(&job.write_options(config))?;
+    let name = format::WEIGHTS_FILE;
+    let writer = WeightWriter::create(
+        dest.create(name, job.plan.out_bytes())?,
+        &dest.locate(name),
+        job.write_options(config),
+        &share,
+    )?;
     let (written, metadata, quant) = write_one(job, writer, out, config, observer)?;
-    let staged = out.stage(&metadata)?;
+    let staged = out.stage(dest, &metadata, begun.old_metadata.as_deref())?;
     if config.cancel.load(Ordering::Relaxed) {
         return Err(Error::Cancelled);
     }
-    staged.commit(Some(written.tmp))?;
+    staged.commit(dest, Some(written.tmp))?;
     Ok(Committed {
         file_bytes: written.file_bytes,
         metadata,
@@ -210,7 +202,7 @@ fn write_one(
     let stats = writer.write(&job.source, &job.plan, &config.cancel, &sink)?;
     job.notice_overflow(&stats.cast, observer);
     let quant = job.quant_report(&stats.quant);
-    let metadata = job.metadata(config, out, &stats.cast, quant.as_ref());
+    let metadata = job.metadata(config, out, &stats.cast, quant.as_ref())?;
     let written = writer.finish(format::footer(&job.plan, &metadata))?;
     Ok((written, metadata, quant))
 }
@@ -292,12 +284,14 @@ impl Job {
         let plan = Plan::build(
             &source,
             &selection.selected,
-            config.dtype,
-            config.quantize.as_ref(),
-            config.keep_quantized,
-            config.max_row_bytes,
-            config.row_group_bytes,
-            config.max_file_size,
+            &PlanOptions {
+                target: config.dtype,
+                quantize: config.quantize.as_ref(),
+                keep_quantized: config.keep_quantized,
+                max_row_bytes: config.max_row_bytes,
+                group_bytes: config.row_group_bytes,
+                max_file_size: config.max_file_size,
+            },
         )?;
         let has_head = plan.tensors.iter().any(|t| t.name == "lm_head.weight");
         recipe.note_tied_head(&files, has_head);
@@ -450,13 +444,17 @@ impl Job {
 
     /// `metadata.json`, with the cast counts that matter (NaN, inf, overflow) and the
     /// quantization report.
+    ///
+    /// # Errors
+    ///
+    /// `Internal` when the quantization report does not serialise.
     fn metadata(
         &self,
         config: &ConvertConfig,
         out: &OutputLayout,
         stats: &[CastStats],
         quant: Option<&QuantReport>,
-    ) -> Value {
+    ) -> Result<Value> {
         let mut cast_report = Map::new();
         for (t, s) in self.plan.tensors.iter().zip(stats) {
             if s.nan + s.inf + s.overflow > 0 {
@@ -525,12 +523,13 @@ impl Job {
                 );
             }
             if let Some(q) = quant {
-                let q = serde_json::to_value(q).unwrap_or_default();
+                let q = serde_json::to_value(q)
+                    .map_err(|e| Error::internal(format!("the quantization report: {e}")))?;
                 o.insert("quantization".into(), q);
             }
             o.insert("files".into(), json!(out.written()));
         }
-        metadata
+        Ok(metadata)
     }
 
     fn report(&self, out: &OutputLayout, outcome: Outcome, started: Instant) -> ConversionReport {

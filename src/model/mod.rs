@@ -14,7 +14,6 @@ pub use filter::Filters;
 pub(crate) use metadata::{build as build_metadata, MetadataInput};
 
 use crate::error::{Error, Result};
-use crate::plan::Selected;
 use crate::source::Source;
 
 /// A model family (`--model-type`).
@@ -577,6 +576,17 @@ fn base_prefix(model_type: ModelType, files: &ModelFiles) -> Option<String> {
         }
         _ => None,
     }
+}
+
+/// One tensor picked from the source, under its output name.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) struct Selected {
+    /// Index of the shard in [`Source::shards`].
+    pub(crate) shard: usize,
+    /// Index of the tensor in that shard's header.
+    pub(crate) tensor: usize,
+    /// Name in the output.
+    pub(crate) name: String,
 }
 
 /// The outcome of applying a recipe and the filters to a checkpoint.

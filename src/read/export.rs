@@ -10,7 +10,7 @@ use super::{Row, WeightFile};
 use crate::cast::cast_into;
 use crate::dtype::{Dtype, TargetDtype};
 use crate::error::{Error, Result};
-use crate::write::atomic::TempPath;
+use crate::io::temp::TempPath;
 
 /// Options of [`export`]. The default writes every tensor as stored.
 #[derive(Debug, Clone)]

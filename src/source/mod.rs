@@ -3,6 +3,7 @@
 //! anything is planned, map the data, and check that a shard index and the shard
 //! headers agree both ways. [`open`] is the one way in, for convert and verify alike.
 
+mod files;
 mod header;
 mod hub;
 mod pickle;
@@ -11,6 +12,8 @@ pub(crate) mod remote;
 pub(crate) mod scheme;
 mod torch;
 mod zip;
+
+pub use files::TOKENIZER_FILES;
 
 /// Entry points for the fuzz targets (`crate::internals`).
 pub(crate) mod fuzzing {
@@ -1210,13 +1213,7 @@ pub fn open(input: impl AsRef<Path>, opts: &SourceOptions) -> Result<Source> {
     Ok(source)
 }
 
-/// True when `s` names a remote input (`hf://`, `http(s)://`, `s3://`), which
-/// [`open`] reads by ranges (with the `remote` feature).
-pub fn is_url(s: &str) -> bool {
-    ["hf://", "http://", "https://", "s3://"]
-        .iter()
-        .any(|p| s.starts_with(p))
-}
+pub use crate::io::url::is_url;
 
 /// The conventional names of a PyTorch checkpoint and its shard index.
 pub const TORCH_FILE: &str = "pytorch_model.bin";

@@ -1,8 +1,10 @@
-//! Stage 4, the writer, in three steps: [`WeightWriter::create`] opens a temp file
-//! beside the target; [`WeightWriter::write`] casts and encodes row groups in parallel
-//! on a rayon pool and appends them in order; [`WeightWriter::finish`] writes the
-//! footer that `format.rs` built, syncs the file and hands back the temp path for the
-//! caller to rename into place with the side files.
+//! The write stage. A weight file is written in three steps: [`WeightWriter::create`]
+//! on a new file of the destination (a temp file beside the target, or an upload);
+//! [`WeightWriter::write`] casts and encodes row groups in parallel on a rayon pool and
+//! appends them in order; [`WeightWriter::finish`] writes the footer that `format.rs`
+//! built, syncs the file and hands it back ([`Pending`]) for the caller to commit with
+//! the side files. Where files go is one [`dest::Destination`] (a local directory, an
+//! object-store prefix); [`parts`] writes and checks the parts of a parted output.
 //!
 //! # Memory
 //!
@@ -16,11 +18,10 @@
 //! model size. Source pages are released from the mapping once cast. A remote source's
 //! range cache is counted in the budget (`WriteOptions::held_bytes`).
 
-pub(crate) mod atomic;
+pub(crate) mod dest;
 mod encode;
-#[cfg(feature = "remote")]
-pub(crate) mod object;
 mod pages;
+pub(crate) mod parts;
 
 use std::collections::BTreeMap;
 use std::fs::File;
@@ -41,9 +42,9 @@ use parquet::schema::types::{ColumnDescPtr, ColumnPath};
 use crate::cast::{CastStats, QuantError};
 use crate::error::{Error, Result};
 use crate::format;
+use crate::io::temp::TempPath;
 use crate::plan::Plan;
 use crate::source::Source;
-use atomic::TempPath;
 use encode::{BufferPool, Chunk, Encoded, Encoder};
 
 /// Page compression of the output (`--compression`).
@@ -118,12 +119,6 @@ pub(crate) struct WriteOptions {
     pub(crate) content_hash: bool,
 }
 
-/// True when `s` names an object-store output (`s3://BUCKET/PREFIX/`), which needs
-/// the `remote` feature.
-pub(crate) fn is_object_url(s: &str) -> bool {
-    s.starts_with("s3://")
-}
-
 /// Where a weight file's bytes go: a temp file beside the target, or a multipart
 /// upload to object storage.
 pub(crate) enum Out {
@@ -131,7 +126,7 @@ pub(crate) enum Out {
     File(File, TempPath),
     /// An upload whose completion is the commit.
     #[cfg(feature = "remote")]
-    Object(object::Upload),
+    Object(crate::io::store::Upload),
 }
 
 impl Out {
@@ -165,14 +160,20 @@ impl std::io::Write for Out {
     }
 }
 
-/// A finished weight file not yet in place: a synced temp file, or an upload with every
-/// part stored.
+/// A file not yet in place: a synced temp file (or folder), an upload with every part
+/// stored, or objects to store.
 pub(crate) enum Pending {
     /// Renamed over its target by the commit.
     File(TempPath),
     /// Completed by the commit.
     #[cfg(feature = "remote")]
-    Object(object::Upload),
+    Object(crate::io::store::Upload),
+    /// Objects stored by the commit, one request each: `(name, content)`.
+    #[cfg(feature = "remote")]
+    Put(
+        std::sync::Arc<crate::io::store::ObjectDir>,
+        Vec<(String, Vec<u8>)>,
+    ),
 }
 
 impl Pending {
@@ -187,6 +188,14 @@ impl Pending {
             Pending::File(t) => t.commit().map(|()| None),
             #[cfg(feature = "remote")]
             Pending::Object(u) => u.complete(),
+            #[cfg(feature = "remote")]
+            Pending::Put(dir, objects) => {
+                let mut tag = None;
+                for (name, bytes) in objects {
+                    tag = dir.put(&name, bytes)?;
+                }
+                Ok(tag)
+            }
         }
     }
 }
@@ -209,33 +218,6 @@ impl std::io::Write for Hashing {
     fn flush(&mut self) -> std::io::Result<()> {
         self.file.flush()
     }
-}
-
-/// An XXH3-128 digest as the manifest writes it: 32 lowercase hex digits.
-pub(crate) fn hex128(v: u128) -> String {
-    format!("{v:032x}")
-}
-
-/// XXH3-128 of a whole file, as [`hex128`].
-///
-/// # Errors
-///
-/// `Io` naming the file.
-pub(crate) fn file_hash(path: &std::path::Path) -> Result<(u64, String)> {
-    use std::io::Read;
-    let mut f = File::open(path).map_err(|e| Error::io("open", path, e))?;
-    let mut h = xxhash_rust::xxh3::Xxh3::new();
-    let mut buf = vec![0u8; 1 << 20];
-    let mut n = 0u64;
-    loop {
-        let k = f.read(&mut buf).map_err(|e| Error::io("read", path, e))?;
-        if k == 0 {
-            break;
-        }
-        h.update(&buf[..k]);
-        n += k as u64;
-    }
-    Ok((n, hex128(h.digest128())))
 }
 
 /// What the cast stage saw, per planned tensor.
@@ -337,42 +319,20 @@ pub(crate) struct Written {
     pub(crate) tmp: Pending,
     /// Bytes of the file.
     pub(crate) file_bytes: u64,
-    /// XXH3-128 of the file ([`hex128`]), when the options asked for it.
+    /// XXH3-128 of the file ([`crate::io::hex128`]), when the options asked for it.
     pub(crate) content_hash: Option<String>,
 }
 
 impl WeightWriter {
-    /// Step 1: creates the temp file beside `target` and the Parquet writer on it.
-    ///
-    /// # Errors
-    ///
-    /// `Io` naming the temp file; `Parquet` naming the target.
-    pub(crate) fn create(target: &std::path::Path, opts: WriteOptions) -> Result<WeightWriter> {
-        let share = Share::new(&opts)?;
-        Self::create_sharing(target, opts, &share)
-    }
-
-    /// [`WeightWriter::create`] on the threads and kept buffers of `share` (one for all
-    /// the parts of a parted output).
-    ///
-    /// # Errors
-    ///
-    /// As [`WeightWriter::create`].
-    pub(crate) fn create_sharing(
-        target: &std::path::Path,
-        opts: WriteOptions,
-        share: &Share,
-    ) -> Result<WeightWriter> {
-        Self::create_on(Out::temp_file(target)?, target, opts, share)
-    }
-
-    /// [`WeightWriter::create_sharing`] writing into `file` (a temp file or an upload)
-    /// whose final place is `target`.
+    /// Step 1: the Parquet writer on `file` (a temp file or an upload, from the
+    /// destination's [`dest::Destination::create`]) whose final place is `target`, on
+    /// the threads and kept buffers of `share` (one for all the parts of a parted
+    /// output).
     ///
     /// # Errors
     ///
     /// `Parquet` naming the target.
-    pub(crate) fn create_on(
+    pub(crate) fn create(
         file: Out,
         target: &std::path::Path,
         opts: WriteOptions,
@@ -547,7 +507,7 @@ impl WeightWriter {
         Ok(Written {
             tmp,
             file_bytes,
-            content_hash: hash.map(|h| hex128(h.digest128())),
+            content_hash: hash.map(|h| crate::io::hex128(h.digest128())),
         })
     }
 }

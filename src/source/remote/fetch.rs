@@ -25,8 +25,8 @@ use bytes::Bytes;
 use object_store::path::Path as StorePath;
 use object_store::{GetOptions, GetRange, ObjectStore};
 
-use super::client::Client;
 use crate::error::{Error, Result};
+use crate::io::http::Client;
 
 /// Bytes per chunk: one request's range.
 pub(crate) const CHUNK: u64 = 4 << 20;

@@ -12,9 +12,9 @@ use std::time::Duration;
 use object_store::ObjectStore;
 use serde::Deserialize;
 
-use super::client::Client;
 use super::{split_target, Entry, Target};
 use crate::error::{Error, Result};
+use crate::io::http::{Client, MAX_RETRY_AFTER};
 
 /// The Hub's address: `HF_ENDPOINT`, else `https://huggingface.co`.
 fn endpoint() -> String {
@@ -143,7 +143,7 @@ fn get_json<T: serde::de::DeserializeOwned>(
             }
             429 | 500..=599 => {
                 if let Some(ra) = retry_after.filter(|v| v.is_finite() && *v >= 0.0) {
-                    wait = Duration::from_secs_f64(ra).min(super::client::MAX_RETRY_AFTER);
+                    wait = Duration::from_secs_f64(ra).min(MAX_RETRY_AFTER);
                 }
                 last = format!("the Hub answered {status}{said}");
             }

@@ -12,7 +12,6 @@
 //! by the cast stage through [`fetch`]'s bounded cache of large ranges.
 
 pub(crate) mod archive;
-pub(crate) mod client;
 mod fetch;
 mod hub;
 
@@ -24,7 +23,8 @@ use std::sync::Arc;
 use object_store::path::Path as StorePath;
 use object_store::{ObjectStore, ObjectStoreExt};
 
-pub(crate) use client::Client;
+use crate::io::http as client;
+use crate::io::store::{describe, http_store, list_below, s3_store};
 pub(crate) use fetch::RemoteFile;
 use fetch::Shared;
 
@@ -69,7 +69,7 @@ impl Remote {
 impl Drop for Remote {
     fn drop(&mut self) {
         let _ = std::fs::remove_dir_all(&self.dir);
-        crate::write::atomic::untrack(&self.dir);
+        crate::io::temp::untrack(&self.dir);
     }
 }
 
@@ -206,7 +206,7 @@ fn is_small_file(name: &str, size: u64) -> bool {
     size <= MAX
         && (base.ends_with(".json") && (top || base == "config.json")
             || top
-                && (crate::convert::TOKENIZER_FILES.contains(&base)
+                && (super::TOKENIZER_FILES.contains(&base)
                     || base.ends_with(".txt")
                     || base.ends_with(".model")
                     || base.ends_with(".tiktoken")))
@@ -226,7 +226,7 @@ fn probe_names() -> Vec<&'static str> {
         "sentence_bert_config.json",
         "config_sentence_transformers.json",
     ];
-    v.extend(crate::convert::TOKENIZER_FILES.iter().copied());
+    v.extend(super::TOKENIZER_FILES.iter().copied());
     v
 }
 
@@ -295,7 +295,7 @@ fn private_dir() -> Result<PathBuf> {
         std::process::id()
     ));
     std::fs::create_dir_all(&dir).map_err(|e| Error::io("create", &dir, e))?;
-    crate::write::atomic::track(&dir);
+    crate::io::temp::track(&dir);
     Ok(dir)
 }
 
@@ -378,18 +378,7 @@ pub(crate) fn open(url: &str, opts: &SourceOptions) -> Result<Opened> {
         let (host, path) = rest.split_once('/').unwrap_or((rest, ""));
         let (dir, target) = split_target(path);
         let base_url = format!("{scheme}://{host}/{dir}");
-        let store: Arc<dyn ObjectStore> = Arc::new(
-            object_store::http::HttpBuilder::new()
-                .with_url(base_url.trim_end_matches('/'))
-                .with_http_connector(client.connector(false))
-                .with_retry(client.settings.retry())
-                .with_client_options(client.options())
-                .build()
-                .map_err(|e| Error::Remote {
-                    url: url.to_string(),
-                    reason: describe(&e),
-                })?,
-        );
+        let store = http_store(&client, &base_url, url)?;
         (
             Listing {
                 store,
@@ -471,26 +460,6 @@ fn st_module_dirs(local: &std::path::Path) -> Vec<String> {
         .collect()
 }
 
-/// A client of the S3 bucket `bucket` from the usual `AWS_*` environment (region,
-/// credentials chain, `AWS_ENDPOINT_URL` for S3-compatible stores), sending through
-/// `client`; `url` names it in errors.
-///
-/// # Errors
-///
-/// `Remote` when the environment does not make a client.
-pub(crate) fn s3_store(client: &Client, bucket: &str, url: &str) -> Result<Arc<dyn ObjectStore>> {
-    let store = object_store::aws::AmazonS3Builder::from_env()
-        .with_bucket_name(bucket)
-        .with_http_connector(client.connector(false))
-        .with_retry(client.settings.retry())
-        .build()
-        .map_err(|e| Error::Remote {
-            url: url.to_string(),
-            reason: describe(&e),
-        })?;
-    Ok(Arc::new(store))
-}
-
 /// Every object under `dir` in the bucket, by name relative to it.
 fn list_bucket(
     client: &client::Client,
@@ -513,77 +482,6 @@ fn list_bucket(
             (name, entry)
         })
         .collect())
-}
-
-/// Every object of `store` below `dir` (a key prefix ending with `/`, or empty for the
-/// whole store), by its key relative to `dir`: what an input's and an output's listings
-/// read.
-///
-/// # Errors
-///
-/// The store's, for the caller to name the URL.
-pub(crate) fn list_below(
-    client: &Client,
-    store: &dyn ObjectStore,
-    dir: &str,
-) -> std::result::Result<Vec<(String, object_store::ObjectMeta)>, object_store::Error> {
-    use futures_util::TryStreamExt;
-    let prefix = (!dir.is_empty()).then(|| StorePath::from(dir.trim_end_matches('/')));
-    let metas: Vec<object_store::ObjectMeta> = client
-        .rt()
-        .block_on(store.list(prefix.as_ref()).try_collect())?;
-    Ok(metas
-        .into_iter()
-        .filter_map(|m| {
-            let name = m.location.as_ref().strip_prefix(dir)?.to_string();
-            Some((name, m))
-        })
-        .collect())
-}
-
-/// An `object_store` error in words for the user: what happened, without the
-/// store's internals where they say nothing more.
-pub(crate) fn describe(e: &object_store::Error) -> String {
-    match e {
-        object_store::Error::NotFound { .. } => "not found (404)".into(),
-        object_store::Error::PermissionDenied { .. } => {
-            "access denied (403): check the credentials".into()
-        }
-        object_store::Error::Unauthenticated { .. } => {
-            "not authenticated (401): check the credentials".into()
-        }
-        other => {
-            let mut s = other.to_string();
-            let mut src = std::error::Error::source(other);
-            while let Some(e) = src {
-                let t = e.to_string();
-                if !s.contains(&t) {
-                    s.push_str(": ");
-                    s.push_str(&t);
-                }
-                src = e.source();
-            }
-            shorten_xml(&s)
-        }
-    }
-}
-
-/// An S3 error body (`<Error><Code>NoSuchBucket</Code><Message>…`) in `s`, said as
-/// `NoSuchBucket: …`.
-fn shorten_xml(s: &str) -> String {
-    let tag = |t: &str| {
-        let open = format!("<{t}>");
-        let a = s.find(&open)? + open.len();
-        let b = a + s[a..].find(&format!("</{t}>"))?;
-        Some(&s[a..b])
-    };
-    match (s.find("<?xml").or_else(|| s.find("<Error>")), tag("Code")) {
-        (Some(at), Some(code)) => {
-            let msg = tag("Message").map(|m| format!(": {m}")).unwrap_or_default();
-            format!("{}{code}{msg}", &s[..at])
-        }
-        _ => s.to_string(),
-    }
 }
 
 #[cfg(test)]

@@ -5,10 +5,15 @@
 
 use std::collections::HashMap;
 
-use crate::cast::{QuantSpec, Quantize};
 use crate::dtype::{Dtype, TargetDtype};
 use crate::error::{Error, Result};
+use crate::model::Selected;
 use crate::source::{Dequantized, Source, TensorInfo, TensorRef};
+
+mod quant;
+
+pub(crate) use quant::QuantSpec;
+pub use quant::{QuantScheme, Quantize, MIN_QUANT_ELEMENTS};
 
 /// The largest row limit or row-group budget, in bytes (Arrow `Binary` offsets are
 /// i32, and a row group is one Arrow array).
@@ -30,17 +35,6 @@ const ROW_RESERVE: u64 = 1 << 10;
 pub fn part_data_bytes(max_file_size: u64) -> u64 {
     let room = max_file_size.saturating_sub(PART_RESERVE);
     (room - room / 512).max(1)
-}
-
-/// One tensor picked from the source, under its output name.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub(crate) struct Selected {
-    /// Index of the shard in [`Source::shards`].
-    pub(crate) shard: usize,
-    /// Index of the tensor in that shard's header.
-    pub(crate) tensor: usize,
-    /// Name in the output.
-    pub(crate) name: String,
 }
 
 /// A tensor of the plan.
@@ -130,10 +124,27 @@ pub(crate) struct Plan {
     pub(crate) quantize: Option<Quantize>,
 }
 
+/// How a plan is built: the cast policy, the quantization, and the sizes.
+#[derive(Debug, Clone)]
+pub(crate) struct PlanOptions<'a> {
+    /// The cast policy.
+    pub(crate) target: TargetDtype,
+    /// The quantization options, for a V2 file.
+    pub(crate) quantize: Option<&'a Quantize>,
+    /// Plan a pre-quantized checkpoint's tensors as stored (not dequantized).
+    pub(crate) keep_quantized: bool,
+    /// The row limit, in output bytes.
+    pub(crate) max_row_bytes: u64,
+    /// The row-group budget, in output bytes.
+    pub(crate) group_bytes: u64,
+    /// The part size of a parted output.
+    pub(crate) max_file_size: Option<u64>,
+}
+
 impl Plan {
-    /// Plans `selection` (in output order) with rows of at most `max_row_bytes`, row
-    /// groups of about `group_bytes` output bytes, and with `max_file_size` parts of at
-    /// most that many bytes ([`part_rows`]).
+    /// Plans `selection` (in output order) with `opts`: rows of at most
+    /// `max_row_bytes`, row groups of about `group_bytes` output bytes, and with
+    /// `max_file_size` parts of at most that many bytes ([`part_rows`]).
     ///
     /// # Errors
     ///
@@ -143,118 +154,29 @@ impl Plan {
     /// sub-byte tensor that no scheme consumes. The budgets were checked by
     /// [`crate::ConvertConfigBuilder::build`]. With `keep_quantized`, a pre-quantized
     /// checkpoint's tensors are planned as stored; otherwise its weights dequantized.
-    #[allow(clippy::too_many_arguments)]
     pub(crate) fn build(
         source: &Source,
         selection: &[Selected],
-        target: TargetDtype,
-        quantize: Option<&Quantize>,
-        keep_quantized: bool,
-        max_row_bytes: u64,
-        group_bytes: u64,
-        max_file_size: Option<u64>,
+        opts: &PlanOptions<'_>,
     ) -> Result<Plan> {
-        debug_assert!((1..=MAX_BUDGET_BYTES).contains(&max_row_bytes));
-        debug_assert!((1..=MAX_BUDGET_BYTES).contains(&group_bytes));
+        debug_assert!((1..=MAX_BUDGET_BYTES).contains(&opts.max_row_bytes));
+        debug_assert!((1..=MAX_BUDGET_BYTES).contains(&opts.group_bytes));
         let mut tensors = Vec::with_capacity(selection.len());
         let mut rows = Vec::with_capacity(selection.len());
         let mut names: HashMap<&str, usize> = HashMap::new();
         for (i, s) in selection.iter().enumerate() {
-            // The selection was made from this source's headers.
-            let shard = &source.shards[s.shard];
-            let at = TensorRef {
-                shard: s.shard,
-                tensor: s.tensor,
-            };
-            let dequant = source.dequantized_at(at, !keep_quantized);
-            let src = dequant.map_or(&shard.header.tensors[s.tensor], |d| &d.info);
-            if src.dtype.is_sub_byte() {
-                return Err(Error::UnsupportedDtype {
-                    path: shard.path.clone(),
-                    tensor: src.name.clone(),
-                    dtype: src.dtype.to_string(),
-                });
-            }
             if let Some(&j) = names.get(s.name.as_str()) {
                 let other: &Selected = &selection[j];
                 return Err(Error::DuplicateTensor {
-                    path: shard.path.clone(),
+                    path: source.shards[s.shard].path.clone(),
                     tensor: s.name.clone(),
                     other: Some(source.shards[other.shard].path.clone()),
                 });
             }
             names.insert(&s.name, i);
-            if let Some(&dim) = src.shape.iter().find(|&&d| d > i32::MAX as u64) {
-                return Err(Error::DimensionTooLarge {
-                    path: shard.path.clone(),
-                    tensor: src.name.clone(),
-                    dim,
-                });
-            }
-            let quant = quantize.and_then(|q| q.spec_for(&s.name, src.dtype, &src.shape));
-            let dtype = match (quant, dequant) {
-                (Some(_), _) => Dtype::I8,
-                // A dequantized weight's `keep` is the checkpoint's compute dtype.
-                (None, Some(d)) if target == TargetDtype::Keep => d.compute,
-                (None, _) => target.output_for(src.dtype),
-            };
-            let size = dtype.size() as u64;
-            // numel * size fits: size <= 8 and the source size numel * src_size fit u64,
-            // but a 1-byte source widened to 8 bytes could not; check anyway.
-            let out_len = src
-                .numel
-                .checked_mul(size)
-                .ok_or_else(|| Error::ShapeOverflow {
-                    path: shard.path.clone(),
-                    tensor: src.name.clone(),
-                })?;
-            // A quantized row holds whole units (channels or groups), each with its scale.
-            let per_row = match quant {
-                Some(q) if q.unit > max_row_bytes => {
-                    return Err(Error::option(format!(
-                        "tensor `{}`: a channel of {} elements is larger than the row limit; \
-                         quantize it per group (a group size) or raise the row limit",
-                        crate::error::sanitize(&s.name),
-                        q.unit
-                    )))
-                }
-                Some(q) => max_row_bytes / q.unit * q.unit,
-                None => {
-                    let per = (max_row_bytes / size).max(1);
-                    // A dequantized weight's rows hold whole output rows where one fits.
-                    match (dequant, src.shape.last()) {
-                        (Some(_), Some(&len)) if len > 0 && len <= per => per / len * len,
-                        _ => per,
-                    }
-                }
-            };
-            let first_row = rows.len() as u64;
-            let mut start = 0u64;
-            loop {
-                let elems = per_row.min(src.numel - start);
-                rows.push(RowPlan {
-                    tensor: i,
-                    elem_start: start,
-                    elems,
-                });
-                start += elems;
-                if start >= src.numel {
-                    break;
-                }
-            }
-            tensors.push(PlannedTensor {
-                shard: s.shard,
-                src: src.clone(),
-                name: s.name.clone(),
-                dtype,
-                out_len,
-                first_row,
-                rows: rows.len() as u64 - first_row,
-                quant,
-                dequant: dequant.cloned(),
-            });
+            tensors.push(plan_tensor(source, s, i, opts, &mut rows)?);
         }
-        let cuts = match max_file_size {
+        let cuts = match opts.max_file_size {
             Some(m) => part_rows(&tensors, &rows, part_data_bytes(m)),
             None => std::iter::once(0..rows.len()).collect(),
         };
@@ -262,7 +184,7 @@ impl Plan {
         let mut parts = Vec::with_capacity(cuts.len());
         for cut in cuts {
             let first = groups.len();
-            groups.extend(group_rows(&tensors, &rows, cut.clone(), group_bytes));
+            groups.extend(group_rows(&tensors, &rows, cut.clone(), opts.group_bytes));
             parts.push(PartPlan {
                 groups: first..groups.len(),
                 rows: cut,
@@ -273,9 +195,9 @@ impl Plan {
             rows,
             groups,
             parts,
-            parted: max_file_size.is_some(),
-            target,
-            quantize: quantize.cloned(),
+            parted: opts.max_file_size.is_some(),
+            target: opts.target,
+            quantize: opts.quantize.cloned(),
         })
     }
 
@@ -391,6 +313,123 @@ fn group_rows(
         groups.push(cur);
     }
     groups
+}
+
+/// Plans the selected tensor `s` (the `i`th of the plan): its output dtype and size,
+/// and its rows, appended to `rows`.
+///
+/// # Errors
+///
+/// As [`Plan::build`], for this tensor.
+fn plan_tensor(
+    source: &Source,
+    s: &Selected,
+    i: usize,
+    opts: &PlanOptions<'_>,
+    rows: &mut Vec<RowPlan>,
+) -> Result<PlannedTensor> {
+    // The selection was made from this source's headers.
+    let shard = &source.shards[s.shard];
+    let at = TensorRef {
+        shard: s.shard,
+        tensor: s.tensor,
+    };
+    let dequant = source.dequantized_at(at, !opts.keep_quantized);
+    let src = dequant.map_or(&shard.header.tensors[s.tensor], |d| &d.info);
+    if src.dtype.is_sub_byte() {
+        return Err(Error::UnsupportedDtype {
+            path: shard.path.clone(),
+            tensor: src.name.clone(),
+            dtype: src.dtype.to_string(),
+        });
+    }
+    if let Some(&dim) = src.shape.iter().find(|&&d| d > i32::MAX as u64) {
+        return Err(Error::DimensionTooLarge {
+            path: shard.path.clone(),
+            tensor: src.name.clone(),
+            dim,
+        });
+    }
+    let quant = opts
+        .quantize
+        .and_then(|q| q.spec_for(&s.name, src.dtype, &src.shape));
+    let dtype = match (quant, dequant) {
+        (Some(_), _) => Dtype::I8,
+        // A dequantized weight's `keep` is the checkpoint's compute dtype.
+        (None, Some(d)) if opts.target == TargetDtype::Keep => d.compute,
+        (None, _) => opts.target.output_for(src.dtype),
+    };
+    let size = dtype.size() as u64;
+    // numel * size fits: size <= 8 and the source size numel * src_size fit u64,
+    // but a 1-byte source widened to 8 bytes could not; check anyway.
+    let out_len = src
+        .numel
+        .checked_mul(size)
+        .ok_or_else(|| Error::ShapeOverflow {
+            path: shard.path.clone(),
+            tensor: src.name.clone(),
+        })?;
+    let per_row = elems_per_row(s, src, quant, dequant.is_some(), size, opts.max_row_bytes)?;
+    let first_row = rows.len() as u64;
+    let mut start = 0u64;
+    loop {
+        let elems = per_row.min(src.numel - start);
+        rows.push(RowPlan {
+            tensor: i,
+            elem_start: start,
+            elems,
+        });
+        start += elems;
+        if start >= src.numel {
+            break;
+        }
+    }
+    Ok(PlannedTensor {
+        shard: s.shard,
+        src: src.clone(),
+        name: s.name.clone(),
+        dtype,
+        out_len,
+        first_row,
+        rows: rows.len() as u64 - first_row,
+        quant,
+        dequant: dequant.cloned(),
+    })
+}
+
+/// Elements per row of the tensor `src` (selected as `s`), `size` bytes each in the
+/// output: a quantized row holds whole units (channels or groups), each with its
+/// scale; a dequantized weight's rows hold whole output rows where one fits.
+///
+/// # Errors
+///
+/// `InvalidOption` when one quantization unit is larger than the row limit.
+fn elems_per_row(
+    s: &Selected,
+    src: &TensorInfo,
+    quant: Option<QuantSpec>,
+    dequantized: bool,
+    size: u64,
+    max_row_bytes: u64,
+) -> Result<u64> {
+    Ok(match quant {
+        Some(q) if q.unit > max_row_bytes => {
+            return Err(Error::option(format!(
+                "tensor `{}`: a channel of {} elements is larger than the row limit; \
+                 quantize it per group (a group size) or raise the row limit",
+                crate::error::sanitize(&s.name),
+                q.unit
+            )))
+        }
+        Some(q) => max_row_bytes / q.unit * q.unit,
+        None => {
+            let per = (max_row_bytes / size).max(1);
+            match (dequantized, src.shape.last()) {
+                (true, Some(&len)) if len > 0 && len <= per => per / len * len,
+                _ => per,
+            }
+        }
+    })
 }
 
 #[cfg(test)]

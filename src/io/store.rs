@@ -1,6 +1,8 @@
-//! Output to object storage (`-o s3://BUCKET/PREFIX/`, the `remote` feature): the
-//! weight file, or each part of a parted output, streams out as a multipart upload
-//! while it is written; side files are single PUTs.
+//! Object storage by prefix (the `remote` feature): the stores a checkpoint is read
+//! from (S3, plain HTTP directories), listing below a prefix, and an output prefix
+//! ([`ObjectDir`]: head, get, ranges, list, put, multipart upload, delete). On the write
+//! side the weight file, or each part of a parted output, streams out as a multipart
+//! upload while it is written; side files are single PUTs.
 //!
 //! An object appears only when its upload is completed, so an upload plays the part a
 //! temp file plays on a disk: [`Upload::complete`] is the rename, and an upload dropped
@@ -16,7 +18,6 @@
 
 use std::collections::{BTreeMap, VecDeque};
 use std::io::Write;
-use std::path::PathBuf;
 use std::sync::Arc;
 
 use bytes::Bytes;
@@ -24,7 +25,124 @@ use object_store::path::Path as StorePath;
 use object_store::{MultipartUpload, ObjectStore, ObjectStoreExt, PutPayload};
 
 use crate::error::{Error, Result};
-use crate::source::remote::{client, describe, list_below, s3_store, Client};
+use crate::io::http::{self as client, Client};
+use crate::io::url::ObjectUrl;
+use crate::io::Listed;
+
+/// A client of the S3 bucket `bucket` from the usual `AWS_*` environment (region,
+/// credentials chain, `AWS_ENDPOINT_URL` for S3-compatible stores), sending through
+/// `client`; `url` names it in errors.
+///
+/// # Errors
+///
+/// `Remote` when the environment does not make a client.
+pub(crate) fn s3_store(client: &Client, bucket: &str, url: &str) -> Result<Arc<dyn ObjectStore>> {
+    let store = object_store::aws::AmazonS3Builder::from_env()
+        .with_bucket_name(bucket)
+        .with_http_connector(client.connector(false))
+        .with_retry(client.settings.retry())
+        .build()
+        .map_err(|e| Error::Remote {
+            url: url.to_string(),
+            reason: describe(&e),
+        })?;
+    Ok(Arc::new(store))
+}
+
+/// A client of the plain HTTP(S) directory `base_url`, sending through `client`;
+/// `url` names it in errors.
+///
+/// # Errors
+///
+/// `Remote` when the URL does not make a client.
+pub(crate) fn http_store(
+    client: &Client,
+    base_url: &str,
+    url: &str,
+) -> Result<Arc<dyn ObjectStore>> {
+    let store = object_store::http::HttpBuilder::new()
+        .with_url(base_url.trim_end_matches('/'))
+        .with_http_connector(client.connector(false))
+        .with_retry(client.settings.retry())
+        .with_client_options(client.options())
+        .build()
+        .map_err(|e| Error::Remote {
+            url: url.to_string(),
+            reason: describe(&e),
+        })?;
+    Ok(Arc::new(store))
+}
+
+/// Every object of `store` below `dir` (a key prefix ending with `/`, or empty for the
+/// whole store), by its key relative to `dir`: what an input's and an output's listings
+/// read.
+///
+/// # Errors
+///
+/// The store's, for the caller to name the URL.
+pub(crate) fn list_below(
+    client: &Client,
+    store: &dyn ObjectStore,
+    dir: &str,
+) -> std::result::Result<Vec<(String, object_store::ObjectMeta)>, object_store::Error> {
+    use futures_util::TryStreamExt;
+    let prefix = (!dir.is_empty()).then(|| StorePath::from(dir.trim_end_matches('/')));
+    let metas: Vec<object_store::ObjectMeta> = client
+        .rt()
+        .block_on(store.list(prefix.as_ref()).try_collect())?;
+    Ok(metas
+        .into_iter()
+        .filter_map(|m| {
+            let name = m.location.as_ref().strip_prefix(dir)?.to_string();
+            Some((name, m))
+        })
+        .collect())
+}
+
+/// An `object_store` error in words for the user: what happened, without the
+/// store's internals where they say nothing more.
+pub(crate) fn describe(e: &object_store::Error) -> String {
+    match e {
+        object_store::Error::NotFound { .. } => "not found (404)".into(),
+        object_store::Error::PermissionDenied { .. } => {
+            "access denied (403): check the credentials".into()
+        }
+        object_store::Error::Unauthenticated { .. } => {
+            "not authenticated (401): check the credentials".into()
+        }
+        other => {
+            let mut s = other.to_string();
+            let mut src = std::error::Error::source(other);
+            while let Some(e) = src {
+                let t = e.to_string();
+                if !s.contains(&t) {
+                    s.push_str(": ");
+                    s.push_str(&t);
+                }
+                src = e.source();
+            }
+            shorten_xml(&s)
+        }
+    }
+}
+
+/// An S3 error body (`<Error><Code>NoSuchBucket</Code><Message>…`) in `s`, said as
+/// `NoSuchBucket: …`.
+fn shorten_xml(s: &str) -> String {
+    let tag = |t: &str| {
+        let open = format!("<{t}>");
+        let a = s.find(&open)? + open.len();
+        let b = a + s[a..].find(&format!("</{t}>"))?;
+        Some(&s[a..b])
+    };
+    match (s.find("<?xml").or_else(|| s.find("<Error>")), tag("Code")) {
+        (Some(at), Some(code)) => {
+            let msg = tag("Message").map(|m| format!(": {m}")).unwrap_or_default();
+            format!("{}{code}{msg}", &s[..at])
+        }
+        _ => s.to_string(),
+    }
+}
 
 /// Upload parts sent at once; the appender waits for the oldest beyond this.
 pub(crate) const PARTS_IN_FLIGHT: usize = 4;
@@ -50,13 +168,6 @@ pub(crate) fn chunk_bytes(expected: u64) -> usize {
     usize::try_from(c).unwrap_or(usize::MAX)
 }
 
-/// An object listed under a prefix.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub(crate) struct Listed {
-    pub(crate) size: u64,
-    pub(crate) e_tag: Option<String>,
-}
-
 /// An output prefix in a bucket.
 pub(crate) struct ObjectDir {
     client: Arc<Client>,
@@ -76,43 +187,25 @@ impl std::fmt::Debug for ObjectDir {
 }
 
 impl ObjectDir {
-    /// The prefix `url` names (`s3://BUCKET/PREFIX[/]`), with a client from the
-    /// environment. Sends no request.
+    /// The prefix `url` names, with a client from the environment. Sends no request.
     ///
     /// # Errors
     ///
-    /// `InvalidOption` for a URL with no bucket; `Remote` when the environment does not
-    /// make a client.
-    pub(crate) fn open(url: &str) -> Result<ObjectDir> {
-        let rest = url.strip_prefix("s3://").unwrap_or(url);
-        let (bucket, key) = rest.split_once('/').unwrap_or((rest, ""));
-        if bucket.is_empty() {
-            return Err(Error::option(format!("{url}: no bucket in the output URL")));
-        }
-        let key = key.trim_matches('/');
-        let prefix = if key.is_empty() {
-            String::new()
-        } else {
-            format!("{key}/")
-        };
+    /// `Remote` when the environment does not make a client.
+    pub(crate) fn open(url: &ObjectUrl) -> Result<ObjectDir> {
         let client = Client::new(client::Settings::from_env(None)?)?;
-        let store = s3_store(&client, bucket, url)?;
+        let store = s3_store(&client, &url.bucket, &url.url())?;
         Ok(ObjectDir {
             client,
             store,
-            base_url: format!("s3://{bucket}/{prefix}"),
-            prefix,
+            base_url: url.url(),
+            prefix: url.prefix.clone(),
         })
     }
 
     /// The URL of `name`, for messages and reports.
     pub(crate) fn url(&self, name: &str) -> String {
         format!("{}{name}", self.base_url)
-    }
-
-    /// The prefix's URL without its trailing `/`.
-    pub(crate) fn base(&self) -> PathBuf {
-        PathBuf::from(self.base_url.trim_end_matches('/'))
     }
 
     fn path(&self, name: &str) -> Result<StorePath> {
@@ -297,11 +390,6 @@ impl std::fmt::Debug for Upload {
 }
 
 impl Upload {
-    /// The URL of the object being written.
-    pub(crate) fn url(&self) -> &str {
-        &self.url
-    }
-
     /// Waits for the oldest part in flight.
     fn wait_one(&mut self) -> std::io::Result<()> {
         let Some(h) = self.inflight.pop_front() else {
