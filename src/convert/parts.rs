@@ -24,7 +24,7 @@ use crate::error::{Error, Result};
 use crate::format::{self, Identity, Manifest, ManifestPart, PartStamp, TensorIndex};
 use crate::io::hex128;
 use crate::io::Listed;
-use crate::write::dest::{parts_dir, Begun, Checked, Content, Destination, Output, Recorded};
+use crate::write::dest::{parts_dir, Begun, Check, Content, Destination, Output, Recorded};
 use crate::write::parts::{
     check_part, check_stamp, journal_json, journal_name, merge_records, part_rows, recorded,
     refuse_foreign, write_part, Kept, PartJob, Slot,
@@ -132,7 +132,7 @@ struct Tally {
 }
 
 /// Sorts the parts named `names` by what their check (`None`: no part there) said.
-fn tally(job: &Job, names: &[String], checked: Vec<Option<Checked<Kept>>>) -> Tally {
+fn tally(job: &Job, names: &[String], checked: Vec<Option<Check<Kept>>>) -> Tally {
     let plan = &job.plan;
     let mut t = Tally {
         outcomes: vec![None; plan.parts.len()],
@@ -142,7 +142,7 @@ fn tally(job: &Job, names: &[String], checked: Vec<Option<Checked<Kept>>>) -> Ta
     };
     for (k, c) in checked.into_iter().enumerate() {
         match c {
-            Some(Ok(kept)) => {
+            Some(Check::Keep(kept)) => {
                 merge_stamp(&kept.stamp, &mut t.stats, &mut t.quant);
                 t.outcomes[k] = Some(PartOutcome {
                     file: names[k].clone(),
@@ -153,7 +153,7 @@ fn tally(job: &Job, names: &[String], checked: Vec<Option<Checked<Kept>>>) -> Ta
                     e_tag: None,
                 });
             }
-            Some(Err(reason)) => t.todo.push((k, PartStatus::Redone { reason })),
+            Some(Check::Redo(reason)) => t.todo.push((k, PartStatus::Redone { reason })),
             None => t.todo.push((k, PartStatus::Written)),
         }
     }
@@ -252,7 +252,7 @@ fn check_left(
     config: &ConvertConfig,
     now: &Identity,
     listed: &BTreeMap<String, Listed>,
-) -> Result<Vec<Option<Checked<Kept>>>> {
+) -> Result<Vec<Option<Check<Kept>>>> {
     let count = job.plan.parts.len();
     if !config.resume {
         return Ok((0..count).map(|_| None).collect());
@@ -550,12 +550,15 @@ fn part_alone(
     };
     if let Some(why) = dest.redo_alone() {
         // Still refused when it is another plan's.
-        if let Ok(f) = dest.footer(&name, l.size)? {
-            check_stamp(&dest.locate(&name), f.stamp.as_deref(), slot)?.ok();
+        if let Check::Keep(f) = dest.footer(&name, l.size)? {
+            check_stamp(&dest.locate(&name), f.stamp.as_deref(), slot)?;
         }
         return Ok(Err(PartStatus::Redone { reason: why.into() }));
     }
-    Ok(check_part(dest, &name, &l, slot, None)?.map_err(|reason| PartStatus::Redone { reason }))
+    Ok(match check_part(dest, &name, &l, slot, None)? {
+        Check::Keep(kept) => Ok(kept),
+        Check::Redo(reason) => Err(PartStatus::Redone { reason }),
+    })
 }
 
 /// Progress of a part converted alone: nobody watches it.

@@ -12,7 +12,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use serde::Serialize;
 use serde_json::Value;
 
-use super::dest::{parts_dir, Checked, Destination, Recorded};
+use super::dest::{parts_dir, Check, Destination, Recorded};
 use super::{ProgressSink, Share, WeightWriter, WriteOptions};
 use crate::cast::{CastStats, QuantError};
 use crate::error::{Error, Result};
@@ -203,8 +203,8 @@ pub(crate) struct Slot<'a> {
     pub(crate) rows: u64,
 }
 
-/// Checks the part `name` (as `listed`) at `dest` for `slot`: `Ok(Ok(kept))` to keep
-/// it, `Ok(Err(reason))` to convert it again, `Err` when it belongs to another plan
+/// Checks the part `name` (as `listed`) at `dest` for `slot`: `Keep(kept)` to keep it,
+/// `Redo(reason)` to convert it again, `Err` when it belongs to another plan
 /// (resuming would mix two conversions).
 ///
 /// # Errors
@@ -216,25 +216,26 @@ pub(crate) fn check_part(
     listed: &Listed,
     slot: Slot<'_>,
     recorded: Option<&Recorded>,
-) -> Result<Checked<Kept>> {
+) -> Result<Check<Kept>> {
     let footer = match dest.footer(name, listed.size)? {
-        Ok(f) => f,
-        Err(why) => return Ok(Err(why)),
+        Check::Keep(f) => f,
+        Check::Redo(why) => return Ok(Check::Redo(why)),
     };
     let stamp = match check_stamp(&dest.locate(name), footer.stamp.as_deref(), slot)? {
-        Ok(s) => s,
-        Err(why) => return Ok(Err(why)),
+        Check::Keep(s) => s,
+        Check::Redo(why) => return Ok(Check::Redo(why)),
     };
     if let Some(why) = wrong_rows(&footer.meta, slot.rows) {
-        return Ok(Err(why));
+        return Ok(Check::Redo(why));
     }
-    Ok(dest
-        .content(name, listed, recorded)?
-        .map(|(bytes, hash)| Kept { bytes, hash, stamp }))
+    Ok(match dest.content(name, listed, recorded)? {
+        Check::Keep((bytes, hash)) => Check::Keep(Kept { bytes, hash, stamp }),
+        Check::Redo(why) => Check::Redo(why),
+    })
 }
 
-/// The stamp of the part at `path` (its footer's [`format::KEY_PART`] value): `Ok(Ok)`
-/// when it is the part `slot` names, `Ok(Err(reason))` when it is another part of the
+/// The stamp of the part at `path` (its footer's [`format::KEY_PART`] value): `Keep`
+/// when it is the part `slot` names, `Redo(reason)` when it is another part of the
 /// plan or damaged (to be converted again), `Err` when it belongs to another plan.
 ///
 /// # Errors
@@ -244,11 +245,11 @@ pub(crate) fn check_stamp(
     path: &Path,
     value: Option<&str>,
     slot: Slot<'_>,
-) -> Result<Checked<PartStamp>> {
+) -> Result<Check<PartStamp>> {
     let stamp: PartStamp = match value.map(serde_json::from_str::<PartStamp>) {
         Some(Ok(s)) => s,
-        Some(Err(e)) => return Ok(Err(format!("its part stamp is damaged ({e})"))),
-        None => return Ok(Err("it has no part stamp".into())),
+        Some(Err(e)) => return Ok(Check::Redo(format!("its part stamp is damaged ({e})"))),
+        None => return Ok(Check::Redo("it has no part stamp".into())),
     };
     if let Some(why) = differs(&stamp.identity, slot.now) {
         return Err(Error::ResumeRefused {
@@ -258,7 +259,7 @@ pub(crate) fn check_stamp(
     }
     let (index, count, rows) = (slot.index, slot.count, slot.rows);
     if stamp.index != index || stamp.count != count || stamp.rows != rows {
-        return Ok(Err(format!(
+        return Ok(Check::Redo(format!(
             "it holds part {} of {} ({} rows), not part {} of {count} ({rows} rows)",
             stamp.index + 1,
             stamp.count,
@@ -266,7 +267,7 @@ pub(crate) fn check_stamp(
             index + 1
         )));
     }
-    Ok(Ok(stamp))
+    Ok(Check::Keep(stamp))
 }
 
 /// Why a part whose footer is `meta` does not hold the `rows` the plan gives it (a
@@ -368,11 +369,11 @@ pub(crate) fn refuse_foreign(
     let full = format!("{}{name}", parts_dir());
     let path = dest.locate(&full);
     let why = match dest.footer(&full, l.size)? {
-        Ok(f) => f
+        Check::Keep(f) => f
             .stamp
             .and_then(|v| serde_json::from_str::<PartStamp>(&v).ok())
             .and_then(|s| differs(&s.identity, now)),
-        Err(_) => None,
+        Check::Redo(_) => None,
     };
     Err(match (resume, why) {
         (true, Some(reason)) => Error::ResumeRefused { path, reason },

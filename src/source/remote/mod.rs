@@ -344,8 +344,40 @@ pub(crate) fn open(url: &str, opts: &SourceOptions) -> Result<Opened> {
         dir: local.clone(),
         shared: shared.clone(),
     };
-    let (listing, target) = if let Some(rest) = url.strip_prefix("hf://") {
-        let r = hub::list(&client, rest)?;
+    let (listing, target) = list_target(url, &client, shared, &local)?;
+    copy_small_files(&listing, &local)?;
+    let (shards, index, notices) = match &target {
+        Target::Dir => super::open_dir(&listing, opts)?,
+        Target::File(name) if name.ends_with(".json") => {
+            let (s, _) = super::open_index(&listing, name, opts)?;
+            (s, Some(listing.path(name)), Vec::new())
+        }
+        Target::File(name) => (vec![listing.open_shard(name, opts)?], None, Vec::new()),
+    };
+    Ok(Opened {
+        shards,
+        index,
+        notices,
+        model_dir: local,
+        remote,
+    })
+}
+
+/// The listing of the checkpoint `url` names (a Hub repository, an S3 prefix, or a
+/// plain HTTP directory, which has none), and what in it was asked for.
+///
+/// # Errors
+///
+/// `Remote`, `RemoteDenied` naming what could not be listed.
+fn list_target(
+    url: &str,
+    client: &Arc<client::Client>,
+    shared: Arc<Shared>,
+    local: &std::path::Path,
+) -> Result<(Listing, Target)> {
+    let local = local.to_path_buf();
+    Ok(if let Some(rest) = url.strip_prefix("hf://") {
+        let r = hub::list(client, rest)?;
         (
             Listing {
                 store: r.store,
@@ -353,15 +385,15 @@ pub(crate) fn open(url: &str, opts: &SourceOptions) -> Result<Opened> {
                 base_url: r.base_url,
                 files: Some(r.files),
                 shared,
-                local: local.clone(),
+                local,
             },
             r.target,
         )
     } else if let Some(rest) = url.strip_prefix("s3://") {
         let (bucket, key) = rest.split_once('/').unwrap_or((rest, ""));
         let (dir, target) = split_target(key);
-        let store = s3_store(&client, bucket, url)?;
-        let files = list_bucket(&client, &store, bucket, &dir)?;
+        let store = s3_store(client, bucket, url)?;
+        let files = list_bucket(client, &store, bucket, &dir)?;
         (
             Listing {
                 store,
@@ -369,7 +401,7 @@ pub(crate) fn open(url: &str, opts: &SourceOptions) -> Result<Opened> {
                 base_url: format!("s3://{bucket}/{dir}"),
                 files: Some(files),
                 shared,
-                local: local.clone(),
+                local,
             },
             target,
         )
@@ -378,7 +410,7 @@ pub(crate) fn open(url: &str, opts: &SourceOptions) -> Result<Opened> {
         let (host, path) = rest.split_once('/').unwrap_or((rest, ""));
         let (dir, target) = split_target(path);
         let base_url = format!("{scheme}://{host}/{dir}");
-        let store = http_store(&client, &base_url, url)?;
+        let store = http_store(client, &base_url, url)?;
         (
             Listing {
                 store,
@@ -386,12 +418,20 @@ pub(crate) fn open(url: &str, opts: &SourceOptions) -> Result<Opened> {
                 base_url,
                 files: None,
                 shared,
-                local: local.clone(),
+                local,
             },
             target,
         )
-    };
-    // The small files first, whole and checked.
+    })
+}
+
+/// Copies the small files of `listing` (configs, tokenizer files) into `local`, whole
+/// and checked: found in the listing, or probed by name where there is none.
+///
+/// # Errors
+///
+/// `Remote` naming the file that could not be fetched; `Io` naming the copy.
+fn copy_small_files(listing: &Listing, local: &std::path::Path) -> Result<()> {
     let small: Vec<(String, Entry)> = match &listing.files {
         Some(f) => f
             .iter()
@@ -413,7 +453,7 @@ pub(crate) fn open(url: &str, opts: &SourceOptions) -> Result<Opened> {
     }
     if listing.files.is_none() {
         // No listing: the sentence-transformers modules' configs are found by name.
-        for module in st_module_dirs(&local) {
+        for module in st_module_dirs(local) {
             let name = format!("{module}/config.json");
             if let Some(e) = listing.entry(&name)? {
                 if is_small_file(&name, e.size) {
@@ -422,21 +462,7 @@ pub(crate) fn open(url: &str, opts: &SourceOptions) -> Result<Opened> {
             }
         }
     }
-    let (shards, index, notices) = match &target {
-        Target::Dir => super::open_dir(&listing, opts)?,
-        Target::File(name) if name.ends_with(".json") => {
-            let (s, _) = super::open_index(&listing, name, opts)?;
-            (s, Some(listing.path(name)), Vec::new())
-        }
-        Target::File(name) => (vec![listing.open_shard(name, opts)?], None, Vec::new()),
-    };
-    Ok(Opened {
-        shards,
-        index,
-        notices,
-        model_dir: local,
-        remote,
-    })
+    Ok(())
 }
 
 /// The module directories `modules.json` lists (plain names only).

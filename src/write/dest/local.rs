@@ -7,7 +7,7 @@ use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 
-use super::{Begin, Begun, Checked, Content, Destination, Footer, Recorded};
+use super::{Begin, Begun, Check, Content, Destination, Footer, Recorded};
 use crate::error::{Error, Result};
 use crate::format;
 use crate::io::temp::{remove_stale_temp_files, sync_dir, TempPath};
@@ -195,13 +195,13 @@ impl Destination for LocalDir {
         sync_dir(&self.path(dir));
     }
 
-    fn footer(&self, name: &str, _size: u64) -> Result<Checked<Footer>> {
+    fn footer(&self, name: &str, _size: u64) -> Result<Check<Footer>> {
         Ok(match WeightFile::open(self.path(name)) {
-            Ok(wf) => Ok(Footer {
+            Ok(wf) => Check::Keep(Footer {
                 stamp: wf.key_value(format::KEY_PART).map(str::to_owned),
                 meta: wf.parquet_metadata().clone(),
             }),
-            Err(e) => Err(format!("unreadable ({e})")),
+            Err(e) => Check::Redo(format!("unreadable ({e})")),
         })
     }
 
@@ -213,22 +213,22 @@ impl Destination for LocalDir {
         name: &str,
         _listed: &Listed,
         recorded: Option<&Recorded>,
-    ) -> Result<Checked<(u64, String)>> {
+    ) -> Result<Check<(u64, String)>> {
         let path = self.path(name);
         if let Some(r) = recorded {
             let (b, h) = file_hash(&path)?;
             if b == r.bytes && h == r.xxh3_128 {
-                return Ok(Ok((b, h)));
+                return Ok(Check::Keep((b, h)));
             }
-            return Ok(Err(format!(
+            return Ok(Check::Redo(format!(
                 "its content differs from the one recorded when it was written ({b} bytes, XXH3-128 {h}; recorded {} bytes, {})",
                 r.bytes, r.xxh3_128
             )));
         }
         if let Some(why) = bad_row(&path) {
-            return Ok(Err(why));
+            return Ok(Check::Redo(why));
         }
-        file_hash(&path).map(Ok)
+        file_hash(&path).map(Check::Keep)
     }
 }
 

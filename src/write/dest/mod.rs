@@ -119,8 +119,15 @@ pub(crate) struct Footer {
     pub(crate) meta: ParquetMetaData,
 }
 
-/// What became of a check: `Ok` to keep, `Err(reason)` to write again.
-pub(crate) type Checked<T> = std::result::Result<T, String>;
+/// What a check of a part an earlier run left says.
+#[derive(Debug)]
+pub(crate) enum Check<T> {
+    /// It passed: keep what was read.
+    Keep(T),
+    /// It failed (damaged, another part of the plan, not what was recorded): write it
+    /// again, for this reason.
+    Redo(String),
+}
 
 /// One journal (or manifest) entry: a part as it was written.
 #[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
@@ -229,7 +236,7 @@ pub(crate) trait Destination: std::fmt::Debug + Sync {
     /// # Errors
     ///
     /// `Io`/`Remote` when it cannot be read at all.
-    fn footer(&self, name: &str, size: u64) -> Result<Checked<Footer>>;
+    fn footer(&self, name: &str, size: u64) -> Result<Check<Footer>>;
 
     /// Checks the content of the part `name` (as `listed`) against what the journal
     /// recorded of it: its size and XXH3-128, or why it is not the part recorded.
@@ -242,7 +249,7 @@ pub(crate) trait Destination: std::fmt::Debug + Sync {
         name: &str,
         listed: &Listed,
         recorded: Option<&Recorded>,
-    ) -> Result<Checked<(u64, String)>>;
+    ) -> Result<Check<(u64, String)>>;
 
     /// Why a part already at `name` is written again by a part converted alone, before
     /// any check of its content; `None` to check it (a local file, read at disk speed).

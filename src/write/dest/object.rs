@@ -15,7 +15,7 @@ use std::sync::Arc;
 
 use parquet::file::metadata::{FooterTail, ParquetMetaDataReader};
 
-use super::{read_local, Begin, Begun, Checked, Content, Destination, Footer, Recorded};
+use super::{read_local, Begin, Begun, Check, Content, Destination, Footer, Recorded};
 use crate::error::{Error, Result};
 use crate::format;
 use crate::io::store::ObjectDir;
@@ -137,34 +137,34 @@ impl Destination for ObjectDest {
 
     fn sync(&self, _dir: &str) {}
 
-    fn footer(&self, name: &str, size: u64) -> Result<Checked<Footer>> {
+    fn footer(&self, name: &str, size: u64) -> Result<Check<Footer>> {
         if size < 12 {
-            return Ok(Err(format!("{size} bytes: not a Parquet file")));
+            return Ok(Check::Redo(format!("{size} bytes: not a Parquet file")));
         }
         let tail = self.dir.get_range(name, size - 8..size)?;
         let Ok(tail) = <[u8; 8]>::try_from(tail.as_ref()) else {
-            return Ok(Err("the server sent a short footer".into()));
+            return Ok(Check::Redo("the server sent a short footer".into()));
         };
         let len = match FooterTail::try_new(&tail) {
             Ok(t) => t.metadata_length() as u64,
-            Err(e) => return Ok(Err(format!("not a Parquet file ({e})"))),
+            Err(e) => return Ok(Check::Redo(format!("not a Parquet file ({e})"))),
         };
         if len > MAX_FOOTER || len + 8 > size {
-            return Ok(Err(format!(
+            return Ok(Check::Redo(format!(
                 "its footer length ({len} bytes) is not plausible"
             )));
         }
         let buf = self.dir.get_range(name, size - 8 - len..size - 8)?;
         let meta = match ParquetMetaDataReader::decode_metadata(&buf) {
             Ok(m) => m,
-            Err(e) => return Ok(Err(format!("its footer is unreadable ({e})"))),
+            Err(e) => return Ok(Check::Redo(format!("its footer is unreadable ({e})"))),
         };
         let stamp = meta
             .file_metadata()
             .key_value_metadata()
             .and_then(|kv| kv.iter().find(|k| k.key == format::KEY_PART))
             .and_then(|k| k.value.clone());
-        Ok(Ok(Footer { stamp, meta }))
+        Ok(Check::Keep(Footer { stamp, meta }))
     }
 
     fn content(
@@ -172,9 +172,9 @@ impl Destination for ObjectDest {
         name: &str,
         listed: &Listed,
         recorded: Option<&Recorded>,
-    ) -> Result<Checked<(u64, String)>> {
+    ) -> Result<Check<(u64, String)>> {
         let Some(r) = recorded else {
-            return Ok(Err(
+            return Ok(Check::Redo(
                 "the journal does not record it (it was completed as the run stopped)".into(),
             ));
         };
@@ -184,7 +184,7 @@ impl Destination for ObjectDest {
                 (r.bytes, r.xxh3_128.clone())
             }
             Some(tag) => {
-                return Ok(Err(format!(
+                return Ok(Check::Redo(format!(
                     "it changed since it was written ({} bytes, ETag {}; recorded {} bytes, ETag {tag})",
                     listed.size,
                     listed.e_tag.as_deref().unwrap_or("none"),
@@ -195,12 +195,12 @@ impl Destination for ObjectDest {
             None => self.dir.hash(name)?,
         };
         if bytes != r.bytes || hash != r.xxh3_128 {
-            return Ok(Err(format!(
+            return Ok(Check::Redo(format!(
                 "its content differs from the one recorded when it was written ({bytes} bytes, XXH3-128 {hash}; recorded {} bytes, {})",
                 r.bytes, r.xxh3_128
             )));
         }
-        Ok(Ok((bytes, hash)))
+        Ok(Check::Keep((bytes, hash)))
     }
 
     fn redo_alone(&self) -> Option<&'static str> {
