@@ -1,4 +1,43 @@
-#![doc = include_str!("../README.md")]
+//! Converts Hugging Face checkpoints (safetensors or PyTorch `.bin`, single file or
+//! sharded, local or by URL) into Parquet weight files that the seed system's loaders
+//! read unchanged, and reads them back: one tensor by name, inspect, verify, export to
+//! safetensors. Input is mapped or read by ranges and streamed, so memory stays bounded
+//! whatever the model size.
+//!
+//! Three faces over this one library: the library itself (no CLI or Python
+//! dependencies), the `modelconv` binary (the default `cli` feature) and the Python
+//! package (PyO3, in `python/`). Each face only translates; what a conversion does is
+//! decided here.
+//!
+//! The pipeline: source (find the shards, validate every header) → plan (tensors, rows,
+//! row groups) → cast (dequantize, cast or quantize each row) → write (row groups in
+//! order, the footer, an atomic commit), sequenced by [`convert()`]; [`WeightFile`] reads
+//! the result.
+//!
+//! # Example
+//!
+//! Convert the CLIP fixture that ships with the crate, then read one tensor back:
+//!
+//! ```
+//! use modelconv::{convert, ConvertConfig, Dtype, TargetDtype, WeightFile};
+//!
+//! fn main() -> modelconv::Result<()> {
+//!     let out = std::env::temp_dir().join(format!("modelconv-doc-{}", std::process::id()));
+//!     let config = ConvertConfig::builder().dtype(TargetDtype::F16).force(true).build()?;
+//!     let report = convert("tests/fixtures/tiny-clip", &out, &config)?;
+//!     assert!(report.success);
+//!
+//!     let weights = WeightFile::open(&out)?;
+//!     let t = weights.tensor("vision_model.post_layernorm.weight")?;
+//!     assert_eq!((t.dtype, t.shape.as_slice()), (Dtype::F16, &[32][..]));
+//!     assert_eq!(t.to_f32().len(), 32);
+//!     std::fs::remove_dir_all(&out).ok();
+//!     Ok(())
+//! }
+//! ```
+//!
+//! The repository's `README.md` shows the command line and the Python package;
+//! `docs/` holds the format, each feature, the measurements and the error catalogue.
 #![deny(missing_docs)]
 #![forbid(unsafe_op_in_unsafe_fn)]
 
