@@ -41,23 +41,32 @@
 #![deny(missing_docs)]
 #![forbid(unsafe_op_in_unsafe_fn)]
 
-// The pipeline, one module per stage: source → plan → cast → write, with the model
-// knowledge that shapes the plan, the format contract shared by writer and reader, and
-// the reader. `convert` sequences the stages.
-mod cast;
-mod convert;
+// One module per stage, bottom to top: a module uses only the modules before it here
+// (docs/architecture.md says what each holds).
+// Support: the element types, the error enum, globs.
 mod dtype;
 mod error;
-mod format;
 mod glob;
+// I/O under source and write: temp files, URLs, HTTP, object storage.
 mod io;
-mod model;
-mod plan;
-mod read;
+// Stage 1: find, validate and map (or fetch) the checkpoint.
 mod source;
+// Model knowledge: families, recipes, metadata.json.
+mod model;
+// Stage 2: tensors, rows, row groups, parts.
+mod plan;
+// Stage 3: dequantize, cast or quantize each row.
+mod cast;
+// The file contract shared by the reader and the writer.
+mod format;
+// The reader (the writer reads back the parts an earlier run left through it).
+mod read;
+// Stage 4: the writer and its one destination (a local directory or an object store).
 mod write;
+// Sequences the stages: the API.
+mod convert;
 
-pub use cast::{QuantScheme, Quantize, TensorQuantError, MIN_QUANT_ELEMENTS};
+pub use cast::TensorQuantError;
 pub use convert::{
     convert, convert_part, convert_with, parse_size, plan_conversion, prepare_parts, record_parts,
     ConversionPlan, ConversionReport, ConvertConfig, ConvertConfigBuilder, Dequantization, Event,
@@ -70,6 +79,7 @@ pub use error::{sanitize, Error, Result};
 pub use format::QuantInfo;
 pub use io::temp::remove_temp_files;
 pub use model::{Filters, ModelType, Part};
+pub use plan::{QuantScheme, Quantize, MIN_QUANT_ELEMENTS};
 pub use read::{
     export, inspect, inspect_source, verify, ExportOptions, ExportReport, InspectReport, QuantData,
     RangeLog, RowGroupInfo, SourceReport, SourceTensorInfo, Tensor, TensorCheck, TensorInfo,

@@ -12,7 +12,6 @@ mod kernels;
 mod quant;
 
 pub(crate) use crate::plan::QuantSpec;
-pub use crate::plan::{QuantScheme, Quantize, MIN_QUANT_ELEMENTS};
 pub use kernels::{cast_and_hash, cast_into, CastStats};
 pub(crate) use kernels::{value_f64, widen};
 pub(crate) use quant::{dequantize, quantize_unit};

@@ -8,10 +8,10 @@ use std::sync::Arc;
 use parquet::basic::{Compression, ZstdLevel};
 use serde_json::{json, Value};
 
-use crate::cast::Quantize;
 use crate::dtype::TargetDtype;
 use crate::error::{Error, Result};
 use crate::model::{CompiledFilters, Filters, ModelType, Part};
+use crate::plan::Quantize;
 use crate::source::{IoMode, SourceOptions, DEFAULT_MAX_HEADER_BYTES};
 use crate::write::{Codec, WriteOptions};
 
@@ -292,7 +292,7 @@ impl ConvertConfig {
                     "scheme": q.scheme.as_str(),
                     "group_size": q.group_size,
                     "skip": q.skip,
-                    "min_elements": crate::cast::MIN_QUANT_ELEMENTS,
+                    "min_elements": crate::plan::MIN_QUANT_ELEMENTS,
                 }),
             );
         }

@@ -636,7 +636,7 @@ impl WeightFile {
     }
 
     /// The quantization scheme of a V2 file written by modelconv.
-    pub fn quant_scheme(&self) -> Option<crate::cast::QuantScheme> {
+    pub fn quant_scheme(&self) -> Option<crate::plan::QuantScheme> {
         let v: serde_json::Value =
             serde_json::from_str(self.key_value(format::KEY_QUANTIZATION)?).ok()?;
         v.get("scheme")?.as_str()?.parse().ok()

@@ -13,11 +13,12 @@ use xxhash_rust::xxh3::xxh3_64;
 
 use super::{Row, TensorInfo, WeightFile};
 use crate::cast::{
-    cast_into, quantize_unit, tensor_elements, value_f64, QuantError, QuantScheme, TensorQuantError,
+    cast_into, quantize_unit, tensor_elements, value_f64, QuantError, TensorQuantError,
 };
 use crate::dtype::{Dtype, TargetDtype};
 use crate::error::{sanitize, Error, Result};
 use crate::format::QuantInfo;
+use crate::plan::QuantScheme;
 use crate::source::{Logical, Source};
 
 /// Options of [`verify`].
