@@ -129,27 +129,6 @@ impl Dir for LocalDir {
     }
 }
 
-/// Looks for `tensor` in the files of `dir` with the listed shards' extension that the
-/// index does not list, to say where a mis-indexed tensor really is.
-fn find_in_unlisted(
-    dir: &dyn Dir,
-    listed: &[&str],
-    tensor: &str,
-    opts: &SourceOptions,
-) -> Option<String> {
-    let ext = listed.first().and_then(|n| Path::new(n).extension())?;
-    let others: Vec<String> = dir
-        .names()
-        .ok()?
-        .into_iter()
-        .filter(|n| Path::new(n).extension() == Some(ext) && !listed.contains(&n.as_str()))
-        .collect();
-    others.into_iter().find(|n| {
-        dir.open_shard(n, opts)
-            .is_ok_and(|s| s.header.tensors.iter().any(|t| t.name == tensor))
-    })
-}
-
 /// Opens a sharded checkpoint from its index file `name` in `dir`.
 pub(super) fn open_index(
     dir: &dyn Dir,
@@ -157,6 +136,29 @@ pub(super) fn open_index(
     opts: &SourceOptions,
 ) -> Result<(Vec<Shard>, PathBuf)> {
     let index = &dir.path(name);
+    let map = read_weight_map(dir, name, index)?;
+    let names = shard_names(dir, index, &map)?;
+    let shards = names
+        .iter()
+        .map(|n| dir.open_shard(n, opts))
+        .collect::<Result<Vec<_>>>()?;
+    let found = tensor_homes(&shards)?;
+    let listed: BTreeMap<&str, &str> = map.iter().map(|(t, s)| (t.as_str(), s.as_str())).collect();
+    let check = IndexCheck {
+        dir,
+        index,
+        names: &names,
+        opts,
+    };
+    check.listed_where_found(&listed, &found)?;
+    check.found_listed(&shards, &listed)?;
+    let parent = index.parent().unwrap_or(Path::new(".")).to_path_buf();
+    Ok((shards, parent))
+}
+
+/// The `weight_map` of the index file `name` (shown as `index`): `(tensor, shard)`
+/// pairs, refusing a duplicate tensor and an empty map.
+fn read_weight_map(dir: &dyn Dir, name: &str, index: &Path) -> Result<Vec<(String, String)>> {
     let text = dir.read_to_string(name)?;
     let raw: RawIndex = serde_json::from_str(&text).map_err(|e| Error::InvalidIndex {
         path: index.to_path_buf(),
@@ -176,6 +178,16 @@ pub(super) fn open_index(
             reason: "`weight_map` is empty".into(),
         });
     }
+    Ok(map)
+}
+
+/// The shard names the index lists, sorted and once each: plain file names, every one
+/// a file of `dir`.
+fn shard_names<'m>(
+    dir: &dyn Dir,
+    index: &Path,
+    map: &'m [(String, String)],
+) -> Result<Vec<&'m str>> {
     let mut names: Vec<&str> = map.iter().map(|(_, s)| s.as_str()).collect();
     names.sort_unstable();
     names.dedup();
@@ -193,11 +205,12 @@ pub(super) fn open_index(
             shards: missing,
         });
     }
-    let shards = names
-        .iter()
-        .map(|n| dir.open_shard(n, opts))
-        .collect::<Result<Vec<_>>>()?;
-    // Where each tensor really is, refusing duplicates across shards.
+    Ok(names)
+}
+
+/// Where each tensor really is (its shard's position), refusing duplicates across
+/// shards.
+fn tensor_homes(shards: &[Shard]) -> Result<HashMap<&str, usize>> {
     let mut found: HashMap<&str, usize> = HashMap::new();
     for (i, s) in shards.iter().enumerate() {
         for t in &s.header.tensors {
@@ -211,48 +224,99 @@ pub(super) fn open_index(
             found.insert(&t.name, i);
         }
     }
-    let by_name: HashMap<&str, usize> = names.iter().enumerate().map(|(i, n)| (*n, i)).collect();
-    let mismatch = |tensor: &str, reason: String| Error::ShardMismatch {
-        path: index.to_path_buf(),
-        tensor: tensor.to_string(),
-        reason,
-    };
-    let listed: BTreeMap<&str, &str> = map.iter().map(|(t, s)| (t.as_str(), s.as_str())).collect();
-    for (tensor, shard) in &listed {
-        match found.get(tensor) {
-            None => {
-                let elsewhere = find_in_unlisted(dir, &names, tensor, opts);
-                return Err(mismatch(
-                    tensor,
-                    match elsewhere {
-                        Some(other) => {
-                            format!("the index maps it to {shard}, but it is in {other}")
-                        }
-                        None => format!("the index maps it to {shard}, but no shard holds it"),
-                    },
-                ));
-            }
-            Some(&i) if by_name.get(shard) != Some(&i) => {
-                return Err(mismatch(
-                    tensor,
-                    format!("the index maps it to {shard}, but it is in {}", names[i]),
-                ))
-            }
-            Some(_) => {}
+    Ok(found)
+}
+
+/// What checking an index against its shards' headers needs.
+struct IndexCheck<'a> {
+    /// Where the index and its shards are.
+    dir: &'a dyn Dir,
+    /// The index, as messages show it.
+    index: &'a Path,
+    /// The shard names, sorted, in the order the shards were opened.
+    names: &'a [&'a str],
+    /// How shards are opened (to look in the unlisted ones).
+    opts: &'a SourceOptions,
+}
+
+impl IndexCheck<'_> {
+    fn mismatch(&self, tensor: &str, reason: String) -> Error {
+        Error::ShardMismatch {
+            path: self.index.to_path_buf(),
+            tensor: tensor.to_string(),
+            reason,
         }
     }
-    for (i, s) in shards.iter().enumerate() {
-        for t in &s.header.tensors {
-            if !listed.contains_key(t.name.as_str()) {
-                return Err(mismatch(
-                    &t.name,
-                    format!("it is in {} but the index does not list it", names[i]),
-                ));
+
+    /// Looks for `tensor` in the files of the directory with the listed shards'
+    /// extension that the index does not list, to say where a mis-indexed tensor
+    /// really is.
+    fn find_in_unlisted(&self, tensor: &str) -> Option<String> {
+        let listed = self.names;
+        let ext = listed.first().and_then(|n| Path::new(n).extension())?;
+        let others: Vec<String> = self
+            .dir
+            .names()
+            .ok()?
+            .into_iter()
+            .filter(|n| Path::new(n).extension() == Some(ext) && !listed.contains(&n.as_str()))
+            .collect();
+        others.into_iter().find(|n| {
+            self.dir
+                .open_shard(n, self.opts)
+                .is_ok_and(|s| s.header.tensors.iter().any(|t| t.name == tensor))
+        })
+    }
+
+    /// Every tensor the index lists is in the shard it names.
+    fn listed_where_found(
+        &self,
+        listed: &BTreeMap<&str, &str>,
+        found: &HashMap<&str, usize>,
+    ) -> Result<()> {
+        let names = self.names;
+        let by_name: HashMap<&str, usize> =
+            names.iter().enumerate().map(|(i, n)| (*n, i)).collect();
+        for (tensor, shard) in listed {
+            match found.get(tensor) {
+                None => {
+                    let elsewhere = self.find_in_unlisted(tensor);
+                    return Err(self.mismatch(
+                        tensor,
+                        match elsewhere {
+                            Some(other) => {
+                                format!("the index maps it to {shard}, but it is in {other}")
+                            }
+                            None => format!("the index maps it to {shard}, but no shard holds it"),
+                        },
+                    ));
+                }
+                Some(&i) if by_name.get(shard) != Some(&i) => {
+                    return Err(self.mismatch(
+                        tensor,
+                        format!("the index maps it to {shard}, but it is in {}", names[i]),
+                    ))
+                }
+                Some(_) => {}
             }
         }
+        Ok(())
     }
-    let parent = index.parent().unwrap_or(Path::new(".")).to_path_buf();
-    Ok((shards, parent))
+
+    /// Every tensor of the shards is listed in the index.
+    fn found_listed(&self, shards: &[Shard], listed: &BTreeMap<&str, &str>) -> Result<()> {
+        for (i, s) in shards.iter().enumerate() {
+            for t in &s.header.tensors {
+                if !listed.contains_key(t.name.as_str()) {
+                    return Err(self.mismatch(
+                        &t.name,
+                        format!("it is in {} but the index does not list it", self.names[i]),
+                    ));
+                }
+            }
+        }
+        Ok(())
+    }
 }
 
 /// Files in `dir` whose extension passes `keep`, sorted.
