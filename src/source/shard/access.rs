@@ -61,7 +61,12 @@ impl Shard {
                 let span = self
                     .range(t.offset, t.len, &mut own)
                     .ok_or_else(outside)??;
-                gather(span, &t.shape, strides, es as usize, first, count, scratch)
+                let view = View {
+                    shape: &t.shape,
+                    strides,
+                    es: es as usize,
+                };
+                view.gather(span, first, count, scratch)
                     .ok_or_else(outside)?;
                 Ok(scratch.as_slice())
             }
@@ -324,41 +329,46 @@ pub(crate) fn le_ints(dtype: Dtype, b: &[u8]) -> Vec<i64> {
     }
 }
 
-/// Elements `[first, first + count)` in row-major order of a view with `shape` and
-/// element `strides` over `span` (which starts at the view's first element), into
-/// `out` (cleared first). `None` when an element falls outside `span` (the view was
-/// checked against its storage, so it does not).
-fn gather(
-    span: &[u8],
-    shape: &[u64],
-    strides: &[u64],
+/// A strided view of a tensor's storage.
+struct View<'a> {
+    /// The view's shape.
+    shape: &'a [u64],
+    /// Its strides, in elements.
+    strides: &'a [u64],
+    /// The size of one element, in bytes.
     es: usize,
-    first: u64,
-    count: u64,
-    out: &mut Vec<u8>,
-) -> Option<()> {
-    out.clear();
-    out.reserve(usize::try_from(count).ok()?.checked_mul(es)?);
-    let nd = shape.len();
-    let mut idx = vec![0u64; nd];
-    let mut rem = first;
-    for d in (0..nd).rev() {
-        idx[d] = rem % shape[d];
-        rem /= shape[d];
-    }
-    let mut off: u64 = idx.iter().zip(strides).map(|(&i, &s)| i * s).sum();
-    for _ in 0..count {
-        let at = usize::try_from(off).ok()?.checked_mul(es)?;
-        out.extend_from_slice(span.get(at..at.checked_add(es)?)?);
+}
+
+impl View<'_> {
+    /// Elements `[first, first + count)` in row-major order of the view over `span`
+    /// (which starts at the view's first element), into `out` (cleared first). `None`
+    /// when an element falls outside `span` (the view was checked against its storage,
+    /// so it does not).
+    fn gather(&self, span: &[u8], first: u64, count: u64, out: &mut Vec<u8>) -> Option<()> {
+        let View { shape, strides, es } = *self;
+        out.clear();
+        out.reserve(usize::try_from(count).ok()?.checked_mul(es)?);
+        let nd = shape.len();
+        let mut idx = vec![0u64; nd];
+        let mut rem = first;
         for d in (0..nd).rev() {
-            idx[d] += 1;
-            off += strides[d];
-            if idx[d] < shape[d] {
-                break;
-            }
-            off -= strides[d] * shape[d];
-            idx[d] = 0;
+            idx[d] = rem % shape[d];
+            rem /= shape[d];
         }
+        let mut off: u64 = idx.iter().zip(strides).map(|(&i, &s)| i * s).sum();
+        for _ in 0..count {
+            let at = usize::try_from(off).ok()?.checked_mul(es)?;
+            out.extend_from_slice(span.get(at..at.checked_add(es)?)?);
+            for d in (0..nd).rev() {
+                idx[d] += 1;
+                off += strides[d];
+                if idx[d] < shape[d] {
+                    break;
+                }
+                off -= strides[d] * shape[d];
+                idx[d] = 0;
+            }
+        }
+        Some(())
     }
-    Some(())
 }

@@ -13,7 +13,7 @@ use memmap2::{Advice, Mmap, UncheckedAdvice};
 
 pub(crate) use access::le_ints;
 
-use super::header::{check_prefix, parse_header, Header};
+use super::header::{check_prefix, parse_header, Header, TensorInfo};
 use super::options::{IoMode, SourceOptions};
 #[cfg(feature = "remote")]
 use super::remote;
@@ -79,6 +79,26 @@ unsafe fn map_file(file: &File) -> std::io::Result<Mmap> {
     unsafe { Mmap::map(file) }
 }
 
+/// Maps the whole of `file` (at `path`), checking the mapping has the length the file
+/// was validated with.
+fn map_whole(path: &Path, file: &File, file_len: u64) -> Result<Mmap> {
+    // SAFETY: see `map_file`; the risk is documented for the whole crate.
+    let m = unsafe { map_file(file) }.map_err(|e| Error::io("map", path, e))?;
+    if m.len() as u64 != file_len {
+        return Err(Error::size_changed(path, file_len, m.len() as u64));
+    }
+    Ok(m)
+}
+
+/// The header of a PyTorch checkpoint's `tensors`: no JSON header, no metadata.
+fn torch_header(tensors: Vec<TensorInfo>) -> Header {
+    Header {
+        header_len: 0,
+        tensors,
+        metadata: Vec::new(),
+    }
+}
+
 /// True for the extensions PyTorch checkpoints carry.
 pub(super) fn is_torch_name(path: &Path) -> bool {
     path.extension()
@@ -111,18 +131,10 @@ impl Shard {
             && file.read_exact_at(&mut magic, 0).is_ok()
             && torch::is_zip(&magic);
         let io = opts.io.resolve(path);
-        let map_whole = |file: &File| -> Result<Mmap> {
-            // SAFETY: see `map_file`; the risk is documented for the whole crate.
-            let m = unsafe { map_file(file) }.map_err(|e| Error::io("map", path, e))?;
-            if m.len() as u64 != file_len {
-                return Err(Error::size_changed(path, file_len, m.len() as u64));
-            }
-            Ok(m)
-        };
         let (header, ties, format, map) = if is_torch_name(path) || sniffed_zip {
             // The directory, the pickle and the legacy storage headers are read through
             // a mapping (a few pages); the data goes the way `io` says.
-            let m = map_whole(&file)?;
+            let m = map_whole(path, &file, file_len)?;
             let ckpt = torch::read(path, &m)?;
             // Reading the directory touched a local header before every storage, and a
             // fault maps the whole (large) page-cache folio around it: 80-120 MB of
@@ -132,13 +144,8 @@ impl Shard {
             // from it is alive (the checkpoint's description is owned): a later read
             // faults the same bytes in again from the file.
             let _ = unsafe { m.unchecked_advise(UncheckedAdvice::DontNeed) };
-            let header = Header {
-                header_len: 0,
-                tensors: ckpt.tensors,
-                metadata: Vec::new(),
-            };
             (
-                header,
+                torch_header(ckpt.tensors),
                 ckpt.ties,
                 ShardFormat::Torch,
                 (io == IoMode::Mmap).then_some(m),
@@ -147,7 +154,7 @@ impl Shard {
             let header = read_safetensors_header(path, &file, file_len, opts.max_header_bytes)?;
             let has_data = file_len > 8 + header.header_len;
             let map = if has_data && io == IoMode::Mmap {
-                Some(map_whole(&file)?)
+                Some(map_whole(path, &file, file_len)?)
             } else {
                 None
             };
@@ -191,11 +198,7 @@ impl Shard {
             return Ok(Shard {
                 path,
                 file_len: file.size,
-                header: Header {
-                    header_len: 0,
-                    tensors: ckpt.tensors,
-                    metadata: Vec::new(),
-                },
+                header: torch_header(ckpt.tensors),
                 format: ShardFormat::Torch,
                 ties: ckpt.ties,
                 data: Data::Remote(file),
