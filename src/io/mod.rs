@@ -1,11 +1,12 @@
-//! The support layer for I/O, under both `source` and `write`: temp files beside their
-//! targets and the registry that removes them on an interrupt ([`temp`]), URL parsing
-//! ([`url`]), and with the `remote` feature the HTTP client with its retry policy
-//! ([`http`]) and object storage by prefix ([`store`]). It knows nothing of
-//! checkpoints or weight files.
+//! The support layer for I/O, under `source`, `read` and `write`: temp files beside
+//! their targets and the registry that removes them on an interrupt ([`temp`]), URL
+//! parsing ([`url`]), mapped reads ([`map`]), and with the `remote` feature the HTTP
+//! client with its retry policy ([`http`]) and object storage by prefix ([`store`]). It
+//! knows nothing of checkpoints or weight files.
 
 #[cfg(feature = "remote")]
 pub(crate) mod http;
+pub(crate) mod map;
 #[cfg(feature = "remote")]
 pub(crate) mod store;
 pub(crate) mod temp;

@@ -66,24 +66,11 @@ impl fmt::Debug for Shard {
     }
 }
 
-/// Maps `file` read-only.
-///
-/// # Safety
-///
-/// The mapping is undefined behaviour if another process changes the file while it is
-/// mapped, and truncation turns later reads into SIGBUS. This is the documented risk of
-/// converting a checkpoint that is being rewritten; [`Shard::check_unchanged`] re-checks
-/// the length before every batch of reads to catch the common case early.
-unsafe fn map_file(file: &File) -> std::io::Result<Mmap> {
-    // SAFETY: forwarded to the caller, see above.
-    unsafe { Mmap::map(file) }
-}
-
 /// Maps the whole of `file` (at `path`), checking the mapping has the length the file
 /// was validated with.
 fn map_whole(path: &Path, file: &File, file_len: u64) -> Result<Mmap> {
     // SAFETY: see `map_file`; the risk is documented for the whole crate.
-    let m = unsafe { map_file(file) }.map_err(|e| Error::io("map", path, e))?;
+    let m = unsafe { crate::io::map::map_file(file) }.map_err(|e| Error::io("map", path, e))?;
     if m.len() as u64 != file_len {
         return Err(Error::size_changed(path, file_len, m.len() as u64));
     }
