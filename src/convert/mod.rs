@@ -88,10 +88,18 @@ pub fn convert_with(
         inputs: &inputs,
         side_files: &out.side_names(),
     })?;
+    let commit = Commit {
+        job: &job,
+        out: &out,
+        dest: dest.as_ref(),
+        config,
+        observer,
+        begun: &begun,
+    };
     let written = if job.plan.parted {
-        parts::write_and_commit(&job, &out, dest.as_ref(), config, observer, &begun)
+        parts::write_and_commit(&commit)
     } else {
-        write_and_commit(&job, &out, dest.as_ref(), config, observer, &begun)
+        write_and_commit(&commit)
     };
     drop(begun);
     if written.is_err() {
@@ -138,15 +146,27 @@ struct Committed {
     parts: Vec<PartOutcome>,
 }
 
+/// What a conversion commits with: the job, its output's names, the destination made
+/// ready, the options and who watches.
+struct Commit<'a> {
+    job: &'a Job,
+    out: &'a OutputLayout,
+    dest: &'a dyn Destination,
+    config: &'a ConvertConfig,
+    observer: &'a dyn Observer,
+    begun: &'a Begun,
+}
+
 /// Writes the weight file and the side files and commits them, `metadata.json` last.
-fn write_and_commit(
-    job: &Job,
-    out: &OutputLayout,
-    dest: &dyn Destination,
-    config: &ConvertConfig,
-    observer: &dyn Observer,
-    begun: &Begun,
-) -> Result<Committed> {
+fn write_and_commit(c: &Commit<'_>) -> Result<Committed> {
+    let Commit {
+        job,
+        out,
+        dest,
+        config,
+        observer,
+        begun,
+    } = *c;
     job.notify(observer, &begun.stale);
     if !dest.replaces_atomically() {
         // Nothing there is a conversion from here on; a parted output there goes.

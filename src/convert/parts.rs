@@ -18,13 +18,13 @@ use std::sync::atomic::Ordering;
 use serde_json::{json, Value};
 
 use super::output::OutputLayout;
-use super::{Committed, ConvertConfig, Job, Observer, ObserverSink, QuantReport};
+use super::{Commit, Committed, ConvertConfig, Job, Observer, ObserverSink, QuantReport};
 use crate::cast::{CastStats, QuantError};
 use crate::error::{Error, Result};
 use crate::format::{self, Identity, Manifest, ManifestPart, PartStamp, TensorIndex};
 use crate::io::hex128;
 use crate::io::Listed;
-use crate::write::dest::{parts_dir, Begun, Check, Content, Destination, Output, Recorded};
+use crate::write::dest::{parts_dir, Check, Content, Destination, Output, Recorded};
 use crate::write::parts::{
     check_part, check_stamp, journal_json, journal_name, merge_records, part_rows, recorded,
     refuse_foreign, write_part, Kept, PartJob, Slot,
@@ -162,14 +162,15 @@ fn tally(job: &Job, names: &[String], checked: Vec<Option<Check<Kept>>>) -> Tall
 
 /// Writes the parts of `job` that are missing at `dest` (all of them, unless
 /// resuming), then the manifest and the side files, `metadata.json` last.
-pub(super) fn write_and_commit(
-    job: &Job,
-    out: &OutputLayout,
-    dest: &dyn Destination,
-    config: &ConvertConfig,
-    observer: &dyn Observer,
-    begun: &Begun,
-) -> Result<Committed> {
+pub(super) fn write_and_commit(c: &Commit<'_>) -> Result<Committed> {
+    let Commit {
+        job,
+        dest,
+        config,
+        observer,
+        begun,
+        ..
+    } = *c;
     job.notify(observer, &begun.stale);
     let now = identity(job, config)?;
     clear_for_parts(dest, config.resume)?;
@@ -202,16 +203,26 @@ pub(super) fn write_and_commit(
         source: &job.source,
     };
     let share = Share::new(&job.write_options(config))?;
-    let part_job = PartJob {
+    let part_job = part_job(job, config, &now, &share);
+    write_todo(job, &part_job, dest, &listed, &mut t, &sink)?;
+    commit_parts(c, now, t)
+}
+
+/// What writing any part of `job`'s plan needs.
+fn part_job<'a>(
+    job: &'a Job,
+    config: &'a ConvertConfig,
+    now: &'a Identity,
+    share: &'a Share,
+) -> PartJob<'a> {
+    PartJob {
         source: &job.source,
         plan: &job.plan,
-        identity: &now,
+        identity: now,
         options: job.write_options(config),
-        share: &share,
+        share,
         cancel: &config.cancel,
-    };
-    write_todo(job, &part_job, dest, &listed, &mut t, &sink)?;
-    commit_parts(job, out, dest, config, observer, begun, now, t)
+    }
 }
 
 /// Removes what must go before parts are written: a single-file conversion there
@@ -332,17 +343,15 @@ fn write_todo(
 
 /// Commits a parted conversion whose parts are all in `t`: the side files staged, the
 /// manifest, the journal removed, then the side files and `metadata.json`.
-#[allow(clippy::too_many_arguments)]
-fn commit_parts(
-    job: &Job,
-    out: &OutputLayout,
-    dest: &dyn Destination,
-    config: &ConvertConfig,
-    observer: &dyn Observer,
-    begun: &Begun,
-    now: Identity,
-    t: Tally,
-) -> Result<Committed> {
+fn commit_parts(c: &Commit<'_>, now: Identity, t: Tally) -> Result<Committed> {
+    let Commit {
+        job,
+        out,
+        dest,
+        config,
+        observer,
+        begun,
+    } = *c;
     let outcomes: Vec<PartOutcome> = t.outcomes.into_iter().flatten().collect();
     let done = PartsDone {
         outcomes: &outcomes,
@@ -518,14 +527,7 @@ pub fn convert_part(
         Err(status) => status,
     };
     let share = Share::new(&job.write_options(config))?;
-    let part_job = PartJob {
-        source: &job.source,
-        plan: &job.plan,
-        identity: &now,
-        options: job.write_options(config),
-        share: &share,
-        cancel: &config.cancel,
-    };
+    let part_job = part_job(&job, config, &now, &share);
     let (outcome, _) = write_part(&part_job, index, dest.as_ref(), status, 0, &Quiet)?;
     Ok(outcome)
 }

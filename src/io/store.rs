@@ -49,8 +49,8 @@ pub(crate) fn s3_store(client: &Client, bucket: &str, url: &str) -> Result<Arc<d
     Ok(Arc::new(store))
 }
 
-/// A client of the plain HTTP(S) directory `base_url`, sending through `client`;
-/// `url` names it in errors.
+/// A client of the plain HTTP(S) directory `base_url`, sending through `client` (with
+/// its token where `with_token`: the Hub's own host); `url` names it in errors.
 ///
 /// # Errors
 ///
@@ -59,10 +59,11 @@ pub(crate) fn http_store(
     client: &Client,
     base_url: &str,
     url: &str,
+    with_token: bool,
 ) -> Result<Arc<dyn ObjectStore>> {
     let store = object_store::http::HttpBuilder::new()
         .with_url(base_url.trim_end_matches('/'))
-        .with_http_connector(client.connector(false))
+        .with_http_connector(client.connector(with_token))
         .with_retry(client.settings.retry())
         .with_client_options(client.options())
         .build()

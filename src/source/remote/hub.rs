@@ -263,18 +263,7 @@ pub(super) fn list(client: &Arc<Client>, rest: &str) -> Result<Repo> {
             .collect()
     };
     let base = format!("{ep}/{repo}/resolve/{commit}/");
-    let store: Arc<dyn ObjectStore> = Arc::new(
-        object_store::http::HttpBuilder::new()
-            .with_url(base.trim_end_matches('/'))
-            .with_http_connector(client.connector(true))
-            .with_retry(client.settings.retry())
-            .with_client_options(client.options())
-            .build()
-            .map_err(|e| Error::Remote {
-                url: url.clone(),
-                reason: super::describe(&e),
-            })?,
-    );
+    let store = crate::io::store::http_store(client, &base, &url, true)?;
     Ok(Repo {
         store,
         base_url: format!("hf://{repo}@{commit}/{dir}"),

@@ -410,7 +410,7 @@ fn list_target(
         let (host, path) = rest.split_once('/').unwrap_or((rest, ""));
         let (dir, target) = split_target(path);
         let base_url = format!("{scheme}://{host}/{dir}");
-        let store = http_store(client, &base_url, url)?;
+        let store = http_store(client, &base_url, url, false)?;
         (
             Listing {
                 store,
