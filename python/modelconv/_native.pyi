@@ -20,6 +20,9 @@ def plan(input: str, **options: Any) -> str:
 def convert_part(input: str, output: str, index: int, **options: Any) -> str:
     """Converts one part of a parted conversion; its outcome as JSON text."""
 
+def prepare_parts(output: str, **options: Any) -> None:
+    """Gets ``output`` ready for parts converted elsewhere: refuses options it cannot take; with ``force`` removes the conversion there."""
+
 def record_parts(output: str, outcomes: str) -> None:
     """Records parts' outcomes (JSON list) in the output's journal."""
 
