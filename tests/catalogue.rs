@@ -9,50 +9,9 @@ mod common;
 
 use std::io::Write;
 use std::path::{Path, PathBuf};
-use std::process::{Command, Output};
 
 use common::*;
 use modelconv::WeightFile;
-
-fn modelconv(args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_modelconv"))
-        .args(args)
-        .output()
-        .unwrap()
-}
-
-fn text(b: &[u8]) -> String {
-    String::from_utf8_lossy(b).into_owned()
-}
-
-fn s(p: &Path) -> &str {
-    p.to_str().unwrap()
-}
-
-/// Asserts `o` failed with exit 1 and exactly `error: {want}` (one line), no panic.
-fn failed_with(o: &Output, want: &str) {
-    let err = text(&o.stderr);
-    assert!(!err.contains("panicked"), "{err}");
-    assert_eq!(o.status.code(), Some(1), "{err}");
-    assert_eq!(err, format!("error: {want}\n"));
-}
-
-/// Converts `input` into a fresh directory with `args`; expects exit 1 with exactly
-/// `error: {want}` and no output directory at all.
-fn refused(tmp: &Path, input: &Path, args: &[&str], want: &str) {
-    let out = tmp.join("refused-out");
-    let mut all = vec!["convert", s(input), "-o", s(&out)];
-    all.extend(args);
-    failed_with(&modelconv(&all), want);
-    assert!(!out.exists(), "{}: output left behind", input.display());
-}
-
-/// Writes `bytes` as `name` in `tmp` and expects it refused with `error: {path}: {want}`.
-fn refused_bytes(tmp: &Path, name: &str, bytes: &[u8], want: &str) {
-    let file = tmp.join(name);
-    std::fs::write(&file, bytes).unwrap();
-    refused(tmp, &file, &[], &format!("{}: {want}", file.display()));
-}
 
 /// A safetensors file: the 8-byte length prefix, `header` as given, then `data`.
 fn raw(header: &str, data: &[u8]) -> Vec<u8> {
@@ -60,15 +19,6 @@ fn raw(header: &str, data: &[u8]) -> Vec<u8> {
     v.extend_from_slice(header.as_bytes());
     v.extend_from_slice(data);
     v
-}
-
-/// Converts `input` with `args` into `out`; it must succeed.
-fn converts(input: &Path, out: &Path, args: &[&str]) -> Output {
-    let mut all = vec!["convert", s(input), "-o", s(out), "-q"];
-    all.extend(args);
-    let o = modelconv(&all);
-    assert!(o.status.success(), "{}", text(&o.stderr));
-    o
 }
 
 #[test]
@@ -113,10 +63,7 @@ fn row_03_a_genuine_header_over_100_mb_and_the_option_that_raises_the_cap() {
         r#"{{"__metadata__":{{"notes":"{}"}},"model.layers.0.w":{{"dtype":"F32","shape":[2],"data_offsets":[0,8]}}}}"#,
         "x".repeat(101_000_000)
     );
-    let data: Vec<u8> = [1.5f32, -2.25]
-        .iter()
-        .flat_map(|v| v.to_le_bytes())
-        .collect();
+    let data = f32s(&[1.5f32, -2.25]);
     std::fs::write(&file, raw(&header, &data)).unwrap();
     let args = ["--model-type", "causallm"];
     refused(
@@ -187,13 +134,13 @@ fn run_measured(args: &[&str], stderr: &Path) -> (Option<i32>, u64) {
     let script = "import resource, subprocess, sys\n\
                   r = subprocess.run(sys.argv[2:], stderr=open(sys.argv[1], 'wb'))\n\
                   print(r.returncode, resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss)";
-    let o = Command::new(python())
-        .args(["-c", script, s(stderr), env!("CARGO_BIN_EXE_modelconv")])
-        .args(args)
-        .output()
-        .unwrap();
-    assert!(o.status.success(), "{}", text(&o.stderr));
-    let out = text(&o.stdout);
+    let out = python_ok(
+        &[
+            &["-c", script, s(stderr), env!("CARGO_BIN_EXE_modelconv")],
+            args,
+        ]
+        .concat(),
+    );
     let mut it = out.split_whitespace().map(|w| w.parse::<i64>().unwrap());
     let (code, kib) = (it.next().unwrap(), it.next().unwrap());
     ((code >= 0).then_some(code as i32), kib as u64 * 1024)
@@ -486,15 +433,6 @@ fn row_16_an_index_that_lists_missing_shards() {
     );
 }
 
-fn edit_index(m: &Path, edit: impl Fn(&mut serde_json::Value)) -> PathBuf {
-    let index = m.join("model.safetensors.index.json");
-    let mut v: serde_json::Value =
-        serde_json::from_str(&std::fs::read_to_string(&index).unwrap()).unwrap();
-    edit(&mut v);
-    std::fs::write(&index, v.to_string()).unwrap();
-    index
-}
-
 #[test]
 fn row_17_an_index_that_maps_a_tensor_to_the_wrong_shard() {
     let tmp = tempdir();
@@ -591,29 +529,16 @@ fn row_19_a_shard_truncated_during_conversion() {
     // shard is read well after the first row group is written; positioned reads, so a
     // truncated file is a short read (a mapping would fault instead: the documented
     // risk of --io mmap, where sizes are re-checked before every row group).
-    let child = Command::new(env!("CARGO_BIN_EXE_modelconv"))
+    let child = bin()
         .args(["convert", s(&m), "-o", s(&out), "--model-type", "causallm"])
         .args(["--io", "read"])
         .args(SLOW_CONVERT)
         .stderr(std::process::Stdio::piped())
         .spawn()
         .unwrap();
-    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(120);
-    let writing = || {
-        std::fs::read_dir(&out)
-            .map(|d| {
-                d.flatten()
-                    .any(|e| e.file_name().to_string_lossy().contains(".tmp-"))
-            })
-            .unwrap_or(false)
-    };
-    while !writing() {
-        assert!(
-            std::time::Instant::now() < deadline,
-            "never started writing"
-        );
-        std::thread::sleep(std::time::Duration::from_millis(5));
-    }
+    wait_until(120, 5, "never started writing", || {
+        !temp_files(&out).is_empty()
+    });
     let f = std::fs::OpenOptions::new().write(true).open(&last).unwrap();
     f.set_len(was / 2).unwrap();
     let o = child.wait_with_output().unwrap();
@@ -705,26 +630,15 @@ fn row_24_a_tensor_over_the_row_limit_is_split_and_read_back_whole() {
     assert_eq!(info.rows, 2, "2 MiB of f16 over 1 MiB rows");
     let t = wf.tensor("model.layers.0.w").unwrap();
     let src = read_source(&m);
-    let want = cast_f32_bytes_to_f16(&src["model.layers.0.w"].data);
+    let want = f32_bytes_to_f16(&src["model.layers.0.w"].data);
     assert!(t.data == want, "read back whole and exact");
-}
-
-fn cast_f32_bytes_to_f16(b: &[u8]) -> Vec<u8> {
-    b.chunks_exact(4)
-        .flat_map(|c| {
-            half::f16::from_f32(f32::from_le_bytes([c[0], c[1], c[2], c[3]])).to_le_bytes()
-        })
-        .collect()
 }
 
 #[test]
 fn row_25_f16_overflow_is_an_error_naming_tensor_count_and_magnitude() {
     let tmp = tempdir();
     let file = tmp.path().join("m.safetensors");
-    let vals: Vec<u8> = [1.0f32, 1e5, -7e4, 3.0]
-        .iter()
-        .flat_map(|v| v.to_le_bytes())
-        .collect();
+    let vals = f32s(&[1.0f32, 1e5, -7e4, 3.0]);
     write_safetensors(&file, &[("model.w", "F32", vec![4], vals)]);
     refused(
         tmp.path(),
@@ -750,10 +664,7 @@ fn row_25_f16_overflow_is_an_error_naming_tensor_count_and_magnitude() {
 fn row_26_nan_and_inf_are_preserved_and_counted() {
     let tmp = tempdir();
     let file = tmp.path().join("m.safetensors");
-    let vals: Vec<u8> = [f32::NAN, f32::INFINITY, f32::NEG_INFINITY, 2.0, f32::NAN]
-        .iter()
-        .flat_map(|v| v.to_le_bytes())
-        .collect();
+    let vals = f32s(&[f32::NAN, f32::INFINITY, f32::NEG_INFINITY, 2.0, f32::NAN]);
     write_safetensors(&file, &[("model.w", "F32", vec![5], vals)]);
     let out = tmp.path().join("o");
     let o = converts(&file, &out, &["--model-type", "causallm", "--json"]);
@@ -805,8 +716,7 @@ fn row_27_a_missing_or_malformed_config() {
     std::fs::remove_file(m.join("config.json")).unwrap();
     let out = tmp.path().join("o");
     converts(&m, &out, &[]);
-    let meta: serde_json::Value =
-        serde_json::from_slice(&std::fs::read(out.join("metadata.json")).unwrap()).unwrap();
+    let meta = metadata(&out);
     assert_eq!(meta["model_type"], "bert", "{meta}");
 }
 
@@ -843,7 +753,7 @@ fn row_30_a_big_endian_host_is_refused() {
     let out = tmp.path().join("o");
     let refusal = "this host is big-endian; safetensors and the weight format are \
                    little-endian, and modelconv does not byte-swap";
-    let o = Command::new(env!("CARGO_BIN_EXE_modelconv"))
+    let o = bin()
         .args(["convert", s(&fixture("tiny-bert")), "-o", s(&out)])
         .env("MODELCONV_TEST_BIG_ENDIAN_HOST", "1")
         .output()
@@ -852,7 +762,7 @@ fn row_30_a_big_endian_host_is_refused() {
     assert!(!out.exists());
     // Reading a weight file is refused the same way.
     converts(&fixture("tiny-bert"), &out, &[]);
-    let o = Command::new(env!("CARGO_BIN_EXE_modelconv"))
+    let o = bin()
         .args(["inspect", s(&out)])
         .env("MODELCONV_TEST_BIG_ENDIAN_HOST", "1")
         .output()
@@ -923,11 +833,7 @@ v[5] = [7, 7]
 t = t.set_column(t.schema.get_field_index("shape"), "shape", pa.array(v, t.schema.field("shape").type))
 pq.write_table(t.replace_schema_metadata({k: v for k, v in f.metadata.metadata.items() if k != b"ARROW:schema"}), p)
 "#;
-    let o = Command::new(python())
-        .args(["-c", script, s(&path)])
-        .output()
-        .unwrap();
-    assert!(o.status.success(), "{}", text(&o.stderr));
+    python_ok(&["-c", script, s(&path)]);
     let name = WeightFile::open(&out).unwrap().tensors()[5].name.clone();
     let o = modelconv(&["verify", s(&out)]);
     assert_eq!(o.status.code(), Some(1), "{}", text(&o.stderr));

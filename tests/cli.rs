@@ -4,24 +4,9 @@
 mod common;
 
 use std::path::Path;
-use std::process::{Command, Output};
+use std::process::Output;
 
 use common::*;
-
-fn modelconv(args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_modelconv"))
-        .args(args)
-        .output()
-        .unwrap()
-}
-
-fn s(p: &Path) -> &str {
-    p.to_str().unwrap()
-}
-
-fn text(b: &[u8]) -> String {
-    String::from_utf8_lossy(b).into_owned()
-}
 
 #[test]
 fn convert_prints_a_summary_and_json_on_request() {
@@ -131,16 +116,7 @@ fn failures_exit_non_zero_with_one_error_line_and_json_result() {
     assert!(
         text(&o.stderr).contains("output already holds a conversion; pass --force to replace it")
     );
-    assert!(modelconv(&[
-        "convert",
-        s(&fixture("tiny-bert")),
-        "-o",
-        s(&out),
-        "-q",
-        "--force"
-    ])
-    .status
-    .success());
+    converts(&fixture("tiny-bert"), &out, &["--force"]);
 }
 
 #[test]
@@ -172,17 +148,11 @@ fn escape_characters_in_names_are_sanitised_when_printed() {
 fn inspect_verify_export_round_trip() {
     let tmp = tempdir();
     let out = tmp.path().join("o");
-    assert!(modelconv(&[
-        "convert",
-        s(&fixture("tiny-llama-sharded-bf16")),
-        "-o",
-        s(&out),
-        "-q",
-        "--dtype",
-        "keep"
-    ])
-    .status
-    .success());
+    converts(
+        &fixture("tiny-llama-sharded-bf16"),
+        &out,
+        &["--dtype", "keep"],
+    );
 
     let o = modelconv(&["inspect", s(&out)]);
     assert!(o.status.success());
@@ -232,17 +202,7 @@ fn inspect_verify_export_round_trip() {
 fn verify_names_a_tensor_with_a_flipped_byte() {
     let tmp = tempdir();
     let out = tmp.path().join("o");
-    assert!(modelconv(&[
-        "convert",
-        s(&fixture("tiny-bert")),
-        "-o",
-        s(&out),
-        "-q",
-        "--compression",
-        "none"
-    ])
-    .status
-    .success());
+    converts(&fixture("tiny-bert"), &out, &["--compression", "none"]);
     let wf = modelconv::WeightFile::open(&out).unwrap();
     // Find the bytes of one tensor in the uncompressed file and flip one.
     let t = wf.tensor("encoder.layer.1.output.dense.weight").unwrap();
@@ -284,33 +244,17 @@ fn verify_names_a_tensor_with_a_flipped_byte() {
 /// Starts the real binary with `args`, waits until `ready` holds (it is writing), sends
 /// `signals` (with `gap` between them), and returns its output.
 fn signalled(args: &[&str], ready: &dyn Fn() -> bool, signals: &[i32], gap: u64) -> Output {
-    let child = Command::new(env!("CARGO_BIN_EXE_modelconv"))
+    let child = bin()
         .args(args)
         .stderr(std::process::Stdio::piped())
         .spawn()
         .unwrap();
-    let start = std::time::Instant::now();
-    while !ready() && start.elapsed() < std::time::Duration::from_secs(120) {
-        std::thread::sleep(std::time::Duration::from_millis(10));
-    }
-    assert!(ready(), "the command never got going");
+    wait_until(120, 10, "the command never got going", ready);
     for &sig in signals {
         std::thread::sleep(std::time::Duration::from_millis(gap));
-        // SAFETY: sending a signal to our own child process.
-        unsafe {
-            libc::kill(child.id() as i32, sig);
-        }
+        signal(&child, sig);
     }
     child.wait_with_output().unwrap()
-}
-
-fn entries(dir: &Path) -> Vec<String> {
-    std::fs::read_dir(dir)
-        .map(|d| {
-            d.map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
-                .collect()
-        })
-        .unwrap_or_default()
 }
 
 #[test]
@@ -457,32 +401,18 @@ fn a_killed_conversion_leaves_a_named_temp_file_that_the_next_run_removes() {
     let tmp = tempdir();
     let out = tmp.path().join("o");
     // Slow enough to be caught mid-write: zstd 19 on one thread, 1 MiB row groups.
-    let mut child = Command::new(env!("CARGO_BIN_EXE_modelconv"))
+    let mut child = bin()
         .args(["convert", s(&minilm()), "-o", s(&out), "-q"])
         .args(SLOW_CONVERT)
         .spawn()
         .unwrap();
-    let temp = |out: &Path| -> Vec<String> {
-        std::fs::read_dir(out)
-            .map(|d| {
-                d.map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
-                    .filter(|n| n.contains(".tmp-"))
-                    .collect()
-            })
-            .unwrap_or_default()
-    };
-    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(120);
-    while temp(&out).is_empty() {
-        assert!(
-            std::time::Instant::now() < deadline,
-            "no temp file appeared"
-        );
-        std::thread::sleep(std::time::Duration::from_millis(20));
-    }
+    wait_until(120, 20, "no temp file appeared", || {
+        !temp_files(&out).is_empty()
+    });
     std::thread::sleep(std::time::Duration::from_millis(200));
     child.kill().unwrap(); // SIGKILL: no handler runs
     child.wait().unwrap();
-    let left = temp(&out);
+    let left = temp_files(&out);
     assert_eq!(left.len(), 1, "{left:?}");
     assert!(
         left[0].starts_with(&format!(".weights.parquet.tmp-{}-", child.id())),
@@ -499,6 +429,6 @@ fn a_killed_conversion_leaves_a_named_temp_file_that_the_next_run_removes() {
             left[0]
         )
     );
-    assert!(temp(&out).is_empty());
+    assert!(temp_files(&out).is_empty());
     assert!(out.join("weights.parquet").exists());
 }

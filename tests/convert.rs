@@ -8,30 +8,16 @@ use std::path::Path;
 use common::*;
 use modelconv::{convert, ConvertConfig, Error, ModelType, Part, TargetDtype, WeightFile};
 
-fn all(target: TargetDtype) -> ConvertConfig {
-    // `transformers` on a model it recognises keeps the base model; `causallm` keeps
-    // every tensor whatever the family: the converter core is tested on every tensor.
-    ConvertConfig::builder()
-        .dtype(target)
-        .model_type(ModelType::CausalLm)
-        .build()
-        .unwrap()
-}
-
 fn no_temp_files(dir: &Path) {
-    if let Ok(rd) = std::fs::read_dir(dir) {
-        let left: Vec<String> = rd
-            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
-            .collect();
-        assert!(
-            !left.iter().any(|n| n.contains(".tmp-")),
-            "temp files left: {left:?}"
-        );
-        assert!(
-            !left.iter().any(|n| n == "weights.parquet"),
-            "weights.parquet left: {left:?}"
-        );
-    }
+    let left = entries(dir);
+    assert!(
+        !left.iter().any(|n| n.contains(".tmp-")),
+        "temp files left: {left:?}"
+    );
+    assert!(
+        !left.iter().any(|n| n == "weights.parquet"),
+        "weights.parquet left: {left:?}"
+    );
 }
 
 #[test]
@@ -41,7 +27,7 @@ fn every_fixture_converts_exactly_with_every_dtype() {
         for target in ["f16", "bf16", "f32", "keep"] {
             let tmp = tempdir();
             let out = tmp.path().join("out");
-            let r = convert(fixture(name), &out, &all(target.parse().unwrap())).unwrap();
+            let r = convert(fixture(name), &out, &every_tensor(target.parse().unwrap())).unwrap();
             assert!(r.success);
             assert_eq!(r.tensors, src.len(), "{name}");
             let total: u64 = src
@@ -98,7 +84,7 @@ fn rows_are_in_shard_then_offset_order() {
     convert(
         fixture("tiny-llama-sharded-bf16"),
         &out,
-        &all(TargetDtype::F16),
+        &every_tensor(TargetDtype::F16),
     )
     .unwrap();
     let wf = WeightFile::open(&out).unwrap();
@@ -475,14 +461,6 @@ fn sharded_copy(tmp: &Path) -> std::path::PathBuf {
     copy_dir(&fixture("tiny-llama-sharded-bf16"), &tmp.join("llama"))
 }
 
-fn edit_index(dir: &Path, f: impl FnOnce(&mut serde_json::Value)) {
-    let p = dir.join("model.safetensors.index.json");
-    let mut v: serde_json::Value =
-        serde_json::from_str(&std::fs::read_to_string(&p).unwrap()).unwrap();
-    f(&mut v);
-    std::fs::write(&p, v.to_string()).unwrap();
-}
-
 #[test]
 fn index_and_shards_must_agree() {
     let tmp = tempdir();
@@ -622,7 +600,6 @@ fn single_file_input_and_odd_sizes() {
     let tmp = tempdir();
     let dir = tmp.path().join("m");
     std::fs::create_dir_all(&dir).unwrap();
-    let f32s = |v: &[f32]| v.iter().flat_map(|x| x.to_le_bytes()).collect::<Vec<u8>>();
     let tensors = vec![
         ("a.odd", "U8", vec![3], vec![1u8, 2, 3]),
         (
@@ -687,21 +664,6 @@ fn cancelled_conversion_leaves_nothing() {
     let err = convert(fixture("tiny-llama-sharded-bf16"), &out, &cfg).unwrap_err();
     assert!(matches!(err, Error::Cancelled));
     no_temp_files(&out);
-}
-
-/// Runs the real binary under `sh` with a file-size limit of `blocks` 512-byte blocks
-/// (`RLIMIT_FSIZE`: it binds root too) and SIGXFSZ ignored, so a write past the limit
-/// fails with EFBIG instead of killing the process.
-fn modelconv_with_file_limit(blocks: u64, args: &[&str]) -> std::process::Output {
-    std::process::Command::new("sh")
-        .arg("-c")
-        .arg(format!(
-            "trap '' XFSZ; ulimit -f {blocks} && exec \"$0\" \"$@\""
-        ))
-        .arg(env!("CARGO_BIN_EXE_modelconv"))
-        .args(args)
-        .output()
-        .unwrap()
 }
 
 #[test]
@@ -914,7 +876,7 @@ fn the_same_input_gives_the_same_file_whatever_the_thread_count() {
     let out = tmp.path().join("o");
     let mut files = Vec::new();
     for threads in ["1", "2", "1"] {
-        let o = std::process::Command::new(env!("CARGO_BIN_EXE_modelconv"))
+        let o = bin()
             .arg("convert")
             .arg(minilm())
             .args([
@@ -1024,8 +986,7 @@ fn force_never_mixes_a_new_conversion_with_an_earlier_ones_files() {
     }
     left.sort();
     assert_eq!(left, ["config.json", "metadata.json", "weights.parquet"]);
-    let m: serde_json::Value =
-        serde_json::from_slice(&std::fs::read(out.join("metadata.json")).unwrap()).unwrap();
+    let m = metadata(&out);
     assert_eq!(
         m["files"],
         serde_json::json!(["weights.parquet", "metadata.json", "config.json"])
@@ -1062,11 +1023,7 @@ fn a_rename_that_fails_leaves_the_earlier_conversion_and_no_temp_file() {
 }
 
 fn no_temp_files_anywhere(dir: &Path) {
-    let left: Vec<String> = std::fs::read_dir(dir)
-        .unwrap()
-        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
-        .filter(|n| n.contains(".tmp-"))
-        .collect();
+    let left = temp_files(dir);
     assert!(left.is_empty(), "temp files left: {left:?}");
 }
 

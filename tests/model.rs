@@ -10,156 +10,154 @@ use modelconv::{
     convert, plan_conversion, ConvertConfig, Error, Filters, ModelType, Part, WeightFile,
 };
 
+/// `{prefix}.{name}` for each name.
+fn under(prefix: &str, names: &[&str]) -> Vec<String> {
+    names.iter().map(|n| format!("{prefix}.{n}")).collect()
+}
+
+/// `{prefix}.{module}.weight` and `.bias` for each module.
+fn weight_and_bias(prefix: &str, modules: &[&str]) -> Vec<String> {
+    modules
+        .iter()
+        .flat_map(|m| ["weight", "bias"].map(|p| format!("{prefix}.{m}.{p}")))
+        .collect()
+}
+
 fn clip_tower(prefix: &str, layers: usize) -> Vec<String> {
-    let mut v = Vec::new();
-    for l in 0..layers {
-        for m in [
-            "layer_norm1",
-            "layer_norm2",
-            "mlp.fc1",
-            "mlp.fc2",
-            "self_attn.k_proj",
-            "self_attn.q_proj",
-            "self_attn.v_proj",
-            "self_attn.out_proj",
-        ] {
-            for p in ["weight", "bias"] {
-                v.push(format!("{prefix}.encoder.layers.{l}.{m}.{p}"));
-            }
-        }
-    }
+    (0..layers)
+        .flat_map(|l| {
+            weight_and_bias(
+                &format!("{prefix}.encoder.layers.{l}"),
+                &[
+                    "layer_norm1",
+                    "layer_norm2",
+                    "mlp.fc1",
+                    "mlp.fc2",
+                    "self_attn.k_proj",
+                    "self_attn.q_proj",
+                    "self_attn.v_proj",
+                    "self_attn.out_proj",
+                ],
+            )
+        })
+        .collect()
+}
+
+/// A CLIP tower's own tensors, its layers and its projection, sorted.
+fn clip(tower: &str, own: &[&str], projection: &str, layers: usize) -> Vec<String> {
+    let mut v = under(tower, own);
+    v.extend(clip_tower(tower, layers));
+    v.push(projection.into());
+    v.sort();
     v
 }
 
 fn clip_vision(layers: usize) -> Vec<String> {
-    let mut v: Vec<String> = [
-        "embeddings.class_embedding",
-        "embeddings.patch_embedding.weight",
-        "embeddings.position_embedding.weight",
-        "pre_layrnorm.weight",
-        "pre_layrnorm.bias",
-        "post_layernorm.weight",
-        "post_layernorm.bias",
-    ]
-    .iter()
-    .map(|s| format!("vision_model.{s}"))
-    .collect();
-    v.extend(clip_tower("vision_model", layers));
-    v.push("visual_projection.weight".into());
-    v.sort();
-    v
+    clip(
+        "vision_model",
+        &[
+            "embeddings.class_embedding",
+            "embeddings.patch_embedding.weight",
+            "embeddings.position_embedding.weight",
+            "pre_layrnorm.weight",
+            "pre_layrnorm.bias",
+            "post_layernorm.weight",
+            "post_layernorm.bias",
+        ],
+        "visual_projection.weight",
+        layers,
+    )
 }
 
 fn clip_text(layers: usize) -> Vec<String> {
-    let mut v: Vec<String> = [
-        "embeddings.position_embedding.weight",
-        "embeddings.token_embedding.weight",
-        "final_layer_norm.weight",
-        "final_layer_norm.bias",
-    ]
-    .iter()
-    .map(|s| format!("text_model.{s}"))
-    .collect();
-    v.extend(clip_tower("text_model", layers));
-    v.push("text_projection.weight".into());
-    v.sort();
-    v
+    clip(
+        "text_model",
+        &[
+            "embeddings.position_embedding.weight",
+            "embeddings.token_embedding.weight",
+            "final_layer_norm.weight",
+            "final_layer_norm.bias",
+        ],
+        "text_projection.weight",
+        layers,
+    )
 }
 
 fn whisper_layer(prefix: &str, l: usize, cross: bool) -> Vec<String> {
-    let mut v = vec![format!("{prefix}.layers.{l}.self_attn.k_proj.weight")];
+    let layer = format!("{prefix}.layers.{l}");
+    let mut v = vec![format!("{layer}.self_attn.k_proj.weight")];
     let mut attn = vec!["self_attn"];
     if cross {
         attn.push("encoder_attn");
-        v.push(format!("{prefix}.layers.{l}.encoder_attn.k_proj.weight"));
+        v.push(format!("{layer}.encoder_attn.k_proj.weight"));
     }
     for a in attn {
-        for m in ["q_proj", "v_proj", "out_proj"] {
-            for p in ["weight", "bias"] {
-                v.push(format!("{prefix}.layers.{l}.{a}.{m}.{p}"));
-            }
-        }
-        for p in ["weight", "bias"] {
-            v.push(format!("{prefix}.layers.{l}.{a}_layer_norm.{p}"));
-        }
+        v.extend(weight_and_bias(
+            &format!("{layer}.{a}"),
+            &["q_proj", "v_proj", "out_proj"],
+        ));
+        v.extend(weight_and_bias(&layer, &[&format!("{a}_layer_norm")]));
     }
-    for m in ["fc1", "fc2", "final_layer_norm"] {
-        for p in ["weight", "bias"] {
-            v.push(format!("{prefix}.layers.{l}.{m}.{p}"));
-        }
+    v.extend(weight_and_bias(&layer, &["fc1", "fc2", "final_layer_norm"]));
+    v
+}
+
+/// A Whisper stack (`encoder` or `decoder`, the one with cross-attention): its own
+/// tensors, the renamed position embedding and its layers, sorted.
+fn whisper_stack(stack: &str, mut v: Vec<String>, layers: usize) -> Vec<String> {
+    v.push(format!("{stack}.position_embedding"));
+    for l in 0..layers {
+        v.extend(whisper_layer(stack, l, stack == "decoder"));
     }
+    v.sort();
     v
 }
 
 /// Whisper encoder under the seed's rules: `model.` dropped, embed_positions renamed.
 fn whisper_encoder(layers: usize) -> Vec<String> {
-    let mut v: Vec<String> = [
-        "conv1.weight",
-        "conv1.bias",
-        "conv2.weight",
-        "conv2.bias",
-        "layer_norm.weight",
-        "layer_norm.bias",
-    ]
-    .iter()
-    .map(|s| format!("encoder.{s}"))
-    .collect();
-    v.push("encoder.position_embedding".into());
-    for l in 0..layers {
-        v.extend(whisper_layer("encoder", l, false));
-    }
-    v.sort();
-    v
+    let own = weight_and_bias("encoder", &["conv1", "conv2", "layer_norm"]);
+    whisper_stack("encoder", own, layers)
 }
 
 fn whisper_decoder(layers: usize) -> Vec<String> {
-    let mut v: Vec<String> = [
-        "embed_tokens.weight",
-        "layer_norm.weight",
-        "layer_norm.bias",
-    ]
-    .iter()
-    .map(|s| format!("decoder.{s}"))
-    .collect();
-    v.push("decoder.position_embedding".into());
-    for l in 0..layers {
-        v.extend(whisper_layer("decoder", l, true));
-    }
-    v.sort();
-    v
+    let own = under(
+        "decoder",
+        &[
+            "embed_tokens.weight",
+            "layer_norm.weight",
+            "layer_norm.bias",
+        ],
+    );
+    whisper_stack("decoder", own, layers)
 }
 
 fn bert(layers: usize) -> Vec<String> {
-    let mut v: Vec<String> = [
-        "LayerNorm.weight",
-        "LayerNorm.bias",
-        "position_embeddings.weight",
-        "token_type_embeddings.weight",
-        "word_embeddings.weight",
-    ]
-    .iter()
-    .map(|s| format!("embeddings.{s}"))
-    .collect();
+    let mut v = under(
+        "embeddings",
+        &[
+            "LayerNorm.weight",
+            "LayerNorm.bias",
+            "position_embeddings.weight",
+            "token_type_embeddings.weight",
+            "word_embeddings.weight",
+        ],
+    );
     for l in 0..layers {
-        for m in [
-            "attention.output.LayerNorm",
-            "attention.output.dense",
-            "attention.self.key",
-            "attention.self.query",
-            "attention.self.value",
-            "intermediate.dense",
-            "output.LayerNorm",
-            "output.dense",
-        ] {
-            for p in ["weight", "bias"] {
-                v.push(format!("encoder.layer.{l}.{m}.{p}"));
-            }
-        }
+        v.extend(weight_and_bias(
+            &format!("encoder.layer.{l}"),
+            &[
+                "attention.output.LayerNorm",
+                "attention.output.dense",
+                "attention.self.key",
+                "attention.self.query",
+                "attention.self.value",
+                "intermediate.dense",
+                "output.LayerNorm",
+                "output.dense",
+            ],
+        ));
     }
-    v.extend([
-        "pooler.dense.weight".to_string(),
-        "pooler.dense.bias".to_string(),
-    ]);
+    v.extend(weight_and_bias("pooler", &["dense"]));
     v.sort();
     v
 }
@@ -173,10 +171,6 @@ fn names(out: &Path) -> Vec<String> {
         .collect();
     v.sort();
     v
-}
-
-fn metadata(out: &Path) -> serde_json::Value {
-    serde_json::from_str(&std::fs::read_to_string(out.join("metadata.json")).unwrap()).unwrap()
 }
 
 fn cfg() -> ConvertConfig {
@@ -765,7 +759,7 @@ fn hub_ids_resolve_from_the_local_cache() {
         );
     }
     // The environment decides the cache when no directory is given.
-    let out = std::process::Command::new(env!("CARGO_BIN_EXE_modelconv"))
+    let out = bin()
         .args([
             "convert",
             "openai/clip-vit-base-patch32",
@@ -782,7 +776,7 @@ fn hub_ids_resolve_from_the_local_cache() {
     );
     let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
     assert_eq!(v["model_type"], "clip");
-    let out = std::process::Command::new(env!("CARGO_BIN_EXE_modelconv"))
+    let out = bin()
         .args([
             "convert",
             "openai/clip-vit-base-patch32",
@@ -804,7 +798,7 @@ fn hub_ids_resolve_from_the_local_cache() {
 fn dry_run_prints_the_plan_and_writes_nothing() {
     let tmp = tempdir();
     let o = tmp.path().join("o");
-    let out = std::process::Command::new(env!("CARGO_BIN_EXE_modelconv"))
+    let out = bin()
         .args([
             "convert",
             fixture("tiny-whisper").to_str().unwrap(),

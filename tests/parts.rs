@@ -7,39 +7,11 @@ mod common;
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
-use std::process::{Command, Output};
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
-use common::{minilm, python, tempdir};
+use common::*;
 use modelconv::WeightFile;
 use sha2::{Digest, Sha256};
-
-fn bin() -> Command {
-    Command::new(env!("CARGO_BIN_EXE_modelconv"))
-}
-
-fn run(args: &[&str]) -> Output {
-    bin().args(args).output().expect("run modelconv")
-}
-
-fn text(b: &[u8]) -> String {
-    String::from_utf8_lossy(b).into_owned()
-}
-
-fn convert(input: &Path, out: &Path, extra: &[&str]) -> Output {
-    let mut args = vec![
-        "convert",
-        input.to_str().unwrap(),
-        "-o",
-        out.to_str().unwrap(),
-    ];
-    args.extend_from_slice(extra);
-    run(&args)
-}
-
-fn ok(o: &Output) {
-    assert!(o.status.success(), "failed: {}", text(&o.stderr));
-}
 
 /// sha256 of every part file in `dir`, by name.
 fn part_hashes(dir: &Path) -> BTreeMap<String, String> {
@@ -59,24 +31,13 @@ fn part_hashes(dir: &Path) -> BTreeMap<String, String> {
 /// most `size`.
 fn one_and_parted(dir: &Path, size: &str) -> (PathBuf, PathBuf) {
     let (one, parted) = (dir.join("one"), dir.join("parted"));
-    ok(&convert(&minilm(), &one, &["--quiet"]));
-    ok(&convert(
+    ok(&convert_cli(&minilm(), &one, &["--quiet"]));
+    ok(&convert_cli(
         &minilm(),
         &parted,
         &["--quiet", "--max-file-size", size],
     ));
     (one, parted)
-}
-
-/// The names in `dir`, sorted.
-fn listing(dir: &Path) -> Vec<String> {
-    let mut names: Vec<String> = std::fs::read_dir(dir)
-        .unwrap()
-        .flatten()
-        .map(|e| e.file_name().to_string_lossy().into_owned())
-        .collect();
-    names.sort();
-    names
 }
 
 #[test]
@@ -88,7 +49,7 @@ fn a_parted_conversion_reads_back_as_the_single_file_does() {
 
     // Part names sort in row order, each at most 10 MB; nothing else a dataset reader
     // would take for data.
-    let names = listing(&dir);
+    let names = entries(&dir);
     let count = names.len() - 1;
     assert!(count >= 4, "{names:?}");
     assert_eq!(names[0], "_manifest.json");
@@ -99,8 +60,7 @@ fn a_parted_conversion_reads_back_as_the_single_file_does() {
     }
 
     // The manifest lists every part with its size, rows and sha256; metadata.json too.
-    let manifest: serde_json::Value =
-        serde_json::from_slice(&std::fs::read(dir.join("_manifest.json")).unwrap()).unwrap();
+    let manifest = read_json(&dir.join("_manifest.json"));
     let listed = manifest["parts"].as_array().unwrap();
     assert_eq!(listed.len(), count);
     let mut rows = 0;
@@ -116,8 +76,7 @@ fn a_parted_conversion_reads_back_as_the_single_file_does() {
         rows += p["rows"].as_u64().unwrap();
     }
     assert_eq!(manifest["rows"].as_u64().unwrap(), rows);
-    let meta: serde_json::Value =
-        serde_json::from_slice(&std::fs::read(parted.join("metadata.json")).unwrap()).unwrap();
+    let meta = metadata(&parted);
     assert_eq!(&meta["parts"], &manifest["parts"]);
 
     // Our reader: every tensor's bytes equal the single file's.
@@ -141,7 +100,7 @@ fn a_parted_conversion_reads_back_as_the_single_file_does() {
     assert!(emb.rows >= 3);
 
     // inspect: the tensors of the single file, every part's row groups and bytes.
-    let i = run(&[
+    let i = modelconv(&[
         "inspect",
         parted.to_str().unwrap(),
         "--json",
@@ -174,7 +133,7 @@ fn a_parted_conversion_reads_back_as_the_single_file_does() {
             .map(|t| t["name"].as_str().unwrap().to_string())
             .collect()
     };
-    let single = run(&["inspect", one.to_str().unwrap(), "--json"]);
+    let single = modelconv(&["inspect", one.to_str().unwrap(), "--json"]);
     let single: serde_json::Value = serde_json::from_slice(&single.stdout).unwrap();
     assert_eq!(names_of(&i), names_of(&single));
     assert_eq!(i["total_parameters"], single["total_parameters"]);
@@ -186,18 +145,18 @@ fn a_parted_conversion_reads_back_as_the_single_file_does() {
         tmp.path().join("a.safetensors"),
         tmp.path().join("b.safetensors"),
     );
-    ok(&run(&[
+    ok(&modelconv(&[
         "export",
         one.to_str().unwrap(),
         ea.to_str().unwrap(),
     ]));
-    ok(&run(&[
+    ok(&modelconv(&[
         "export",
         parted.to_str().unwrap(),
         eb.to_str().unwrap(),
     ]));
     assert_eq!(std::fs::read(&ea).unwrap(), std::fs::read(&eb).unwrap());
-    let v = run(&[
+    let v = modelconv(&[
         "verify",
         parted.to_str().unwrap(),
         "--source",
@@ -228,34 +187,17 @@ def rows(t):
 assert rows(a) == rows(b)
 print(b.num_rows)
 "#;
-    let o = Command::new(python())
-        .args(["-c", script])
-        .arg(one.join("weights.parquet"))
-        .arg(&dir)
-        .output()
-        .unwrap();
-    assert!(o.status.success(), "{}", text(&o.stderr));
-    assert_eq!(text(&o.stdout).trim(), rows.to_string());
+    let stdout = python_ok(&["-c", script, s(&one.join("weights.parquet")), s(&dir)]);
+    assert_eq!(stdout.trim(), rows.to_string());
 }
-
-/// Options that make the conversion slow enough to kill after its first part; the
-/// thread count is not part of a plan, so the resumed run may use more.
-const SLOW: [&str; 6] = [
-    "--level",
-    "19",
-    "--row-group-mb",
-    "1",
-    "--max-file-size",
-    "8MB",
-];
 
 #[test]
 fn a_conversion_killed_after_its_first_part_resumes_into_the_same_bytes() {
     let tmp = tempdir();
     let (whole, out) = (tmp.path().join("whole"), tmp.path().join("out"));
     let mut reference = vec!["--quiet"];
-    reference.extend_from_slice(&SLOW);
-    ok(&convert(&minilm(), &whole, &reference));
+    reference.extend_from_slice(&SLOW_PARTED);
+    ok(&convert_cli(&minilm(), &whole, &reference));
 
     let mut child = bin()
         .args([
@@ -265,23 +207,15 @@ fn a_conversion_killed_after_its_first_part_resumes_into_the_same_bytes() {
             out.to_str().unwrap(),
             "--quiet",
         ])
-        .args(SLOW)
+        .args(SLOW_PARTED)
         .args(["--threads", "1"])
         .spawn()
         .unwrap();
     let dir = out.join("weights.parquet");
     let first = dir.join("part-00001-of-00007.parquet");
-    let started = Instant::now();
-    while !first.exists() {
-        assert!(
-            started.elapsed() < Duration::from_secs(120),
-            "no first part"
-        );
-        if child.try_wait().unwrap().is_some() {
-            panic!("the conversion ended before it could be killed");
-        }
-        std::thread::sleep(Duration::from_millis(5));
-    }
+    wait_until(120, 5, "no first part", || {
+        first.exists() || ended_too_soon(&mut child)
+    });
     child.kill().unwrap();
     child.wait().unwrap();
     // Killed: complete parts, at most a temp file, no manifest, no metadata.json.
@@ -290,7 +224,7 @@ fn a_conversion_killed_after_its_first_part_resumes_into_the_same_bytes() {
     let left = part_hashes(&dir);
     assert!(!left.is_empty() && left.len() < 7, "{left:?}");
     // At most one temp file (the part in flight), besides the journal.
-    let temps: Vec<String> = listing(&dir)
+    let temps: Vec<String> = entries(&dir)
         .into_iter()
         .filter(|n| n.starts_with('.'))
         .collect();
@@ -302,7 +236,7 @@ fn a_conversion_killed_after_its_first_part_resumes_into_the_same_bytes() {
     let e = WeightFile::open(&out).unwrap_err().to_string();
     assert!(e.ends_with("a directory without _manifest.json: not a complete conversion (an interrupted parted conversion finishes with --resume)"), "{e}");
     // Without --resume it is refused as an existing conversion.
-    let o = convert(&minilm(), &out, &SLOW);
+    let o = convert_cli(&minilm(), &out, &SLOW_PARTED);
     assert_eq!(o.status.code(), Some(1));
     assert!(
         text(&o.stderr).contains("output already holds a conversion"),
@@ -311,8 +245,8 @@ fn a_conversion_killed_after_its_first_part_resumes_into_the_same_bytes() {
     );
 
     let mut args = vec!["--json", "--threads", "2"];
-    args.extend_from_slice(&SLOW);
-    let o = convert(&minilm(), &out, &[&args[..], &["--resume"]].concat());
+    args.extend_from_slice(&SLOW_PARTED);
+    let o = convert_cli(&minilm(), &out, &[&args[..], &["--resume"]].concat());
     ok(&o);
     let report: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
     let statuses: Vec<&str> = report["parts"]
@@ -338,9 +272,7 @@ fn a_conversion_killed_after_its_first_part_resumes_into_the_same_bytes() {
         part_hashes(&whole.join("weights.parquet"))
     );
     // The manifests list the same parts (the conversion times differ).
-    let m = |d: &Path| -> serde_json::Value {
-        serde_json::from_slice(&std::fs::read(d.join("_manifest.json")).unwrap()).unwrap()
-    };
+    let m = |d: &Path| -> serde_json::Value { read_json(&d.join("_manifest.json")) };
     assert_eq!(m(&dir)["parts"], m(&whole.join("weights.parquet"))["parts"]);
 }
 
@@ -361,7 +293,7 @@ fn flip(path: &Path, at: impl Fn(usize) -> usize, mask: u8) {
 
 /// `--resume` of MiniLM in 6 MB parts into `out`: its JSON report.
 fn resume_6mb(out: &Path) -> serde_json::Value {
-    let o = convert(
+    let o = convert_cli(
         &minilm(),
         out,
         &["--json", "--max-file-size", "6MB", "--resume"],
@@ -375,7 +307,7 @@ fn resume_redoes_damaged_and_missing_parts_and_refuses_another_plan() {
     let tmp = tempdir();
     let out = tmp.path().join("out");
     let opts = ["--quiet", "--max-file-size", "6MB"];
-    ok(&convert(&minilm(), &out, &opts));
+    ok(&convert_cli(&minilm(), &out, &opts));
     let dir = out.join("weights.parquet");
     let before = part_hashes(&dir);
     let names: Vec<String> = before.keys().cloned().collect();
@@ -409,7 +341,7 @@ fn resume_redoes_damaged_and_missing_parts_and_refuses_another_plan() {
 
     // Other options: refused, saying which, and nothing changed.
     interrupt(&out);
-    let o = convert(
+    let o = convert_cli(
         &minilm(),
         &out,
         &["--max-file-size", "6MB", "--resume", "--dtype", "bf16"],
@@ -426,7 +358,7 @@ fn resume_redoes_damaged_and_missing_parts_and_refuses_another_plan() {
     assert_eq!(part_hashes(&dir), before);
 
     // Another input into the same output: refused, naming the files.
-    let o = convert(
+    let o = convert_cli(
         &common::fixture("tiny-bert"),
         &out,
         &["--max-file-size", "6MB", "--resume"],
@@ -440,7 +372,7 @@ fn resume_redoes_damaged_and_missing_parts_and_refuses_another_plan() {
     assert_eq!(part_hashes(&dir), before);
 
     // --force starts over and gives the same parts.
-    ok(&convert(
+    ok(&convert_cli(
         &minilm(),
         &out,
         &["--quiet", "--max-file-size", "6MB", "--force"],
@@ -474,7 +406,7 @@ fn a_second_conversion_into_a_locked_output_is_refused() {
     // The lock a running conversion holds, taken here by this process.
     let lock = std::fs::File::create(out.join(".modelconv.lock")).unwrap();
     lock.lock().unwrap();
-    let o = convert(&common::fixture("tiny-bert"), &out, &[]);
+    let o = convert_cli(&common::fixture("tiny-bert"), &out, &[]);
     assert_eq!(o.status.code(), Some(1));
     assert_eq!(
         text(&o.stderr).trim_end(),
@@ -488,7 +420,11 @@ fn a_second_conversion_into_a_locked_output_is_refused() {
     drop(lock);
     // Released (the process holding it ended): the conversion goes ahead, and leaves
     // no lock file behind.
-    ok(&convert(&common::fixture("tiny-bert"), &out, &["--quiet"]));
+    ok(&convert_cli(
+        &common::fixture("tiny-bert"),
+        &out,
+        &["--quiet"],
+    ));
     assert!(!out.join(".modelconv.lock").exists());
 }
 
@@ -502,7 +438,7 @@ fn part_sizes_parse_in_decimal_and_binary_units_and_too_small_is_refused() {
     assert!(modelconv::parse_size("5 GBs").is_err());
     assert!(modelconv::parse_size("").is_err());
     let tmp = tempdir();
-    let o = convert(
+    let o = convert_cli(
         &common::fixture("tiny-bert"),
         &tmp.path().join("o"),
         &["--max-file-size", "10KB"],
@@ -514,7 +450,7 @@ fn part_sizes_parse_in_decimal_and_binary_units_and_too_small_is_refused() {
         "{}",
         text(&o.stderr)
     );
-    let o = convert(
+    let o = convert_cli(
         &common::fixture("tiny-bert"),
         &tmp.path().join("o"),
         &["--resume"],
@@ -531,7 +467,7 @@ fn part_sizes_parse_in_decimal_and_binary_units_and_too_small_is_refused() {
 /// converted one by one), the library options of the same plan (one thread), and its
 /// part count.
 fn six_mb_reference(cli: &Path) -> (modelconv::ConvertConfig, usize) {
-    ok(&convert(
+    ok(&convert_cli(
         &minilm(),
         cli,
         &["--quiet", "--max-file-size", "6MB"],
@@ -556,6 +492,21 @@ fn six_mb_commit() -> modelconv::ConvertConfig {
         .resume(true)
         .build()
         .unwrap()
+}
+
+/// Commits the parts converted one by one into `out`: every part is kept, and they
+/// are byte for byte the parts the CLI wrote into `cli`.
+fn commit_keeps_the_clis_parts(out: &Path, cli: &Path) -> modelconv::ConversionReport {
+    let r = modelconv::convert(minilm(), out, &six_mb_commit()).unwrap();
+    assert!(r
+        .parts
+        .iter()
+        .all(|p| p.status == modelconv::PartStatus::Kept));
+    assert_eq!(
+        part_hashes(&out.join("weights.parquet")),
+        part_hashes(&cli.join("weights.parquet"))
+    );
+    r
 }
 
 #[test]
@@ -595,15 +546,7 @@ fn parts_converted_one_by_one_in_any_order_commit_into_the_clis_output() {
         )
     );
     // The commit: a resumed conversion keeps every part and writes the manifest.
-    let r = modelconv::convert(minilm(), &lib, &six_mb_commit()).unwrap();
-    assert!(r
-        .parts
-        .iter()
-        .all(|p| p.status == modelconv::PartStatus::Kept));
-    assert_eq!(
-        part_hashes(&lib.join("weights.parquet")),
-        part_hashes(&cli.join("weights.parquet"))
-    );
+    let r = commit_keeps_the_clis_parts(&lib, &cli);
     let mut done = done.into_inner().unwrap();
     done.sort();
     let listed: Vec<(usize, String)> = r
@@ -625,9 +568,7 @@ fn parts_recorded_by_their_workers_are_checked_by_hash_at_the_commit() {
         .collect();
     // What the workers reported goes to the journal; one part is damaged after.
     modelconv::record_parts(&out, &outcomes).unwrap();
-    let journal: serde_json::Value =
-        serde_json::from_slice(&std::fs::read(out.join("weights.parquet/_journal.json")).unwrap())
-            .unwrap();
+    let journal = read_json(&out.join("weights.parquet/_journal.json"));
     assert_eq!(journal.as_array().unwrap().len(), n);
     let damaged = out.join("weights.parquet").join(&outcomes[1].file);
     flip(&damaged, |len| len / 2, 0x01);
@@ -667,16 +608,8 @@ fn a_part_written_twice_at_once_commits_into_the_clis_bytes() {
         .collect();
     outcomes.push(twice[1].clone());
     modelconv::record_parts(&out, &outcomes).unwrap();
-    let r = modelconv::convert(minilm(), &out, &six_mb_commit()).unwrap();
-    assert!(r
-        .parts
-        .iter()
-        .all(|p| p.status == modelconv::PartStatus::Kept));
-    assert_eq!(
-        part_hashes(&out.join("weights.parquet")),
-        part_hashes(&cli.join("weights.parquet"))
-    );
-    assert!(listing(&out.join("weights.parquet"))
+    commit_keeps_the_clis_parts(&out, &cli);
+    assert!(entries(&out.join("weights.parquet"))
         .iter()
         .all(|n| !n.starts_with('.')));
 }
@@ -697,13 +630,7 @@ fn a_write_that_fails_in_part_two_keeps_part_one_and_resumes() {
         out.to_str().unwrap(),
     ];
     args.extend_from_slice(&opts);
-    let o = Command::new("sh")
-        .arg("-c")
-        .arg("trap '' XFSZ; ulimit -f 8000 && exec \"$0\" \"$@\"")
-        .arg(env!("CARGO_BIN_EXE_modelconv"))
-        .args(&args)
-        .output()
-        .unwrap();
+    let o = modelconv_with_file_limit(8000, &args);
     let err = text(&o.stderr);
     assert_eq!(o.status.code(), Some(1), "{err}");
     let dir = out.join("weights.parquet");
@@ -728,17 +655,16 @@ fn a_write_that_fails_in_part_two_keeps_part_one_and_resumes() {
     assert!(err.contains("File too large"), "{err}");
     // Nothing but the complete first part and the journal that records it: no temp
     // file, no manifest, no metadata.json.
-    let names = listing(&dir);
+    let names = entries(&dir);
     let first = format!("part-00001-of-{count:05}.parquet");
     assert_eq!(names, vec!["_journal.json".to_string(), first.clone()]);
-    let journal: serde_json::Value =
-        serde_json::from_slice(&std::fs::read(dir.join("_journal.json")).unwrap()).unwrap();
+    let journal = read_json(&dir.join("_journal.json"));
     let h = xxhash_rust::xxh3::xxh3_128(&std::fs::read(dir.join(&first)).unwrap());
     assert_eq!(journal[0]["file"], first.as_str());
     assert_eq!(journal[0]["xxh3_128"], format!("{h:032x}").as_str());
     assert!(!out.join("metadata.json").exists());
 
-    let o = convert(
+    let o = convert_cli(
         &minilm(),
         &out,
         &[&opts[..], &["--resume", "--json"]].concat(),
@@ -747,7 +673,7 @@ fn a_write_that_fails_in_part_two_keeps_part_one_and_resumes() {
     let report: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
     assert_eq!(report["parts"][0]["status"], "kept");
     assert_eq!(report["parts"][1]["status"], "written");
-    ok(&convert(&minilm(), &clean, &opts));
+    ok(&convert_cli(&minilm(), &clean, &opts));
     assert_eq!(
         part_hashes(&dir),
         part_hashes(&clean.join("weights.parquet"))
@@ -807,9 +733,9 @@ fn a_quantized_output_in_parts_reports_and_reads_as_the_single_file() {
     let tmp = tempdir();
     let (one, parted) = (tmp.path().join("one"), tmp.path().join("parted"));
     let q = ["--quantize", "int8", "--group-size", "64", "--json"];
-    let a = convert(&minilm(), &one, &q);
+    let a = convert_cli(&minilm(), &one, &q);
     ok(&a);
-    let b = convert(
+    let b = convert_cli(
         &minilm(),
         &parted,
         &[&q[..], &["--max-file-size", "4MB"]].concat(),
@@ -835,7 +761,7 @@ fn a_quantized_output_in_parts_reports_and_reads_as_the_single_file() {
     // Resumed with every part kept: the report comes from the parts' stamps.
     std::fs::remove_file(parted.join("metadata.json")).unwrap();
     std::fs::remove_file(parted.join("weights.parquet/_manifest.json")).unwrap();
-    let c = convert(
+    let c = convert_cli(
         &minilm(),
         &parted,
         &[&q[..], &["--max-file-size", "4MB", "--resume"]].concat(),
@@ -848,7 +774,7 @@ fn a_quantized_output_in_parts_reports_and_reads_as_the_single_file() {
         .iter()
         .all(|p| p["status"] == "kept"));
     assert_eq!(rc["quantization"], rb["quantization"]);
-    let v = run(&[
+    let v = modelconv(&[
         "verify",
         parted.to_str().unwrap(),
         "--source",

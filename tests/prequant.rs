@@ -9,7 +9,6 @@ mod common;
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
-use std::process::{Command, Output};
 
 use common::*;
 use half::{bf16, f16};
@@ -100,17 +99,6 @@ fn round(x: &[f32], target: &str) -> Vec<u8> {
 
 fn cfg(dtype: TargetDtype) -> ConvertConfig {
     ConvertConfig::builder().dtype(dtype).build().unwrap()
-}
-
-fn run(args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_modelconv"))
-        .args(args)
-        .output()
-        .unwrap()
-}
-
-fn s(p: &Path) -> &str {
-    p.to_str().unwrap()
 }
 
 /// The stored tensors of `name` that are converted as they are.
@@ -292,8 +280,7 @@ fn metadata_records_the_scheme_and_what_was_dequantized_or_dropped() {
     let tmp = tempdir();
     let out = tmp.path().join("o");
     convert(model("fbgemm-fp8"), &out, &cfg(TargetDtype::F16)).unwrap();
-    let m: serde_json::Value =
-        serde_json::from_slice(&std::fs::read(out.join("metadata.json")).unwrap()).unwrap();
+    let m = metadata(&out);
     let q = &m["source_quantization"];
     assert_eq!(q["method"], "fbgemm_fp8");
     assert_eq!(q["kept_quantized"], false);
@@ -321,7 +308,7 @@ fn metadata_records_the_scheme_and_what_was_dequantized_or_dropped() {
 
 #[test]
 fn dry_run_and_source_inspect_show_each_weights_scheme_and_what_it_consumes() {
-    let o = run(&["convert", s(&model("fp8-block")), "--dry-run"]);
+    let o = modelconv(&["convert", s(&model("fp8-block")), "--dry-run"]);
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
     let text = String::from_utf8_lossy(&o.stdout);
     assert!(
@@ -334,7 +321,7 @@ fn dry_run_and_source_inspect_show_each_weights_scheme_and_what_it_consumes() {
         ),
         "{text}"
     );
-    let o = run(&["inspect", s(&model("gptq-4bit-desc-act"))]);
+    let o = modelconv(&["inspect", s(&model("gptq-4bit-desc-act"))]);
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
     let text = String::from_utf8_lossy(&o.stdout);
     assert!(
@@ -351,7 +338,7 @@ fn dry_run_and_source_inspect_show_each_weights_scheme_and_what_it_consumes() {
 fn keep_quantized_writes_the_stored_tensors_with_a_warning() {
     let tmp = tempdir();
     let out = tmp.path().join("o");
-    let o = run(&[
+    let o = modelconv(&[
         "convert",
         s(&model("fp8-block")),
         "-o",
@@ -381,8 +368,7 @@ fn keep_quantized_writes_the_stored_tensors_with_a_warning() {
     }
     let q = wf.tensor("model.layers.0.self_attn.q_proj.weight").unwrap();
     assert_eq!(q.dtype.torch_name(), "torch.float8_e4m3fn");
-    let m: serde_json::Value =
-        serde_json::from_slice(&std::fs::read(out.join("metadata.json")).unwrap()).unwrap();
+    let m = metadata(&out);
     assert_eq!(m["source_quantization"]["kept_quantized"], true);
     assert_verifies(&out, &model("fp8-block"));
 }
@@ -428,18 +414,11 @@ fn edit(path: &Path, f: impl FnOnce(&mut Vec<Entry>)) {
     write_safetensors(path, &refs);
 }
 
-fn set_config(dir: &Path, f: impl FnOnce(&mut serde_json::Value)) {
-    let p = dir.join("config.json");
-    let mut c: serde_json::Value = serde_json::from_slice(&std::fs::read(&p).unwrap()).unwrap();
-    f(&mut c);
-    std::fs::write(&p, c.to_string()).unwrap();
-}
-
 /// Converts `input` through the binary and requires exit 1, `want` as the error line,
 /// and no output left behind.
-fn refused(input: &Path, tmp: &Path, want: &str) {
+fn refused_with_error_line(input: &Path, tmp: &Path, want: &str) {
     let out = tmp.join("out");
-    let o = run(&["convert", s(input), "-o", s(&out)]);
+    let o = modelconv(&["convert", s(input), "-o", s(&out)]);
     let err = String::from_utf8_lossy(&o.stderr);
     assert_eq!(o.status.code(), Some(1), "{err}");
     let line = err
@@ -469,7 +448,7 @@ fn malformed_prequantized_inputs_are_refused_by_name_and_leave_nothing() {
             .unwrap();
         e.2 = vec![3, 2];
     });
-    refused(&d, tmp.path(), &format!(
+    refused_with_error_line(&d, tmp.path(), &format!(
         "{}: tensor `{kv}.weight_scale_inv`: pre-quantized (fp8): the scale has shape [3, 2]; the weight `{kv}.weight` [200, 300] with 128×128 blocks needs [2, 3]",
         d.join("model.safetensors").display()
     ));
@@ -479,7 +458,7 @@ fn malformed_prequantized_inputs_are_refused_by_name_and_leave_nothing() {
     edit(&d.join("model.safetensors"), |t| {
         t.retain(|e| e.0 != "model.layers.0.self_attn.q_proj.weight_scale_inv")
     });
-    refused(&d, tmp.path(), &format!(
+    refused_with_error_line(&d, tmp.path(), &format!(
         "{}: tensor `model.layers.0.self_attn.q_proj.weight`: pre-quantized (fp8): its `weight_scale_inv` is missing",
         d.join("model.safetensors").display()
     ));
@@ -492,7 +471,7 @@ fn malformed_prequantized_inputs_are_refused_by_name_and_leave_nothing() {
                 b[4..8].copy_from_slice(&v.to_le_bytes());
             }
         });
-        refused(&d, tmp.path(), &format!(
+        refused_with_error_line(&d, tmp.path(), &format!(
             "{}: tensor `{kv}.weight_scale_inv`: pre-quantized (fp8): (for `{kv}.weight`) scale 1 is {what} (stored F32); no weight is dequantized from a NaN or infinite scale",
             d.join("model.safetensors").display()
         ));
@@ -506,7 +485,7 @@ fn malformed_prequantized_inputs_are_refused_by_name_and_leave_nothing() {
             b[20..24].copy_from_slice(&99i32.to_le_bytes());
         }
     });
-    refused(&d, tmp.path(), &format!(
+    refused_with_error_line(&d, tmp.path(), &format!(
         "{}: tensor `{layer}.g_idx`: pre-quantized (gptq): (for `{layer}.weight`) entry 5 is 99, outside the 4 groups",
         d.join("model.safetensors").display()
     ));
@@ -521,7 +500,7 @@ fn malformed_prequantized_inputs_are_refused_by_name_and_leave_nothing() {
             .unwrap();
         e.2 = vec![4, 32, 2];
     });
-    refused(&d, tmp.path(), &format!(
+    refused_with_error_line(&d, tmp.path(), &format!(
         "{}: tensor `{base}_scales`: pre-quantized (mxfp4): the scales have shape [4, 32, 2]; one scale per block of 32 needs [4, 64, 1]",
         d.join("model.safetensors").display()
     ));
@@ -531,60 +510,60 @@ fn malformed_prequantized_inputs_are_refused_by_name_and_leave_nothing() {
             b[3] = 255;
         }
     });
-    refused(&d, tmp.path(), &format!(
+    refused_with_error_line(&d, tmp.path(), &format!(
         "{}: tensor `{base}_scales`: pre-quantized (mxfp4): (for `{base}`) scale [0, 3, 0] is 255, E8M0's NaN; no weight is dequantized from a NaN scale (stored U8)",
         d.join("model.safetensors").display()
     ));
 
     // A config naming a scheme its tensors don't have.
     let d = case("no-tensors", "awq");
-    set_config(
-        &d,
+    edit_json(
+        &d.join("config.json"),
         |c| {
             c["quantization_config"] =
                 serde_json::json!({"quant_method": "fp8", "weight_block_size": [128, 128]})
         },
     );
-    refused(&d, tmp.path(), &format!(
+    refused_with_error_line(&d, tmp.path(), &format!(
         "{}: tensor `model.layers.0.mlp.gate_proj.qweight`: pre-quantized (fp8): a GPTQ/AWQ packed weight (I32) that the declared scheme `fp8` does not explain; nothing is converted raw",
         d.join("model.safetensors").display()
     ));
     let plain = tmp.path().join("plain");
     copy_dir(&fixture("tiny-llama-sharded-bf16"), &plain);
-    set_config(&plain, |c| {
+    edit_json(&plain.join("config.json"), |c| {
         c["quantization_config"] = serde_json::json!({"quant_method": "gptq", "bits": 4})
     });
-    refused(&plain, tmp.path(), &format!(
+    refused_with_error_line(&plain, tmp.path(), &format!(
         "{}: pre-quantized (gptq): config.json declares `gptq` but no tensor has its layout (`X.qweight` with `X.scales`, `X.qzeros`, `X.g_idx`)",
         plain.join("config.json").display()
     ));
 
     // Tensors of a scheme with no config.
     let d = case("no-config", "fp8-block");
-    set_config(&d, |c| {
+    edit_json(&d.join("config.json"), |c| {
         c.as_object_mut().unwrap().remove("quantization_config");
     });
     // The first tensor in file order that only a scheme explains.
-    refused(&d, tmp.path(), &format!(
+    refused_with_error_line(&d, tmp.path(), &format!(
         "{}: tensor `model.layers.0.mlp.experts.gate_proj.weight_scale_inv`: pre-quantized (none): an FP8 block scale (F32), but no config.json `quantization_config` declares a scheme; nothing is converted raw (--keep-quantized writes the stored tensors as they are)",
         d.join("model.safetensors").display()
     ));
 
     // Schemes that are not supported: refused by name, never converted raw.
     let d = case("bnb", "fbgemm-fp8");
-    set_config(
-        &d,
+    edit_json(
+        &d.join("config.json"),
         |c| c["quantization_config"] = serde_json::json!({"quant_method": "bitsandbytes", "load_in_4bit": true, "bnb_4bit_quant_type": "nf4"}),
     );
-    refused(&d, tmp.path(), &format!(
+    refused_with_error_line(&d, tmp.path(), &format!(
         "{}: tensor `model.layers.0.self_attn.q_proj.weight_scale`: pre-quantized (bitsandbytes): bitsandbytes nf4 checkpoints are not supported (supported: fp8, fbgemm_fp8, modelopt FP8, compressed-tensors, gptq, awq, mxfp4); nothing is converted raw",
         d.join("config.json").display()
     ));
     let d = case("hqq", "fbgemm-fp8");
-    set_config(&d, |c| {
+    edit_json(&d.join("config.json"), |c| {
         c["quantization_config"] = serde_json::json!({"quant_method": "hqq"})
     });
-    refused(&d, tmp.path(), &format!(
+    refused_with_error_line(&d, tmp.path(), &format!(
         "{}: tensor `model.layers.0.self_attn.q_proj.weight_scale`: pre-quantized (hqq): quant_method `hqq` is not supported (supported: fp8, fbgemm_fp8, modelopt FP8, compressed-tensors, gptq, awq, mxfp4); nothing is converted raw",
         d.join("config.json").display()
     ));
@@ -596,7 +575,7 @@ fn malformed_prequantized_inputs_are_refused_by_name_and_leave_nothing() {
         &d.join("model.safetensors"),
         &[("x.weight", "F4", vec![4, 8], vec![0x21; 16])],
     );
-    refused(&d, tmp.path(), &format!(
+    refused_with_error_line(&d, tmp.path(), &format!(
         "{}: tensor `x.weight`: pre-quantized (none): a sub-byte float tensor (F4), but no config.json `quantization_config` declares a scheme; nothing is converted raw (--keep-quantized writes the stored tensors as they are)",
         d.join("model.safetensors").display()
     ));
@@ -608,19 +587,11 @@ fn the_seed_loader_reads_a_converted_fp8_checkpoint_with_its_own_dtype_table() {
     for name in ["fp8-block", "mxfp4", "gptq-4bit-desc-act"] {
         let out = tmp.path().join(name);
         convert(model(name), &out, &cfg(TargetDtype::F16)).unwrap();
-        let o = Command::new(python())
-            .arg(root().join("tests/python/seed_loader_prequant.py"))
-            .arg(out.join("weights.parquet"))
-            .arg(fixture("prequant").join(format!("{name}.reference.safetensors")))
-            .output()
-            .unwrap();
-        assert!(
-            o.status.success(),
-            "{name}: {}{}",
-            String::from_utf8_lossy(&o.stdout),
-            String::from_utf8_lossy(&o.stderr)
+        let reference_file = fixture("prequant").join(format!("{name}.reference.safetensors"));
+        let text = python_script(
+            "seed_loader_prequant.py",
+            &[s(&out.join("weights.parquet")), s(&reference_file)],
         );
-        let text = String::from_utf8_lossy(&o.stdout);
         let refs = reference(name).len();
         assert!(
             text.contains(&format!("{refs} dequantized weights equal the reference")),

@@ -3,32 +3,10 @@
 
 mod common;
 
-use std::path::Path;
-use std::process::Command;
-
 use common::*;
 use modelconv::{
     convert, export, ConvertConfig, ExportOptions, ModelType, TargetDtype, WeightFile,
 };
-
-fn run_py(script: &str, args: &[&str]) -> String {
-    let out = Command::new(python())
-        .arg(root().join("tests/python").join(script))
-        .args(args)
-        .output()
-        .unwrap();
-    let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
-    assert!(
-        out.status.success(),
-        "{script} failed:\n{stdout}\n{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    stdout
-}
-
-fn s(p: &Path) -> &str {
-    p.to_str().unwrap()
-}
 
 #[test]
 fn seed_loader_reads_every_fixture_with_every_dtype() {
@@ -43,7 +21,7 @@ fn seed_loader_reads_every_fixture_with_every_dtype() {
                 .unwrap();
             convert(fixture(name), &out, &cfg).unwrap();
             let n = read_source(&fixture(name)).len();
-            let stdout = run_py(
+            let stdout = python_script(
                 "seed_loader.py",
                 &[s(&out.join("weights.parquet")), s(&fixture(name)), target],
             );
@@ -61,7 +39,7 @@ fn seed_loader_reads_trained_minilm_and_renamed_whisper() {
     let tmp = tempdir();
     let out = tmp.path().join("minilm");
     convert(minilm(), &out, &ConvertConfig::default()).unwrap();
-    let stdout = run_py(
+    let stdout = python_script(
         "seed_loader.py",
         &[s(&out.join("weights.parquet")), s(&minilm()), "f16"],
     );
@@ -79,7 +57,7 @@ fn seed_loader_reads_trained_minilm_and_renamed_whisper() {
         .collect();
     let map_path = tmp.path().join("names.json");
     std::fs::write(&map_path, serde_json::Value::Object(map).to_string()).unwrap();
-    let stdout = run_py(
+    let stdout = python_script(
         "seed_loader.py",
         &[
             s(&out.join("weights.parquet")),
@@ -105,7 +83,7 @@ fn a_naive_reader_fails_loudly_on_split_tensors() {
         .build()
         .unwrap();
     convert(fixture("tiny-llama-sharded-bf16"), &out, &cfg).unwrap();
-    let stdout = run_py(
+    let stdout = python_script(
         "seed_loader.py",
         &[
             s(&out.join("weights.parquet")),
@@ -126,7 +104,7 @@ fn files_written_by_pyarrow_with_the_seed_schema_are_read_and_exported() {
     ] {
         let tmp = tempdir();
         let file = tmp.path().join("weights.parquet");
-        run_py(
+        python_script(
             "write_seed_file.py",
             &[s(&fixture(name)), s(&file), compression],
         );

@@ -7,17 +7,12 @@
 mod common;
 
 use std::path::Path;
-use std::process::Command;
 
 use common::*;
 use modelconv::{
     convert, export, ConvertConfig, Error, ExportOptions, ModelType, QuantScheme, Quantize,
     TargetDtype, WeightFile,
 };
-
-fn s(p: &Path) -> &str {
-    p.to_str().unwrap()
-}
 
 fn q(scheme: QuantScheme, group_size: u64) -> Quantize {
     Quantize {
@@ -49,27 +44,10 @@ fn check_with_python(model: &Path, quant: Quantize, tmp: &Path) -> String {
     };
     export(&out, &st, &opts).unwrap();
     let group = quant.group_size.to_string();
-    let mut args = vec![
-        s(&out.join("weights.parquet")).to_string(),
-        s(model).to_string(),
-        s(&st).to_string(),
-        quant.scheme.as_str().to_string(),
-        group,
-    ];
-    args.extend(quant.skip.iter().cloned());
-    let o = Command::new(python())
-        .arg(root().join("tests/python/seed_loader_v2.py"))
-        .args(&args)
-        .output()
-        .unwrap();
-    let stdout = String::from_utf8_lossy(&o.stdout).into_owned();
-    assert!(
-        o.status.success(),
-        "{}: {stdout}\n{}",
-        model.display(),
-        String::from_utf8_lossy(&o.stderr)
-    );
-    stdout
+    let weights = out.join("weights.parquet");
+    let mut args = vec![s(&weights), s(model), s(&st), quant.scheme.as_str(), &group];
+    args.extend(quant.skip.iter().map(String::as_str));
+    python_script("seed_loader_v2.py", &args)
 }
 
 #[test]
@@ -147,8 +125,7 @@ fn error_figures_equal_an_independent_computation() {
         "worst first"
     );
     // metadata.json carries the same report.
-    let m: serde_json::Value =
-        serde_json::from_slice(&std::fs::read(out.join("metadata.json")).unwrap()).unwrap();
+    let m = metadata(&out);
     assert_eq!(m["quantization"]["quantized_tensors"], 39);
     assert_eq!(
         m["quantization"]["tensors"][0]["name"],
@@ -291,12 +268,8 @@ t = t.replace_schema_metadata({k: v for k, v in f.metadata.metadata.items() if k
 pq.write_table(t, p)
 print(t.column("layer_name")[i])
 "#;
-    let o = Command::new(python())
-        .args(["-c", script, s(&out.join("weights.parquet"))])
-        .output()
-        .unwrap();
-    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
-    let name = String::from_utf8_lossy(&o.stdout).trim().to_string();
+    let stdout = python_ok(&["-c", script, s(&out.join("weights.parquet"))]);
+    let name = stdout.trim().to_string();
     let v = modelconv::verify(
         &out,
         Some(&open_source(&fixture("tiny-bert"))),
@@ -335,8 +308,7 @@ fn a_v1_conversion_is_unchanged_by_the_v2_code() {
         ]
     );
     assert!(wf.tensors().iter().all(|t| t.quant.is_none()));
-    let m: serde_json::Value =
-        serde_json::from_slice(&std::fs::read(out.join("metadata.json")).unwrap()).unwrap();
+    let m = metadata(&out);
     assert!(m.get("quantization").is_none());
     assert!(m["conversion_config"].get("quantization").is_none());
 }
@@ -376,13 +348,8 @@ t = pa.table({"layer_name": pa.array(cols[0]), "shape": pa.array(cols[1], pa.lis
 pq.write_table(t, sys.argv[1])
 print(json.dumps(want))
 "#;
-    let o = Command::new(python())
-        .args(["-c", script, s(&path)])
-        .output()
-        .unwrap();
-    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
-    let want: std::collections::BTreeMap<String, Vec<u32>> =
-        serde_json::from_slice(&o.stdout).unwrap();
+    let stdout = python_ok(&["-c", script, s(&path)]);
+    let want: std::collections::BTreeMap<String, Vec<u32>> = serde_json::from_str(&stdout).unwrap();
     let wf = WeightFile::open(&path).unwrap();
     assert!(!wf.has_index());
     for (name, bits) in want {

@@ -10,14 +10,6 @@ use modelconv::{
     WeightFile,
 };
 
-fn all(target: TargetDtype) -> ConvertConfig {
-    ConvertConfig::builder()
-        .dtype(target)
-        .model_type(ModelType::CausalLm)
-        .build()
-        .unwrap()
-}
-
 #[test]
 fn round_trip_every_fixture_through_safetensors() {
     for name in FIXTURES {
@@ -25,14 +17,14 @@ fn round_trip_every_fixture_through_safetensors() {
         let tmp = tempdir();
         // keep: exported back, tensor-for-tensor byte-identical to the source.
         let out = tmp.path().join("keep");
-        convert(fixture(name), &out, &all(TargetDtype::Keep)).unwrap();
+        convert(fixture(name), &out, &every_tensor(TargetDtype::Keep)).unwrap();
         let st = tmp.path().join("keep.safetensors");
         let r = export(&out, &st, &ExportOptions::default()).unwrap();
         assert_eq!(r.tensors, src.len());
         assert_safetensors_equal_source(&st, &src);
         // f16, exported with --dtype f32: the f16 values widened exactly.
         let out = tmp.path().join("f16");
-        convert(fixture(name), &out, &all(TargetDtype::F16)).unwrap();
+        convert(fixture(name), &out, &every_tensor(TargetDtype::F16)).unwrap();
         let st = tmp.path().join("f32.safetensors");
         export(
             &out,
@@ -522,11 +514,7 @@ pq.write_table(t.replace_schema_metadata({k: v for k, v in f.metadata.metadata.i
     ];
     for (col, want) in cases {
         std::fs::write(&path, &good).unwrap();
-        let o = std::process::Command::new(python())
-            .args(["-c", script, path.to_str().unwrap(), col, "5"])
-            .output()
-            .unwrap();
-        assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+        python_ok(&["-c", script, s(&path), col, "5"]);
         let r = verify(&out, None, &Default::default()).unwrap();
         assert!(!r.passed(), "{col}");
         let failed: Vec<(String, Vec<String>)> = r

@@ -6,23 +6,15 @@
 mod common;
 
 use std::path::{Path, PathBuf};
-use std::process::{Command, Output};
+use std::process::Output;
 
 use common::hub::Hub;
 use common::*;
 
-fn s(p: &Path) -> &str {
-    p.to_str().unwrap()
-}
-
-fn text(b: &[u8]) -> String {
-    String::from_utf8_lossy(b).into_owned()
-}
-
 /// The binary with a pinned conversion time and fast retries (50 ms first backoff),
 /// `env` added.
-fn modelconv(args: &[&str], env: &[(&str, &str)]) -> Output {
-    let mut c = Command::new(env!("CARGO_BIN_EXE_modelconv"));
+fn modelconv_env(args: &[&str], env: &[(&str, &str)]) -> Output {
+    let mut c = bin();
     c.args(args)
         .env("SOURCE_DATE_EPOCH", "1700000000")
         .env("MODELCONV_HTTP_BACKOFF", "0.05")
@@ -34,18 +26,12 @@ fn modelconv(args: &[&str], env: &[(&str, &str)]) -> Output {
     c.output().unwrap()
 }
 
-fn ok(o: &Output) {
-    assert!(
-        o.status.success(),
-        "{}\n{}",
-        text(&o.stdout),
-        text(&o.stderr)
-    );
-}
-
 /// A local conversion of `dir` into `out`.
 fn local(dir: &Path, out: &Path) {
-    ok(&modelconv(&["convert", s(dir), "-o", s(out), "-q"], &[]));
+    ok(&modelconv_env(
+        &["convert", s(dir), "-o", s(out), "-q"],
+        &[],
+    ));
 }
 
 /// The bytes of a weight file before its footer (every row group, byte for byte), and
@@ -61,8 +47,7 @@ fn before_footer(p: &Path) -> Vec<u8> {
 /// The metadata of an output without the two fields that name where it came from and
 /// went to.
 fn metadata_but_names(out: &Path) -> serde_json::Value {
-    let mut v: serde_json::Value =
-        serde_json::from_slice(&std::fs::read(out.join("metadata.json")).unwrap()).unwrap();
+    let mut v = metadata(out);
     let o = v.as_object_mut().unwrap();
     o.remove("model_name");
     o.remove("parquet_path");
@@ -115,9 +100,8 @@ fn assert_same_output(local_out: &Path, remote_out: &Path) {
 }
 
 fn no_temp_dirs_in(tmp: &Path) -> Vec<String> {
-    std::fs::read_dir(tmp)
-        .unwrap()
-        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+    entries(tmp)
+        .into_iter()
         .filter(|n| n.starts_with("modelconv-remote-"))
         .collect()
 }
@@ -152,7 +136,7 @@ fn every_fixture_and_minilm_from_the_hub_convert_as_they_do_locally() {
         );
         local(dir, &lo);
         let url = format!("hf://{name}");
-        let o = modelconv(
+        let o = modelconv_env(
             &["convert", &url, "-o", s(&ro), "--json"],
             &[
                 ("HF_ENDPOINT", &ep),
@@ -171,8 +155,7 @@ fn every_fixture_and_minilm_from_the_hub_convert_as_they_do_locally() {
                 p.display()
             );
         }
-        let meta: serde_json::Value =
-            serde_json::from_slice(&std::fs::read(ro.join("metadata.json")).unwrap()).unwrap();
+        let meta = metadata(&ro);
         assert_eq!(meta["model_name"], url.as_str());
     }
     let st = hub.stats();
@@ -211,7 +194,7 @@ fn every_url_form_reads_the_same_checkpoint() {
     ];
     for (i, url) in forms.iter().enumerate() {
         let ro = tmp.path().join(format!("r{i}"));
-        let o = modelconv(&["convert", url, "-o", s(&ro), "-q"], &env);
+        let o = modelconv_env(&["convert", url, "-o", s(&ro), "-q"], &env);
         ok(&o);
         assert_same_output(&lo, &ro);
     }
@@ -219,7 +202,7 @@ fn every_url_form_reads_the_same_checkpoint() {
     let bert = fixture("tiny-bert");
     let (lo, ro) = (tmp.path().join("bl"), tmp.path().join("br"));
     local(&bert.join("model.safetensors"), &lo);
-    let o = modelconv(
+    let o = modelconv_env(
         &[
             "convert",
             &hub.file_url("tiny-bert/model.safetensors"),
@@ -232,7 +215,7 @@ fn every_url_form_reads_the_same_checkpoint() {
     ok(&o);
     assert_same_output(&lo, &ro);
     // Revisions and repositories that do not exist.
-    let o = modelconv(
+    let o = modelconv_env(
         &[
             "convert",
             "hf://org/llama@nope",
@@ -246,7 +229,7 @@ fn every_url_form_reads_the_same_checkpoint() {
         text(&o.stderr),
         "error: hf://org/llama: revision `nope` not found (404): Invalid rev id: nope\n"
     );
-    let o = modelconv(
+    let o = modelconv_env(
         &["convert", "hf://org/absent", "-o", s(&tmp.path().join("x"))],
         &env,
     );
@@ -254,7 +237,7 @@ fn every_url_form_reads_the_same_checkpoint() {
         text(&o.stderr),
         "error: hf://org/absent: revision `main` not found (404): Repository Not Found\n"
     );
-    let o = modelconv(
+    let o = modelconv_env(
         &[
             "convert",
             &hub.file_url("nothing-here/"),
@@ -281,7 +264,7 @@ fn verify_and_inspect_read_a_remote_source() {
     let env: Vec<(&str, &str)> = env.iter().map(|(k, v)| (*k, v.as_str())).collect();
     let out = tmp.path().join("o");
     local(&llama, &out);
-    let o = modelconv(
+    let o = modelconv_env(
         &["verify", s(&out), "--source", "hf://org/llama", "--json"],
         &env,
     );
@@ -290,10 +273,10 @@ fn verify_and_inspect_read_a_remote_source() {
     assert_eq!(v["compared_with_source"], true, "{v}");
     assert_eq!(v["problems"], serde_json::json!([]), "{v}");
     assert_eq!(v["tensors"], 39);
-    let o = modelconv(&["inspect", "hf://org/llama", "--json"], &env);
+    let o = modelconv_env(&["inspect", "hf://org/llama", "--json"], &env);
     ok(&o);
     let remote: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
-    let o = modelconv(&["inspect", s(&llama), "--json"], &[]);
+    let o = modelconv_env(&["inspect", s(&llama), "--json"], &[]);
     let local: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
     assert_eq!(remote["tensors"], local["tensors"]);
 }
@@ -332,7 +315,7 @@ impl Served {
     /// fault's retries show in it.
     fn convert(&self, out: &str, env: &[(&str, &str)]) -> (Output, PathBuf) {
         let out = self.root.parent().unwrap().join(out);
-        let o = modelconv(
+        let o = modelconv_env(
             &[
                 "convert",
                 &self.url(),
@@ -451,7 +434,7 @@ fn private_and_gated_repositories_need_the_token_which_is_never_shown() {
     );
     let ep = hub.endpoint();
     let x = tmp.path().join("x");
-    let o = modelconv(
+    let o = modelconv_env(
         &["convert", "hf://me/private", "-o", s(&x)],
         &[("HF_ENDPOINT", &ep)],
     );
@@ -462,7 +445,7 @@ fn private_and_gated_repositories_need_the_token_which_is_never_shown() {
          not exist: Invalid username or password.; set HF_TOKEN or pass --token-file with a token \
          that can read it\n"
     );
-    let o = modelconv(
+    let o = modelconv_env(
         &["convert", "hf://them/gated", "-o", s(&x)],
         &[("HF_ENDPOINT", &ep), ("HF_TOKEN", "hf_wrong")],
     );
@@ -477,7 +460,7 @@ fn private_and_gated_repositories_need_the_token_which_is_never_shown() {
     let lo = tmp.path().join("l");
     local(&bert, &lo);
     let ro = tmp.path().join("r1");
-    let o = modelconv(
+    let o = modelconv_env(
         &["convert", "hf://me/private", "-o", s(&ro)],
         &[("HF_ENDPOINT", &ep), ("HF_TOKEN", token)],
     );
@@ -486,7 +469,7 @@ fn private_and_gated_repositories_need_the_token_which_is_never_shown() {
     let tf = tmp.path().join("token");
     std::fs::write(&tf, format!("{token}\n")).unwrap();
     let ro = tmp.path().join("r2");
-    let o = modelconv(
+    let o = modelconv_env(
         &[
             "convert",
             "hf://them/gated",
@@ -580,8 +563,8 @@ fn hostile_headers_over_http_are_refused_as_local_files_are() {
         let file = root.join(name).join("model.safetensors");
         let url = hub.file_url(&format!("{name}/model.safetensors"));
         let x = tmp.path().join(format!("x-{name}"));
-        let lo = modelconv(&["convert", s(&file), "-o", s(&x)], &[]);
-        let ro = modelconv(&["convert", &url, "-o", s(&x)], &[]);
+        let lo = modelconv_env(&["convert", s(&file), "-o", s(&x)], &[]);
+        let ro = modelconv_env(&["convert", &url, "-o", s(&x)], &[]);
         assert_eq!(lo.status.code(), Some(1), "{name}");
         assert_eq!(ro.status.code(), Some(1), "{name}");
         let want = text(&lo.stderr).replace(s(&file), &url);
@@ -599,13 +582,12 @@ fn ctrl_c_cancels_a_remote_conversion_and_leaves_nothing() {
     sv.hub
         .fault(r#"{"stall_after": 1000000, "seconds": 20, "count": 1000}"#);
     let out = sv.root.parent().unwrap().join("cancelled");
-    let child = Command::new(env!("CARGO_BIN_EXE_modelconv"))
+    let child = bin()
         .args(["convert", &sv.url(), "-o", s(&out)])
         .env("TMPDIR", &scratch)
         .stderr(std::process::Stdio::piped())
         .spawn()
         .unwrap();
-    let started = std::time::Instant::now();
     let chunk_asked = || {
         sv.hub.stats()["ranges"]
             .as_array()
@@ -614,17 +596,15 @@ fn ctrl_c_cancels_a_remote_conversion_and_leaves_nothing() {
             // A weights range (the header reads are 64 KiB and the header's length).
             .any(|r| r[1].as_u64().is_some_and(|n| n >= 1 << 20))
     };
-    while !chunk_asked() {
-        assert!(
-            started.elapsed().as_secs() < 60,
-            "the conversion never got to the weights"
-        );
-        std::thread::sleep(std::time::Duration::from_millis(20));
-    }
+    wait_until(
+        60,
+        20,
+        "the conversion never got to the weights",
+        chunk_asked,
+    );
     std::thread::sleep(std::time::Duration::from_millis(300));
     let sent = std::time::Instant::now();
-    // SAFETY: a signal to our own child.
-    unsafe { libc::kill(child.id() as i32, libc::SIGINT) };
+    signal(&child, libc::SIGINT);
     let o = child.wait_with_output().unwrap();
     assert_eq!(o.status.code(), Some(130), "{}", text(&o.stderr));
     assert!(
@@ -660,22 +640,22 @@ fn s3_inputs_convert_as_local_ones_do() {
     ];
     for (i, (url, lo)) in forms.iter().enumerate() {
         let ro = tmp.path().join(format!("r{i}"));
-        let o = modelconv(&["convert", url, "-o", s(&ro), "-q"], &env);
+        let o = modelconv_env(&["convert", url, "-o", s(&ro), "-q"], &env);
         ok(&o);
         assert_same_output(lo, &ro);
     }
-    let o = modelconv(&["verify", s(&ll), "--source", "s3://models/llama/"], &env);
+    let o = modelconv_env(&["verify", s(&ll), "--source", "s3://models/llama/"], &env);
     ok(&o);
     // Nothing there: the directory has no weights; no such bucket.
     let x = tmp.path().join("x");
-    let o = modelconv(&["convert", "s3://models/nothing/", "-o", s(&x)], &env);
+    let o = modelconv_env(&["convert", "s3://models/nothing/", "-o", s(&x)], &env);
     assert_eq!(o.status.code(), Some(1));
     assert_eq!(
         text(&o.stderr),
         "error: s3://models/nothing/: no weights: no model.safetensors, \
          model.safetensors.index.json, pytorch_model.bin or pytorch_model.bin.index.json\n"
     );
-    let o = modelconv(&["convert", "s3://absent-bucket/m/", "-o", s(&x)], &env);
+    let o = modelconv_env(&["convert", "s3://absent-bucket/m/", "-o", s(&x)], &env);
     assert_eq!(o.status.code(), Some(1));
     let err = text(&o.stderr);
     assert!(err.starts_with("error: s3://absent-bucket/m/: "), "{err}");
@@ -727,15 +707,14 @@ fn outputs_in_s3_hold_the_bytes_a_local_conversion_writes() {
         ("s3://models/llama/", "llama-from-s3/", &ll),
         (s(&st), "deep/st/", &sl),
     ] {
-        let o = modelconv(
+        let o = modelconv_env(
             &["convert", input, "-o", &format!("s3://out/{prefix}"), "-q"],
             &env,
         );
         ok(&o);
         let d = got(prefix);
         assert_same_output(lo, &d);
-        let meta: serde_json::Value =
-            serde_json::from_slice(&std::fs::read(d.join("metadata.json")).unwrap()).unwrap();
+        let meta = metadata(&d);
         assert_eq!(
             meta["parquet_path"],
             format!("s3://out/{prefix}weights.parquet")
@@ -747,11 +726,11 @@ fn outputs_in_s3_hold_the_bytes_a_local_conversion_writes() {
     let mini = minilm();
     let parted = ["--max-file-size", "10MB"];
     let ml = tmp.path().join("ml");
-    ok(&modelconv(
+    ok(&modelconv_env(
         &[&["convert", s(&mini), "-o", s(&ml), "-q"][..], &parted].concat(),
         &[],
     ));
-    let o = modelconv(
+    let o = modelconv_env(
         &[
             &["convert", s(&mini), "-o", "s3://out/minilm", "--json"][..],
             &parted,
@@ -766,27 +745,26 @@ fn outputs_in_s3_hold_the_bytes_a_local_conversion_writes() {
     assert!(local_parts.len() >= 5, "{}", local_parts.len());
     assert!(part_files(&d) == local_parts, "parts differ");
     let manifest = |dir: &Path| -> serde_json::Value {
-        serde_json::from_slice(&std::fs::read(dir.join("weights.parquet/_manifest.json")).unwrap())
-            .unwrap()
+        read_json(&dir.join("weights.parquet/_manifest.json"))
     };
     assert_eq!(manifest(&ml)["parts"], manifest(&d)["parts"]);
     assert_eq!(manifest(&ml)["identity"], manifest(&d)["identity"]);
     assert_eq!(metadata_but_names(&ml), metadata_but_names(&d));
     assert!(!d.join("weights.parquet/_journal.json").exists());
     // Our reader and pyarrow read the downloaded copy as the local conversion.
-    let o = modelconv(&["verify", s(&d), "--source", s(&mini)], &[]);
+    let o = modelconv_env(&["verify", s(&d), "--source", s(&mini)], &[]);
     ok(&o);
 
     // An existing conversion is refused; --force replaces a parted output by one file
     // and leaves none of the parts.
-    let o = modelconv(&["convert", s(&mini), "-o", "s3://out/minilm/"], &env);
+    let o = modelconv_env(&["convert", s(&mini), "-o", "s3://out/minilm/"], &env);
     assert_eq!(o.status.code(), Some(1));
     assert_eq!(
         text(&o.stderr),
         "error: s3://out/minilm/metadata.json: output already holds a conversion; \
          pass --force to replace it\n"
     );
-    let o = modelconv(
+    let o = modelconv_env(
         &[
             "convert",
             s(&mini),
@@ -814,14 +792,14 @@ fn outputs_in_s3_hold_the_bytes_a_local_conversion_writes() {
         "{keys:?}"
     );
     // --validate reads a local output back: refused before anything is written.
-    let o = modelconv(
+    let o = modelconv_env(
         &["convert", s(&llama), "-o", "s3://out/v/", "--validate"],
         &env,
     );
     assert_eq!(o.status.code(), Some(2), "{}", text(&o.stderr));
     assert!(s3.keys("out", "v/").is_empty());
     // No such bucket: an error naming the URL.
-    let o = modelconv(&["convert", s(&llama), "-o", "s3://nobucket/m/"], &env);
+    let o = modelconv_env(&["convert", s(&llama), "-o", "s3://nobucket/m/"], &env);
     assert_eq!(o.status.code(), Some(1));
     let e = text(&o.stderr);
     assert!(e.starts_with("error: s3://nobucket/m/"), "{e}");
@@ -852,7 +830,7 @@ fn a_failed_or_cancelled_upload_is_aborted_and_nothing_is_committed() {
         ],
     );
     // An earlier complete conversion there, replaced with --force.
-    let o = modelconv(
+    let o = modelconv_env(
         &[
             "convert",
             s(&fixture("tiny-bert")),
@@ -863,7 +841,7 @@ fn a_failed_or_cancelled_upload_is_aborted_and_nothing_is_committed() {
         &env,
     );
     ok(&o);
-    let o = modelconv(
+    let o = modelconv_env(
         &[
             "convert",
             s(&model),
@@ -891,8 +869,7 @@ fn a_failed_or_cancelled_upload_is_aborted_and_nothing_is_committed() {
 
     // Ctrl-C while a part is being uploaded: exit 130, the upload aborted, nothing new.
     let child = slow_upload_started(&s3, "c/", &env);
-    // SAFETY: a signal to our own child.
-    unsafe { libc::kill(child.id() as i32, libc::SIGINT) };
+    signal(&child, libc::SIGINT);
     let o = child.wait_with_output().unwrap();
     assert_eq!(o.status.code(), Some(130), "{}", text(&o.stderr));
     assert_eq!(text(&o.stderr), "error: cancelled\n");
@@ -912,20 +889,13 @@ fn an_s3_parted_conversion_killed_after_a_part_resumes_into_the_same_bytes() {
     let env = s3.env();
     let env: Vec<(&str, &str)> = env.iter().map(|(k, v)| (*k, v.as_str())).collect();
     let mini = minilm();
-    let slow = [
-        "--level",
-        "19",
-        "--row-group-mb",
-        "1",
-        "--max-file-size",
-        "8MB",
-    ];
+    let slow = SLOW_PARTED;
     let whole = tmp.path().join("whole");
-    ok(&modelconv(
+    ok(&modelconv_env(
         &[&["convert", s(&mini), "-o", s(&whole), "-q"][..], &slow].concat(),
         &[],
     ));
-    let mut child = Command::new(env!("CARGO_BIN_EXE_modelconv"))
+    let mut child = bin()
         .args([
             "convert",
             s(&mini),
@@ -939,17 +909,11 @@ fn an_s3_parted_conversion_killed_after_a_part_resumes_into_the_same_bytes() {
         .envs(env.iter().copied())
         .spawn()
         .unwrap();
-    let started = std::time::Instant::now();
-    while !s3
-        .keys("out", "r/weights.parquet/")
-        .contains(&"r/weights.parquet/_journal.json".to_string())
-    {
-        assert!(started.elapsed().as_secs() < 120, "no first part");
-        if child.try_wait().unwrap().is_some() {
-            panic!("the conversion ended before it could be killed");
-        }
-        std::thread::sleep(std::time::Duration::from_millis(5));
-    }
+    wait_until(120, 5, "no first part", || {
+        s3.keys("out", "r/weights.parquet/")
+            .contains(&"r/weights.parquet/_journal.json".to_string())
+            || ended_too_soon(&mut child)
+    });
     child.kill().unwrap();
     child.wait().unwrap();
     let keys = s3.keys("out", "r/");
@@ -970,10 +934,10 @@ fn an_s3_parted_conversion_killed_after_a_part_resumes_into_the_same_bytes() {
             "--resume",
             "--json",
         ];
-        modelconv(&[&args[..], &slow].concat(), &env)
+        modelconv_env(&[&args[..], &slow].concat(), &env)
     };
     // Without --resume it is refused as an existing conversion.
-    let o = modelconv(
+    let o = modelconv_env(
         &[&["convert", s(&mini), "-o", "s3://out/r/"][..], &slow].concat(),
         &env,
     );
@@ -984,7 +948,7 @@ fn an_s3_parted_conversion_killed_after_a_part_resumes_into_the_same_bytes() {
         text(&o.stderr)
     );
     // Other options are refused, saying what differs.
-    let o = modelconv(
+    let o = modelconv_env(
         &[
             &[
                 "convert",
@@ -1101,14 +1065,14 @@ fn pytorch_checkpoints_are_read_by_ranges_as_local_ones_are() {
         ];
         for (i, url) in urls.iter().enumerate() {
             let ro = tmp.path().join(format!("{n}-r{i}"));
-            let o = modelconv(&["convert", url, "-o", s(&ro), "-q"], &env);
+            let o = modelconv_env(&["convert", url, "-o", s(&ro), "-q"], &env);
             ok(&o);
             assert_same_output(&lo, &ro);
         }
     }
     // A legacy checkpoint cannot be read by ranges: refused by name.
     let x = tmp.path().join("x");
-    let o = modelconv(
+    let o = modelconv_env(
         &["convert", "hf://fixtures/tiny-bert-bin-legacy", "-o", s(&x)],
         &env,
     );
@@ -1124,7 +1088,7 @@ fn pytorch_checkpoints_are_read_by_ranges_as_local_ones_are() {
         )
     );
     let url = hub.file_url("hostile-bin/raw-pickle-eval.bin");
-    let o = modelconv(&["convert", &url, "-o", s(&x), "--model-type", "bert"], &[]);
+    let o = modelconv_env(&["convert", &url, "-o", s(&x), "--model-type", "bert"], &[]);
     assert_eq!(o.status.code(), Some(1));
     assert!(
         text(&o.stderr).starts_with(&format!(
@@ -1139,7 +1103,7 @@ fn pytorch_checkpoints_are_read_by_ranges_as_local_ones_are() {
         let file = fixture("hostile-bin").join(f);
         let url = hub.file_url(&format!("hostile-bin/{f}"));
         let args = |input: &str| {
-            modelconv(
+            modelconv_env(
                 &["convert", input, "-o", s(&x), "--model-type", "bert"],
                 &[],
             )
@@ -1163,7 +1127,7 @@ fn slow_upload_started(
     prefix: &str,
     env: &[(&str, &str)],
 ) -> std::process::Child {
-    let child = Command::new(env!("CARGO_BIN_EXE_modelconv"))
+    let child = bin()
         .args([
             "convert",
             s(&minilm()),
@@ -1176,11 +1140,9 @@ fn slow_upload_started(
         .stderr(std::process::Stdio::piped())
         .spawn()
         .unwrap();
-    let started = std::time::Instant::now();
-    while s3.upload_parts("out", &format!("{prefix}weights.parquet")) == 0 {
-        assert!(started.elapsed().as_secs() < 120, "no upload part stored");
-        std::thread::sleep(std::time::Duration::from_millis(20));
-    }
+    wait_until(120, 20, "no upload part stored", || {
+        s3.upload_parts("out", &format!("{prefix}weights.parquet")) > 0
+    });
     child
 }
 
@@ -1222,7 +1184,7 @@ fn a_hub_file_whose_storage_etag_changes_is_source_changed() {
     let hub = Hub::start(&[("org/minilm", &minilm())], None, &[]);
     hub.fault(r#"{"storage_etag": "changed", "after": 1}"#);
     let out = tmp.path().join("o");
-    let o = modelconv(
+    let o = modelconv_env(
         &["convert", "hf://org/minilm", "-o", s(&out)],
         &[("HF_ENDPOINT", &hub.endpoint())],
     );
@@ -1257,7 +1219,7 @@ fn a_hub_file_is_resolved_once_for_all_its_ranges_and_again_when_its_location_ex
     let count = |k: &str| hub.stats()["requests"][k].as_u64().unwrap_or(0);
     let (resolve0, storage0) = (count("resolve"), count("storage"));
     let clean = tmp.path().join("clean");
-    ok(&modelconv(
+    ok(&modelconv_env(
         &["convert", "hf://org/minilm", "-o", s(&clean)],
         &env,
     ));
@@ -1278,7 +1240,7 @@ fn a_hub_file_is_resolved_once_for_all_its_ranges_and_again_when_its_location_ex
     // The locations given so far expire after 5 more storage requests.
     hub.fault(r#"{"expire_after": 5}"#);
     let again = tmp.path().join("again");
-    ok(&modelconv(
+    ok(&modelconv_env(
         &["convert", "hf://org/minilm", "-o", s(&again)],
         &env,
     ));

@@ -8,21 +8,9 @@ mod common;
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
-use std::process::Output;
 
 use common::*;
 use modelconv::{convert, ConvertConfig, IoMode, ModelType, TargetDtype, WeightFile};
-
-fn modelconv(args: &[&str]) -> Output {
-    std::process::Command::new(env!("CARGO_BIN_EXE_modelconv"))
-        .args(args)
-        .output()
-        .unwrap()
-}
-
-fn text(b: &[u8]) -> String {
-    String::from_utf8_lossy(b).into_owned()
-}
 
 /// Every tensor of a conversion: name → (dtype, shape, data).
 fn tensors(out: &Path) -> BTreeMap<String, (String, Vec<u64>, Vec<u8>)> {
@@ -93,8 +81,7 @@ fn tricky_storages_come_out_as_torch_materialises_them() {
         let r = convert(dir.join("pytorch_model.bin"), &out, &cfg).unwrap();
         assert_eq!(r.tensors, 9);
         assert_matches_source(&out, &src, &same_names(&src), target);
-        let m: serde_json::Value =
-            serde_json::from_slice(&std::fs::read(out.join("metadata.json")).unwrap()).unwrap();
+        let m = metadata(&out);
         assert_eq!(
             m["tied_weights"],
             serde_json::json!({"lm_head.weight": "model.embed_tokens.weight"})
@@ -156,9 +143,9 @@ fn sharded_bin_index_and_shards_must_agree_both_ways() {
     let tmp = tempdir();
     let model = copy_dir(&fixture("tiny-llama-sharded-bin"), &tmp.path().join("m"));
     let index = model.join("pytorch_model.bin.index.json");
-    let mut v: serde_json::Value = serde_json::from_slice(&std::fs::read(&index).unwrap()).unwrap();
-    v["weight_map"]["lm_head.weight"] = "pytorch_model-00001-of-00005.bin".into();
-    std::fs::write(&index, serde_json::to_vec(&v).unwrap()).unwrap();
+    edit_json(&index, |v| {
+        v["weight_map"]["lm_head.weight"] = "pytorch_model-00001-of-00005.bin".into()
+    });
     let err = modelconv::plan_conversion(&model, &ConvertConfig::default()).unwrap_err();
     assert_eq!(
         err.to_string(),
@@ -181,7 +168,7 @@ fn read_mode_converts_the_same_bytes_as_mmap() {
     ] {
         let mut files = Vec::new();
         for io in [IoMode::Mmap, IoMode::Read] {
-            let o = std::process::Command::new(env!("CARGO_BIN_EXE_modelconv"))
+            let o = bin()
                 .arg("convert")
                 .arg(&input)
                 .arg("-o")
@@ -331,37 +318,6 @@ const W: T = T {
     stride: &[2, 1],
 };
 
-fn f32s(v: &[f32]) -> Vec<u8> {
-    v.iter().flat_map(|x| x.to_le_bytes()).collect()
-}
-
-/// Runs `convert FILE -o OUT`, expects exit 1 with `error: {path}: {want}`, and no
-/// output at all.
-fn refused(tmp: &Path, name: &str, bytes: &[u8], want: &str) {
-    let file = tmp.join(name);
-    std::fs::write(&file, bytes).unwrap();
-    refused_file(tmp, &file, want);
-}
-
-fn refused_file(tmp: &Path, file: &Path, want: &str) {
-    let out = tmp.join("out");
-    let o = modelconv(&[
-        "convert",
-        file.to_str().unwrap(),
-        "-o",
-        out.to_str().unwrap(),
-    ]);
-    assert_eq!(o.status.code(), Some(1), "{}", text(&o.stderr));
-    assert_eq!(
-        text(&o.stderr),
-        format!("error: {}: {want}\n", file.display()),
-        "{}",
-        file.display()
-    );
-    assert!(!out.exists(), "nothing may be written for a refused input");
-    assert!(!text(&o.stderr).contains("panicked"));
-}
-
 fn good_checkpoint() -> Vec<u8> {
     checkpoint(&state_dict(&[W]), &[("0", &f32s(&[1.0, 2.0, 3.0, 4.0]))])
 }
@@ -413,7 +369,7 @@ fn row_31_globals_outside_the_allowlist_are_refused_and_never_run() {
     ] {
         let pkl = format!("\x02}}(X\x01\x00\x00\x00wc{module}\n{name}\n)Ru.");
         let pkl = [b"\x80".as_slice(), pkl.as_bytes()].concat();
-        refused(
+        refused_bytes(
             tmp.path(),
             &format!("{name}.bin"),
             &checkpoint(&pkl, &[]),
@@ -425,7 +381,7 @@ fn row_31_globals_outside_the_allowlist_are_refused_and_never_run() {
     }
     // STACK_GLOBAL is looked up the same way.
     let pkl = b"\x80\x04\x8c\x05posix\x8c\x06system\x93.";
-    refused(
+    refused_bytes(
         tmp.path(),
         "stack.bin",
         &checkpoint(pkl, &[]),
@@ -465,7 +421,7 @@ fn row_32_constructs_that_build_or_mutate_objects_are_refused() {
         ),
     ];
     for (name, pkl, want) in cases {
-        refused(
+        refused_bytes(
             tmp.path(),
             &format!("{name}.bin"),
             &checkpoint(pkl, &[]),
@@ -478,7 +434,7 @@ fn row_32_constructs_that_build_or_mutate_objects_are_refused() {
 fn row_33_a_pickled_module_asks_for_its_state_dict() {
     let tmp = tempdir();
     let pkl = b"\x80\x02ctorch.nn.modules.linear\nLinear\n)\x81.";
-    refused(
+    refused_bytes(
         tmp.path(),
         "model.pt",
         &checkpoint(pkl, &[]),
@@ -487,7 +443,7 @@ fn row_33_a_pickled_module_asks_for_its_state_dict() {
     );
     // A checkpoint dict around a state dict names the key to save on its own.
     let pkl = b"\x80\x02}(X\x05\x00\x00\x00model}u.";
-    refused(
+    refused_bytes(
         tmp.path(),
         "ckpt.pt",
         &checkpoint(pkl, &[]),
@@ -505,7 +461,7 @@ fn row_34_a_storage_shorter_than_its_tensor_is_refused() {
     );
     // A storage that declares what it holds, but a view that needs more.
     let big = T { size: &[3, 2], ..W };
-    refused(
+    refused_bytes(
         tmp.path(),
         "view.bin",
         &checkpoint(&state_dict(&[big]), &[("0", &f32s(&[1.0; 4]))]),
@@ -540,7 +496,7 @@ fn row_35_views_outside_their_storage_and_bad_sizes_are_refused() {
         ),
     ];
     for (name, t, want) in cases {
-        refused(
+        refused_bytes(
             tmp.path(),
             &format!("{name}.bin"),
             &checkpoint(&state_dict(&[t]), &[("0", &data)]),
@@ -562,7 +518,7 @@ fn row_35_views_outside_their_storage_and_bad_sizes_are_refused() {
     ]
     .concat();
     pkl.splice(at..at + 11, huge);
-    refused(
+    refused_bytes(
         tmp.path(),
         "overflow.bin",
         &checkpoint(&pkl, &[("0", &data)]),
@@ -622,14 +578,14 @@ fn row_36_damaged_archives_are_refused_naming_the_file() {
         ),
     ];
     for (name, bytes, want) in cases {
-        refused(tmp.path(), &format!("{name}.bin"), &bytes, want);
+        refused_bytes(tmp.path(), &format!("{name}.bin"), &bytes, want);
     }
     // The central directory cut off mid-entry.
     let mut cut = good.clone();
     let n = cut.len();
     let dir_len = u32::from_le_bytes(cut[n - 10..n - 6].try_into().unwrap());
     cut[n - 10..n - 6].copy_from_slice(&(dir_len + 1000).to_le_bytes());
-    refused(
+    refused_bytes(
         tmp.path(),
         "dir.bin",
         &cut,
@@ -644,7 +600,7 @@ fn row_37_compressed_entries_are_refused_clearly() {
         ("archive/data.pkl", &state_dict(&[W]), 0),
         ("archive/data/0", &f32s(&[1.0; 4]), 8),
     ]);
-    refused(
+    refused_bytes(
         tmp.path(),
         "deflated.bin",
         &bytes,
@@ -659,13 +615,13 @@ fn row_38_damaged_legacy_files_are_refused() {
     let good = std::fs::read(fixture("tiny-bert-bin-legacy/pytorch_model.bin")).unwrap();
     let mut magic = good.clone();
     magic[4] ^= 0xff;
-    refused(
+    refused_bytes(
         tmp.path(),
         "magic.bin",
         &magic,
         "invalid PyTorch checkpoint: neither a zip archive nor a legacy PyTorch file (bad magic number)",
     );
-    refused(
+    refused_bytes(
         tmp.path(),
         "cut.bin",
         &good[..good.len() - 100],
@@ -675,7 +631,7 @@ fn row_38_damaged_legacy_files_are_refused() {
     let keys_end = 5575;
     let mut count = good.clone();
     count[keys_end] += 1;
-    refused(
+    refused_bytes(
         tmp.path(),
         "count.bin",
         &count,
@@ -683,7 +639,7 @@ fn row_38_damaged_legacy_files_are_refused() {
     );
     let mut trailing = good.clone();
     trailing.extend_from_slice(b"junk");
-    refused(
+    refused_bytes(
         tmp.path(),
         "trailing.bin",
         &trailing,
@@ -728,7 +684,7 @@ fn row_39_malformed_pickles_are_clear_errors() {
         ),
     ];
     for (name, pkl, want) in cases {
-        refused(
+        refused_bytes(
             tmp.path(),
             &format!("{name}.bin"),
             &checkpoint(&pkl, &[]),

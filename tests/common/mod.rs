@@ -10,8 +10,16 @@ use std::path::{Path, PathBuf};
 use half::{bf16, f16};
 use safetensors::{Dtype as StDtype, SafeTensors};
 
+pub mod files;
 pub mod hub;
 pub mod rounding;
+pub mod run;
+
+// Not every test file uses every helper: the same as `dead_code` above.
+#[allow(unused_imports)]
+pub use files::*;
+#[allow(unused_imports)]
+pub use run::*;
 
 pub fn root() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR"))
@@ -217,6 +225,27 @@ pub fn minilm() -> PathBuf {
 /// row groups), for tests that act on a conversion while it writes.
 pub const SLOW_CONVERT: [&str; 6] = ["--level", "19", "--threads", "1", "--row-group-mb", "1"];
 
+/// Options that make a conversion in 8 MB parts slow enough to kill after its first
+/// part; the thread count is not part of a plan, so a resumed run may use more.
+pub const SLOW_PARTED: [&str; 6] = [
+    "--level",
+    "19",
+    "--row-group-mb",
+    "1",
+    "--max-file-size",
+    "8MB",
+];
+
+/// Options that keep every tensor whatever the family, cast to `target`: `transformers`
+/// on a model it recognises keeps the base model, `causallm` keeps everything.
+pub fn every_tensor(target: modelconv::TargetDtype) -> modelconv::ConvertConfig {
+    modelconv::ConvertConfig::builder()
+        .dtype(target)
+        .model_type(modelconv::ModelType::CausalLm)
+        .build()
+        .unwrap()
+}
+
 pub fn tempdir() -> tempfile::TempDir {
     tempfile::Builder::new()
         .prefix("modelconv-test-")
@@ -394,6 +423,19 @@ pub fn weights_f32(n: usize) -> Vec<u8> {
             x ^= x << 17;
             (((x >> 40) as f32 / (1u64 << 24) as f32 - 0.5) * 0.1).to_le_bytes()
         })
+        .collect()
+}
+
+/// f32 values as little-endian bytes.
+pub fn f32s(v: &[f32]) -> Vec<u8> {
+    v.iter().flat_map(|x| x.to_le_bytes()).collect()
+}
+
+/// f32 element bytes rounded to f16 element bytes.
+pub fn f32_bytes_to_f16(bytes: &[u8]) -> Vec<u8> {
+    bytes
+        .chunks_exact(4)
+        .flat_map(|b| f16::from_f32(f32::from_le_bytes([b[0], b[1], b[2], b[3]])).to_le_bytes())
         .collect()
 }
 
