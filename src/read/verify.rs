@@ -11,7 +11,9 @@ use serde::Serialize;
 
 use xxhash_rust::xxh3::xxh3_64;
 
-use super::{Row, TensorInfo, WeightFile};
+use super::rows::Row;
+use super::tensor::f32s_into;
+use super::{TensorInfo, WeightFile};
 use crate::cast::{
     cast_into, quantize_unit, tensor_elements, value_f64, QuantError, QuantScheme, TensorQuantError,
 };
@@ -288,8 +290,8 @@ impl Against<'_> {
             Err(e) => return check.problems.push(e.to_string()),
         };
         let (mut scales, mut zps) = (Vec::new(), Vec::new());
-        super::f32s_into(row.scales, &mut scales);
-        super::f32s_into(row.zero_points, &mut zps);
+        f32s_into(row.scales, &mut scales);
+        f32s_into(row.zero_points, &mut zps);
         let units = elems.div_ceil(unit) as usize;
         if scales.len() != units || zps.len() != units {
             return check.problems.push(format!(
