@@ -47,7 +47,7 @@ pub use verify::{verify, TensorCheck, VerifyOptions, VerifyReport};
 use crate::dtype::TargetDtype;
 use crate::error::{Error, Result};
 use crate::format;
-use file::{open_part, PartFile};
+use file::{add_rows, open_part, PartFile};
 use parts::is_parted;
 
 /// An open weight file.
@@ -92,12 +92,11 @@ impl WeightFile {
             return Self::open_parted(path, log);
         }
         let (part, kv) = open_part(&path, log)?;
+        // Checked at open to add up within 64 bits.
+        let rows: u64 = part.rg_rows.iter().sum();
         let mut wf = Self::assemble(path, vec![part], kv)?;
         let tensors = match wf.kv.get(format::KEY_INDEX) {
-            Some(idx) => {
-                let rows = wf.rg_first_row.last().copied().unwrap_or(0);
-                format::parse_index(&wf.path, idx, rows)?
-            }
+            Some(idx) => format::parse_index(&wf.path, idx, rows)?,
             None => wf.tensors_from_scan()?,
         };
         wf.set_tensors(tensors)?;
@@ -132,10 +131,10 @@ impl WeightFile {
         let mut rg_part = Vec::new();
         let mut acc = 0u64;
         for (k, p) in parts.iter().enumerate() {
-            for (i, rg) in p.meta.metadata().row_groups().iter().enumerate() {
+            for (i, &rows) in p.rg_rows.iter().enumerate() {
                 rg_first_row.push(acc);
                 rg_part.push((k, i));
-                acc = acc.saturating_add(u64::try_from(rg.num_rows()).unwrap_or(0));
+                acc = add_rows(&path, acc, rows)?;
             }
         }
         rg_first_row.push(acc);

@@ -6,7 +6,7 @@
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 
-use super::file::{open_part, PartFile};
+use super::file::{add_rows, open_part, PartFile};
 use super::{RangeLog, WeightFile};
 use crate::error::{sanitize, Error, Result};
 use crate::format::{self, Manifest};
@@ -39,13 +39,8 @@ impl WeightFile {
         let mut row = 0u64;
         for (k, mp) in manifest.parts.iter().enumerate() {
             let (part, pkv) = open_listed(&dir, &mpath, &manifest, k, log.clone())?;
-            let held: u64 = part
-                .meta
-                .metadata()
-                .row_groups()
-                .iter()
-                .map(|g| u64::try_from(g.num_rows()).unwrap_or(0))
-                .sum();
+            // Checked at open to add up within 64 bits.
+            let held: u64 = part.rg_rows.iter().sum();
             if held != mp.rows || mp.first_row != row {
                 return Err(Error::corrupt(
                     &part.path,
@@ -56,7 +51,7 @@ impl WeightFile {
                     ),
                 ));
             }
-            row += held;
+            row = add_rows(&mpath, row, held)?;
             if k == 0 {
                 kv = pkv;
             }

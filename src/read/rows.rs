@@ -110,7 +110,7 @@ impl WeightFile {
             // there made a later read ask the allocator for exabytes (an abort, not a
             // panic). Our files start a `data` page at every row, so nothing changes
             // for them; a page skipped whole is never decoded.
-            let skip = safe_skip(part, lrg, in_rg, &mask);
+            let skip = safe_skip(part, lrg, in_rg, &mask)?;
             let mut drop_rows = in_rg - skip;
             let batches = guard(path, tensor, || {
                 let mut sel = Vec::new();
