@@ -845,3 +845,74 @@ pq.write_table(t.replace_schema_metadata({k: v for k, v in f.metadata.metadata.i
         "{t}"
     );
 }
+
+/// Rewrites the footer of the weight file at `path` with `edit` applied to its first
+/// row group, and without the page index (whose own checks would refuse the file first).
+fn edit_first_row_group(
+    path: &Path,
+    edit: impl FnOnce(
+        parquet::file::metadata::RowGroupMetaDataBuilder,
+    ) -> parquet::file::metadata::RowGroupMetaDataBuilder,
+) {
+    use parquet::file::metadata::{ParquetMetaDataReader, ParquetMetaDataWriter};
+    let md = ParquetMetaDataReader::new()
+        .parse_and_finish(&std::fs::File::open(path).unwrap())
+        .unwrap();
+    let bytes = std::fs::read(path).unwrap();
+    let n = bytes.len();
+    let footer = u32::from_le_bytes(bytes[n - 8..n - 4].try_into().unwrap()) as usize;
+    let mut md = md.into_builder();
+    let mut groups = md.take_row_groups();
+    groups[0] = edit(groups[0].clone().into_builder()).build().unwrap();
+    let md = md.set_row_groups(groups).build();
+    let mut out = bytes[..n - 8 - footer].to_vec();
+    ParquetMetaDataWriter::new(&mut out, &md)
+        .with_preserve_page_index_locations(false)
+        .finish()
+        .unwrap();
+    std::fs::write(path, out).unwrap();
+}
+
+#[test]
+fn row_28_a_footer_with_a_negative_row_count_or_size_given_to_the_reader() {
+    let tmp = tempdir();
+    let out = tmp.path().join("o");
+    converts(&fixture("tiny-bert"), &out, &[]);
+    let path = out.join("weights.parquet");
+    // The footer rewritten as it is reads as before: the errors below are the edits'.
+    edit_first_row_group(&path, |g| g);
+    let o = modelconv(&["inspect", s(&out)]);
+    assert!(o.status.success(), "{}", text(&o.stderr));
+    let good = std::fs::read(&path).unwrap();
+    let at = |why: &str| format!("{}: {why}", path.display());
+    // A negative row count is refused on opening, by every command.
+    edit_first_row_group(&path, |g| g.set_num_rows(-1));
+    for cmd in ["inspect", "verify"] {
+        failed_with(
+            &modelconv(&[cmd, s(&out)]),
+            &at("row group 0 has a negative row count"),
+        );
+    }
+    // Sizes only `inspect` reports.
+    std::fs::write(&path, &good).unwrap();
+    edit_first_row_group(&path, |g| g.set_total_byte_size(-1));
+    failed_with(
+        &modelconv(&["inspect", s(&out)]),
+        &at("row group 0 has a negative size"),
+    );
+    std::fs::write(&path, &good).unwrap();
+    edit_first_row_group(&path, |mut g| {
+        let mut cols = g.take_columns();
+        cols[1] = cols[1]
+            .clone()
+            .into_builder()
+            .set_total_compressed_size(-1)
+            .build()
+            .unwrap();
+        g.set_column_metadata(cols)
+    });
+    failed_with(
+        &modelconv(&["inspect", s(&out)]),
+        &at("row group 0, column 1 has a negative offset or size"),
+    );
+}

@@ -6,7 +6,9 @@ use std::path::{Path, PathBuf};
 
 use serde::Serialize;
 
-use super::{Row, WeightFile};
+use super::rows::Row;
+use super::tensor::{dequantize_units, f32s_into};
+use super::{TensorInfo, WeightFile};
 use crate::cast::cast_into;
 use crate::dtype::{Dtype, TargetDtype};
 use crate::error::{Error, Result};
@@ -94,8 +96,8 @@ pub fn export(
                 // Dequantized (the row holds whole units, each with its scale), then
                 // cast to the export dtype.
                 let (mut scales, mut zps) = (Vec::new(), Vec::new());
-                super::f32s_into(r.scales, &mut scales);
-                super::f32s_into(r.zero_points, &mut zps);
+                f32s_into(r.scales, &mut scales);
+                f32s_into(r.zero_points, &mut zps);
                 let unit = q.unit(&t.shape);
                 if unit == 0
                     || (r.data.len() as u64).div_ceil(unit) != scales.len() as u64
@@ -107,7 +109,7 @@ pub fn export(
                         "a row's scales do not match its codes",
                     ));
                 }
-                let values = super::dequantize_units(r.data, unit, &scales, &zps);
+                let values = dequantize_units(r.data, unit, &scales, &zps);
                 let f: &[u8] = bytemuck::cast_slice(&values);
                 scratch.resize(values.len() * d.size(), 0);
                 cast_into(Dtype::F32, d, f, &mut scratch)
@@ -188,7 +190,7 @@ fn header(wf: &WeightFile, opts: &ExportOptions) -> Result<(String, u64)> {
 
 /// What a stored tensor becomes in the export: `Keep` writes it as stored, except a
 /// quantized tensor, which is written dequantized as f32 (f16 or bf16 when asked).
-fn out_dtype(opts: &ExportOptions, t: &super::TensorInfo) -> Dtype {
+fn out_dtype(opts: &ExportOptions, t: &TensorInfo) -> Dtype {
     match (opts.dtype, t.quant) {
         (TargetDtype::Keep, Some(_)) => Dtype::F32,
         (TargetDtype::Keep, None) => t.dtype,

@@ -5,6 +5,7 @@ use std::path::{Path, PathBuf};
 
 use serde::Serialize;
 
+use super::file::{rg_rows, rg_sizes};
 use super::{TensorInfo, WeightFile};
 use crate::error::{Error, Result};
 use crate::format;
@@ -59,24 +60,25 @@ pub struct InspectReport {
 ///
 /// # Errors
 ///
-/// As [`WeightFile::open`]; `Io` when the file cannot be measured.
+/// As [`WeightFile::open`]; `Io` when the file cannot be measured; `CorruptWeights`
+/// naming the file when its footer gives a row group a negative size.
 pub fn inspect(path: impl AsRef<Path>) -> Result<InspectReport> {
     let wf = WeightFile::open(path)?;
     let md = wf.parquet_metadata();
     let mut file_bytes = 0u64;
-    let size = |v: i64| u64::try_from(v).unwrap_or(0);
     let mut row_groups = Vec::new();
     // Every part of a parted output, row groups numbered over all of them.
     for (path, pmd) in wf.part_files() {
         file_bytes += std::fs::metadata(path)
             .map_err(|e| Error::io("stat", path, e))?
             .len();
-        for rg in pmd.row_groups() {
+        for (i, rg) in pmd.row_groups().iter().enumerate() {
+            let (uncompressed_bytes, compressed_bytes) = rg_sizes(path, i, rg)?;
             row_groups.push(RowGroupInfo {
                 index: row_groups.len(),
-                rows: size(rg.num_rows()),
-                uncompressed_bytes: size(rg.total_byte_size()),
-                compressed_bytes: size(rg.compressed_size()),
+                rows: rg_rows(path, i, rg)?,
+                uncompressed_bytes,
+                compressed_bytes,
             });
         }
     }

@@ -11,7 +11,9 @@ use serde::Serialize;
 
 use xxhash_rust::xxh3::xxh3_64;
 
-use super::{Row, TensorInfo, WeightFile};
+use super::rows::Row;
+use super::tensor::f32s_into;
+use super::{TensorInfo, WeightFile};
 use crate::cast::{
     cast_into, quantize_unit, tensor_elements, value_f64, QuantError, TensorQuantError,
 };
@@ -153,31 +155,45 @@ pub fn verify(
     opts: &VerifyOptions,
 ) -> Result<VerifyReport> {
     let wf = WeightFile::open(path)?;
-    // A pre-quantized source is compared as the conversion read it: dequantized,
-    // unless the file says its tensors were kept as stored.
-    let kept = wf
-        .metadata()
-        .and_then(|m| m.pointer("/source_quantization/kept_quantized")?.as_bool())
-        .unwrap_or(false);
-    let against = source.map(|src| Against {
-        src,
-        by_name: src
-            .logical(!kept)
-            .0
-            .into_iter()
-            .map(|t| (t.info.name.as_str(), t))
-            .collect(),
-        policy: wf.cast_policy(),
-        scheme: wf.quant_scheme(),
-    });
+    let against = source.map(|src| Against::new(src, &wf));
     // Per tensor: its verdict and the (chunk offset, length) of every row seen.
     let tallies: Vec<Mutex<Tally>> = wf
         .tensors()
         .iter()
         .map(|t| Mutex::new((TensorCheck::new(&t.name), Vec::new())))
         .collect();
+    let (rows, mut problems) = check_rows(&wf, against.as_ref(), &tallies, opts.threads)?;
+    let checks = tallies
+        .into_iter()
+        .zip(wf.tensors())
+        .map(|(m, t)| {
+            let tally = m.into_inner().unwrap_or_else(|p| p.into_inner());
+            close_check(tally, t, wf.has_index())
+        })
+        .collect();
+    problems.sort();
+    Ok(VerifyReport {
+        path: wf.path().to_path_buf(),
+        tensors: wf.tensors().len(),
+        rows,
+        checksums_present: wf.has_checksums(),
+        compared_with_source: source.is_some(),
+        problems,
+        checks,
+    })
+}
+
+/// Checks every row of `wf` on `threads` threads (0 = all cores), row groups in
+/// parallel, into its tensor's tally. Returns the rows seen and the file-level problems
+/// (a row group that cannot be read), unsorted.
+fn check_rows(
+    wf: &WeightFile,
+    against: Option<&Against>,
+    tallies: &[Mutex<Tally>],
+    threads: usize,
+) -> Result<(u64, Vec<String>)> {
     let pool = rayon::ThreadPoolBuilder::new()
-        .num_threads(opts.threads)
+        .num_threads(threads)
         .build()
         .map_err(|e| Error::ThreadPool {
             reason: e.to_string(),
@@ -188,16 +204,14 @@ pub fn verify(
         (0..wf.num_row_groups()).into_par_iter().for_each(|rg| {
             let r = wf.scan_row_group(rg, true, &mut |row: Row| {
                 let t = &wf.tensors()[row.tensor];
-                let mut tally = tallies[row.tensor]
-                    .lock()
-                    .unwrap_or_else(|p| p.into_inner());
+                let mut tally = lock(&tallies[row.tensor]);
                 let (check, spans) = &mut *tally;
                 if row.checksum.is_some_and(|sum| xxh3_64(row.data) != sum) {
                     check.checksum_mismatches += 1;
                 }
                 check_description(check, t, &row);
                 spans.push((row.offset, row.data.len() as u64));
-                if let Some(a) = &against {
+                if let Some(a) = against {
                     a.check_row(check, t, &row);
                 }
                 rows_seen.fetch_add(1, Ordering::Relaxed);
@@ -208,48 +222,38 @@ pub fn verify(
             }
         })
     });
-    let checks = tallies
-        .into_iter()
-        .zip(wf.tensors())
-        .map(|(m, t)| {
-            let (mut c, mut spans) = m.into_inner().unwrap_or_else(|p| p.into_inner());
-            let b = spans.iter().fold(0u64, |a, s| a.saturating_add(s.1));
-            if b != t.bytes {
-                c.problems
-                    .push(format!("rows hold {b} bytes, the shape needs {}", t.bytes));
-            } else if wf.has_index() {
-                // The rows' chunk offsets must tile the tensor exactly, in order.
-                spans.sort_unstable();
-                let mut at = 0u64;
-                for (off, len) in spans {
-                    if off != at {
-                        c.problems.push(format!(
-                            "a row's chunk offset is {off}, the rows before it end at {at}"
-                        ));
-                        break;
-                    }
-                    at = at.saturating_add(len);
-                }
-            }
-            // Problems repeat per row of a split tensor; say each once.
-            c.problems.dedup();
-            c.quant = c.quant_err.map(|e| TensorQuantError::new(&c.name, &e));
-            c
-        })
-        .collect();
-    let mut problems = file_problems
+    let problems = file_problems
         .into_inner()
         .unwrap_or_else(|p| p.into_inner());
-    problems.sort();
-    Ok(VerifyReport {
-        path: wf.path().to_path_buf(),
-        tensors: wf.tensors().len(),
-        rows: rows_seen.into_inner(),
-        checksums_present: wf.has_checksums(),
-        compared_with_source: source.is_some(),
-        problems,
-        checks,
-    })
+    Ok((rows_seen.into_inner(), problems))
+}
+
+/// The verdict on tensor `t` once all its rows are seen: their lengths add up to its
+/// bytes and, in a file with our index, their chunk offsets tile it in order.
+fn close_check(tally: Tally, t: &TensorInfo, has_index: bool) -> TensorCheck {
+    let (mut c, mut spans) = tally;
+    let b = spans.iter().fold(0u64, |a, s| a.saturating_add(s.1));
+    if b != t.bytes {
+        c.problems
+            .push(format!("rows hold {b} bytes, the shape needs {}", t.bytes));
+    } else if has_index {
+        // The rows' chunk offsets must tile the tensor exactly, in order.
+        spans.sort_unstable();
+        let mut at = 0u64;
+        for (off, len) in spans {
+            if off != at {
+                c.problems.push(format!(
+                    "a row's chunk offset is {off}, the rows before it end at {at}"
+                ));
+                break;
+            }
+            at = at.saturating_add(len);
+        }
+    }
+    // Problems repeat per row of a split tensor; say each once.
+    c.problems.dedup();
+    c.quant = c.quant_err.map(|e| TensorQuantError::new(&c.name, &e));
+    c
 }
 
 impl Against<'_> {
@@ -289,8 +293,8 @@ impl Against<'_> {
             Err(e) => return check.problems.push(e.to_string()),
         };
         let (mut scales, mut zps) = (Vec::new(), Vec::new());
-        super::f32s_into(row.scales, &mut scales);
-        super::f32s_into(row.zero_points, &mut zps);
+        f32s_into(row.scales, &mut scales);
+        f32s_into(row.zero_points, &mut zps);
         let units = elems.div_ceil(unit) as usize;
         if scales.len() != units || zps.len() != units {
             return check.problems.push(format!(
@@ -360,12 +364,12 @@ fn check_description(check: &mut TensorCheck, t: &TensorInfo, row: &Row) {
             sanitize(d.dtype)
         ));
     }
-    if d.num_params
-        .is_some_and(|n| u64::try_from(n) != Ok(t.num_params))
+    if let Some(n) = d
+        .num_params
+        .filter(|&n| u64::try_from(n) != Ok(t.num_params))
     {
         check.problems.push(format!(
-            "row {r}: num_params {} differs from the index's {}",
-            d.num_params.unwrap_or_default(),
+            "row {r}: num_params {n} differs from the index's {}",
             t.num_params
         ));
     }
@@ -385,7 +389,28 @@ struct Against<'a> {
     scheme: Option<QuantScheme>,
 }
 
-impl Against<'_> {
+impl<'a> Against<'a> {
+    /// The source `src` indexed by name, as the conversion of `wf` read it: a
+    /// pre-quantized source dequantized, unless the file says its tensors were kept as
+    /// stored.
+    fn new(src: &'a Source, wf: &WeightFile) -> Self {
+        let kept = wf
+            .metadata()
+            .and_then(|m| m.pointer("/source_quantization/kept_quantized")?.as_bool())
+            .unwrap_or(false);
+        Against {
+            src,
+            by_name: src
+                .logical(!kept)
+                .0
+                .into_iter()
+                .map(|t| (t.info.name.as_str(), t))
+                .collect(),
+            policy: wf.cast_policy(),
+            scheme: wf.quant_scheme(),
+        }
+    }
+
     /// Source bytes of elements `[first, first + n)`: stored, or dequantized f32.
     fn elements<'b>(
         &'b self,
