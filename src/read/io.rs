@@ -7,7 +7,6 @@ use std::path::Path;
 use std::sync::{Arc, Mutex};
 
 use bytes::{Buf, Bytes};
-use memmap2::Mmap;
 use parquet::errors::ParquetError;
 use parquet::file::reader::{ChunkReader, Length};
 
@@ -48,7 +47,8 @@ impl MappedFile {
         } else {
             // SAFETY: the weight file must not be modified while it is read; this is the
             // same documented risk as for the source shards (see `source::Shard`).
-            let map = unsafe { Mmap::map(&file) }.map_err(|e| Error::io("map", path, e))?;
+            let map = unsafe { crate::io::map::map_file(&file) }
+                .map_err(|e| Error::io("map", path, e))?;
             Bytes::from_owner(map)
         };
         Ok(MappedFile { bytes, log: None })
