@@ -9,7 +9,9 @@ use std::path::{Path, PathBuf};
 
 use parquet::arrow::arrow_reader::{ArrowReaderMetadata, ArrowReaderOptions};
 use parquet::arrow::ProjectionMask;
-use parquet::file::metadata::{PageIndexPolicy, ParquetMetaData, RowGroupMetaData};
+use parquet::file::metadata::{
+    ColumnChunkMetaData, PageIndexPolicy, ParquetMetaData, RowGroupMetaData,
+};
 
 use super::io::{MappedFile, RangeLog};
 use crate::error::{Error, Result};
@@ -78,7 +80,7 @@ pub(super) fn open_part(
         .map_err(|e| Error::io("stat", path, e))?
         .len();
     check_offset_index(path, meta.metadata(), file_len)?;
-    let rg_rows = row_counts(path, meta.metadata())?;
+    let rg_rows = check_row_groups(path, meta.metadata())?;
     let schema = meta.schema().clone();
     for (col, want) in [
         (format::COL_NAME, "utf8"),
@@ -173,14 +175,8 @@ fn check_offset_index(path: &Path, meta: &ParquetMetaData, file_len: u64) -> Res
             let Some(pages) = index.page_locations(col) else {
                 continue;
             };
-            // Pages lie inside their column chunk, which lies inside the file (read
-            // from the fields: `byte_range` asserts they are not negative).
-            let c = group.column(col);
-            let start = c.dictionary_page_offset().unwrap_or(c.data_page_offset());
-            let (Ok(start), Ok(len)) = (u64::try_from(start), u64::try_from(c.compressed_size()))
-            else {
-                return Err(negative_column(path, rg, col));
-            };
+            // Pages lie inside their column chunk, which lies inside the file.
+            let (start, len) = column_span(path, rg, col, group.column(col))?;
             let chunk_end = start.checked_add(len).filter(|&e| e <= file_len);
             let mut prev: Option<i64> = None;
             for page in pages {
@@ -203,13 +199,18 @@ fn check_offset_index(path: &Path, meta: &ParquetMetaData, file_len: u64) -> Res
     Ok(())
 }
 
-/// The row count of every row group in the footer of `path`, checked: none negative,
-/// and all of them adding up within 64 bits.
-fn row_counts(path: &Path, meta: &ParquetMetaData) -> Result<Vec<u64>> {
+/// Checks the numbers of the footer at `path` that the reader relies on, row group by
+/// row group: its row count (not negative, all of them adding up within 64 bits) and
+/// the offset and size of each column chunk (not negative: the parquet reader asserts
+/// it). Returns the row counts.
+fn check_row_groups(path: &Path, meta: &ParquetMetaData) -> Result<Vec<u64>> {
     let mut total = 0u64;
     let mut out = Vec::with_capacity(meta.num_row_groups());
     for (rg, group) in meta.row_groups().iter().enumerate() {
         let rows = rg_rows(path, rg, group)?;
+        for (col, c) in group.columns().iter().enumerate() {
+            column_span(path, rg, col, c)?;
+        }
         total = add_rows(path, total, rows)?;
         out.push(rows);
     }
@@ -242,7 +243,7 @@ pub(super) fn rg_sizes(path: &Path, rg: usize, group: &RowGroupMetaData) -> Resu
         .map_err(|_| Error::corrupt(path, None, format!("row group {rg} has a negative size")))?;
     let mut compressed = 0u64;
     for (col, c) in group.columns().iter().enumerate() {
-        let len = u64::try_from(c.compressed_size()).map_err(|_| negative_column(path, rg, col))?;
+        let (_, len) = column_span(path, rg, col, c)?;
         compressed = compressed.checked_add(len).ok_or_else(|| {
             Error::corrupt(
                 path,
@@ -260,13 +261,22 @@ pub(super) fn add_rows(path: &Path, rows: u64, more: u64) -> Result<u64> {
         .ok_or_else(|| Error::corrupt(path, None, "the row counts add up past 64 bits"))
 }
 
-/// A column chunk of the footer with a negative offset or size.
-fn negative_column(path: &Path, rg: usize, col: usize) -> Error {
-    Error::corrupt(
-        path,
-        None,
-        format!("row group {rg}, column {col} has a negative offset or size"),
-    )
+/// The byte range `(start, length)` of column chunk `col` of row group `rg`, from its
+/// footer fields (the chunk starts at its dictionary page, if any).
+///
+/// # Errors
+///
+/// `CorruptWeights` naming the file when the offset or the size is negative.
+fn column_span(path: &Path, rg: usize, col: usize, c: &ColumnChunkMetaData) -> Result<(u64, u64)> {
+    let start = c.dictionary_page_offset().unwrap_or(c.data_page_offset());
+    match (u64::try_from(start), u64::try_from(c.compressed_size())) {
+        (Ok(start), Ok(len)) => Ok((start, len)),
+        _ => Err(Error::corrupt(
+            path,
+            None,
+            format!("row group {rg}, column {col} has a negative offset or size"),
+        )),
+    }
 }
 
 /// An offset index that contradicts its row group.
