@@ -60,25 +60,44 @@ thread_local! {
     static VALUES: std::cell::RefCell<Vec<f32>> = const { std::cell::RefCell::new(Vec::new()) };
 }
 
-/// Source bytes of elements `[first, first + n)` of a tensor (`info` in `shard`): the
-/// stored bytes, or a dequantized tensor's f32 values computed into `values`.
-#[allow(clippy::too_many_arguments)]
+/// A source tensor as the cast reads it: `info` in shard `shard`, dequantized as `dq`
+/// describes where it is a pre-quantized weight.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Stored<'a> {
+    /// Index of its shard.
+    pub(crate) shard: usize,
+    /// The tensor (the weight's own description when dequantized).
+    pub(crate) info: &'a crate::source::TensorInfo,
+    /// How it is dequantized, if it is.
+    pub(crate) dq: Option<&'a crate::source::Dequantized>,
+}
+
+/// Source bytes of elements `[first, first + n)` of the tensor `of`: the stored bytes,
+/// or a dequantized tensor's f32 values computed into `values`.
 pub(crate) fn tensor_elements<'a>(
     source: &'a Source,
-    shard: usize,
-    info: &crate::source::TensorInfo,
-    dq: Option<&crate::source::Dequantized>,
+    of: Stored<'_>,
     first: u64,
     n: u64,
     scratch: &'a mut Vec<u8>,
     values: &'a mut Vec<f32>,
 ) -> Result<&'a [u8]> {
+    let Stored { shard, info, dq } = of;
     match dq {
         Some(d) => {
             dequant::fill(source, d, first, n, values)?;
             Ok(bytemuck::cast_slice(values.as_slice()))
         }
         None => source.shards[shard].elements(info, first, n, scratch),
+    }
+}
+
+/// How the cast reads the planned tensor `t` from the source.
+fn stored(t: &PlannedTensor) -> Stored<'_> {
+    Stored {
+        shard: t.shard,
+        info: &t.src,
+        dq: t.dequant.as_ref(),
     }
 }
 
@@ -178,16 +197,7 @@ pub(crate) fn cast_row(
                         continue;
                     }
                 }
-                let s_piece = tensor_elements(
-                    source,
-                    t.shard,
-                    &t.src,
-                    t.dequant.as_ref(),
-                    first,
-                    n,
-                    scratch,
-                    values,
-                )?;
+                let s_piece = tensor_elements(source, stored(t), first, n, scratch, values)?;
                 let piece = cast_hashing(t.src.dtype, t.dtype, s_piece, d_piece, &mut hash)
                     .ok_or_else(|| {
                         Error::internal(format!(
@@ -259,16 +269,7 @@ fn quantize_row(
             {
                 let first = row.elem_start + k as u64 * units_per_piece * spec.unit;
                 let n = d_piece.len() as u64;
-                let s_piece = tensor_elements(
-                    source,
-                    t.shard,
-                    &t.src,
-                    t.dequant.as_ref(),
-                    first,
-                    n,
-                    scratch,
-                    values,
-                )?;
+                let s_piece = tensor_elements(source, stored(t), first, n, scratch, values)?;
                 let units = s_piece
                     .chunks((spec.unit * ss) as usize)
                     .zip(d_piece.chunks_mut(spec.unit as usize));

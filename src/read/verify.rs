@@ -15,7 +15,7 @@ use super::rows::Row;
 use super::tensor::f32s_into;
 use super::{TensorInfo, WeightFile};
 use crate::cast::{
-    cast_into, quantize_unit, tensor_elements, value_f64, QuantError, TensorQuantError,
+    cast_into, quantize_unit, tensor_elements, value_f64, QuantError, Stored, TensorQuantError,
 };
 use crate::dtype::{Dtype, TargetDtype};
 use crate::error::{sanitize, Error, Result};
@@ -420,16 +420,12 @@ impl<'a> Against<'a> {
         scratch: &'b mut Vec<u8>,
         values: &'b mut Vec<f32>,
     ) -> Result<&'b [u8]> {
-        tensor_elements(
-            self.src,
-            src.at.shard,
-            src.info,
-            src.dequant,
-            first,
-            n,
-            scratch,
-            values,
-        )
+        let of = Stored {
+            shard: src.at.shard,
+            info: src.info,
+            dq: src.dequant,
+        };
+        tensor_elements(self.src, of, first, n, scratch, values)
     }
 
     /// Compares one stored row with what the cast policy makes of the source's bytes.
