@@ -10,6 +10,19 @@ real key names) pre-quantized, for the dequantization bench: every linear layer 
          (`weight_packed`, `weight_scale`, `weight_shape`: Kimi-K2's W4A16 layout)
   awq    AWQ GEMM 4-bit, group 128 (`qweight` [in, out/8] in AWQ's nibble order,
          `qzeros`, `scales` F16)
+  nf4    bitsandbytes nf4 with double quantization, blocks of 64 (`weight` U8, U8
+         `absmax` through `nested_quant_map` with `nested_absmax` per 256, the JSON
+         `quant_state`), as `save_pretrained` writes it
+  fp4    bitsandbytes fp4, blocks of 64, F32 `absmax`
+  int8   bitsandbytes LLM.int8 (`weight` I8, `SCB` F32 per row, `weight_format` 0)
+  nvfp4  NVIDIA ModelOpt NVFP4 (`weight` U8 E2M1 pairs, `weight_scale` F8_E4M3 per
+         16, `weight_scale_2` F32)
+  ct-nvfp4  compressed-tensors nvfp4-pack-quantized (`weight_packed`, `weight_scale`
+         F8_E4M3 per 16, `weight_global_scale` F32 [1])
+  ct-mxfp4  compressed-tensors mxfp4-pack-quantized (`weight_packed`, E8M0
+         `weight_scale` per 32)
+  mxfp8  compressed-tensors mxfp8-quantized (`weight` F8_E4M3, E8M0 `weight_scale`
+         per 32)
   bf16   the reference: the same layout in bf16
 
 with embeddings, norms and the LM head in bf16. Every variant dequantizes to the same
@@ -34,6 +47,38 @@ LINEAR = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_
 def bf16(shape):
     a = rng.standard_normal(shape, dtype=np.float32) * 0.02
     return "BF16", shape, (a.view(np.uint32) >> 16).astype(np.uint16).tobytes()
+
+
+NF4 = np.array([-1.0, -0.6961928009986877, -0.5250730514526367, -0.39491748809814453,
+                -0.28444138169288635, -0.18477343022823334, -0.09105003625154495, 0.0,
+                0.07958029955625534, 0.16093020141124725, 0.24611230194568634,
+                0.33791524171829224, 0.44070982933044434, 0.5626170039176941,
+                0.7229568362236023, 1.0], np.float32)
+
+
+def e4m3_scales(shape):
+    """Positive, finite F8_E4M3 codes around 2^-4..2^2 (no NaN)."""
+    return rng.integers(0x28, 0x48, size=shape, dtype=np.uint8)
+
+
+def bnb4(stem, shape, kind, nested):
+    n = shape[0] * shape[1]
+    blocks = -(-n // 64)
+    yield stem + ".weight", "U8", ((n + 1) // 2, 1), rng.integers(0, 256, size=(n + 1) // 2, dtype=np.uint8).tobytes()
+    state = {"quant_type": kind, "blocksize": 64, "dtype": "bfloat16", "shape": list(shape)}
+    if nested:
+        yield stem + ".weight.absmax", "U8", (blocks,), rng.integers(0, 256, size=blocks, dtype=np.uint8).tobytes()
+    else:
+        yield stem + ".weight.absmax", "F32", (blocks,), (rng.random(blocks, dtype=np.float32) * 0.05 + 0.01).tobytes()
+    lut = NF4 if kind == "nf4" else np.array([0, 0.0052083, 0.6666667, 1, 0.3333333, 0.5, 0.1666667, 0.25] * 2, np.float32)
+    yield stem + ".weight.quant_map", "F32", (16,), lut.astype(np.float32).tobytes()
+    if nested:
+        nb = -(-blocks // 256)
+        yield stem + ".weight.nested_absmax", "F32", (nb,), (rng.random(nb, dtype=np.float32) * 1e-3 + 1e-4).tobytes()
+        yield stem + ".weight.nested_quant_map", "F32", (256,), np.linspace(-1, 1, 256, dtype=np.float32).tobytes()
+        state.update(nested_blocksize=256, nested_dtype="float32", nested_offset=0.03125)
+    js = np.frombuffer(json.dumps(state).encode(), np.uint8)
+    yield f"{stem}.weight.quant_state.bitsandbytes__{kind}", "U8", js.shape, js.tobytes()
 
 
 def stored(name, shape):
@@ -75,6 +120,32 @@ def stored(name, shape):
         s = rng.random((r, c // 32), dtype=np.float32) * 3e-3 + 1e-4
         yield stem + ".weight_scale", "BF16", (r, c // 32), (s.view(np.uint32) >> 16).astype(np.uint16).tobytes()
         yield stem + ".weight_shape", "I64", (2,), np.array([r, c], np.int64).tobytes()
+    elif scheme in ("nf4", "fp4"):
+        yield from bnb4(stem, shape, scheme, scheme == "nf4")
+    elif scheme == "int8":
+        yield name, "I8", shape, rng.integers(-127, 128, size=shape, dtype=np.int8).tobytes()
+        scb = (rng.random(r, dtype=np.float32) * 0.1 + 0.01).astype(np.float16).astype(np.float32)
+        yield stem + ".SCB", "F32", (r,), scb.tobytes()
+        yield stem + ".weight_format", "U8", (), b"\0"
+    elif scheme in ("nvfp4", "ct-nvfp4"):
+        codes = rng.integers(0, 256, size=(r, c // 2), dtype=np.uint8)
+        if scheme == "nvfp4":
+            yield name, "U8", codes.shape, codes.tobytes()
+            yield stem + ".weight_scale", "F8_E4M3", (r, c // 16), e4m3_scales((r, c // 16)).tobytes()
+            yield stem + ".weight_scale_2", "F32", (), np.float32(2.5e-4).tobytes()
+            yield stem + ".input_scale", "F32", (), np.float32(0.01).tobytes()
+        else:
+            yield stem + ".weight_packed", "U8", codes.shape, codes.tobytes()
+            yield stem + ".weight_scale", "F8_E4M3", (r, c // 16), e4m3_scales((r, c // 16)).tobytes()
+            yield stem + ".weight_global_scale", "F32", (1,), np.float32(4000.0).tobytes()
+    elif scheme == "ct-mxfp4":
+        yield stem + ".weight_packed", "U8", (r, c // 2), rng.integers(0, 256, size=(r, c // 2), dtype=np.uint8).tobytes()
+        yield stem + ".weight_scale", "U8", (r, c // 32), rng.integers(118, 123, size=(r, c // 32), dtype=np.uint8).tobytes()
+    elif scheme == "mxfp8":
+        q = rng.integers(0, 256, size=shape, dtype=np.uint8)
+        q[(q & 0x7F) == 0x7F] -= 1  # no NaN codes
+        yield name, "F8_E4M3", shape, q.tobytes()
+        yield stem + ".weight_scale", "U8", (r, c // 32), rng.integers(118, 123, size=(r, c // 32), dtype=np.uint8).tobytes()
     elif scheme == "mxfp4":
         # gate and up become one expert's gate_up_proj [1, 2*MLP, H]; down_proj [1, H, MLP].
         base = stem.replace(".mlp.", ".mlp.experts.").rsplit(".", 1)[0]
@@ -88,6 +159,15 @@ def stored(name, shape):
         scales = rng.integers(118, 123, size=(1, rows, c // 32), dtype=np.uint8)
         yield f"{base}.{tag}_blocks", "U8", blocks.shape, blocks.tobytes()
         yield f"{base}.{tag}_scales", "U8", scales.shape, scales.tobytes()
+
+
+def ct_float(fmt, bits, strategy, group, scale_dtype):
+    """A compressed-tensors config of one float scheme over every Linear but lm_head."""
+    return {"quant_method": "compressed-tensors", "format": fmt, "quantization_status": "compressed",
+            "config_groups": {"group_0": {"targets": ["Linear"], "format": fmt, "weights": {
+                "num_bits": bits, "type": "float", "strategy": strategy, "group_size": group,
+                "symmetric": True, "dynamic": False, "scale_dtype": scale_dtype}}},
+            "ignore": ["lm_head"]}
 
 
 def main():
@@ -126,6 +206,22 @@ def main():
          "gptq-act": {"quant_method": "gptq", "bits": 4, "group_size": 128, "desc_act": True, "sym": True, "checkpoint_format": "gptq"},
          "mxfp4": {"quant_method": "mxfp4"},
          "awq": {"quant_method": "awq", "bits": 4, "group_size": 128, "zero_point": True, "version": "gemm"},
+         "nf4": {"quant_method": "bitsandbytes", "load_in_4bit": True, "load_in_8bit": False,
+                 "bnb_4bit_quant_type": "nf4", "bnb_4bit_use_double_quant": True,
+                 "bnb_4bit_compute_dtype": "bfloat16", "bnb_4bit_quant_storage": "uint8",
+                 "llm_int8_skip_modules": None},
+         "fp4": {"quant_method": "bitsandbytes", "load_in_4bit": True, "load_in_8bit": False,
+                 "bnb_4bit_quant_type": "fp4", "bnb_4bit_use_double_quant": False,
+                 "bnb_4bit_compute_dtype": "bfloat16", "bnb_4bit_quant_storage": "uint8",
+                 "llm_int8_skip_modules": None},
+         "int8": {"quant_method": "bitsandbytes", "load_in_4bit": False, "load_in_8bit": True,
+                  "llm_int8_threshold": 6.0, "llm_int8_skip_modules": None,
+                  "llm_int8_has_fp16_weight": False},
+         "nvfp4": {"quant_method": "modelopt", "quant_algo": "NVFP4", "group_size": 16,
+                   "exclude_modules": ["lm_head"]},
+         "ct-nvfp4": ct_float("nvfp4-pack-quantized", 4, "tensor_group", 16, "torch.float8_e4m3fn"),
+         "ct-mxfp4": ct_float("mxfp4-pack-quantized", 4, "group", 32, "torch.uint8"),
+         "mxfp8": ct_float("mxfp8-quantized", 8, "group", 32, "torch.uint8"),
          "ct": {"quant_method": "compressed-tensors", "format": "pack-quantized",
                 "config_groups": {"group_0": {"targets": ["Linear"], "weights": {
                     "num_bits": 4, "type": "int", "strategy": "group", "group_size": 32,

@@ -18,7 +18,8 @@ root="$(cd "$(dirname "$0")/../.." && pwd)"
 . "$root/scripts/bench/lib.sh"
 bench_init "${1:-$root/.cache/bench-prequant}"
 rounds="${2:-5}"
-schemes=(bf16 fp8 gptq gptq-act mxfp4 awq ct)
+# SCHEMES picks the layouts (bf16, the reference, always first).
+read -r -a schemes <<< "bf16 ${SCHEMES:-fp8 gptq gptq-act mxfp4 awq ct}"
 for s in "${schemes[@]}"; do
   [ -f "$work/$s/config.json" ] || "$py" "$root/scripts/bench/make_prequant.py" "$work/$s" 22 3 "$s"
 done
