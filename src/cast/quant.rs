@@ -9,12 +9,17 @@
 //! is zero gets scale 1; codes are `round_half_even(x / scale) + zero_point` clipped to
 //! [-128, 127]. Dequantization is `(q - zero_point) * scale` in f32, the seed loader's.
 //!
-//! int2 (codes in [-2, 1]) is affine only: `scale = (max - min) / 3`, zero point
-//! `round_half_even(-2 - min / scale)` (not clipped to the code range, so a unit of one
-//! sign keeps its four levels; bounded by ±2^21 so that `q - zero_point` stays exact in
-//! f32), codes `round_half_even(x / scale) + zero_point` clipped to [-2, 1]; a unit of
-//! one repeated value `c` gets scale `|c|` (1 for zeros) and zero point 0: exact. The
-//! codes are then packed four to a byte ([`pack_int2`]).
+//! int2 (codes in [-2, 1]) is affine only, its range clipped where that lowers the
+//! error: for each ratio `r` of [`INT2_RATIOS`] (1 first), `scale = (max - min) / 3 *
+//! r` and zero point `round_half_even(-2 - lo_r / scale)` with `lo_r` the clipped
+//! range's low end (not clipped to the code range, so a unit of one sign keeps its four
+//! levels; bounded by ±2^21 so that `q - zero_point` stays exact in f32); the unit
+//! keeps the first candidate with the least Σ (x − x̂)². Codes are `round_half_even(x /
+//! scale) + zero_point` clipped to [-2, 1]; a unit of one repeated value `c` gets scale
+//! `|c|` (1 for zeros) and zero point 0: exact. Four levels over the whole range leave
+//! most values of a bell-shaped group in the two middle ones: on the trained MiniLM the
+//! search gives 8.5 dB SQNR in groups of 128 where min/max gives 5.8 dB. The codes are
+//! then packed four to a byte ([`pack_int2`]).
 
 use crate::plan::{QuantScheme, QuantType};
 use serde::Serialize;
@@ -96,23 +101,77 @@ fn range(x: &[f32]) -> (f32, f32) {
         })
 }
 
+/// The ratios an int2 unit's range is clipped to, widest first: [`params_int2`] keeps
+/// the one whose codes make the least squared error.
+const INT2_RATIOS: [f32; 13] = [
+    1.0, 0.95, 0.9, 0.85, 0.8, 0.75, 0.7, 0.65, 0.6, 0.55, 0.5, 0.45, 0.4,
+];
+
+/// The scale and zero point of an int2 unit whose values span `span` from `lo`,
+/// clipped to ratio `r` of that range about its middle: `scale = span / 3 * r`,
+/// `zero_point = round_half_even(-2 - lo_r / scale)` with `lo_r = lo + span * 0.5 *
+/// (1 - r)` (all f32; `r = 1` gives `(max - min) / 3` and `lo` exactly).
+#[inline(always)]
+fn int2_candidate(lo: f32, span: f32, r: f32) -> (f32, f32) {
+    let scale = span / 3.0 * r;
+    let lo_r = lo + span * 0.5 * (1.0 - r);
+    let zp = (-2.0 - lo_r / scale)
+        .round_ties_even()
+        .clamp(-INT2_ZP_MAX, INT2_ZP_MAX);
+    (scale, zp)
+}
+
+/// Σ (x − x̂)² over `x` coded in int2 with `scale` and `zp`, in f64: element `i` added
+/// to lane `i % 8` in order, then the lanes in order (a fixed order, so that a test can
+/// repeat the choice exactly).
+#[inline(always)]
+fn int2_sse(x: &[f32], scale: f32, zp: f32) -> f64 {
+    let mut lanes = [0f64; 8];
+    #[inline(always)]
+    fn e2(v: f32, scale: f32, zp: f32) -> f64 {
+        let c = (round_even(v / scale) + zp).clamp(-2.0, 1.0);
+        let e = v as f64 - ((c - zp) * scale) as f64;
+        e * e
+    }
+    let mut xs = x.chunks_exact(8);
+    for c in &mut xs {
+        for j in 0..8 {
+            lanes[j] += e2(c[j], scale, zp);
+        }
+    }
+    for (j, &v) in xs.remainder().iter().enumerate() {
+        lanes[j] += e2(v, scale, zp);
+    }
+    lanes.iter().sum()
+}
+
 /// The scale and zero point of one int2 unit of finite values (affine whatever the
-/// scheme: see the module's documentation); `None` when the range does not fit f32.
+/// scheme: see the module's documentation): of the clippings [`INT2_RATIOS`] of its
+/// range, the first with the least squared error; `None` when the range does not fit
+/// f32.
 #[inline(always)]
 fn params_int2(x: &[f32]) -> Option<(f32, f32)> {
     let (lo, hi) = range(x);
-    let scale = (hi - lo) / 3.0;
-    if !scale.is_finite() {
+    let span = hi - lo;
+    if !span.is_finite() {
         return (x.is_empty()).then_some((1.0, 0.0));
     }
-    if scale <= 0.0 {
+    if span / 3.0 <= 0.0 {
         // One repeated value: code ±1 with scale |c| gives it exactly.
         return Some((if lo != 0.0 { lo.abs() } else { 1.0 }, 0.0));
     }
-    let zp = (-2.0 - lo / scale)
-        .round_ties_even()
-        .clamp(-INT2_ZP_MAX, INT2_ZP_MAX);
-    Some((scale, zp))
+    let mut best = (int2_candidate(lo, span, 1.0), f64::INFINITY);
+    for r in INT2_RATIOS {
+        let (scale, zp) = int2_candidate(lo, span, r);
+        if !(scale > 0.0) {
+            continue;
+        }
+        let sse = int2_sse(x, scale, zp);
+        if sse < best.1 {
+            best = ((scale, zp), sse);
+        }
+    }
+    Some(best.0)
 }
 
 /// The scale and zero point of one unit of finite values; `None` when the range does
