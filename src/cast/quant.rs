@@ -163,7 +163,8 @@ fn params_int2(x: &[f32]) -> Option<(f32, f32)> {
     let mut best = (int2_candidate(lo, span, 1.0), f64::INFINITY);
     for r in INT2_RATIOS {
         let (scale, zp) = int2_candidate(lo, span, r);
-        if !(scale > 0.0) {
+        // Finite; zero only where a tiny span underflows.
+        if scale <= 0.0 {
             continue;
         }
         let sse = int2_sse(x, scale, zp);
@@ -442,5 +443,43 @@ mod tests {
             params(QuantType::Int8, QuantScheme::Asymmetric, &[-3e38, 3e38]),
             None
         );
+    }
+
+    #[test]
+    fn int2_codes_pack_high_bits_first_and_unpack_back() {
+        let codes: [i8; 6] = [1, -2, 0, -1, -2, 1];
+        let mut b = [0u8; 2];
+        pack_int2(&codes, &mut b);
+        // Stored q + 2: 3, 0, 2, 1 | 0, 3 and two unused codes of zero bits.
+        assert_eq!(b, [0b11_00_10_01, 0b00_11_00_00]);
+        let mut back = Vec::new();
+        unpack_int2(&b, 6, &mut back);
+        assert_eq!(back, codes.map(|c| c as u8));
+    }
+
+    #[test]
+    fn int2_params_cover_the_range_clip_when_it_pays_and_keep_constants_exact() {
+        // Four evenly spaced values: the whole range, exact.
+        let x = [-0.5f32, 0.0, 0.5, 1.0];
+        assert_eq!(params_int2(&x), Some((0.5, -1.0)));
+        let mut q = [0u8; 4];
+        let mut e = QuantError::default();
+        quantize::<-2, 1>(&x, 0.5, -1.0, &mut q, &mut e);
+        assert_eq!(q.map(|c| c as i8), [-2, -1, 0, 1]);
+        assert_eq!(e.sum_e2, 0.0);
+        // Values crowded about zero with thin tails to ±1: a clipped range makes less
+        // error than the whole one (scale 2/3).
+        let y: Vec<f32> = (0..=128).map(|i| (i as f32 / 64.0 - 1.0).powi(3)).collect();
+        let (s, z) = params_int2(&y).unwrap();
+        assert!(s < 2.0 / 3.0, "{s}");
+        let sse = |s, z| int2_sse(&y, s, z);
+        assert!(sse(s, z) < sse(2.0 / 3.0, int2_candidate(-1.0, 2.0, 1.0).1));
+        // A unit of one value (or zeros): exact with scale |c|, zero point 0.
+        assert_eq!(params_int2(&[-0.25; 5]), Some((0.25, 0.0)));
+        assert_eq!(params_int2(&[0.0; 5]), Some((1.0, 0.0)));
+        // All of one sign: the zero point leaves the code range.
+        let (s, z) = params_int2(&[3.0, 4.0, 5.0, 6.0]).unwrap();
+        assert_eq!((s, z), (1.0, -5.0));
+        assert_eq!(params_int2(&[-3e38, 3e38]), None);
     }
 }

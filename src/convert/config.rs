@@ -559,6 +559,23 @@ impl ConvertConfigBuilder {
 /// The zstd levels the codec accepts (negative levels are zstd's fast modes).
 const ZSTD_LEVELS: (i32, i32) = (-131_072, 22);
 
+/// Refuses quantization options the V2 schema (or int2) cannot express.
+fn check_quantize(q: &Quantize) -> Result<()> {
+    if q.group_size > i32::MAX as u64 {
+        return Err(Error::option(format!(
+            "group size {} does not fit the V2 schema's int32 `group_size`",
+            q.group_size
+        )));
+    }
+    if q.kind == QuantType::Int2 && q.scheme == QuantScheme::Symmetric {
+        return Err(Error::option(
+            "int2 quantization is asymmetric only (scale = (max - min) / 3, an integer zero \
+             point): with zero point 0 one of its four codes [-2, 1] would go unused",
+        ));
+    }
+    Ok(())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -591,21 +608,4 @@ mod tests {
             "zstd level 99 is out of range (-131072 to 22)"
         );
     }
-}
-
-/// Refuses quantization options the V2 schema (or int2) cannot express.
-fn check_quantize(q: &Quantize) -> Result<()> {
-    if q.group_size > i32::MAX as u64 {
-        return Err(Error::option(format!(
-            "group size {} does not fit the V2 schema's int32 `group_size`",
-            q.group_size
-        )));
-    }
-    if q.kind == QuantType::Int2 && q.scheme == QuantScheme::Symmetric {
-        return Err(Error::option(
-            "int2 quantization is asymmetric only (scale = (max - min) / 3, an integer zero \
-             point): with zero point 0 one of its four codes [-2, 1] would go unused",
-        ));
-    }
-    Ok(())
 }
