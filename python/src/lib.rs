@@ -14,7 +14,7 @@ use std::time::{Duration, Instant};
 
 use modelconv::{
     Codec, ConvertConfig, Dtype, Event, Filters, IoMode, ModelType, Observer, Part, QuantScheme,
-    Quantize, TargetDtype, WeightFile,
+    QuantType, Quantize, TargetDtype, WeightFile,
 };
 use pyo3::exceptions::{PyException, PyTypeError};
 use pyo3::prelude::*;
