@@ -451,3 +451,38 @@ fn the_cli_defaults_to_groups_of_128_and_inspect_names_int2() {
     let o = modelconv(&["verify", s(&out), "--source", s(&fixture("tiny-bert"))]);
     ok(&o);
 }
+
+#[test]
+fn int2_in_parts_reads_and_verifies_as_the_single_file() {
+    let tmp = tempdir();
+    let (one, parted) = (tmp.path().join("one"), tmp.path().join("parted"));
+    let q = ["--quantize", "int2", "-q"];
+    ok(&convert_cli(&minilm(), &one, &q));
+    // Parts of 2 MB: the word embeddings (2.9 MB of codes) are split over two of them.
+    ok(&convert_cli(
+        &minilm(),
+        &parted,
+        &[&q[..], &["--max-file-size", "2MB"]].concat(),
+    ));
+    let (wa, wb) = (
+        WeightFile::open(&one).unwrap(),
+        WeightFile::open(&parted).unwrap(),
+    );
+    let words = wb
+        .tensors()
+        .iter()
+        .find(|t| t.name == "embeddings.word_embeddings.weight")
+        .unwrap();
+    assert_eq!((words.rows, words.bytes), (2, 30522 * 384 / 4));
+    for t in wa.tensors() {
+        let (x, y) = (wa.tensor(&t.name).unwrap(), wb.tensor(&t.name).unwrap());
+        assert_eq!(x.data, y.data, "{}", t.name);
+        assert_eq!(x.quant, y.quant, "{}", t.name);
+    }
+    ok(&modelconv(&[
+        "verify",
+        s(&parted),
+        "--source",
+        s(&minilm()),
+    ]));
+}
