@@ -18,7 +18,7 @@ use serde_json::Value;
 
 use crate::dtype::Dtype;
 use crate::error::{Error, Result};
-use crate::plan::Plan;
+use crate::plan::{Plan, QuantType};
 
 /// Version of our footer contract.
 pub const FORMAT_VERSION: &str = "1";
@@ -216,16 +216,24 @@ pub(crate) struct IndexEntry {
     pub quant: Option<QuantInfo>,
 }
 
-/// How a stored tensor is quantized: int8 codes, with `scales` scales and zero points
-/// (one per channel along axis 0, or per group of `group_size` elements).
+/// How a stored tensor is quantized: int8 codes (or int2 codes packed four to a
+/// byte), with `scales` scales and zero points (one per channel along axis 0, or per
+/// group of `group_size` elements).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 pub struct QuantInfo {
+    /// The V2 `quant_type` (absent from the index for int8, as files before int2).
+    #[serde(default, skip_serializing_if = "is_int8")]
+    pub kind: QuantType,
     /// The V2 `quant_axis`: 0 per-channel, -1 per-group.
     pub axis: i32,
     /// The V2 `group_size`: 0 per-channel.
     pub group_size: u64,
     /// Scales (and zero points) over all its rows.
     pub scales: u64,
+}
+
+fn is_int8(k: &QuantType) -> bool {
+    *k == QuantType::Int8
 }
 
 impl QuantInfo {
@@ -275,6 +283,7 @@ impl TensorIndex {
                     row: t.first_row.max(lo) - lo,
                     rows: (t.first_row + t.rows).min(hi) - t.first_row.max(lo),
                     quant: t.quant.map(|q| QuantInfo {
+                        kind: q.kind,
                         axis: q.axis,
                         group_size: q.group_size,
                         scales: t.src.numel.div_ceil(q.unit),
@@ -310,8 +319,13 @@ fn footer_of(
     // Serialising plain strings and numbers cannot fail.
     debug_assert!(index.is_ok());
     let quant = plan.quantize.as_ref().map(|q| {
-        serde_json::json!({"bits": 8, "scheme": q.scheme.as_str(), "group_size": q.group_size})
-            .to_string()
+        serde_json::json!({
+            "bits": q.kind.bits(),
+            "quant_type": q.kind.as_str(),
+            "scheme": q.scheme.as_str(),
+            "group_size": q.group_size,
+        })
+        .to_string()
     });
     [
         (KEY_FORMAT, Some(FORMAT_VERSION.to_string())),
@@ -348,7 +362,8 @@ pub struct TensorInfo {
     pub source: Option<String>,
     /// Source dtype, when the file records it.
     pub source_dtype: Option<String>,
-    /// How it is quantized (V2 files): `dtype` is then int8.
+    /// How it is quantized (V2 files): `dtype` is then int8, the codes' type (int2
+    /// codes are stored packed, `bytes` is then a quarter of the elements rounded up).
     pub quant: Option<QuantInfo>,
 }
 
@@ -379,7 +394,11 @@ pub(crate) fn parse_index(path: &Path, text: &str, total_rows: u64) -> Result<Ve
                     && numel.is_some_and(|n| n.div_ceil(unit) == q.scales)
                     && (q.group_size > 0 || q.axis == 0)
             });
-            let ok = numel.and_then(|n| n.checked_mul(dtype.size() as u64)) == Some(e.bytes)
+            let bytes = match e.quant {
+                Some(q) => numel.map(|n| q.kind.bytes(n)),
+                None => numel.and_then(|n| n.checked_mul(dtype.size() as u64)),
+            };
+            let ok = bytes == Some(e.bytes)
                 && quant_ok
                 && e.row == next_row
                 && e.rows >= 1

@@ -79,7 +79,7 @@ pub use error::{sanitize, Error, Result};
 pub use format::QuantInfo;
 pub use io::temp::remove_temp_files;
 pub use model::{Filters, ModelType, Part};
-pub use plan::{QuantScheme, Quantize, MIN_QUANT_ELEMENTS};
+pub use plan::{QuantScheme, QuantType, Quantize, MIN_QUANT_ELEMENTS};
 pub use read::{
     export, inspect, inspect_source, verify, ExportOptions, ExportReport, InspectReport, QuantData,
     RangeLog, RowGroupInfo, SourceReport, SourceTensorInfo, Tensor, TensorCheck, TensorInfo,
@@ -122,7 +122,7 @@ pub mod internals {
     }
 
     /// Quantizes `src` (elements of `dtype`) unit by unit, `unit` elements each, into
-    /// `dst` (one code per element): every unit's scale and zero point. The cast
+    /// `dst` (one int8 code per element): every unit's scale and zero point. The cast
     /// stage's per-unit quantizer, for the benches.
     ///
     /// # Errors
@@ -141,8 +141,15 @@ pub mod internals {
         src.chunks(unit * size)
             .zip(dst.chunks_mut(unit))
             .map(|(s, q)| {
-                crate::cast::quantize_unit(scheme, dtype, s, &mut x, q, &mut err)
-                    .map_err(|e| e.to_string())
+                crate::cast::quantize_unit(
+                    (crate::QuantType::Int8, scheme),
+                    dtype,
+                    s,
+                    &mut x,
+                    q,
+                    &mut err,
+                )
+                .map_err(|e| e.to_string())
             })
             .collect()
     }

@@ -225,6 +225,7 @@ fn data_pages_are_the_bytes_the_parquet_column_writer_writes() {
             .row_group_bytes(20_000);
         if quantize {
             b = b.quantize(Some(modelconv::Quantize {
+                kind: modelconv::QuantType::Int8,
                 scheme: modelconv::QuantScheme::Asymmetric,
                 group_size: 16,
                 skip: Vec::new(),
@@ -1056,6 +1057,7 @@ fn read_mode_reuses_its_piece_buffer_across_pieces_and_rows_exactly() {
             .io(io)
             .threads(1)
             .quantize(group_size.map(|group_size| modelconv::Quantize {
+                kind: modelconv::QuantType::Int8,
                 scheme: modelconv::QuantScheme::Symmetric,
                 group_size,
                 skip: Vec::new(),

@@ -227,6 +227,7 @@ fn int8_requantizes_the_dequantized_values_in_one_pass() {
         for group in [0u64, 32] {
             let out = tmp.path().join(format!("{name}-{group}"));
             let q = Quantize {
+                kind: modelconv::QuantType::Int8,
                 scheme: QuantScheme::Symmetric,
                 group_size: group,
                 skip: vec![],

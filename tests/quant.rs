@@ -16,6 +16,7 @@ use modelconv::{
 
 fn q(scheme: QuantScheme, group_size: u64) -> Quantize {
     Quantize {
+        kind: modelconv::QuantType::Int8,
         scheme,
         group_size,
         skip: Vec::new(),

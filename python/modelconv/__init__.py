@@ -198,9 +198,9 @@ class ConversionConfig:
     keep_quantized: bool = False
     max_file_size: Optional[Union[int, str]] = None
     resume: bool = False
-    quantize: Optional[str] = None
-    group_size: int = 0
-    quant_scheme: str = "symmetric"
+    quantize: Optional[str] = None  # "int8" or "int2"
+    group_size: Optional[int] = None  # default: 0 (per channel) for int8, 128 for int2
+    quant_scheme: Optional[str] = None  # default: symmetric for int8; int2 is asymmetric
     quantize_skip: List[str] = field(default_factory=list)
     io: str = "auto"
     hub_cache: Optional[str] = None
@@ -383,7 +383,7 @@ class WeightFile:
     ``get_tensor`` returns a read-only numpy array over the bytes the reader decoded,
     without copying them (the array's ``base`` keeps them alive). bfloat16 tensors come
     back as ``ml_dtypes.bfloat16`` when ml_dtypes is installed, otherwise as float32
-    (exact: every bfloat16 is a float32). Quantized (int8, V2) tensors come back
+    (exact: every bfloat16 is a float32). Quantized (int8 or int2, V2) tensors come back
     dequantized as float32, with the seed loader's formula.
     """
 

@@ -14,7 +14,7 @@ use std::time::{Duration, Instant};
 
 use modelconv::{
     Codec, ConvertConfig, Dtype, Event, Filters, IoMode, ModelType, Observer, Part, QuantScheme,
-    Quantize, TargetDtype, WeightFile,
+    QuantType, Quantize, TargetDtype, WeightFile,
 };
 use pyo3::exceptions::{PyException, PyTypeError};
 use pyo3::prelude::*;
@@ -128,8 +128,9 @@ fn parse<T: std::str::FromStr<Err = String>>(v: &str) -> PyResult<T> {
 fn config(opts: Option<&Bound<'_, PyDict>>, cancel: Arc<AtomicBool>) -> PyResult<ConvertConfig> {
     let mut b = ConvertConfig::builder().cancel(cancel);
     let mut filters = Filters::default();
-    let mut quant: Option<Quantize> = None;
+    let mut quant: Option<QuantType> = None;
     let mut q = Quantize::default();
+    let (mut group_size, mut scheme) = (None, None);
     let mib = |v: u64| v.saturating_mul(1 << 20);
     if let Some(opts) = opts {
         for (k, v) in opts.iter() {
@@ -180,20 +181,19 @@ fn config(opts: Option<&Bound<'_, PyDict>>, cancel: Arc<AtomicBool>) -> PyResult
                 }
                 "quantize" => {
                     let what: String = v.extract()?;
-                    if what != "int8" {
-                        return Err(option_err(format!(
-                            "quantize `{what}`: only int8 is supported"
-                        )));
-                    }
-                    quant = Some(Quantize::default());
+                    quant = Some(what.parse::<QuantType>().map_err(|_| {
+                        option_err(format!(
+                            "quantize `{what}`: only int8 and int2 are supported"
+                        ))
+                    })?);
                     b
                 }
                 "group_size" => {
-                    q.group_size = v.extract()?;
+                    group_size = Some(v.extract()?);
                     b
                 }
                 "quant_scheme" => {
-                    q.scheme = parse::<QuantScheme>(&v.extract::<String>()?)?;
+                    scheme = Some(parse::<QuantScheme>(&v.extract::<String>()?)?);
                     b
                 }
                 "quantize_skip" => {
@@ -208,7 +208,12 @@ fn config(opts: Option<&Bound<'_, PyDict>>, cancel: Arc<AtomicBool>) -> PyResult
             };
         }
     }
-    let quant = quant.map(|_| q);
+    let quant = quant.map(|kind| Quantize {
+        kind,
+        scheme: scheme.unwrap_or(kind.default_scheme()),
+        group_size: group_size.unwrap_or(kind.default_group_size()),
+        ..q
+    });
     b.filters(filters).quantize(quant).build().map_err(err)
 }
 

@@ -271,6 +271,30 @@ def test_quantized_tensors_come_back_dequantized_like_the_seed_loader(tmp_path):
     assert every["encoder.layer.0.attention.self.query.weight"].tobytes() == got.tobytes()
 
 
+def test_int2_tensors_come_back_dequantized_like_the_seed_loader(tmp_path):
+    out = tmp_path / "o"
+    modelconv.convert(MINILM, out, quantize="int2", validate=False)
+    t = pq.read_table(out / "weights.parquet")
+    f = modelconv.open(out)
+    name = "encoder.layer.0.attention.self.query.weight"
+    i = t.column("layer_name").to_pylist().index(name)
+    assert t.column("quant_type")[i].as_py() == "int2" and t.column("group_size")[i].as_py() == 128
+    b = np.frombuffer(t.column("data")[i].as_py(), np.uint8)
+    assert b.size == 384 * 384 // 4
+    # The seed loader's unpacking: the two highest bits first, code q + 2.
+    q = np.stack([(b >> 6) & 3, (b >> 4) & 3, (b >> 2) & 3, b & 3], axis=1).reshape(-1).astype(np.float32) - 2
+    s = np.frombuffer(t.column("scales")[i].as_py(), np.float32)
+    z = np.frombuffer(t.column("zero_points")[i].as_py(), np.float32)
+    g = np.arange(q.size) // 128
+    want = ((q - z[g]) * s[g]).astype(np.float32).reshape(384, 384)
+    got = f.get_tensor(name)
+    assert got.dtype == np.float32 and np.array_equal(got.view(np.uint32), want.view(np.uint32))
+    assert f.info(name)["quant"] == {"kind": "int2", "axis": -1, "group_size": 128, "scales": 1152}
+    assert f.get_tensors()[name].tobytes() == got.tobytes()
+    with pytest.raises(modelconv.OptionError, match=r"^quantize `int4`: only int8 and int2 are supported$"):
+        modelconv.convert(MINILM, tmp_path / "p", quantize="int4")
+
+
 def test_files_written_by_the_seed_and_load_file(tmp_path):
     path = tmp_path / "seed.parquet"
     w = np.arange(6, dtype=np.float16).reshape(2, 3)

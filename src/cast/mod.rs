@@ -14,7 +14,7 @@ mod quant;
 pub(crate) use crate::plan::QuantSpec;
 pub use kernels::{cast_and_hash, cast_into, CastStats};
 pub(crate) use kernels::{value_f64, widen};
-pub(crate) use quant::{dequantize, quantize_unit};
+pub(crate) use quant::{dequantize, pack_int2, quantize_unit, unpack_int2};
 pub use quant::{QuantError, TensorQuantError};
 
 use kernels::{cast_hashing, Xxh3};
@@ -232,9 +232,10 @@ pub(crate) fn cast_row(
     })
 }
 
-/// Quantizes `row` of a tensor with `spec` into `dst` (one code per element), unit by
-/// unit: each unit's source values are widened to f32 while in cache, its scale and
-/// zero point computed, its codes written and its error measured.
+/// Quantizes `row` of a tensor with `spec` into `dst` (one code per element, int2
+/// codes packed four to a byte), unit by unit: each unit's source values are widened
+/// to f32 while in cache, its scale and zero point computed, its codes written and its
+/// error measured.
 ///
 /// # Errors
 ///
@@ -250,32 +251,43 @@ fn quantize_row(
     let t = &plan.tensors[row.tensor];
     let shard = &source.shards[t.shard];
     let ss = t.src.dtype.size() as u64;
-    debug_assert_eq!(dst.len() as u64, row.elems);
-    debug_assert_eq!(row.elem_start % spec.unit, 0);
+    debug_assert_eq!(dst.len() as u64, spec.kind.bytes(row.elems));
+    debug_assert_eq!(row.elem_start % spec.row_align(), 0);
     let fail = |reason: String| Error::Quantization {
         path: shard.path.clone(),
         tensor: t.name.clone(),
         reason,
     };
-    let units_per_piece = (piece_bytes(source, t) / (spec.unit * ss)).max(1);
+    // Pieces of whole units and, for packed codes, whole bytes.
+    let align = spec.row_align();
+    let piece_elems = ((piece_bytes(source, t) / ss).max(1) / align).max(1) * align;
+    let per_byte = spec.kind.per_byte();
+    let packed = per_byte > 1;
     let mut out = RowQuant::default();
     let mut hash = Xxh3::new();
     let mut x: Vec<f32> = Vec::with_capacity(spec.unit.min(PIECE_BYTES) as usize);
+    let mut codes: Vec<u8> = Vec::new();
     with_scratch(|scratch| {
         with_values(|values| {
             for (k, d_piece) in dst
-                .chunks_mut((units_per_piece * spec.unit) as usize)
+                .chunks_mut((piece_elems / per_byte) as usize)
                 .enumerate()
             {
-                let first = row.elem_start + k as u64 * units_per_piece * spec.unit;
-                let n = d_piece.len() as u64;
+                let first = row.elem_start + k as u64 * piece_elems;
+                let n = piece_elems.min(row.elem_start + row.elems - first);
                 let s_piece = tensor_elements(source, stored(t), first, n, scratch, values)?;
+                let q: &mut [u8] = if packed {
+                    codes.resize(n as usize, 0);
+                    &mut codes
+                } else {
+                    &mut *d_piece
+                };
                 let units = s_piece
                     .chunks((spec.unit * ss) as usize)
-                    .zip(d_piece.chunks_mut(spec.unit as usize));
+                    .zip(q.chunks_mut(spec.unit as usize));
                 for (src, q) in units {
                     let (scale, zp) = quant::quantize_unit(
-                        spec.scheme,
+                        (spec.kind, spec.scheme),
                         t.src.dtype,
                         src,
                         &mut x,
@@ -285,6 +297,9 @@ fn quantize_row(
                     .map_err(|e| fail(e.to_string()))?;
                     out.scales.push(scale);
                     out.zero_points.push(zp);
+                }
+                if packed {
+                    pack_int2(bytemuck::cast_slice(&codes), d_piece);
                 }
                 hash.update(d_piece);
                 // SAFETY: this piece is quantized and hashed, and its slice is not used

@@ -11,7 +11,7 @@ use serde_json::{json, Value};
 use crate::dtype::TargetDtype;
 use crate::error::{Error, Result};
 use crate::model::{CompiledFilters, Filters, ModelType, Part};
-use crate::plan::Quantize;
+use crate::plan::{QuantScheme, QuantType, Quantize};
 use crate::source::{IoMode, SourceOptions, DEFAULT_MAX_HEADER_BYTES};
 use crate::write::{Codec, WriteOptions};
 
@@ -288,7 +288,8 @@ impl ConvertConfig {
             o.insert(
                 "quantization".into(),
                 json!({
-                    "bits": 8,
+                    "bits": q.kind.bits(),
+                    "quant_type": q.kind.as_str(),
                     "scheme": q.scheme.as_str(),
                     "group_size": q.group_size,
                     "skip": q.skip,
@@ -515,12 +516,7 @@ impl ConvertConfigBuilder {
             None => DEFAULT_INFLIGHT_PER_THREAD,
         };
         if let Some(q) = &self.quantize {
-            if q.group_size > i32::MAX as u64 {
-                return Err(Error::option(format!(
-                    "group size {} does not fit the V2 schema's int32 `group_size`",
-                    q.group_size
-                )));
-            }
+            check_quantize(q)?;
         }
         if self.max_header_bytes == 0 {
             return Err(Error::option("the header cap must be at least 1 byte"));
@@ -562,6 +558,23 @@ impl ConvertConfigBuilder {
 
 /// The zstd levels the codec accepts (negative levels are zstd's fast modes).
 const ZSTD_LEVELS: (i32, i32) = (-131_072, 22);
+
+/// Refuses quantization options the V2 schema (or int2) cannot express.
+fn check_quantize(q: &Quantize) -> Result<()> {
+    if q.group_size > i32::MAX as u64 {
+        return Err(Error::option(format!(
+            "group size {} does not fit the V2 schema's int32 `group_size`",
+            q.group_size
+        )));
+    }
+    if q.kind == QuantType::Int2 && q.scheme == QuantScheme::Symmetric {
+        return Err(Error::option(
+            "int2 quantization is asymmetric only (scale = (max - min) / 3, an integer zero \
+             point): with zero point 0 one of its four codes [-2, 1] would go unused",
+        ));
+    }
+    Ok(())
+}
 
 #[cfg(test)]
 mod tests {

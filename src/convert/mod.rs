@@ -453,6 +453,7 @@ impl Job {
         }
         tensors.sort_by(|a, b| a.sqnr_db.total_cmp(&b.sqnr_db));
         Some(QuantReport {
+            quant_type: q.kind.as_str().to_string(),
             scheme: q.scheme.as_str().to_string(),
             group_size: q.group_size,
             quantized_tensors: tensors.len(),

@@ -106,14 +106,16 @@ pub struct Fetched {
     pub requests: u64,
 }
 
-/// What `--quantize int8` did to the model.
+/// What `--quantize` did to the model.
 #[derive(Debug, Clone, Serialize, PartialEq)]
 pub struct QuantReport {
+    /// The V2 `quant_type` written: `int8` or `int2`.
+    pub quant_type: String,
     /// `symmetric` or `asymmetric`.
     pub scheme: String,
     /// 0 per-channel, else the group size.
     pub group_size: u64,
-    /// Tensors stored as int8.
+    /// Tensors stored as int8 (or int2) codes.
     pub quantized_tensors: usize,
     /// Tensors stored as floats or integers (`fp16`/`fp32` rows).
     pub unquantized_tensors: usize,

@@ -13,7 +13,7 @@ use crate::source::{Dequantized, Source, TensorInfo, TensorRef};
 mod quant;
 
 pub(crate) use quant::QuantSpec;
-pub use quant::{QuantScheme, Quantize, MIN_QUANT_ELEMENTS};
+pub use quant::{QuantScheme, QuantType, Quantize, MIN_QUANT_ELEMENTS};
 
 /// The largest row limit or row-group budget, in bytes (Arrow `Binary` offsets are
 /// i32, and a row group is one Arrow array).
@@ -54,7 +54,8 @@ pub(crate) struct PlannedTensor {
     pub(crate) first_row: u64,
     /// Rows it spans (1 unless split).
     pub(crate) rows: u64,
-    /// How it is quantized (`dtype` is then int8), if it is.
+    /// How it is quantized (`dtype` is then int8, the codes' type; int2 codes are
+    /// packed four to a byte), if it is.
     pub(crate) quant: Option<QuantSpec>,
     /// How a pre-quantized weight is dequantized (`src` then describes its f32
     /// values), if it is one.
@@ -70,6 +71,14 @@ impl PlannedTensor {
                 (elems as u128 * d.stored_bytes as u128 / d.info.numel as u128) as u64
             }
             _ => elems * self.src.dtype.size() as u64,
+        }
+    }
+
+    /// Output bytes of `elems` of its elements (from a multiple of 4 for int2 codes).
+    pub(crate) fn out_bytes(&self, elems: u64) -> u64 {
+        match self.quant {
+            Some(q) => q.kind.bytes(elems),
+            None => elems * self.dtype.size() as u64,
         }
     }
 }
@@ -231,7 +240,7 @@ impl Plan {
 /// The bytes a row adds to its part: its data (and a V2 row's scales and zero points)
 /// and [`ROW_RESERVE`].
 fn row_part_bytes(t: &PlannedTensor, row: &RowPlan) -> u64 {
-    let data = row.elems * t.dtype.size() as u64;
+    let data = t.out_bytes(row.elems);
     let scales = t.quant.map_or(0, |q| row.elems.div_ceil(q.unit.max(1)) * 8);
     data + scales + ROW_RESERVE
 }
@@ -295,7 +304,7 @@ fn group_rows(
     };
     for (r, row) in rows.iter().enumerate().take(range.end).skip(range.start) {
         let t = &tensors[row.tensor];
-        let out = row.elems * t.dtype.size() as u64;
+        let out = t.out_bytes(row.elems);
         let src = t.src_bytes(row.elems);
         if !cur.rows.is_empty() && cur.out_bytes + out > group_bytes {
             let next = GroupPlan {
@@ -362,13 +371,14 @@ fn plan_tensor(
     let size = dtype.size() as u64;
     // numel * size fits: size <= 8 and the source size numel * src_size fit u64,
     // but a 1-byte source widened to 8 bytes could not; check anyway.
-    let out_len = src
-        .numel
-        .checked_mul(size)
-        .ok_or_else(|| Error::ShapeOverflow {
-            path: shard.path.clone(),
-            tensor: src.name.clone(),
-        })?;
+    let out_len = match quant {
+        Some(q) => Some(q.kind.bytes(src.numel)),
+        None => src.numel.checked_mul(size),
+    }
+    .ok_or_else(|| Error::ShapeOverflow {
+        path: shard.path.clone(),
+        tensor: src.name.clone(),
+    })?;
     let per_row = elems_per_row(s, src, quant, dequant.is_some(), size, opts.max_row_bytes)?;
     let first_row = rows.len() as u64;
     let mut start = 0u64;
@@ -413,7 +423,7 @@ fn elems_per_row(
     max_row_bytes: u64,
 ) -> Result<u64> {
     Ok(match quant {
-        Some(q) if q.unit > max_row_bytes => {
+        Some(q) if q.unit > max_row_bytes.saturating_mul(q.kind.per_byte()) => {
             return Err(Error::option(format!(
                 "tensor `{}`: a channel of {} elements is larger than the row limit; \
                  quantize it per group (a group size) or raise the row limit",
@@ -421,7 +431,26 @@ fn elems_per_row(
                 q.unit
             )))
         }
-        Some(q) => max_row_bytes / q.unit * q.unit,
+        // Whole units, and for int2 whole bytes: a row of packed codes ends on a byte.
+        Some(q) => {
+            let room = max_row_bytes.saturating_mul(q.kind.per_byte());
+            let align = q.row_align();
+            let per = room / align * align;
+            if per == 0 && src.numel > room {
+                return Err(Error::option(format!(
+                    "tensor `{}`: its rows must hold whole bytes of int2 codes, and {align} \
+                     elements (whole channels of {}) are larger than the row limit; \
+                     quantize it per group (a group size) or raise the row limit",
+                    crate::error::sanitize(&s.name),
+                    q.unit
+                )));
+            }
+            if per == 0 {
+                src.numel
+            } else {
+                per
+            }
+        }
         None => {
             let per = (max_row_bytes / size).max(1);
             match (dequantized, src.shape.last()) {

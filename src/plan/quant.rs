@@ -38,9 +38,83 @@ impl QuantScheme {
     }
 }
 
-/// What `--quantize int8` does.
+/// The V2 `quant_type` of quantized rows (`--quantize`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum QuantType {
+    /// One signed byte per element, codes in [-128, 127] (default).
+    #[default]
+    Int8,
+    /// Codes in [-2, 1] stored as `q + 2`, four per byte over the flattened tensor,
+    /// the first element in the two highest bits.
+    Int2,
+}
+
+impl std::str::FromStr for QuantType {
+    type Err = String;
+    fn from_str(s: &str) -> std::result::Result<Self, String> {
+        match s {
+            "int8" => Ok(QuantType::Int8),
+            "int2" => Ok(QuantType::Int2),
+            o => Err(format!(
+                "unknown quantization type `{o}` (expected int8 or int2)"
+            )),
+        }
+    }
+}
+
+impl QuantType {
+    /// The V2 `quant_type` cell, also the name used on the command line and in metadata.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            QuantType::Int8 => "int8",
+            QuantType::Int2 => "int2",
+        }
+    }
+
+    /// Bits per code.
+    pub fn bits(self) -> u32 {
+        match self {
+            QuantType::Int8 => 8,
+            QuantType::Int2 => 2,
+        }
+    }
+
+    /// Codes per stored byte.
+    pub fn per_byte(self) -> u64 {
+        (8 / self.bits()) as u64
+    }
+
+    /// Bytes that `elems` codes take (the last byte of int2 padded).
+    pub fn bytes(self, elems: u64) -> u64 {
+        elems.div_ceil(self.per_byte())
+    }
+
+    /// The group size used when none is asked for: 0 (per channel) for int8, 128 for
+    /// int2 (the seed's default: four levels per channel of thousands of values lose
+    /// too much).
+    pub fn default_group_size(self) -> u64 {
+        match self {
+            QuantType::Int8 => 0,
+            QuantType::Int2 => 128,
+        }
+    }
+
+    /// The scheme used when none is asked for: symmetric for int8, asymmetric for
+    /// int2 (the only one int2 has: see `docs/quantized-v2.md`).
+    pub fn default_scheme(self) -> QuantScheme {
+        match self {
+            QuantType::Int8 => QuantScheme::Symmetric,
+            QuantType::Int2 => QuantScheme::Asymmetric,
+        }
+    }
+}
+
+/// What `--quantize` does.
 #[derive(Debug, Clone, PartialEq, Eq, Default)]
 pub struct Quantize {
+    /// The codes written (`quant_type`).
+    pub kind: QuantType,
     /// How codes map to values.
     pub scheme: QuantScheme,
     /// Elements per group of the flattened tensor; 0 (default) is per channel along
@@ -57,6 +131,8 @@ pub const MIN_QUANT_ELEMENTS: u64 = 4096;
 /// How one tensor is quantized.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) struct QuantSpec {
+    /// The codes written.
+    pub(crate) kind: QuantType,
     pub(crate) scheme: QuantScheme,
     /// Elements sharing one scale: a channel (per-channel) or a group.
     pub(crate) unit: u64,
@@ -66,7 +142,31 @@ pub(crate) struct QuantSpec {
     pub(crate) group_size: u64,
 }
 
+impl QuantSpec {
+    /// Elements a row holds a multiple of (all rows of a tensor but its last): whole
+    /// units, and for packed codes whole bytes, so that the rows' bytes concatenated
+    /// are the packed tensor.
+    pub(crate) fn row_align(&self) -> u64 {
+        let (a, b) = (self.unit.max(1), self.kind.per_byte());
+        let mut g = (a, b);
+        while g.1 != 0 {
+            g = (g.1, g.0 % g.1);
+        }
+        (a / g.0).saturating_mul(b)
+    }
+}
+
 impl Quantize {
+    /// `kind` with its default scheme and group size, no skips.
+    pub fn new(kind: QuantType) -> Quantize {
+        Quantize {
+            kind,
+            scheme: kind.default_scheme(),
+            group_size: kind.default_group_size(),
+            skip: Vec::new(),
+        }
+    }
+
     /// How the tensor `name` of `shape` and source `dtype` is quantized, if it is: a
     /// floating-point matrix (rank ≥ 2) of at least [`MIN_QUANT_ELEMENTS`] that no skip
     /// glob names. Biases, norms, scalars and integer or bool buffers never are.
@@ -86,6 +186,7 @@ impl Quantize {
         }
         Some(if self.group_size > 0 {
             QuantSpec {
+                kind: self.kind,
                 scheme: self.scheme,
                 unit: self.group_size,
                 axis: -1,
@@ -93,6 +194,7 @@ impl Quantize {
             }
         } else {
             QuantSpec {
+                kind: self.kind,
                 scheme: self.scheme,
                 unit: numel / shape[0],
                 axis: 0,

@@ -7,7 +7,7 @@ use std::path::{Path, PathBuf};
 use serde::Serialize;
 
 use super::rows::Row;
-use super::tensor::{dequantize_units, f32s_into};
+use super::tensor::{codes, dequantize_units, f32s_into, row_elems};
 use super::{TensorInfo, WeightFile};
 use crate::cast::cast_into;
 use crate::dtype::{Dtype, TargetDtype};
@@ -99,8 +99,10 @@ pub fn export(
                 f32s_into(r.scales, &mut scales);
                 f32s_into(r.zero_points, &mut zps);
                 let unit = q.unit(&t.shape);
+                let n = row_elems(q.kind, t.num_params, r.offset, r.data.len());
+                let codes = codes(q.kind, r.data, n);
                 if unit == 0
-                    || (r.data.len() as u64).div_ceil(unit) != scales.len() as u64
+                    || (codes.len() as u64).div_ceil(unit) != scales.len() as u64
                     || zps.len() != scales.len()
                 {
                     return Err(Error::corrupt(
@@ -109,7 +111,7 @@ pub fn export(
                         "a row's scales do not match its codes",
                     ));
                 }
-                let values = dequantize_units(r.data, unit, &scales, &zps);
+                let values = dequantize_units(&codes, unit, &scales, &zps);
                 let f: &[u8] = bytemuck::cast_slice(&values);
                 scratch.resize(values.len() * d.size(), 0);
                 cast_into(Dtype::F32, d, f, &mut scratch)

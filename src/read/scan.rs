@@ -15,6 +15,7 @@ use super::{TensorInfo, WeightFile};
 use crate::dtype::Dtype;
 use crate::error::{sanitize, Error, Result};
 use crate::format::{self, QuantInfo};
+use crate::plan::QuantType;
 
 impl WeightFile {
     /// Builds the tensor list of a file without our footer index by reading the small
@@ -108,8 +109,8 @@ impl WeightFile {
 
 /// One row of a file without our footer index: `(stored dtype, shape, elements, bytes,
 /// quantization)` from its `dtype` and `shape` cells, and for a V2 file its
-/// `(quant_type, quant_axis, group_size)` cells (an int8 row stores codes whatever its
-/// `dtype` says: the original dtype).
+/// `(quant_type, quant_axis, group_size)` cells (an int8 or int2 row stores codes
+/// whatever its `dtype` says: the original dtype).
 #[allow(clippy::type_complexity)]
 fn scanned_row(
     path: &Path,
@@ -125,7 +126,7 @@ fn scanned_row(
     if let Some((kind, axis, group)) = v2 {
         match kind {
             "fp16" | "fp32" => {}
-            "int8" => {
+            "int8" | "int2" => {
                 dtype = Dtype::I8;
                 let group_size =
                     u64::try_from(group).map_err(|_| bad("negative group size".into()))?;
@@ -135,6 +136,11 @@ fn scanned_row(
                     )));
                 }
                 quant = Some(QuantInfo {
+                    kind: if kind == "int2" {
+                        QuantType::Int2
+                    } else {
+                        QuantType::Int8
+                    },
                     axis,
                     group_size,
                     scales: 0,
@@ -162,9 +168,11 @@ fn scanned_row(
         .iter()
         .try_fold(1u64, |a, &d| a.checked_mul(d))
         .ok_or_else(|| bad("shape overflows".into()))?;
-    let bytes = numel
-        .checked_mul(dtype.size() as u64)
-        .ok_or_else(|| bad("shape overflows".into()))?;
+    let bytes = match &quant {
+        Some(q) => Some(q.kind.bytes(numel)),
+        None => numel.checked_mul(dtype.size() as u64),
+    }
+    .ok_or_else(|| bad("shape overflows".into()))?;
     if let Some(q) = &mut quant {
         let unit = q.unit(&shape);
         q.scales = if unit == 0 { 0 } else { numel.div_ceil(unit) };

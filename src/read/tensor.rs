@@ -5,9 +5,12 @@
 
 use super::rows::Row;
 use super::{TensorInfo, WeightFile};
-use crate::cast::dequantize;
+use std::borrow::Cow;
+
+use crate::cast::{dequantize, unpack_int2};
 use crate::dtype::Dtype;
 use crate::error::{Error, Result};
+use crate::plan::QuantType;
 
 /// One tensor's data.
 #[derive(Debug, Clone, PartialEq)]
@@ -18,7 +21,8 @@ pub struct Tensor {
     pub dtype: Dtype,
     /// Dimensions.
     pub shape: Vec<u64>,
-    /// Little-endian element bytes, row-major (int8 codes for a quantized tensor).
+    /// Little-endian element bytes, row-major (int8 codes for a quantized tensor, int2
+    /// codes packed four to a byte).
     pub data: Vec<u8>,
     /// For a quantized tensor (V2): its scales and zero points, over all its rows.
     pub quant: Option<QuantData>,
@@ -27,6 +31,9 @@ pub struct Tensor {
 /// The scales of a quantized tensor as stored: `(q - zero_point) * scale` is the value.
 #[derive(Debug, Clone, PartialEq)]
 pub struct QuantData {
+    /// int8 (one code per byte of `data`) or int2 (four per byte, the first element in
+    /// the two highest bits, stored as `q + 2`).
+    pub kind: QuantType,
     /// 0 per-channel along axis 0, -1 per-group.
     pub axis: i32,
     /// 0 per-channel, else elements per group of the flattened tensor.
@@ -39,22 +46,45 @@ pub struct QuantData {
 
 impl Tensor {
     /// The elements as f32: floats widened (or narrowed from f64), integers converted,
-    /// int8 codes of a quantized tensor dequantized with the seed loader's formula,
+    /// int8 or int2 codes of a quantized tensor dequantized with the seed loader's formula,
     /// `(q - zero_point) * scale` in f32.
     pub fn to_f32(&self) -> Vec<f32> {
         match &self.quant {
             Some(q) => {
                 let info = crate::format::QuantInfo {
+                    kind: q.kind,
                     axis: q.axis,
                     group_size: q.group_size,
                     scales: q.scales.len() as u64,
                 };
                 let unit = info.unit(&self.shape);
-                dequantize_units(&self.data, unit, &q.scales, &q.zero_points)
+                let n: u64 = self.shape.iter().product();
+                let codes = codes(q.kind, &self.data, n);
+                dequantize_units(&codes, unit, &q.scales, &q.zero_points)
             }
             None => to_f32(self.dtype, &self.data),
         }
     }
+}
+
+/// The first `n` codes of quantized `data` as signed bytes: int8 as stored, int2
+/// unpacked (the two highest bits of a byte first).
+pub(crate) fn codes(kind: QuantType, data: &[u8], n: u64) -> Cow<'_, [u8]> {
+    match kind {
+        QuantType::Int8 => Cow::Borrowed(data),
+        QuantType::Int2 => {
+            let mut out = Vec::with_capacity(n.min(data.len() as u64 * 4) as usize);
+            unpack_int2(data, n as usize, &mut out);
+            Cow::Owned(out)
+        }
+    }
+}
+
+/// Elements of a quantized row of `data` bytes starting at byte `offset` of a tensor
+/// of `numel` elements (an int2 row but the last holds four per byte).
+pub(crate) fn row_elems(kind: QuantType, numel: u64, offset: u64, data: usize) -> u64 {
+    let per = kind.per_byte();
+    (data as u64 * per).min(numel.saturating_sub(offset.saturating_mul(per)))
 }
 
 /// Dequantizes `codes` whose consecutive runs of `unit` elements share a scale and a
@@ -163,6 +193,7 @@ impl WeightFile {
                     ));
                 }
                 Some(QuantData {
+                    kind: q.kind,
                     axis: q.axis,
                     group_size: q.group_size,
                     scales,

@@ -12,7 +12,7 @@ use serde::Serialize;
 use xxhash_rust::xxh3::xxh3_64;
 
 use super::rows::Row;
-use super::tensor::f32s_into;
+use super::tensor::{codes as stored_codes, f32s_into, row_elems};
 use super::{TensorInfo, WeightFile};
 use crate::cast::{
     cast_into, quantize_unit, tensor_elements, value_f64, QuantError, Stored, TensorQuantError,
@@ -257,8 +257,9 @@ fn close_check(tally: Tally, t: &TensorInfo, has_index: bool) -> TensorCheck {
 }
 
 impl Against<'_> {
-    /// Quantizes the source's values of a stored int8 row again and requires the same
-    /// codes, scales and zero points; measures the error the codes make.
+    /// Quantizes the source's values of a stored int8 or int2 row again and requires
+    /// the same codes (int2 ones unpacked, padding bits included: they must be zero),
+    /// scales and zero points; measures the error the codes make.
     fn check_quantized_row(
         &self,
         check: &mut TensorCheck,
@@ -273,7 +274,11 @@ impl Against<'_> {
                 .problems
                 .push("quantized, but the file does not record its scheme".into());
         };
-        let (first, elems) = (row.offset, row.data.len() as u64);
+        let per = q.kind.per_byte();
+        let (first, elems) = (
+            row.offset.saturating_mul(per),
+            row_elems(q.kind, t.num_params, row.offset, row.data.len()),
+        );
         let unit = q.unit(&t.shape);
         if st.shape != t.shape || unit == 0 || first % unit != 0 {
             return check.problems.push(format!(
@@ -307,14 +312,27 @@ impl Against<'_> {
         let err = check.quant_err.get_or_insert_with(QuantError::default);
         let mut x = Vec::new();
         let mut codes = Vec::new();
+        let stored_codes = stored_codes(q.kind, row.data, elems);
+        if stored_codes.len() as u64 != elems || q.kind.bytes(elems) != row.data.len() as u64 {
+            return check.problems.push(format!(
+                "a row of {} bytes does not hold whole {} codes",
+                row.data.len(),
+                q.kind.as_str()
+            ));
+        }
+        // The padding of a last int2 byte is zero, as the conversion writes it.
+        let used = (elems % q.kind.per_byte()) as u32 * q.kind.bits();
+        if used > 0 && row.data.last().is_some_and(|&b| b & (0xff >> used) != 0) {
+            check.value_mismatches += 1;
+        }
         let pieces = src
             .chunks(unit as usize * ss)
-            .zip(row.data.chunks(unit as usize));
+            .zip(stored_codes.chunks(unit as usize));
         for (u, (s, stored)) in pieces.enumerate() {
             codes.clear();
             codes.resize(stored.len(), 0);
-            let Ok((scale, zp)) = quantize_unit(scheme, st.dtype, s, &mut x, &mut codes, err)
-            else {
+            let how = (q.kind, scheme);
+            let Ok((scale, zp)) = quantize_unit(how, st.dtype, s, &mut x, &mut codes, err) else {
                 check.value_mismatches += stored.len() as u64;
                 continue;
             };

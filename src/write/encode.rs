@@ -179,7 +179,7 @@ impl Encoder<'_> {
         let mut rest = values.as_mut_slice();
         let mut at = 0;
         for row in rows {
-            let n = (row.elems * plan.tensors[row.tensor].dtype.size() as u64) as usize;
+            let n = plan.tensors[row.tensor].out_bytes(row.elems) as usize;
             let (page, tail) = std::mem::take(&mut rest).split_at_mut(PAGE_LEAD + n);
             rest = tail;
             let (prefix, dst) = page[HEADER_ROOM..].split_at_mut(PAGE_PREFIX);
@@ -260,7 +260,7 @@ impl Encoder<'_> {
             shapes.append(true);
         }
         // A quantized row's `dtype` is the original one (the seed's loader ignores it
-        // for int8 rows); every other row's names the bytes stored.
+        // for int8 and int2 rows); every other row's names the bytes stored.
         let dtype = |r: &crate::plan::RowPlan| match tensor(r).quant {
             Some(_) => tensor(r).src.dtype.torch_name(),
             None => tensor(r).dtype.torch_name(),
@@ -284,7 +284,7 @@ impl Encoder<'_> {
         }
         cols.push(Some(Arc::new(Int64Array::from_iter_values(
             rows.iter()
-                .map(|r| (r.elem_start * tensor(r).dtype.size() as u64) as i64),
+                .map(|r| tensor(r).out_bytes(r.elem_start) as i64),
         ))));
         cols.push(Some(Arc::new(UInt64Array::from(checksums))));
         let first = rows.first().map(|r| tensor(r).name.as_str());
@@ -339,7 +339,7 @@ fn v2_columns(
         let t = &plan.tensors[r.tensor];
         match (t.quant, q) {
             (Some(spec), Some(q)) => {
-                kind.push("int8");
+                kind.push(spec.kind.as_str());
                 scales.push(f32_bytes(&q.scales));
                 zeros.push(f32_bytes(&q.zero_points));
                 axis.push(spec.axis);

@@ -7,8 +7,8 @@ use std::sync::Arc;
 
 use clap::{Args, Parser, Subcommand};
 use modelconv::{
-    Codec, ConvertConfig, ExportOptions, Filters, IoMode, ModelType, Part, QuantScheme, Quantize,
-    SourceOptions, TargetDtype,
+    Codec, ConvertConfig, ExportOptions, Filters, IoMode, ModelType, Part, QuantScheme, QuantType,
+    Quantize, SourceOptions, TargetDtype,
 };
 
 /// Convert Hugging Face safetensors checkpoints into Parquet weight files, and read them back.
@@ -98,15 +98,17 @@ pub struct ConvertArgs {
     /// Rename tensors: FROM is a regex, TO its replacement (repeatable).
     #[arg(long, value_name = "FROM=TO")]
     rename: Vec<String>,
-    /// Quantize weight matrices into the seed's V2 schema: int8.
-    #[arg(long, value_name = "int8", value_parser = ["int8"])]
-    quantize: Option<String>,
-    /// Quantize per group of G elements of the flattened tensor (default 0: per channel along axis 0).
-    #[arg(long, default_value_t = 0, value_name = "G")]
-    group_size: u64,
-    /// symmetric (scale = max|x|/127) or asymmetric (256 levels over [min, max], integer zero point).
-    #[arg(long, default_value = "symmetric")]
-    quant_scheme: QuantScheme,
+    /// Quantize weight matrices into the seed's V2 schema: int8, or int2 (four codes a byte).
+    #[arg(long, value_name = "int8|int2")]
+    quantize: Option<QuantType>,
+    /// Quantize per group of G elements of the flattened tensor; 0 is per channel along
+    /// axis 0 (default: 0 for int8, 128 for int2).
+    #[arg(long, value_name = "G")]
+    group_size: Option<u64>,
+    /// symmetric (scale = max|x|/127) or asymmetric (256 levels over [min, max], integer
+    /// zero point); int2 is asymmetric only (default: symmetric for int8).
+    #[arg(long)]
+    quant_scheme: Option<QuantScheme>,
     /// Never quantize tensors matching this glob (repeatable).
     #[arg(long, value_name = "GLOB")]
     quantize_skip: Vec<String>,
@@ -242,9 +244,10 @@ impl ConvertArgs {
             .extract_tokenizer(!self.no_tokenizer)
             .validate(self.validate)
             .max_header_bytes(source.max_header_bytes)
-            .quantize(self.quantize.as_ref().map(|_| Quantize {
-                scheme: self.quant_scheme,
-                group_size: self.group_size,
+            .quantize(self.quantize.map(|kind| Quantize {
+                kind,
+                scheme: self.quant_scheme.unwrap_or(kind.default_scheme()),
+                group_size: self.group_size.unwrap_or(kind.default_group_size()),
                 skip: self.quantize_skip.clone(),
             }))
             .io(source.io)

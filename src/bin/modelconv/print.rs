@@ -97,8 +97,9 @@ pub fn summary(r: &ConversionReport) {
     if let Some(q) = &r.quantization {
         let m = &q.model;
         eprintln!(
-            "  quantized  {} tensors to int8 ({}{}), {} kept as floats: SQNR {:.1} dB, relative RMS error {:.2e}, max abs error {:.3e}",
+            "  quantized  {} tensors to {} ({}{}), {} kept as floats: SQNR {:.1} dB, relative RMS error {:.2e}, max abs error {:.3e}",
             q.quantized_tensors,
+            q.quant_type,
             q.scheme,
             if q.group_size > 0 { format!(", groups of {}", q.group_size) } else { ", per channel".into() },
             q.unquantized_tensors,
@@ -235,7 +236,11 @@ pub fn inspect(r: &InspectReport, row_groups: bool) {
             } else {
                 format!("axis {}", q.axis)
             };
-            split.push_str(&format!("  int8, {how}, {} scales", q.scales));
+            split.push_str(&format!(
+                "  {}, {how}, {} scales",
+                q.kind.as_str(),
+                q.scales
+            ));
         }
         println!(
             "{n:<w$}  {:<16}  {shape:<20}  {:>12}  {:>10}{split}",
