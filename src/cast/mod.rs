@@ -12,6 +12,7 @@ mod kernels;
 mod quant;
 
 pub(crate) use crate::plan::QuantSpec;
+pub(crate) use dequant::{carry, codes};
 pub use kernels::{cast_and_hash, cast_into, CastStats};
 pub(crate) use kernels::{value_f64, widen};
 pub(crate) use quant::{dequantize, quantize_unit};
@@ -248,6 +249,9 @@ fn quantize_row(
     spec: QuantSpec,
 ) -> Result<RowCast> {
     let t = &plan.tensors[row.tensor];
+    if let (true, Some(d)) = (spec.carried, &t.dequant) {
+        return carry_row(source, d, row, dst, spec);
+    }
     let shard = &source.shards[t.shard];
     let ss = t.src.dtype.size() as u64;
     debug_assert_eq!(dst.len() as u64, row.elems);
@@ -294,6 +298,53 @@ fn quantize_row(
             Ok::<(), Error>(())
         })
     })?;
+    Ok(RowCast {
+        stats: CastStats::default(),
+        checksum: hash.digest(),
+        quant: Some(out),
+    })
+}
+
+/// Writes `row` of the pre-quantized weight `d` from its own codes, scales and zero
+/// points (`spec` carried), a piece of whole groups at a time: no second quantization,
+/// so the error is 0; `Σx²` is measured on the values the codes give.
+///
+/// # Errors
+///
+/// As [`dequant::fill`].
+fn carry_row(
+    source: &Source,
+    d: &crate::source::Dequantized,
+    row: &RowPlan,
+    dst: &mut [u8],
+    spec: QuantSpec,
+) -> Result<RowCast> {
+    let carry = crate::plan::Carry {
+        group: spec.unit,
+        bits: 8,
+    };
+    let per = (dequant::PIECE_VALUES / spec.unit).max(1) * spec.unit;
+    let mut out = RowQuant::default();
+    let mut hash = Xxh3::new();
+    for (k, q) in dst.chunks_mut(per as usize).enumerate() {
+        let first = row.elem_start + k as u64 * per;
+        let (scales, zero_points) = dequant::codes(source, d, carry, first, q)?;
+        for (u, c) in q.chunks(spec.unit as usize).enumerate() {
+            let (s, z) = (scales[u], zero_points[u]);
+            let x2: f64 = c
+                .iter()
+                .map(|&b| (quant::dequantize(b, s, z) as f64).powi(2))
+                .sum();
+            out.error.sum_x2 += x2;
+        }
+        out.error.count += q.len() as u64;
+        out.scales.extend_from_slice(&scales);
+        out.zero_points.extend_from_slice(&zero_points);
+        hash.update(q);
+        // SAFETY: the piece's codes are copied and hashed; nothing borrowed from them
+        // is read again by this row.
+        unsafe { dequant::release(source, d, first, q.len() as u64) };
+    }
     Ok(RowCast {
         stats: CastStats::default(),
         checksum: hash.digest(),
