@@ -202,6 +202,7 @@ class ConversionConfig:
     group_size: int = 0
     quant_scheme: str = "symmetric"
     quantize_skip: List[str] = field(default_factory=list)
+    lossless: bool = False
     io: str = "auto"
     hub_cache: Optional[str] = None
     token_file: Optional[str] = None
@@ -230,6 +231,7 @@ class ConversionConfig:
             "group_size": self.group_size,
             "quant_scheme": self.quant_scheme,
             "quantize_skip": list(self.quantize_skip),
+            "lossless": self.lossless,
             "io": self.io,
             "hub_cache": self.hub_cache,
             **({"token_file": self.token_file} if self.token_file else {}),

@@ -471,6 +471,25 @@ impl ConvertConfigBuilder {
         self
     }
 
+    /// The quantization options V2 can record: a group size that fits its int32
+    /// column, and `lossless` only with `quantize`.
+    fn check_quantize(&self) -> Result<()> {
+        if let Some(q) = &self.quantize {
+            if q.group_size > i32::MAX as u64 {
+                return Err(Error::option(format!(
+                    "group size {} does not fit the V2 schema's int32 `group_size`",
+                    q.group_size
+                )));
+            }
+        }
+        if self.lossless && self.quantize.is_none() {
+            return Err(Error::option(
+                "--lossless applies to --quantize int8 (without it nothing is quantized)",
+            ));
+        }
+        Ok(())
+    }
+
     /// Checks every option and returns the finished configuration.
     ///
     /// # Errors
@@ -528,19 +547,7 @@ impl ConvertConfigBuilder {
             None if low_memory => 1,
             None => DEFAULT_INFLIGHT_PER_THREAD,
         };
-        if let Some(q) = &self.quantize {
-            if q.group_size > i32::MAX as u64 {
-                return Err(Error::option(format!(
-                    "group size {} does not fit the V2 schema's int32 `group_size`",
-                    q.group_size
-                )));
-            }
-        }
-        if self.lossless && self.quantize.is_none() {
-            return Err(Error::option(
-                "--lossless applies to --quantize int8 (without it nothing is quantized)",
-            ));
-        }
+        self.check_quantize()?;
         if self.max_header_bytes == 0 {
             return Err(Error::option("the header cap must be at least 1 byte"));
         }
