@@ -30,6 +30,9 @@ const SCHEMES: &[&str] = &[
     "ct-w4-asym-actorder",
     "ct-w3-asym",
     "mxfp4",
+    // Made by compressed-tensors' own compressor (make_carry_fixtures.py).
+    "ct-w8a8-int",
+    "ct-w4a16-g128",
 ];
 
 /// Stored names a scheme consumes or drops (they never appear in the output).

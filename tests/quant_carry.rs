@@ -36,6 +36,10 @@ type Case = (
 );
 
 const CASES: &[Case] = &[
+    // Made by compressed-tensors' own compressor (make_carry_fixtures.py): W8A8 int8
+    // per channel (`int-quantized`), W4A16 groups of 128 (`pack-quantized`).
+    ("ct-w8a8-int", &[DOWN, Q], &[]),
+    ("ct-w4a16-g128", &[DOWN, Q], &[]),
     // Groups of 128 over rows of 128 (per channel) and of 192 (groups of 64 in V2).
     ("gptq-4bit", &[DOWN, Q], &[]),
     ("gptq-3bit", &[DOWN, Q], &[]),
@@ -218,7 +222,7 @@ fn carried_weights_read_back_as_the_reference_bit_for_bit_and_are_reported() {
 #[test]
 fn carried_weights_split_over_many_rows_keep_whole_groups_and_the_reference() {
     let tmp = tempdir();
-    for &(name, carried, _) in &CASES[..8] {
+    for &(name, carried, _) in CASES.iter().filter(|c| !c.1.is_empty()) {
         let out = tmp.path().join(name);
         // 600-byte rows: a few V2 groups (or channels) per row.
         convert(model(name), &out, &int8(false, 600)).unwrap();
@@ -348,4 +352,38 @@ fn verify_source_catches_a_changed_code_scale_or_zero_point_of_a_carried_weight(
         // One changed code is one mismatch; a scale or zero point, its row's (counted once).
         assert_eq!(failed, [(Q, 1)], "{component}");
     }
+}
+
+#[test]
+fn dry_run_says_per_weight_whether_it_is_carried_and_lossless_refuses_there_too() {
+    for (name, want) in [
+        ("gptq-4bit", vec![(DOWN, "carried"), (Q, "carried")]),
+        (
+            "gptq-4bit-desc-act",
+            vec![
+                (DOWN, "re-quantized: act-order g_idx"),
+                (Q, "re-quantized: act-order g_idx"),
+            ],
+        ),
+        (
+            "ct-fp8-int8",
+            vec![
+                (UP, "carried"),
+                (K, "re-quantized: F8_E4M3 codes"),
+                (V, "re-quantized: F8_E4M3 codes"),
+            ],
+        ),
+    ] {
+        let plan = modelconv::plan_conversion(model(name), &int8(false, 1 << 20)).unwrap();
+        let mut got: Vec<(&str, &str)> = plan
+            .kept
+            .iter()
+            .filter_map(|k| Some((k.name.as_str(), k.dequantized.as_ref()?.int8.as_deref()?)))
+            .collect();
+        got.sort_unstable();
+        assert_eq!(got, want, "{name}");
+    }
+    let e =
+        modelconv::plan_conversion(model("gptq-4bit-desc-act"), &int8(true, 1 << 20)).unwrap_err();
+    assert!(matches!(e, modelconv::Error::Quantization { .. }), "{e}");
 }

@@ -319,16 +319,12 @@ fn carry_row(
     dst: &mut [u8],
     spec: QuantSpec,
 ) -> Result<RowCast> {
-    let carry = crate::plan::Carry {
-        group: spec.unit,
-        bits: 8,
-    };
     let per = (dequant::PIECE_VALUES / spec.unit).max(1) * spec.unit;
     let mut out = RowQuant::default();
     let mut hash = Xxh3::new();
     for (k, q) in dst.chunks_mut(per as usize).enumerate() {
         let first = row.elem_start + k as u64 * per;
-        let (scales, zero_points) = dequant::codes(source, d, carry, first, q)?;
+        let (scales, zero_points) = dequant::codes(source, d, spec.unit, first, q)?;
         for (u, c) in q.chunks(spec.unit as usize).enumerate() {
             let (s, z) = (scales[u], zero_points[u]);
             let x2: f64 = c

@@ -629,6 +629,11 @@ impl Job {
                         .map_or(String::new(), |s| s.method.clone()),
                     stored_dtype: d.stored_dtype.to_string(),
                     consumes: d.consumes.clone(),
+                    int8: t.quant.map(|q| match (q.carried, &t.requantized) {
+                        (true, _) => "carried".to_string(),
+                        (false, Some(why)) => format!("re-quantized: {why}"),
+                        (false, None) => "re-quantized".to_string(),
+                    }),
                 }),
             })
             .collect();

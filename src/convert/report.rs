@@ -215,6 +215,10 @@ pub struct Dequantization {
     pub stored_dtype: String,
     /// The stored tensors it consumes, codes first.
     pub consumes: Vec<String>,
+    /// With `--quantize int8`: `carried` (written from its own codes, scales and zero
+    /// points) or `re-quantized: REASON`; none when it is not quantized.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub int8: Option<String>,
 }
 
 /// What a conversion would do (`--dry-run`).

@@ -298,7 +298,7 @@ impl Against<'_> {
             ));
         }
         let mut codes_want = vec![0u8; elems as usize];
-        let (scales, zps) = match codes(self.src, d, carry, first, &mut codes_want) {
+        let (scales, zps) = match codes(self.src, d, carry.group, first, &mut codes_want) {
             Ok(c) => c,
             Err(e) => return check.problems.push(e.to_string()),
         };

@@ -200,8 +200,13 @@ pub fn plan(plan: &ConversionPlan) {
         );
         if let Some(d) = &k.dequantized {
             let parts: Vec<String> = d.consumes.iter().map(|c| sanitize(c)).collect();
+            let int8 = d
+                .int8
+                .as_deref()
+                .map(|q| format!("; int8 {}", sanitize(q)))
+                .unwrap_or_default();
             println!(
-                "      dequantized ({}) from {}",
+                "      dequantized ({}) from {}{int8}",
                 d.scheme,
                 parts.join(" + ")
             );

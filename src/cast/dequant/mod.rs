@@ -182,8 +182,8 @@ pub(crate) fn carry(source: &Source, d: &Dequantized) -> std::result::Result<Car
 }
 
 /// The carried codes of elements `[first, first + count)` of `d` into `q` (`count`
-/// bytes; `first` a multiple of `carry.group`), and their groups' scales and zero
-/// points: `(scales, zero_points)`.
+/// bytes; `first` a multiple of `group`, the carried group [`carry`] gave), and their
+/// groups' scales and zero points: `(scales, zero_points)`.
 ///
 /// # Errors
 ///
@@ -191,7 +191,7 @@ pub(crate) fn carry(source: &Source, d: &Dequantized) -> std::result::Result<Car
 pub(crate) fn codes(
     source: &Source,
     d: &Dequantized,
-    carry: Carry,
+    group: u64,
     first: u64,
     q: &mut [u8],
 ) -> Result<(Vec<f32>, Vec<f32>)> {
@@ -204,17 +204,19 @@ pub(crate) fn codes(
         q,
         at: 0,
         first,
-        group: carry.group.max(1),
+        group: group.max(1),
         scales: &mut scales,
         zero_points: &mut zero_points,
     };
     let r = Reader { source, d };
     with_bufs(|bufs| decoder(&d.kernel).codes(&r, first, count, bufs, &mut sink))?;
-    if sink.at as u64 != count {
+    let at = sink.at as u64;
+    let groups = count.div_ceil(group.max(1)) as usize;
+    if at != count || scales.len() != groups || zero_points.len() != groups {
         return Err(Error::internal(format!(
-            "`{}`: {} codes carried for {count}",
+            "`{}`: {at} codes and {} scales carried for {count} elements",
             crate::error::sanitize(&d.name),
-            sink.at
+            scales.len()
         )));
     }
     Ok((scales, zero_points))
@@ -529,5 +531,20 @@ mod tests {
         assert_eq!(e8m0(0), Some(2f32.powi(-127)));
         assert_eq!(e8m0(254), Some(2f32.powi(127)));
         assert_eq!(e8m0(255), None);
+    }
+
+    #[test]
+    fn carried_groups_tile_rows_and_follow_the_input_order() {
+        assert_eq!(row_groups(128, 128), Ok(128));
+        assert_eq!(row_groups(128, 64), Ok(64));
+        assert_eq!(row_groups(32, 128), Ok(32));
+        assert_eq!(row_groups(128, 192), Ok(64));
+        assert_eq!(row_groups(48, 64), Ok(16));
+        assert_eq!(
+            row_groups(50, 128),
+            Err("groups of 50 do not tile rows of 128 (V2 groups would hold 2)".into())
+        );
+        assert_eq!(in_order(&[0, 0, 1, 1, 2], 2), Ok(()));
+        assert_eq!(in_order(&[0, 1, 0, 1], 2), Err("act-order g_idx".into()));
     }
 }
