@@ -234,6 +234,19 @@ fn carried_weights_split_over_many_rows_keep_whole_groups_and_the_reference() {
         assert_reader_gives_the_reference(name, &out, carried);
         assert_verifies(&out, &model(name));
     }
+    // A parted output (a directory of part files) carries and verifies the same.
+    let out = tmp.path().join("parted");
+    let c = ConvertConfig::builder()
+        .quantize(Some(Quantize::default()))
+        .max_row_bytes(600)
+        .max_file_size(Some(modelconv::MIN_FILE_SIZE))
+        .build()
+        .unwrap();
+    let r = convert(model("gptq-4bit"), &out, &c).unwrap();
+    assert_eq!(r.quantization.unwrap().carried, [DOWN, Q]);
+    assert_reader_gives_the_reference("gptq-4bit", &out, &[DOWN, Q]);
+    let v = assert_verifies(&out, &model("gptq-4bit"));
+    assert_eq!(v.checks.iter().filter(|c| c.carried).count(), 2);
 }
 
 #[test]
