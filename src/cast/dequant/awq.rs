@@ -46,8 +46,12 @@ impl Decode for Awq {
         let wpr = outs / 8;
         let (o0, o1) = (first / ins, (first + count).div_ceil(ins));
         let zall: Vec<u32> = words(r.bytes(self.qzeros, 0, r.info(self.qzeros).len, zb)?).collect();
-        let qall: Vec<u32> =
-            words(r.bytes_read(self.qweight, 0, r.info(self.qweight).len, qb, o0 == 0)?).collect();
+        // The stored words, read in place (a piece reads every stored row).
+        let qall = r.bytes_read(self.qweight, 0, r.info(self.qweight).len, qb, o0 == 0)?;
+        let word = |k: u64| {
+            let at = (k * 4) as usize;
+            u32::from_le_bytes([qall[at], qall[at + 1], qall[at + 2], qall[at + 3]])
+        };
         let mut srow = Vec::new();
         for o in o0..o1 {
             let (c, n) = (
@@ -63,7 +67,7 @@ impl Decode for Awq {
                     r.scales(self.scales, k * outs + o, 1, sb, &mut srow)?;
                 }
                 let z = (zall[(k * wpr + c) as usize] >> shift) & 15;
-                let q = (qall[(i * wpr + c) as usize] >> shift) & 15;
+                let q = (word(i * wpr + c) >> shift) & 15;
                 sink.push(q as i32 - 8, srow[0], (z as i32 - 8) as f32);
             }
         }
