@@ -70,9 +70,9 @@ pub use cast::TensorQuantError;
 pub use convert::{
     convert, convert_part, convert_with, parse_size, plan_conversion, prepare_parts, record_parts,
     ConversionPlan, ConversionReport, ConvertConfig, ConvertConfigBuilder, Dequantization, Event,
-    Fetched, Observer, PartOutcome, PartStatus, PlannedEntry, PlannedPart, QuantReport, Silent,
-    DEFAULT_INFLIGHT_PER_THREAD, DEFAULT_MAX_ROW_MB, DEFAULT_ROW_GROUP_MB, DEFAULT_ZSTD_LEVEL,
-    LOW_MEMORY_ROW_MB, MAX_BUDGET_BYTES, MIN_FILE_SIZE,
+    Fetched, Observer, PartOutcome, PartStatus, PlannedEntry, PlannedPart, QuantReport,
+    Requantized, Silent, DEFAULT_INFLIGHT_PER_THREAD, DEFAULT_MAX_ROW_MB, DEFAULT_ROW_GROUP_MB,
+    DEFAULT_ZSTD_LEVEL, LOW_MEMORY_ROW_MB, MAX_BUDGET_BYTES, MIN_FILE_SIZE,
 };
 pub use dtype::{Dtype, TargetDtype};
 pub use error::{sanitize, Error, Result};

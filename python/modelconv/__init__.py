@@ -202,6 +202,7 @@ class ConversionConfig:
     group_size: Optional[int] = None  # default: 0 (per channel) for int8, 128 for int2
     quant_scheme: Optional[str] = None  # default: symmetric for int8; int2 is asymmetric
     quantize_skip: List[str] = field(default_factory=list)
+    lossless: bool = False
     io: str = "auto"
     hub_cache: Optional[str] = None
     token_file: Optional[str] = None
@@ -230,6 +231,7 @@ class ConversionConfig:
             "group_size": self.group_size,
             "quant_scheme": self.quant_scheme,
             "quantize_skip": list(self.quantize_skip),
+            "lossless": self.lossless,
             "io": self.io,
             "hub_cache": self.hub_cache,
             **({"token_file": self.token_file} if self.token_file else {}),

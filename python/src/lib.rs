@@ -149,6 +149,7 @@ fn config(opts: Option<&Bound<'_, PyDict>>, cancel: Arc<AtomicBool>) -> PyResult
                 "row_group_bytes" => b.row_group_bytes(v.extract()?),
                 "allow_overflow" => b.allow_overflow(v.extract()?),
                 "keep_quantized" => b.keep_quantized(v.extract()?),
+                "lossless" => b.lossless(v.extract()?),
                 "max_file_size" => match v.extract::<u64>() {
                     Ok(n) => b.max_file_size(Some(n)),
                     Err(_) => b.max_file_size(Some(

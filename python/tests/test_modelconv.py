@@ -353,6 +353,30 @@ def test_prequantized_checkpoints_convert_and_read_back_unchanged(tmp_path, name
     assert json.loads((tmp_path / "o" / "metadata.json").read_text())["source_quantization"]["kept_quantized"] is False
 
 
+def test_lossless_carries_prequantized_codes_and_refuses_what_it_cannot(tmp_path):
+    # GPTQ 4-bit in input order: both weights carried from their codes; the embedding,
+    # not pre-quantized, stays an fp16 row under lossless.
+    src = FIXTURES / "prequant" / "gptq-4bit"
+    r = modelconv.convert(src, tmp_path / "o", quantize="int8", lossless=True, validate=False)
+    q = r["quantization"]
+    assert q["carried"] == ["model.layers.0.mlp.down_proj.weight", "model.layers.0.self_attn.q_proj.weight"]
+    assert q["requantized"] == [] and q["model"]["sqnr_db"] is None
+    t = pq.read_table(tmp_path / "o" / "weights.parquet")
+    kinds = dict(zip(t.column("layer_name").to_pylist(), t.column("quant_type").to_pylist()))
+    assert kinds["model.embed_tokens.weight"] == "fp16"
+    ref = read_reference(FIXTURES / "prequant" / "gptq-4bit.reference.safetensors")
+    f = modelconv.open(tmp_path / "o")
+    for k, want in ref.items():
+        assert np.array_equal(f.get_tensor(k).view(np.uint32), want.view(np.uint32)), k
+    # The same option through ModelConverter; act-order GPTQ cannot be carried.
+    cfg = modelconv.ConversionConfig(quantize="int8", lossless=True)
+    result = modelconv.ModelConverter(cfg).convert(str(FIXTURES / "prequant" / "gptq-4bit-desc-act"), str(tmp_path / "x"))
+    assert not result.success and "act-order g_idx" in result.error_message
+    with pytest.raises(modelconv.QuantizationError, match=r"tensor `model.layers.0.mlp.down_proj.weight`: cannot quantize: --lossless, and its codes cannot be carried into V2 exactly: act-order g_idx"):
+        modelconv.convert(FIXTURES / "prequant" / "gptq-4bit-desc-act", tmp_path / "y", quantize="int8", lossless=True)
+    assert not (tmp_path / "x").exists() and not (tmp_path / "y").exists()
+
+
 def test_a_prequantized_checkpoint_without_its_scale_is_a_typed_error(tmp_path):
     src = tmp_path / "src"
     src.mkdir()

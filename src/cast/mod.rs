@@ -12,6 +12,7 @@ mod kernels;
 mod quant;
 
 pub(crate) use crate::plan::QuantSpec;
+pub(crate) use dequant::{carry, codes};
 pub use kernels::{cast_and_hash, cast_into, CastStats};
 pub(crate) use kernels::{value_f64, widen};
 pub(crate) use quant::{dequantize, pack_int2, quantize_unit, unpack_int2};
@@ -249,6 +250,9 @@ fn quantize_row(
     spec: QuantSpec,
 ) -> Result<RowCast> {
     let t = &plan.tensors[row.tensor];
+    if let (true, Some(d)) = (spec.carried, &t.dequant) {
+        return carry_row(source, d, row, dst, spec);
+    }
     let shard = &source.shards[t.shard];
     let ss = t.src.dtype.size() as u64;
     debug_assert_eq!(dst.len() as u64, spec.kind.bytes(row.elems));
@@ -309,6 +313,62 @@ fn quantize_row(
             Ok::<(), Error>(())
         })
     })?;
+    Ok(RowCast {
+        stats: CastStats::default(),
+        checksum: hash.digest(),
+        quant: Some(out),
+    })
+}
+
+/// Writes `row` of the pre-quantized weight `d` from its own codes, scales and zero
+/// points (`spec` carried), a piece of whole groups at a time: no second quantization,
+/// so the error is 0; `Σx²` is measured on the values the codes give.
+///
+/// # Errors
+///
+/// As [`dequant::fill`].
+fn carry_row(
+    source: &Source,
+    d: &crate::source::Dequantized,
+    row: &RowPlan,
+    dst: &mut [u8],
+    spec: QuantSpec,
+) -> Result<RowCast> {
+    // Pieces of whole groups and, for int2, whole bytes (rows are planned so).
+    let align = spec.row_align();
+    let per = (dequant::PIECE_VALUES / align).max(1) * align;
+    let per_byte = spec.kind.per_byte();
+    let mut out = RowQuant::default();
+    let mut hash = Xxh3::new();
+    let mut codes: Vec<u8> = Vec::new();
+    for (k, d_piece) in dst.chunks_mut((per / per_byte) as usize).enumerate() {
+        let first = row.elem_start + k as u64 * per;
+        let n = per.min(row.elem_start + row.elems - first);
+        let q: &mut [u8] = if per_byte > 1 {
+            codes.resize(n as usize, 0);
+            &mut codes
+        } else {
+            &mut *d_piece
+        };
+        let (scales, zero_points) = dequant::codes(source, d, spec.unit, first, q)?;
+        for (c, (&s, &z)) in q.chunks(spec.unit as usize).zip(scales.iter().zip(&zero_points)) {
+            out.error.sum_x2 += c
+                .iter()
+                .map(|&b| (quant::dequantize(b, s, z) as f64).powi(2))
+                .sum::<f64>();
+        }
+        out.error.count += n;
+        out.scales.extend_from_slice(&scales);
+        out.zero_points.extend_from_slice(&zero_points);
+        if per_byte > 1 {
+            // Carried only where the codes are 2-bit ones: in [-2, 1].
+            pack_int2(bytemuck::cast_slice(&codes), d_piece);
+        }
+        hash.update(d_piece);
+        // SAFETY: the piece's codes are copied and hashed; nothing borrowed from them
+        // is read again by this row.
+        unsafe { dequant::release(source, d, first, n) };
+    }
     Ok(RowCast {
         stats: CastStats::default(),
         checksum: hash.digest(),

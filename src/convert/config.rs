@@ -115,6 +115,8 @@ pub struct ConvertConfig {
     pub(crate) filters: CompiledFilters,
     pub(crate) quantize: Option<Quantize>,
     pub(crate) keep_quantized: bool,
+    /// `--lossless`: quantization adds no error (see [`ConvertConfigBuilder::lossless`]).
+    pub(crate) lossless: bool,
     /// Split the output into parts of at most this many bytes (`--max-file-size`).
     pub(crate) max_file_size: Option<u64>,
     /// Keep the complete parts of an interrupted conversion (`--resume`).
@@ -142,6 +144,7 @@ impl Default for ConvertConfig {
             filters: CompiledFilters::default(),
             quantize: None,
             keep_quantized: false,
+            lossless: false,
             max_file_size: None,
             resume: false,
             source: SourceOptions::default(),
@@ -296,6 +299,9 @@ impl ConvertConfig {
                     "min_elements": crate::plan::MIN_QUANT_ELEMENTS,
                 }),
             );
+            if self.lossless {
+                o.insert("lossless".into(), json!(true));
+            }
         }
         v
     }
@@ -335,6 +341,7 @@ pub struct ConvertConfigBuilder {
     filters: Filters,
     quantize: Option<Quantize>,
     keep_quantized: bool,
+    lossless: bool,
     max_file_size: Option<u64>,
     resume: bool,
     hub_cache: Option<PathBuf>,
@@ -363,6 +370,7 @@ impl Default for ConvertConfigBuilder {
             filters: Filters::default(),
             quantize: None,
             keep_quantized: false,
+            lossless: false,
             max_file_size: None,
             resume: false,
             hub_cache: None,
@@ -420,6 +428,12 @@ impl ConvertConfigBuilder {
         /// scales) as they are stored instead of dequantizing them (default false).
         /// The seed's loader cannot read such rows; modelconv's reader and pyarrow can.
         keep_quantized: bool);
+    setter!(/// With `quantize`: add no quantization error (default false). A
+        /// pre-quantized weight whose integer codes V2 holds is carried as it is
+        /// anyway; under `lossless` one that cannot be (act-order GPTQ, FP8, MXFP4) is
+        /// an error naming it and why, with nothing written, and tensors that are not
+        /// pre-quantized codes (embeddings, norms, a float `lm_head`) stay float rows.
+        lossless: bool);
     setter!(/// Include / exclude / rename filters (compiled by `build`).
         filters: Filters);
     setter!(/// Write `weights.parquet` as a directory of part files of at most this
@@ -456,6 +470,20 @@ impl ConvertConfigBuilder {
     pub fn hub_cache(mut self, dir: impl Into<PathBuf>) -> Self {
         self.hub_cache = Some(dir.into());
         self
+    }
+
+    /// The quantization options V2 can record: a group size that fits its int32
+    /// column, and `lossless` only with `quantize`.
+    fn check_quantize(&self) -> Result<()> {
+        if let Some(q) = &self.quantize {
+            check_quantize(q)?;
+        }
+        if self.lossless && self.quantize.is_none() {
+            return Err(Error::option(
+                "--lossless applies to --quantize int8 or int2 (without it nothing is quantized)",
+            ));
+        }
+        Ok(())
     }
 
     /// Checks every option and returns the finished configuration.
@@ -515,9 +543,7 @@ impl ConvertConfigBuilder {
             None if low_memory => 1,
             None => DEFAULT_INFLIGHT_PER_THREAD,
         };
-        if let Some(q) = &self.quantize {
-            check_quantize(q)?;
-        }
+        self.check_quantize()?;
         if self.max_header_bytes == 0 {
             return Err(Error::option("the header cap must be at least 1 byte"));
         }
@@ -542,6 +568,7 @@ impl ConvertConfigBuilder {
             filters: self.filters.compile()?,
             quantize: self.quantize,
             keep_quantized: self.keep_quantized,
+            lossless: self.lossless,
             max_file_size: self.max_file_size,
             resume: self.resume,
             source: SourceOptions {

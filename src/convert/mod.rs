@@ -21,7 +21,7 @@ pub use config::{
 pub use parts::{convert_part, prepare_parts, record_parts, PartOutcome, PartStatus};
 pub use report::{
     ConversionPlan, ConversionReport, Dequantization, Event, Fetched, Observer, PlannedEntry,
-    PlannedPart, QuantReport, Silent,
+    PlannedPart, QuantReport, Requantized, Silent,
 };
 
 use crate::cast::{CastStats, QuantError, TensorQuantError};
@@ -308,6 +308,8 @@ impl Job {
                 target: config.dtype,
                 quantize: config.quantize.as_ref(),
                 keep_quantized: config.keep_quantized,
+                carry: Some(crate::cast::carry),
+                lossless: config.lossless,
                 max_row_bytes: config.max_row_bytes,
                 group_bytes: config.row_group_bytes,
                 max_file_size: config.max_file_size,
@@ -444,11 +446,18 @@ impl Job {
     fn quant_report(&self, errors: &[QuantError]) -> Option<QuantReport> {
         let q = self.plan.quantize.as_ref()?;
         let mut model = QuantError::default();
-        let mut tensors = Vec::new();
+        let (mut tensors, mut carried, mut requantized) = (Vec::new(), Vec::new(), Vec::new());
         for (t, e) in self.plan.tensors.iter().zip(errors) {
-            if t.quant.is_some() {
-                model.merge(e);
-                tensors.push(TensorQuantError::new(&t.name, e));
+            let Some(spec) = t.quant else { continue };
+            model.merge(e);
+            tensors.push(TensorQuantError::new(&t.name, e));
+            if spec.carried {
+                carried.push(t.name.clone());
+            } else if let Some(why) = &t.requantized {
+                requantized.push(Requantized {
+                    name: t.name.clone(),
+                    reason: why.clone(),
+                });
             }
         }
         tensors.sort_by(|a, b| a.sqnr_db.total_cmp(&b.sqnr_db));
@@ -460,6 +469,8 @@ impl Job {
             unquantized_tensors: self.plan.tensors.len() - tensors.len(),
             model: TensorQuantError::new("model", &model),
             tensors,
+            carried,
+            requantized,
         })
     }
 
@@ -619,6 +630,11 @@ impl Job {
                         .map_or(String::new(), |s| s.method.clone()),
                     stored_dtype: d.stored_dtype.to_string(),
                     consumes: d.consumes.clone(),
+                    int8: t.quant.map(|q| match (q.carried, &t.requantized) {
+                        (true, _) => "carried".to_string(),
+                        (false, Some(why)) => format!("re-quantized: {why}"),
+                        (false, None) => "re-quantized".to_string(),
+                    }),
                 }),
             })
             .collect();

@@ -123,6 +123,21 @@ pub struct QuantReport {
     pub model: TensorQuantError,
     /// Every quantized tensor, worst (lowest SQNR) first.
     pub tensors: Vec<TensorQuantError>,
+    /// Pre-quantized weights written from their own integer codes, scales and zero
+    /// points: exact (their error is 0, their SQNR infinite: `null` in JSON).
+    pub carried: Vec<String>,
+    /// Pre-quantized weights quantized from their dequantized values, and why their
+    /// codes could not be carried.
+    pub requantized: Vec<Requantized>,
+}
+
+/// A pre-quantized weight quantized again from its dequantized values.
+#[derive(Debug, Clone, Serialize, PartialEq)]
+pub struct Requantized {
+    /// Output name.
+    pub name: String,
+    /// Why its codes were not carried (`act-order g_idx`, `F8_E4M3 codes`, …).
+    pub reason: String,
 }
 
 impl ConversionReport {
@@ -202,6 +217,10 @@ pub struct Dequantization {
     pub stored_dtype: String,
     /// The stored tensors it consumes, codes first.
     pub consumes: Vec<String>,
+    /// With `--quantize int8`: `carried` (written from its own codes, scales and zero
+    /// points) or `re-quantized: REASON`; none when it is not quantized.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub int8: Option<String>,
 }
 
 /// What a conversion would do (`--dry-run`).

@@ -12,7 +12,7 @@ use crate::source::{Dequantized, Source, TensorInfo, TensorRef};
 
 mod quant;
 
-pub(crate) use quant::QuantSpec;
+pub(crate) use quant::{Carry, CarryFn, QuantSpec};
 pub use quant::{QuantScheme, QuantType, Quantize, MIN_QUANT_ELEMENTS};
 
 /// The largest row limit or row-group budget, in bytes (Arrow `Binary` offsets are
@@ -60,6 +60,9 @@ pub(crate) struct PlannedTensor {
     /// How a pre-quantized weight is dequantized (`src` then describes its f32
     /// values), if it is one.
     pub(crate) dequant: Option<Dequantized>,
+    /// For a pre-quantized weight quantized from its dequantized values: why its codes
+    /// were not carried.
+    pub(crate) requantized: Option<String>,
 }
 
 impl PlannedTensor {
@@ -142,6 +145,11 @@ pub(crate) struct PlanOptions<'a> {
     pub(crate) quantize: Option<&'a Quantize>,
     /// Plan a pre-quantized checkpoint's tensors as stored (not dequantized).
     pub(crate) keep_quantized: bool,
+    /// Whether a pre-quantized weight's codes can go into V2 unchanged (none: never).
+    pub(crate) carry: Option<CarryFn>,
+    /// `--lossless`: a pre-quantized weight that cannot be carried is an error, and
+    /// no float tensor is quantized.
+    pub(crate) lossless: bool,
     /// The row limit, in output bytes.
     pub(crate) max_row_bytes: u64,
     /// The row-group budget, in output bytes.
@@ -359,9 +367,7 @@ fn plan_tensor(
             dim,
         });
     }
-    let quant = opts
-        .quantize
-        .and_then(|q| q.spec_for(&s.name, src.dtype, &src.shape));
+    let (quant, requantized) = quant_spec(source, s, src, dequant, opts)?;
     let dtype = match (quant, dequant) {
         (Some(_), _) => Dtype::I8,
         // A dequantized weight's `keep` is the checkpoint's compute dtype.
@@ -404,7 +410,52 @@ fn plan_tensor(
         rows: rows.len() as u64 - first_row,
         quant,
         dequant: dequant.cloned(),
+        requantized,
     })
+}
+
+/// How the selected tensor `s` (`src`, dequantized by `dequant` if pre-quantized) is
+/// quantized, if it is, and for a pre-quantized weight quantized from its values, why
+/// its codes are not carried. A carried weight's units are its own groups.
+///
+/// # Errors
+///
+/// `Quantization` naming the tensor and the reason when `--lossless` is set and a
+/// pre-quantized weight that would be quantized cannot be carried.
+fn quant_spec(
+    source: &Source,
+    s: &Selected,
+    src: &TensorInfo,
+    dequant: Option<&Dequantized>,
+    opts: &PlanOptions<'_>,
+) -> Result<(Option<QuantSpec>, Option<String>)> {
+    let Some(spec) = opts
+        .quantize
+        .and_then(|q| q.spec_for(&s.name, src.dtype, &src.shape))
+    else {
+        return Ok((None, None));
+    };
+    let Some(d) = dequant else {
+        // --lossless adds no quantization error: a float tensor stays a float row.
+        return Ok(((!opts.lossless).then_some(spec), None));
+    };
+    let carry = match opts.carry {
+        Some(f) => f(source, d),
+        None => Err("codes are not carried by this conversion".into()),
+    };
+    let carry = carry.and_then(|c| match c.bits <= spec.kind.bits() {
+        true => Ok(c),
+        false => Err(format!("{}-bit codes do not fit {}", c.bits, spec.kind.as_str())),
+    });
+    match carry {
+        Ok(c) => Ok((Some(c.spec(spec.kind, &src.shape)), None)),
+        Err(why) if opts.lossless => Err(Error::Quantization {
+            path: source.shards[s.shard].path.clone(),
+            tensor: s.name.clone(),
+            reason: format!("--lossless, and its codes cannot be carried into V2 exactly: {why}"),
+        }),
+        Err(why) => Ok((Some(spec), Some(why))),
+    }
 }
 
 /// Elements per row of the tensor `src` (selected as `s`), `size` bytes each in the
@@ -501,6 +552,7 @@ mod tests {
                 rows: rows.len() as u64 - first_row,
                 quant: None,
                 dequant: None,
+                requantized: None,
             });
         }
         (tensors, rows)

@@ -140,6 +140,47 @@ pub(crate) struct QuantSpec {
     pub(crate) axis: i32,
     /// The V2 `group_size`: 0 per-channel.
     pub(crate) group_size: u64,
+    /// True when the tensor is a pre-quantized weight written from its own codes,
+    /// scales and zero points ([`Carry`]) rather than quantized from its values.
+    pub(crate) carried: bool,
+}
+
+/// How a pre-quantized weight's integer codes go into V2 unchanged: the cast stage's
+/// decoder says whether they can (`cast::carry`), from the weight's description and
+/// small metadata (a `g_idx`), before any row is sized.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct Carry {
+    /// Elements per scale and zero point, contiguous in the flattened output: a whole
+    /// output row (per channel, or a per-tensor scale repeated per row) or a group.
+    pub(crate) group: u64,
+    /// The width of the source codes in bits: a V2 type of `n` bits holds codes of at
+    /// most `n` (int8 any up to 8).
+    pub(crate) bits: u32,
+}
+
+/// The cast stage's answer to "can this weight be carried", handed to the plan (which
+/// sits below the cast) by its caller; the reason when it cannot.
+pub(crate) type CarryFn =
+    fn(&crate::source::Source, &crate::source::Dequantized) -> std::result::Result<Carry, String>;
+
+impl Carry {
+    /// The spec of a weight of `shape` carried with `self`: per channel (V2 `quant_axis`
+    /// 0) when a group is an index of axis 0, else per group.
+    pub(crate) fn spec(self, kind: QuantType, shape: &[u64]) -> QuantSpec {
+        let numel: u64 = shape.iter().product();
+        let row = shape
+            .first()
+            .map_or(numel, |&d0| numel.checked_div(d0).unwrap_or(0));
+        let per_channel = self.group == row;
+        QuantSpec {
+            kind,
+            scheme: QuantScheme::Asymmetric,
+            unit: self.group,
+            axis: if per_channel { 0 } else { -1 },
+            group_size: if per_channel { 0 } else { self.group },
+            carried: true,
+        }
+    }
 }
 
 impl QuantSpec {
@@ -191,6 +232,7 @@ impl Quantize {
                 unit: self.group_size,
                 axis: -1,
                 group_size: self.group_size,
+                carried: false,
             }
         } else {
             QuantSpec {
@@ -199,6 +241,7 @@ impl Quantize {
                 unit: numel / shape[0],
                 axis: 0,
                 group_size: 0,
+                carried: false,
             }
         })
     }

@@ -15,7 +15,8 @@ use super::rows::Row;
 use super::tensor::{codes as stored_codes, f32s_into, row_elems};
 use super::{TensorInfo, WeightFile};
 use crate::cast::{
-    cast_into, quantize_unit, tensor_elements, value_f64, QuantError, Stored, TensorQuantError,
+    carry, cast_into, codes, dequantize, quantize_unit, tensor_elements, value_f64, QuantError,
+    Stored, TensorQuantError,
 };
 use crate::dtype::{Dtype, TargetDtype};
 use crate::error::{sanitize, Error, Result};
@@ -48,6 +49,9 @@ pub struct TensorCheck {
     /// With a source, for a quantized tensor: the error its codes make against the
     /// source values after dequantization.
     pub quant: Option<TensorQuantError>,
+    /// With a source, for a weight carried from its own codes: checked code for code
+    /// against the source's codes, scales and zero points.
+    pub carried: bool,
     #[serde(skip)]
     quant_err: Option<QuantError>,
 }
@@ -62,6 +66,7 @@ impl TensorCheck {
             max_rel_error: 0.0,
             problems: Vec::new(),
             quant: None,
+            carried: false,
             quant_err: None,
         }
     }
@@ -257,6 +262,73 @@ fn close_check(tally: Tally, t: &TensorInfo, has_index: bool) -> TensorCheck {
 }
 
 impl Against<'_> {
+    /// A row of a weight carried from its codes: its codes, scales and zero points
+    /// equal the source's own, code for code; the error is 0.
+    fn check_carried_row(
+        &self,
+        check: &mut TensorCheck,
+        t: &TensorInfo,
+        (q, d): (QuantInfo, &crate::source::Dequantized),
+        row: &Row,
+    ) {
+        check.carried = true;
+        let carry = match carry(self.src, d) {
+            Ok(c) => c,
+            Err(why) => {
+                return check.problems.push(format!(
+                    "recorded as carried, but its codes cannot be: {why}"
+                ))
+            }
+        };
+        let per = q.kind.per_byte();
+        let (first, elems) = (
+            row.offset.saturating_mul(per),
+            row_elems(q.kind, t.num_params, row.offset, row.data.len()),
+        );
+        let unit = q.unit(&t.shape);
+        if d.info.shape != t.shape || unit != carry.group || first % unit != 0 {
+            return check.problems.push(format!(
+                "shape {:?} or groups of {unit} differ from the source's {:?} in groups of {}",
+                t.shape, d.info.shape, carry.group
+            ));
+        }
+        if first
+            .checked_add(elems)
+            .is_none_or(|end| end > d.info.numel)
+        {
+            return check.problems.push(format!(
+                "a row at element {first} holds more than the source's {} elements",
+                d.info.numel
+            ));
+        }
+        let mut codes_want = vec![0u8; elems as usize];
+        let (scales, zps) = match codes(self.src, d, carry.group, first, &mut codes_want) {
+            Ok(c) => c,
+            Err(e) => return check.problems.push(e.to_string()),
+        };
+        let got = stored_codes(q.kind, row.data, elems);
+        check.value_mismatches += codes_want
+            .iter()
+            .zip(got.iter())
+            .filter(|(a, b)| a != b)
+            .count() as u64;
+        let (mut got_s, mut got_z) = (Vec::new(), Vec::new());
+        f32s_into(row.scales, &mut got_s);
+        f32s_into(row.zero_points, &mut got_z);
+        let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
+        if bits(&got_s) != bits(&scales) || bits(&got_z) != bits(&zps) {
+            check.value_mismatches += 1;
+        }
+        let err = check.quant_err.get_or_insert_with(QuantError::default);
+        for (c, (&s, &z)) in got.chunks(unit as usize).zip(scales.iter().zip(&zps)) {
+            err.sum_x2 += c
+                .iter()
+                .map(|&b| (dequantize(b, s, z) as f64).powi(2))
+                .sum::<f64>();
+        }
+        err.count += elems;
+    }
+
     /// Quantizes the source's values of a stored int8 or int2 row again and requires
     /// the same codes (int2 ones unpacked, padding bits included: they must be zero),
     /// scales and zero points; measures the error the codes make.
@@ -405,6 +477,8 @@ struct Against<'a> {
     policy: Option<TargetDtype>,
     /// The quantization scheme a V2 file records.
     scheme: Option<QuantScheme>,
+    /// The tensors the file says were carried from their own codes.
+    carried: std::collections::HashSet<String>,
 }
 
 impl<'a> Against<'a> {
@@ -426,6 +500,13 @@ impl<'a> Against<'a> {
                 .collect(),
             policy: wf.cast_policy(),
             scheme: wf.quant_scheme(),
+            carried: wf
+                .metadata()
+                .and_then(|m| m.pointer("/quantization/carried")?.as_array().cloned())
+                .unwrap_or_default()
+                .iter()
+                .filter_map(|v| Some(v.as_str()?.to_string()))
+                .collect(),
         }
     }
 
@@ -456,6 +537,9 @@ impl<'a> Against<'a> {
         };
         let st = src.info;
         if let Some(q) = t.quant {
+            if let (true, Some(d)) = (self.carried.contains(&t.name), src.dequant) {
+                return self.check_carried_row(check, t, (q, d), row);
+            }
             return self.check_quantized_row(check, t, q, src, row);
         }
         let expect = match (self.policy, src.dequant) {

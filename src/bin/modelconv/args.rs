@@ -112,6 +112,11 @@ pub struct ConvertArgs {
     /// Never quantize tensors matching this glob (repeatable).
     #[arg(long, value_name = "GLOB")]
     quantize_skip: Vec<String>,
+    /// With --quantize: add no quantization error. Pre-quantized weights are carried
+    /// as their own codes; one that cannot be (act-order GPTQ, FP8, MXFP4) is an
+    /// error naming it, nothing written; tensors that are not pre-quantized stay float.
+    #[arg(long)]
+    lossless: bool,
     /// Print the plan (type, tensors kept and dropped, renames, casts, size) and write nothing.
     #[arg(long)]
     pub dry_run: bool,
@@ -238,6 +243,7 @@ impl ConvertArgs {
             .threads(self.threads)
             .allow_overflow(self.allow_overflow)
             .keep_quantized(self.keep_quantized)
+            .lossless(self.lossless)
             .max_file_size(self.max_file_size)
             .resume(self.resume)
             .force(self.force)

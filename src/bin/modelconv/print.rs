@@ -107,13 +107,26 @@ pub fn summary(r: &ConversionReport) {
             m.rel_rms,
             m.max_abs_error
         );
-        for t in q.tensors.iter().take(3) {
+        for t in q.tensors.iter().filter(|t| t.sqnr_db.is_finite()).take(3) {
             eprintln!(
                 "    worst    {:<48} SQNR {:.1} dB, relative RMS {:.2e}, max abs {:.3e}",
                 sanitize(&t.name),
                 t.sqnr_db,
                 t.rel_rms,
                 t.max_abs_error
+            );
+        }
+        if !q.carried.is_empty() {
+            eprintln!(
+                "    carried  {} pre-quantized weights exactly, from their own codes, scales and zero points",
+                q.carried.len()
+            );
+        }
+        for t in &q.requantized {
+            eprintln!(
+                "    requantized {}: its codes are not carried ({})",
+                sanitize(&t.name),
+                sanitize(&t.reason)
             );
         }
     }
@@ -188,8 +201,13 @@ pub fn plan(plan: &ConversionPlan) {
         );
         if let Some(d) = &k.dequantized {
             let parts: Vec<String> = d.consumes.iter().map(|c| sanitize(c)).collect();
+            let int8 = d
+                .int8
+                .as_deref()
+                .map(|q| format!("; int8 {}", sanitize(q)))
+                .unwrap_or_default();
             println!(
-                "      dequantized ({}) from {}",
+                "      dequantized ({}) from {}{int8}",
                 d.scheme,
                 parts.join(" + ")
             );
@@ -325,13 +343,20 @@ pub fn verify(report: &VerifyReport) {
         .iter()
         .filter_map(|c| c.quant.as_ref())
         .collect();
+    let carried = report.checks.iter().filter(|c| c.carried).count();
+    if carried > 0 {
+        println!(
+            "carried tensors: {carried} with the source's own codes, scales and zero points, code for code"
+        );
+    }
     if let Some(worst) = quantized
         .iter()
+        .filter(|q| q.sqnr_db.is_finite())
         .min_by(|a, b| a.sqnr_db.total_cmp(&b.sqnr_db))
     {
         println!(
             "quantized tensors: {} re-quantized from the source with identical codes and scales; lowest SQNR {:.1} dB (`{}`)",
-            quantized.len(),
+            quantized.len() - carried,
             worst.sqnr_db,
             sanitize(&worst.name)
         );

@@ -5,8 +5,9 @@
 
 #[cfg(target_arch = "x86_64")]
 use super::simd::avx2;
-use super::{bits::words, transposed, Bufs, Decode, Reader, Release};
+use super::{bits::words, row_groups, transposed, Bufs, Decode, Reader, Release, Sink};
 use crate::error::Result;
+use crate::plan::Carry;
 use crate::source::scheme::Awq;
 
 impl Decode for Awq {
@@ -21,6 +22,56 @@ impl Decode for Awq {
         transposed(first, count, out, r.d.info.shape[1], |o0, o1, tile| {
             awq(r, self, o0, o1, bufs, tile)
         })
+    }
+
+    /// 4-bit codes in groups of inputs that tile the rows.
+    fn carry(&self, _r: &Reader) -> std::result::Result<Carry, String> {
+        let group = row_groups(self.group, self.inputs.max(1))?;
+        Ok(Carry { group, bits: 4 })
+    }
+
+    /// Output `o`, input `i`: nibble `n` (`AWQ_ORDER[n] == o % 8`) of word `[i, o / 8]`,
+    /// its group's zero point the same nibble of `qzeros[k, o / 8]`; codes and zero
+    /// points shifted by 8.
+    fn codes(
+        &self,
+        r: &Reader,
+        first: u64,
+        count: u64,
+        bufs: &mut Bufs,
+        sink: &mut Sink,
+    ) -> Result<()> {
+        let [qb, sb, zb, _] = bufs;
+        let (ins, outs) = (self.inputs.max(1), self.outputs);
+        let wpr = outs / 8;
+        let (o0, o1) = (first / ins, (first + count).div_ceil(ins));
+        let zall: Vec<u32> = words(r.bytes(self.qzeros, 0, r.info(self.qzeros).len, zb)?).collect();
+        // The stored words, read in place (a piece reads every stored row).
+        let qall = r.bytes_read(self.qweight, 0, r.info(self.qweight).len, qb, o0 == 0)?;
+        let word = |k: u64| {
+            let at = (k * 4) as usize;
+            u32::from_le_bytes([qall[at], qall[at + 1], qall[at + 2], qall[at + 3]])
+        };
+        let mut srow = Vec::new();
+        for o in o0..o1 {
+            let (c, n) = (
+                o / 8,
+                AWQ_ORDER.iter().position(|&x| x == o % 8).unwrap_or(0),
+            );
+            let shift = 4 * n as u32;
+            let i0 = first.max(o * ins) - o * ins;
+            let i1 = (first + count).min((o + 1) * ins) - o * ins;
+            for i in i0..i1 {
+                let k = i / self.group;
+                if i == i0 || i % self.group == 0 {
+                    r.scales(self.scales, k * outs + o, 1, sb, &mut srow)?;
+                }
+                let z = (zall[(k * wpr + c) as usize] >> shift) & 15;
+                let q = (word(i * wpr + c) >> shift) & 15;
+                sink.push(q as i32 - 8, srow[0], (z as i32 - 8) as f32);
+            }
+        }
+        Ok(())
     }
 
     /// Every component, with the last piece (each piece reads every stored row).

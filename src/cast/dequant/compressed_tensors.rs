@@ -9,9 +9,10 @@ use super::bits::int4_row_avx2;
 use super::simd::avx2;
 use super::{
     bits::{bits_at, bitstream, words},
-    Bufs, Decode, Reader, Release,
+    in_order, row_groups, Bufs, Decode, Reader, Release, Sink,
 };
 use crate::error::Result;
+use crate::plan::Carry;
 use crate::source::scheme::Packed;
 
 impl Decode for Packed {
@@ -25,6 +26,32 @@ impl Decode for Packed {
     ) -> Result<()> {
         out.clear();
         packed(r, self, first, count, bufs, out)
+    }
+
+    /// Codes of up to 8 bits in groups that tile the rows (a `g_idx` in input order).
+    fn carry(&self, r: &Reader) -> std::result::Result<Carry, String> {
+        if let Some(g) = self.g_idx {
+            let gi = r
+                .groups(g, self.groups, &mut Vec::new())
+                .map_err(|e| e.to_string())?;
+            in_order(&gi, self.group)?;
+        }
+        let group = row_groups(self.group, self.cols.max(1))?;
+        Ok(Carry {
+            group,
+            bits: self.bits,
+        })
+    }
+
+    fn codes(
+        &self,
+        r: &Reader,
+        first: u64,
+        count: u64,
+        bufs: &mut Bufs,
+        sink: &mut Sink,
+    ) -> Result<()> {
+        packed_codes(r, self, (first, count), bufs, sink)
     }
 
     /// The whole rows of the piece and their scales; the scale-like components whole
@@ -54,6 +81,51 @@ impl Decode for Packed {
             }
         }
     }
+}
+
+/// The codes of elements `[first, first + count)` into `sink`, offset-binary codes and
+/// zero points shifted by the same offset `2^(bits − 1)`.
+fn packed_codes(
+    r: &Reader,
+    p: &Packed,
+    (first, count): (u64, u64),
+    bufs: &mut Bufs,
+    sink: &mut Sink,
+) -> Result<()> {
+    let [qb, sb, zb, _] = bufs;
+    let cols = p.cols.max(1);
+    let (o0, o1) = (first / cols, (first + count).div_ceil(cols));
+    let wb = r.bytes(
+        p.packed,
+        o0 * p.row_words * 4,
+        (o1 - o0) * p.row_words * 4,
+        qb,
+    )?;
+    let w: Vec<u32> = words(wb).collect();
+    let mut sv = Vec::new();
+    r.scales(p.scale, o0 * p.groups, (o1 - o0) * p.groups, sb, &mut sv)?;
+    let offset = 1i32 << (p.bits - 1);
+    let zeros: Option<Vec<u32>> = match p.zero {
+        Some(z) => Some(words(r.bytes(z, 0, r.info(z).len, zb)?).collect()),
+        None => None,
+    };
+    let groups = p.groups as usize;
+    for o in o0..o1 {
+        let row = &w[((o - o0) * p.row_words) as usize..((o - o0 + 1) * p.row_words) as usize];
+        let srow = &sv[((o - o0) * p.groups) as usize..((o - o0 + 1) * p.groups) as usize];
+        let i0 = first.max(o * cols) - o * cols;
+        let i1 = (first + count).min((o + 1) * cols) - o * cols;
+        for i in i0..i1 {
+            let g = (i / p.group) as usize;
+            let z = match &zeros {
+                Some(zw) => bits_at(|k| zw.get(k * groups + g).copied().unwrap_or(0), o, p.bits),
+                None => offset as u32,
+            };
+            let q = bitstream(row, i, p.bits) as i32;
+            sink.push(q - offset, srow[g], (z as i32 - offset) as f32);
+        }
+    }
+    Ok(())
 }
 
 /// compressed-tensors `pack-quantized`: rows of densely packed offset-binary codes,

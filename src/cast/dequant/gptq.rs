@@ -9,8 +9,9 @@ use super::bits::int4_row_avx2;
 use super::bits::{bitstream, words};
 #[cfg(target_arch = "x86_64")]
 use super::simd::{avx2, transpose8_avx2};
-use super::{transposed, Bufs, Decode, Reader, Release};
+use super::{in_order, row_groups, transposed, Bufs, Decode, Reader, Release, Sink};
 use crate::error::Result;
+use crate::plan::Carry;
 use crate::source::scheme::Gptq;
 
 impl Decode for Gptq {
@@ -25,6 +26,54 @@ impl Decode for Gptq {
         transposed(first, count, out, r.d.info.shape[1], |o0, o1, tile| {
             gptq(r, self, o0, o1, bufs, tile)
         })
+    }
+
+    /// Codes of 2 to 8 bits without a `g_idx` or with one in input order, in groups
+    /// that tile the rows.
+    fn carry(&self, r: &Reader) -> std::result::Result<Carry, String> {
+        if let Some(g) = self.g_idx {
+            let gi = r
+                .groups(g, self.groups, &mut Vec::new())
+                .map_err(|e| e.to_string())?;
+            in_order(&gi, self.group)?;
+        }
+        let group = row_groups(self.group, self.inputs.max(1))?;
+        Ok(Carry {
+            group,
+            bits: self.bits,
+        })
+    }
+
+    /// Each output row from its own packed column, codes and zero points shifted by
+    /// `2^(bits − 1)` (the zero point with GPTQ v1's +1 already in it).
+    fn codes(
+        &self,
+        r: &Reader,
+        first: u64,
+        count: u64,
+        bufs: &mut Bufs,
+        sink: &mut Sink,
+    ) -> Result<()> {
+        let ins = self.inputs.max(1);
+        let (o0, o1) = (first / ins, (first + count).div_ceil(ins));
+        let [qb, sb, zb, _] = bufs;
+        let (scale, zero) = tile_params(r, self, (o0, o1), sb, zb)?;
+        let all = r.bytes_read(self.qweight, 0, r.info(self.qweight).len, qb, o0 == 0)?;
+        let wt = columns(all, self, o0, 0..(o1 - o0) as usize);
+        let (packed, groups) = ((ins * self.bits as u64 / 32) as usize, self.groups as usize);
+        let offset = 1i32 << (self.bits - 1);
+        for o in o0..o1 {
+            let oo = (o - o0) as usize;
+            let w = &wt[oo * packed..(oo + 1) * packed];
+            let i0 = first.max(o * ins) - o * ins;
+            let i1 = (first + count).min((o + 1) * ins) - o * ins;
+            for i in i0..i1 {
+                let k = oo * groups + (i / self.group) as usize;
+                let q = bitstream(w, i, self.bits) as i32 - offset;
+                sink.push(q, scale[k], zero[k] - offset as f32);
+            }
+        }
+        Ok(())
     }
 
     /// Every component, with the last piece (each piece reads every stored row).

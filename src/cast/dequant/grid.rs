@@ -12,10 +12,11 @@ use half::f16;
 use super::simd::f16c;
 #[cfg(target_arch = "x86_64")]
 use super::with_bufs;
-use super::{Bufs, Decode, Reader, Release};
+use super::{row_groups, Bufs, Decode, Reader, Release, Sink};
 use crate::cast::CastStats;
 use crate::dtype::Dtype;
 use crate::error::Result;
+use crate::plan::Carry;
 use crate::source::scheme::Grid;
 
 impl Decode for Grid {
@@ -52,6 +53,38 @@ impl Decode for Grid {
         #[cfg(not(target_arch = "x86_64"))]
         let _ = (r, to, first, count, dst);
         Ok(None)
+    }
+
+    /// int8 codes (compressed-tensors `int-quantized`, `naive-quantized`) per tensor,
+    /// per channel or in groups of a row; FP8 codes are not integers.
+    fn carry(&self, r: &Reader) -> std::result::Result<Carry, String> {
+        let dt = r.info(self.q).dtype;
+        if dt != Dtype::I8 {
+            return Err(format!("{dt} codes"));
+        }
+        let (br, bc) = self.block;
+        let group = match self.per_tensor {
+            // One scale, repeated for every row.
+            true => self.cols.max(1),
+            false if br == 1 => row_groups(bc, self.cols.max(1))?,
+            false => return Err(format!("blocks of {br}×{bc} span several rows")),
+        };
+        Ok(Carry { group, bits: 8 })
+    }
+
+    fn codes(
+        &self,
+        r: &Reader,
+        first: u64,
+        count: u64,
+        bufs: &mut Bufs,
+        sink: &mut Sink,
+    ) -> Result<()> {
+        grid_runs(r, self, first, count, bufs, |src, s, z| {
+            for &b in src {
+                sink.push(b as i8 as i32, s, z.unwrap_or(0.0));
+            }
+        })
     }
 
     /// The codes of the piece; the scales and zero points with the last piece.

@@ -36,6 +36,7 @@ use std::cell::RefCell;
 use crate::cast::CastStats;
 use crate::dtype::Dtype;
 use crate::error::{Error, Result};
+use crate::plan::Carry;
 use crate::source::{Dequantized, Kernel, Source, TensorInfo, TensorRef};
 
 /// Output values per piece of a dequantized row (1 MiB of f32): the piece stays in the
@@ -82,6 +83,143 @@ trait Decode {
     ///
     /// As [`release`].
     unsafe fn release(&self, p: &Release);
+
+    /// Whether this weight's codes go into V2 unchanged ([`carry`]): its groups as
+    /// contiguous runs of the flattened output and the width of its codes, or why not.
+    /// Decided from the description and small metadata (a `g_idx`), at plan time.
+    fn carry(&self, _r: &Reader) -> std::result::Result<Carry, String> {
+        Err("its codes are not integers with scales".into())
+    }
+
+    /// Pushes into `sink` the codes of elements `[first, first + count)` (whole
+    /// groups of [`Decode::carry`]'s, or the end of the weight), shifted into
+    /// [−128, 127], and each group's scale and zero point (shifted alike): the
+    /// seed loader's `(q − z) × s` in f32 is then [`Decode::fill`]'s value. Only
+    /// called where `carry` said yes.
+    fn codes(
+        &self,
+        r: &Reader,
+        _first: u64,
+        _count: u64,
+        _bufs: &mut Bufs,
+        _sink: &mut Sink,
+    ) -> Result<()> {
+        Err(Error::internal(format!(
+            "`{}` has no codes to carry",
+            crate::error::sanitize(&r.d.name)
+        )))
+    }
+}
+
+/// Where [`Decode::codes`] writes: int8 codes in order, and a scale and zero point at
+/// the start of every group (`group` elements of the flattened weight).
+pub(crate) struct Sink<'a> {
+    /// The codes, one byte each, from the first element asked for.
+    q: &'a mut [u8],
+    /// Codes written.
+    at: usize,
+    /// The element `q[0]` is.
+    first: u64,
+    group: u64,
+    scales: &'a mut Vec<f32>,
+    zero_points: &'a mut Vec<f32>,
+}
+
+impl Sink<'_> {
+    /// The next element: code `q` (in [−128, 127]) of a group with scale `s` and zero
+    /// point `z`.
+    #[inline]
+    fn push(&mut self, q: i32, s: f32, z: f32) {
+        if (self.first + self.at as u64).is_multiple_of(self.group) {
+            self.scales.push(s);
+            self.zero_points.push(z);
+        }
+        if let Some(o) = self.q.get_mut(self.at) {
+            *o = q as i8 as u8;
+        }
+        self.at += 1;
+    }
+}
+
+/// The largest group of elements of `len`-long rows that never straddles a group of
+/// `group` inputs nor a row: the row (per channel) when one group spans it, else
+/// `gcd(group, len)`; an error when that is too small to be worth its scales.
+fn row_groups(group: u64, len: u64) -> std::result::Result<u64, String> {
+    if group >= len {
+        return Ok(len);
+    }
+    let (mut a, mut b) = (group, len);
+    while b != 0 {
+        (a, b) = (b, a % b);
+    }
+    if a < MIN_CARRY_GROUP {
+        return Err(format!(
+            "groups of {group} do not tile rows of {len} (V2 groups would hold {a})"
+        ));
+    }
+    Ok(a)
+}
+
+/// The smallest V2 group a weight whose groups do not divide its rows is carried with
+/// (a scale and a zero point cost 8 bytes: at 16 elements, half a byte each).
+const MIN_CARRY_GROUP: u64 = 16;
+
+/// Checks that `g_idx` entries `gi` are in input order (`gi[i] == i / group`).
+fn in_order(gi: &[u32], group: u64) -> std::result::Result<(), String> {
+    match gi
+        .iter()
+        .enumerate()
+        .all(|(i, &g)| g as u64 == i as u64 / group)
+    {
+        true => Ok(()),
+        false => Err("act-order g_idx".into()),
+    }
+}
+
+/// Whether `d`'s codes go into V2 unchanged, and how ([`Decode::carry`]).
+pub(crate) fn carry(source: &Source, d: &Dequantized) -> std::result::Result<Carry, String> {
+    decoder(&d.kernel).carry(&Reader { source, d })
+}
+
+/// The carried codes of elements `[first, first + count)` of `d` into `q` (`count`
+/// bytes; `first` a multiple of `group`, the carried group [`carry`] gave), and their
+/// groups' scales and zero points: `(scales, zero_points)`.
+///
+/// # Errors
+///
+/// As [`fill`].
+pub(crate) fn codes(
+    source: &Source,
+    d: &Dequantized,
+    group: u64,
+    first: u64,
+    q: &mut [u8],
+) -> Result<(Vec<f32>, Vec<f32>)> {
+    let (mut scales, mut zero_points) = (Vec::new(), Vec::new());
+    let count = q.len() as u64;
+    if count == 0 {
+        return Ok((scales, zero_points));
+    }
+    let mut sink = Sink {
+        q,
+        at: 0,
+        first,
+        group: group.max(1),
+        scales: &mut scales,
+        zero_points: &mut zero_points,
+    };
+    let r = Reader { source, d };
+    with_bufs(|bufs| decoder(&d.kernel).codes(&r, first, count, bufs, &mut sink))?;
+    let at = sink.at as u64;
+    let groups = count.div_ceil(group.max(1)) as usize;
+    if at != count || scales.len() != groups || zero_points.len() != groups {
+        return Err(Error::internal(format!(
+            "`{}`: {at} codes and {} scales carried for {count} elements",
+            crate::error::sanitize(&d.name),
+            scales.len()
+        )));
+    }
+    Ok((scales, zero_points))
 }
 
 /// The decoder of each description: a new format is one line here (its description a
@@ -393,5 +531,20 @@ mod tests {
         assert_eq!(e8m0(0), Some(2f32.powi(-127)));
         assert_eq!(e8m0(254), Some(2f32.powi(127)));
         assert_eq!(e8m0(255), None);
+    }
+
+    #[test]
+    fn carried_groups_tile_rows_and_follow_the_input_order() {
+        assert_eq!(row_groups(128, 128), Ok(128));
+        assert_eq!(row_groups(128, 64), Ok(64));
+        assert_eq!(row_groups(32, 128), Ok(32));
+        assert_eq!(row_groups(128, 192), Ok(64));
+        assert_eq!(row_groups(48, 64), Ok(16));
+        assert_eq!(
+            row_groups(50, 128),
+            Err("groups of 50 do not tile rows of 128 (V2 groups would hold 2)".into())
+        );
+        assert_eq!(in_order(&[0, 0, 1, 1, 2], 2), Ok(()));
+        assert_eq!(in_order(&[0, 1, 0, 1], 2), Err("act-order g_idx".into()));
     }
 }

@@ -73,6 +73,13 @@ impl Decode for Mxfp4 {
         with_bufs(|bufs| mxfp4_half(r, self, rows, bufs, half, dst)).map(Some)
     }
 
+    /// gpt-oss stores E2M1 codes with E8M0 scales along the output of its `[in, out]`
+    /// layout: V2 groups run along the flattened `[out, in]` rows, and E2M1 is not an
+    /// integer grid with one zero point.
+    fn carry(&self, _r: &Reader) -> std::result::Result<crate::plan::Carry, String> {
+        Err("MXFP4 (gpt-oss): E2M1 codes in a transposed layout".into())
+    }
+
     /// Each expert the piece ends, its blocks and scales, and this worker's slab of it.
     unsafe fn release(&self, p: &Release) {
         let m = self;
