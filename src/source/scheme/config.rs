@@ -1,6 +1,7 @@
 //! Where a pre-quantized checkpoint declares its scheme: `config.json`'s
-//! `quantization_config` (or `compression_config`), or an older GPTQ repository's
-//! `quantize_config.json`; and reading parameters from them.
+//! `quantization_config` (or `compression_config`), ModelOpt's `hf_quant_config.json`,
+//! or an older GPTQ repository's `quantize_config.json`; and reading parameters from
+//! them.
 
 use std::path::{Path, PathBuf};
 
@@ -21,8 +22,9 @@ pub(super) struct Declared {
     pub(super) torch_dtype: Option<Dtype>,
 }
 
-/// Reads `config.json`'s `quantization_config` (or `compression_config`) and an older
-/// GPTQ repository's `quantize_config.json` in `dir`.
+/// Reads `config.json`'s `quantization_config` (or `compression_config`), ModelOpt's
+/// `hf_quant_config.json` and an older GPTQ repository's `quantize_config.json` in
+/// `dir`, in that order.
 pub(super) fn declared(dir: &Path) -> Result<Option<Declared>> {
     let read = |p: &Path| -> Result<Option<Value>> {
         match std::fs::read_to_string(p) {
@@ -51,6 +53,8 @@ pub(super) fn declared(dir: &Path) -> Result<Option<Declared>> {
     });
     if let Some(q) = q {
         let method = match q.get("quant_method").and_then(Value::as_str) {
+            // vLLM reads `modelopt_fp4` and the like as ModelOpt.
+            Some(m) if m.to_ascii_lowercase().starts_with("modelopt") => "modelopt".into(),
             Some(m) => m.to_ascii_lowercase(),
             // compressed-tensors' older configs say only their format.
             None if q.get("config_groups").is_some() => "compressed-tensors".into(),
@@ -67,6 +71,16 @@ pub(super) fn declared(dir: &Path) -> Result<Option<Declared>> {
             path: config_path,
             method,
             config: q.clone(),
+            torch_dtype,
+        }));
+    }
+    // ModelOpt's side file: `{"producer": ..., "quantization": {"quant_algo": ...}}`.
+    let mo_path = dir.join("hf_quant_config.json");
+    if let Some(q) = read(&mo_path)?.filter(|q| q.get("quantization").is_some()) {
+        return Ok(Some(Declared {
+            path: mo_path,
+            method: "modelopt".into(),
+            config: q,
             torch_dtype,
         }));
     }
