@@ -26,6 +26,7 @@ const FIXTURES: &[(&str, &str)] = &[
     ("ct-mxfp8", "ct-mxfp8"),
     ("modelopt-nvfp4", "modelopt-nvfp4"),
     ("modelopt-nvfp4-sidefile", "modelopt-nvfp4"),
+    ("modelopt-fp8", "modelopt-fp8"),
     ("modelopt-mxfp8", "modelopt-mxfp8"),
     ("modelopt-mixed", "modelopt-mixed"),
 ];
@@ -150,6 +151,30 @@ fn verify_source_dequantizes_the_fp4_and_mx_fixtures_the_same_way() {
 }
 
 #[test]
+fn weights_split_mid_group_and_mid_byte_dequantize_the_same() {
+    // Rows of 31 f16 values, shorter than every output row (32 or 128 values): pieces
+    // start at odd elements (the high nibble of a byte) and inside groups of 16 and 32.
+    let tmp = tempdir();
+    for &(name, refname) in FIXTURES {
+        let out = tmp.path().join(name);
+        let c = ConvertConfig::builder()
+            .max_row_bytes(62)
+            .row_group_bytes(4096)
+            .build()
+            .unwrap();
+        convert(model(name), &out, &c).unwrap();
+        let wf = WeightFile::open(&out).unwrap();
+        for (n, (_, x)) in reference(refname) {
+            let t = wf.tensor(&n).unwrap();
+            assert!(plus_zero(&t.data, 2) == round(&x, "f16"), "{name} {n}");
+            let rows = wf.info(&n).unwrap().rows;
+            assert_eq!(rows, x.len().div_ceil(31) as u64, "{name} {n}: rows");
+        }
+        assert_verifies(&out, &model(name));
+    }
+}
+
+#[test]
 fn the_schemes_are_recognised_with_their_summaries() {
     let tmp = tempdir();
     for (name, method, summary) in [
@@ -170,6 +195,7 @@ fn the_schemes_are_recognised_with_their_summaries() {
         ),
         ("modelopt-nvfp4", "modelopt", "modelopt (NVFP4)"),
         ("modelopt-nvfp4-sidefile", "modelopt", "modelopt (NVFP4)"),
+        ("modelopt-fp8", "modelopt", "modelopt (FP8)"),
         ("modelopt-mxfp8", "modelopt", "modelopt (MXFP8)"),
         (
             "modelopt-mixed",
