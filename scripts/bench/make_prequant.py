@@ -10,6 +10,10 @@ real key names) pre-quantized, for the dequantization bench: every linear layer 
          (`weight_packed`, `weight_scale`, `weight_shape`: Kimi-K2's W4A16 layout)
   awq    AWQ GEMM 4-bit, group 128 (`qweight` [in, out/8] in AWQ's nibble order,
          `qzeros`, `scales` F16)
+  nvfp4  ModelOpt NVFP4 (`weight` U8 [R, C/2] FP4 pairs, low nibble first,
+         `weight_scale` F8_E4M3 per 16, `weight_scale_2` F32 [], `input_scale` F32 [])
+  ct-mxfp4  compressed-tensors `mxfp4-pack-quantized` (`weight_packed` U8 [R, C/2],
+         `weight_scale` U8 E8M0 per 32)
   bf16   the reference: the same layout in bf16
 
 with embeddings, norms and the LM head in bf16. Every variant dequantizes to the same
@@ -75,6 +79,19 @@ def stored(name, shape):
         s = rng.random((r, c // 32), dtype=np.float32) * 3e-3 + 1e-4
         yield stem + ".weight_scale", "BF16", (r, c // 32), (s.view(np.uint32) >> 16).astype(np.uint16).tobytes()
         yield stem + ".weight_shape", "I64", (2,), np.array([r, c], np.int64).tobytes()
+    elif scheme in ("nvfp4", "ct-mxfp4"):
+        codes = rng.integers(0, 256, size=(r, c // 2), dtype=np.uint8)
+        if scheme == "nvfp4":
+            yield name, "U8", (r, c // 2), codes.tobytes()
+            # E4M3 scales 0x20..0x5f (2^-4 .. 2^3, finite), a global scale of amax/2688.
+            s = rng.integers(0x20, 0x60, size=(r, c // 16), dtype=np.uint8)
+            yield stem + ".weight_scale", "F8_E4M3", (r, c // 16), s.tobytes()
+            yield stem + ".weight_scale_2", "F32", (), np.float32(0.05 / 2688).tobytes()
+            yield stem + ".input_scale", "F32", (), np.float32(0.01).tobytes()
+        else:
+            yield stem + ".weight_packed", "U8", (r, c // 2), codes.tobytes()
+            s = rng.integers(118, 123, size=(r, c // 32), dtype=np.uint8)
+            yield stem + ".weight_scale", "U8", (r, c // 32), s.tobytes()
     elif scheme == "mxfp4":
         # gate and up become one expert's gate_up_proj [1, 2*MLP, H]; down_proj [1, H, MLP].
         base = stem.replace(".mlp.", ".mlp.experts.").rsplit(".", 1)[0]
@@ -130,7 +147,14 @@ def main():
                 "config_groups": {"group_0": {"targets": ["Linear"], "weights": {
                     "num_bits": 4, "type": "int", "strategy": "group", "group_size": 32,
                     "symmetric": True, "actorder": None}}},
-                "ignore": ["lm_head"]}}.get(scheme)
+                "ignore": ["lm_head"]},
+         "nvfp4": {"quant_method": "modelopt", "quant_algo": "NVFP4", "group_size": 16,
+                   "ignore": ["lm_head"], "producer": {"name": "modelopt"}},
+         "ct-mxfp4": {"quant_method": "compressed-tensors", "format": "mxfp4-pack-quantized",
+                      "config_groups": {"group_0": {"targets": ["Linear"], "weights": {
+                          "num_bits": 4, "type": "float", "strategy": "group", "group_size": 32,
+                          "symmetric": True, "scale_dtype": "torch.uint8"}}},
+                      "ignore": ["lm_head"]}}.get(scheme)
     if q:
         cfg["quantization_config"] = q
     (out / "config.json").write_text(json.dumps(cfg, indent=2))

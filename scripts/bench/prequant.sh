@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Dequantization bench: the bench's 1.1B Llama layout (22 layers, 3 shards) as FP8
-# block-scaled, GPTQ 4-bit (plain and desc_act), MXFP4, AWQ 4-bit and compressed-tensors int4 (Kimi-K2's
-# W4A16 layout) checkpoints, each converted to f16 against the same
+# block-scaled, GPTQ 4-bit (plain and desc_act), MXFP4, AWQ 4-bit, compressed-tensors int4 (Kimi-K2's
+# W4A16 layout), ModelOpt NVFP4 and compressed-tensors MXFP4 checkpoints, each converted to f16 against the same
 # layout in bf16 -> f16 (the same output size), in alternating runs with the output on
 # the RAM disk (removed before every run). Prints wall time and peak RSS per scheme,
 # best and median, the median user CPU time (the conversion's own work: the system
@@ -18,7 +18,7 @@ root="$(cd "$(dirname "$0")/../.." && pwd)"
 . "$root/scripts/bench/lib.sh"
 bench_init "${1:-$root/.cache/bench-prequant}"
 rounds="${2:-5}"
-schemes=(bf16 fp8 gptq gptq-act mxfp4 awq ct)
+schemes=(bf16 fp8 gptq gptq-act mxfp4 awq ct nvfp4 ct-mxfp4)
 for s in "${schemes[@]}"; do
   [ -f "$work/$s/config.json" ] || "$py" "$root/scripts/bench/make_prequant.py" "$work/$s" 22 3 "$s"
 done
