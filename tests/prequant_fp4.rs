@@ -489,3 +489,40 @@ fn modelopt_algorithms_and_layers_not_read_are_refused_by_name() {
         d.join("config.json").display()
     ));
 }
+
+#[test]
+fn modelopt_is_read_from_either_declaration() {
+    let tmp = tempdir();
+    let t = tmp.path();
+    // MIXED_PRECISION declared only in `hf_quant_config.json`.
+    let (mixed, _) = case(t, "mixed-sidefile", "modelopt-mixed");
+    edit_json(&mixed.join("config.json"), |c| {
+        c.as_object_mut().unwrap().remove("quantization_config");
+    });
+    // A `quant_method` starting with `modelopt`, as vLLM reads it.
+    let (fp4, _) = case(t, "modelopt-fp4", "modelopt-nvfp4");
+    edit_json(&fp4.join("config.json"), |c| {
+        c["quantization_config"]["quant_method"] = "modelopt_fp4".into();
+        c["quantization_config"]["quant_algo"] = "nvfp4".into();
+    });
+    std::fs::remove_file(fp4.join("hf_quant_config.json")).unwrap();
+    for (d, refname, summary) in [
+        (
+            &mixed,
+            "modelopt-mixed",
+            "modelopt (MIXED_PRECISION: NVFP4, FP8)",
+        ),
+        (&fp4, "modelopt-nvfp4", "modelopt (NVFP4)"),
+    ] {
+        let out = t.join(format!("{refname}-out"));
+        convert(d, &out, &cfg(TargetDtype::F32)).unwrap();
+        let wf = WeightFile::open(&out).unwrap();
+        for (n, (_, x)) in reference(refname) {
+            let got = wf.tensor(&n).unwrap().data;
+            assert!(plus_zero(&got, 4) == round(&x, "f32"), "{refname} {n}");
+        }
+        let m: serde_json::Value =
+            serde_json::from_slice(&std::fs::read(out.join("metadata.json")).unwrap()).unwrap();
+        assert_eq!(m["source_quantization"]["summary"], summary);
+    }
+}
