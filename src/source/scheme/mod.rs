@@ -15,10 +15,11 @@
 //! are not supported (bitsandbytes, anything unknown) are refused by name: nothing is
 //! ever converted raw unless the user asks for it (`--keep-quantized`).
 //!
-//! One file per scheme family (`fp8`, `compressed_tensors`, `gptq`, `awq`, `mxfp4`),
-//! each a [`Family`] in [`FAMILIES`]: it recognises its weights and describes each one
-//! as a [`Kernel`] (the descriptions live with the family that makes them; `grid` is
-//! the one FP8 and compressed-tensors share). `config` reads the declaration,
+//! One file per scheme family (`fp8`, `modelopt`, `compressed_tensors`, `gptq`, `awq`,
+//! `mxfp4`), each a [`Family`] in [`FAMILIES`]: it recognises its weights and describes
+//! each one as a [`Kernel`] (the descriptions live with the family that makes them;
+//! `grid` is the one FP8, ModelOpt and compressed-tensors share, `fp4` the one ModelOpt
+//! and compressed-tensors share for NVFP4 and MXFP4). `config` reads the declaration,
 //! `matcher` holds what every family uses. A new format is a file here (its `Family`
 //! and its description), a line in [`FAMILIES`] and a variant of [`Kernel`]; on the
 //! cast side, a file in `cast/dequant/` and a line in its table.
