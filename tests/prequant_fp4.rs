@@ -514,7 +514,7 @@ fn modelopt_is_read_from_either_declaration() {
         ),
         (&fp4, "modelopt-nvfp4", "modelopt (NVFP4)"),
     ] {
-        let out = t.join(format!("{refname}-out"));
+        let out = t.join(format!("{}-out", d.file_name().unwrap().to_str().unwrap()));
         convert(d, &out, &cfg(TargetDtype::F32)).unwrap();
         let wf = WeightFile::open(&out).unwrap();
         for (n, (_, x)) in reference(refname) {

@@ -67,10 +67,20 @@ pub(super) fn declared(dir: &Path) -> Result<Option<Declared>> {
                 })
             }
         };
+        let mut config = q.clone();
+        if method == "modelopt" {
+            // What `config.json` does not say (older exports keep MIXED_PRECISION's
+            // `quantized_layers` only there), ModelOpt's side file may.
+            let side = read(&dir.join("hf_quant_config.json"))?;
+            let side = side.as_ref().and_then(|s| s.get("quantization"));
+            if let (Some(obj), Some(side)) = (config.as_object_mut(), side) {
+                obj.entry("quantization").or_insert_with(|| side.clone());
+            }
+        }
         return Ok(Some(Declared {
             path: config_path,
             method,
-            config: q.clone(),
+            config,
             torch_dtype,
         }));
     }
