@@ -526,3 +526,18 @@ fn modelopt_is_read_from_either_declaration() {
         assert_eq!(m["source_quantization"]["summary"], summary);
     }
 }
+
+#[test]
+fn keep_is_the_checkpoints_bf16() {
+    let tmp = tempdir();
+    for &(name, refname) in FIXTURES {
+        let out = tmp.path().join(name);
+        convert(model(name), &out, &cfg(TargetDtype::Keep)).unwrap();
+        let wf = WeightFile::open(&out).unwrap();
+        for (n, (_, x)) in reference(refname) {
+            let t = wf.tensor(&n).unwrap();
+            assert_eq!(t.dtype.torch_name(), "torch.bfloat16", "{name} {n}");
+            assert!(plus_zero(&t.data, 2) == round(&x, "bf16"), "{name} {n}");
+        }
+    }
+}
