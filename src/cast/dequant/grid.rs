@@ -131,7 +131,7 @@ fn decode_f8(b: u8, ebits: u32, mbits: u32, bias: i32, kind: Dtype) -> f32 {
 }
 
 /// The 256 values of an 8-bit code type as f32 (exact); integers as themselves.
-fn table(d: Dtype) -> &'static [f32; 256] {
+pub(super) fn table(d: Dtype) -> &'static [f32; 256] {
     static T: OnceLock<[[f32; 256]; 6]> = OnceLock::new();
     let all = T.get_or_init(|| {
         let mut t = [[0f32; 256]; 6];

@@ -16,7 +16,8 @@
 //! checkpoint's weight.
 //!
 //! One file per kernel, mirroring `source/scheme/`: `grid` (FP8 and int8 codes on a
-//! grid of scales), `compressed_tensors` (`pack-quantized`), `gptq`, `awq`, `mxfp4`;
+//! grid of scales), `compressed_tensors` (`pack-quantized`), `gptq`, `awq`, `mxfp4`,
+//! `fp4` (NVFP4 and compressed-tensors' MXFP4);
 //! each implements [`Decode`] for its description, and [`decoder`] is the table from
 //! a [`Kernel`] to its decoder. `bits` holds the packed-integer helpers several of them
 //! share (the bitstream reader, the 4-bit row), `simd` the CPU checks and the 8 × 8
@@ -26,6 +27,7 @@
 mod awq;
 mod bits;
 mod compressed_tensors;
+mod fp4;
 mod gptq;
 mod grid;
 mod mxfp4;
@@ -232,6 +234,7 @@ fn decoder(k: &Kernel) -> &dyn Decode {
         Kernel::Gptq(g) => g,
         Kernel::Awq(a) => a,
         Kernel::Mxfp4(m) => m,
+        Kernel::Fp4(f) => f,
     }
 }
 
@@ -252,11 +255,16 @@ fn e8m0(e: u8) -> Option<f32> {
     }
 }
 
-/// Scale-like values (f32, bf16, f16, E8M0 bytes, integers) as f32, appended to `out`.
+/// Scale-like values (f32, bf16, f16, E8M0 bytes, F8_E4M3, integers) as f32, appended
+/// to `out`.
 fn widen_scales(d: Dtype, b: &[u8], out: &mut Vec<f32>) {
     match d {
         Dtype::F32 | Dtype::Bf16 | Dtype::F16 => crate::cast::widen(d, b, out),
         Dtype::U8 | Dtype::F8E8M0 => out.extend(b.iter().map(|&e| e8m0(e).unwrap_or(f32::NAN))),
+        Dtype::F8E4M3 => {
+            let t = grid::table(Dtype::F8E4M3);
+            out.extend(b.iter().map(|&c| t[c as usize]))
+        }
         Dtype::I8 => out.extend(b.iter().map(|&v| v as i8 as f32)),
         Dtype::I32 => out.extend(
             b.chunks_exact(4)

@@ -222,6 +222,7 @@ fn probe_names() -> Vec<&'static str> {
         "config.json",
         "generation_config.json",
         "quantize_config.json",
+        "hf_quant_config.json",
         "modules.json",
         "sentence_bert_config.json",
         "config_sentence_transformers.json",

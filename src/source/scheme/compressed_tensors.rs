@@ -2,11 +2,15 @@
 //! group; `X.weight_packed` (`pack-quantized`: offset-binary codes packed into i32
 //! words, described as a [`Packed`], decoded by `cast/dequant/compressed_tensors.rs`),
 //! or `X.weight` with `X.weight_scale` (float-, int- and naive-quantized: a
-//! [`Grid`](super::Grid) of scales). Activation and KV-cache scales are dropped.
+//! [`Grid`](super::Grid) of scales; `mxfp8-quantized` with E8M0 scales per 32). A U8
+//! `X.weight_packed` is FP4 ([`Fp4`](super::Fp4)): `nvfp4-pack-quantized` with
+//! `X.weight_global_scale`, or `mxfp4-pack-quantized`. Activation and KV-cache scales
+//! are dropped.
 
 use serde_json::Value;
 
 use super::config::uint;
+use super::fp4::{Global, MX_GROUP, NVFP4_GROUP};
 use super::grid::GRID_CODES;
 use super::matcher::{Matcher, Weight};
 use super::{Family, Kernel, TensorRef};
@@ -58,7 +62,11 @@ impl Matcher<'_> {
         let index = self.index();
         for (r, info) in index.all() {
             if let Some(stem) = info.name.strip_suffix(".weight_packed") {
-                self.pack_quantized(r, stem, &args)?;
+                if info.dtype == Dtype::U8 {
+                    self.fp4_packed(r, stem)?;
+                } else {
+                    self.pack_quantized(r, stem, &args)?;
+                }
             } else if let Some(stem) = info.name.strip_suffix(".weight") {
                 self.quantized(r, stem, &args)?;
             }
@@ -76,11 +84,13 @@ impl Matcher<'_> {
                 let f = g.get("format").and_then(Value::as_str).unwrap_or(format);
                 match f {
                     "" | "float-quantized" | "int-quantized" | "pack-quantized"
-                    | "naive-quantized" | "dense" => {}
+                    | "naive-quantized" | "dense" | "mixed-precision" | "nvfp4-pack-quantized"
+                    | "mxfp4-pack-quantized" | "mxfp8-quantized" => {}
                     other => {
                         return Err(self.config_error(format!(
                             "config group `{}` has format `{}`, which is not supported \
-                             (float-quantized, int-quantized, naive-quantized and pack-quantized are); nothing is converted raw",
+                             (float-quantized, int-quantized, naive-quantized, pack-quantized, \
+                             nvfp4-pack-quantized, mxfp4-pack-quantized and mxfp8-quantized are); nothing is converted raw",
                             sanitize(name),
                             sanitize(other)
                         )))
@@ -110,6 +120,10 @@ impl Matcher<'_> {
         }
         self.check_dtype(r, "the weight", &GRID_CODES)?;
         let scale = self.companion(r, stem, ".weight_scale")?;
+        if matches!(index.info(scale).dtype, Dtype::U8 | Dtype::F8E8M0) {
+            // `mxfp8-quantized`: E8M0 scales per 32.
+            return self.mxfp8(r, stem);
+        }
         let zero = index.get(&format!("{stem}.weight_zero_point")).map(|x| x.0);
         let block = args.iter().find_map(|a| {
             (a.get("strategy").and_then(Value::as_str) == Some("block"))
@@ -130,6 +144,23 @@ impl Matcher<'_> {
                 && si.shape[si.shape.len() - 2..] == [rows.div_ceil(br), cols.div_ceil(bc)]
         });
         self.grid(r, stem, scale, zero, b)
+    }
+
+    /// One FP4 `weight_packed` (U8): `nvfp4-pack-quantized` (an F8_E4M3 scale per 16
+    /// and `weight_global_scale`, divided by) or `mxfp4-pack-quantized` (E8M0 per 32).
+    fn fp4_packed(&mut self, r: TensorRef, stem: &str) -> Result<()> {
+        let index = self.index();
+        let scale = self.companion(r, stem, ".weight_scale")?;
+        if index.info(scale).dtype != Dtype::F8E4M3 {
+            return self.fp4(r, stem, scale, Global::None, MX_GROUP);
+        }
+        let g = self.companion(r, stem, ".weight_global_scale")?;
+        // A 0-dim global scale makes torch's quotient bf16 (`bf16 / f32[]`).
+        let global = match index.info(g).shape.is_empty() {
+            true => Global::DivBf16(g),
+            false => Global::Div(g),
+        };
+        self.fp4(r, stem, scale, global, NVFP4_GROUP)
     }
 
     /// One compressed-tensors `pack-quantized` weight.

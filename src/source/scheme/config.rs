@@ -1,6 +1,7 @@
 //! Where a pre-quantized checkpoint declares its scheme: `config.json`'s
-//! `quantization_config` (or `compression_config`), or an older GPTQ repository's
-//! `quantize_config.json`; and reading parameters from them.
+//! `quantization_config` (or `compression_config`), ModelOpt's `hf_quant_config.json`,
+//! or an older GPTQ repository's `quantize_config.json`; and reading parameters from
+//! them.
 
 use std::path::{Path, PathBuf};
 
@@ -21,8 +22,9 @@ pub(super) struct Declared {
     pub(super) torch_dtype: Option<Dtype>,
 }
 
-/// Reads `config.json`'s `quantization_config` (or `compression_config`) and an older
-/// GPTQ repository's `quantize_config.json` in `dir`.
+/// Reads `config.json`'s `quantization_config` (or `compression_config`), ModelOpt's
+/// `hf_quant_config.json` and an older GPTQ repository's `quantize_config.json` in
+/// `dir`, in that order.
 pub(super) fn declared(dir: &Path) -> Result<Option<Declared>> {
     let read = |p: &Path| -> Result<Option<Value>> {
         match std::fs::read_to_string(p) {
@@ -51,6 +53,8 @@ pub(super) fn declared(dir: &Path) -> Result<Option<Declared>> {
     });
     if let Some(q) = q {
         let method = match q.get("quant_method").and_then(Value::as_str) {
+            // vLLM reads `modelopt_fp4` and the like as ModelOpt.
+            Some(m) if m.to_ascii_lowercase().starts_with("modelopt") => "modelopt".into(),
             Some(m) => m.to_ascii_lowercase(),
             // compressed-tensors' older configs say only their format.
             None if q.get("config_groups").is_some() => "compressed-tensors".into(),
@@ -63,10 +67,30 @@ pub(super) fn declared(dir: &Path) -> Result<Option<Declared>> {
                 })
             }
         };
+        let mut config = q.clone();
+        if method == "modelopt" {
+            // What `config.json` does not say (older exports keep MIXED_PRECISION's
+            // `quantized_layers` only there), ModelOpt's side file may.
+            let side = read(&dir.join("hf_quant_config.json"))?;
+            let side = side.as_ref().and_then(|s| s.get("quantization"));
+            if let (Some(obj), Some(side)) = (config.as_object_mut(), side) {
+                obj.entry("quantization").or_insert_with(|| side.clone());
+            }
+        }
         return Ok(Some(Declared {
             path: config_path,
             method,
-            config: q.clone(),
+            config,
+            torch_dtype,
+        }));
+    }
+    // ModelOpt's side file: `{"producer": ..., "quantization": {"quant_algo": ...}}`.
+    let mo_path = dir.join("hf_quant_config.json");
+    if let Some(q) = read(&mo_path)?.filter(|q| q.get("quantization").is_some()) {
+        return Ok(Some(Declared {
+            path: mo_path,
+            method: "modelopt".into(),
+            config: q,
             torch_dtype,
         }));
     }

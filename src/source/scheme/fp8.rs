@@ -1,4 +1,4 @@
-//! FP8 (`fp8`, `fbgemm_fp8`, `modelopt`): `X.weight` F8 with `X.weight_scale_inv`
+//! FP8 (`fp8`, `fbgemm_fp8`): `X.weight` F8 with `X.weight_scale_inv`
 //! (DeepSeek-style blocks, `weight_block_size`) or `X.weight_scale` (per tensor or
 //! channel). Each weight is a [`Grid`](super::Grid) of scales; activation and KV-cache
 //! scales are dropped.
@@ -8,16 +8,15 @@ use serde_json::Value;
 use super::grid::FP8_CODES;
 use super::matcher::Matcher;
 use super::{Family, TensorRef};
-use crate::error::{sanitize, Result};
+use crate::error::Result;
 
 /// The FP8 family.
 pub(super) const FAMILY: Family = Family {
     methods: &[
         ("fp8", "`X.weight` F8_E4M3 with `X.weight_scale_inv`"),
         ("fbgemm_fp8", "`X.weight` F8_E4M3 with `X.weight_scale`"),
-        ("modelopt", "`X.weight` F8_E4M3 with `X.weight_scale`"),
     ],
-    listed: "fp8, fbgemm_fp8, modelopt FP8",
+    listed: "fp8, fbgemm_fp8",
     recognise: |m| m.fp8(),
 };
 
@@ -56,23 +55,9 @@ impl Matcher<'_> {
         Ok((summary, c.clone()))
     }
 
-    /// The config's block size (`weight_block_size`), after checking that a modelopt
-    /// checkpoint's `quant_algo` is FP8.
+    /// The config's block size (`weight_block_size`).
     fn fp8_config(&self) -> Result<Option<(u64, u64)>> {
         let c = &self.decl.config;
-        if self.decl.method == "modelopt" {
-            let algo = c
-                .get("quant_algo")
-                .or_else(|| c.pointer("/quantization/quant_algo"))
-                .and_then(Value::as_str)
-                .unwrap_or("FP8");
-            if !algo.eq_ignore_ascii_case("fp8") {
-                return Err(self.config_error(format!(
-                    "modelopt `quant_algo` {} is not supported (only FP8 is); nothing is converted raw",
-                    sanitize(algo)
-                )));
-            }
-        }
         Ok(match c.get("weight_block_size") {
             None | Some(Value::Null) => None,
             Some(v) => match v

@@ -115,6 +115,8 @@ pub(super) fn marker(name: &str, info: &TensorInfo, index: &Index) -> Option<&'s
         (".weight_scale", "a weight scale"),
         (".weight_packed", "a compressed-tensors packed weight"),
         (".weight_zero_point", "a weight zero point"),
+        (".weight_scale_2", "an NVFP4 global scale"),
+        (".weight_global_scale", "an NVFP4 global scale"),
         (".absmax", "a bitsandbytes absmax"),
         (".SCB", "a bitsandbytes int8 scale"),
         (".quant_map", "a bitsandbytes quant map"),

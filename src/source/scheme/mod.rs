@@ -3,7 +3,8 @@
 //! which stored tensors make up each quantized weight under it: FP8 with block,
 //! channel or tensor scales (`fp8`, `fbgemm_fp8`, `modelopt`, compressed-tensors
 //! `float-quantized`), int8 with scales (`int-quantized`), packed int4/int8
-//! (compressed-tensors `pack-quantized`), GPTQ, AWQ and MXFP4.
+//! (compressed-tensors `pack-quantized`), GPTQ, AWQ and MXFP4; ModelOpt's NVFP4, MXFP8
+//! and MIXED_PRECISION, compressed-tensors' NVFP4, MXFP4 and MXFP8.
 //!
 //! The scheme is checked against the tensors both ways before anything is planned: a
 //! quantized weight without its scale, a scale of the wrong shape or dtype, packed
@@ -14,10 +15,11 @@
 //! are not supported (bitsandbytes, anything unknown) are refused by name: nothing is
 //! ever converted raw unless the user asks for it (`--keep-quantized`).
 //!
-//! One file per scheme family (`fp8`, `compressed_tensors`, `gptq`, `awq`, `mxfp4`),
-//! each a [`Family`] in [`FAMILIES`]: it recognises its weights and describes each one
-//! as a [`Kernel`] (the descriptions live with the family that makes them; `grid` is
-//! the one FP8 and compressed-tensors share). `config` reads the declaration,
+//! One file per scheme family (`fp8`, `modelopt`, `compressed_tensors`, `gptq`, `awq`,
+//! `mxfp4`), each a [`Family`] in [`FAMILIES`]: it recognises its weights and describes
+//! each one as a [`Kernel`] (the descriptions live with the family that makes them;
+//! `grid` is the one FP8, ModelOpt and compressed-tensors share, `fp4` the one ModelOpt
+//! and compressed-tensors share for NVFP4 and MXFP4). `config` reads the declaration,
 //! `matcher` holds what every family uses. A new format is a file here (its `Family`
 //! and its description), a line in [`FAMILIES`] and a variant of [`Kernel`]; on the
 //! cast side, a file in `cast/dequant/` and a line in its table.
@@ -25,10 +27,12 @@
 mod awq;
 mod compressed_tensors;
 mod config;
+mod fp4;
 mod fp8;
 mod gptq;
 mod grid;
 mod matcher;
+mod modelopt;
 mod mxfp4;
 
 use std::collections::HashMap;
@@ -39,6 +43,7 @@ use serde_json::Value;
 pub(crate) use awq::Awq;
 pub(crate) use compressed_tensors::Packed;
 use config::{declared, Declared};
+pub(crate) use fp4::{Fp4, Global};
 pub(crate) use gptq::Gptq;
 pub(crate) use grid::Grid;
 use matcher::{marker, Index, Matcher};
@@ -77,6 +82,9 @@ pub(crate) enum Kernel {
     /// MXFP4: FP4 E2M1 pairs in `blocks` `[E, R, G, 16]`, one E8M0 scale per 32
     /// values; output `[E, G·32, R]` (the last two axes swapped, as transformers does).
     Mxfp4(Mxfp4),
+    /// FP4 E2M1 codes `[R, C/2]`, low nibble first, one scale per group of a row:
+    /// NVFP4 (ModelOpt, compressed-tensors) and compressed-tensors' MXFP4.
+    Fp4(Fp4),
 }
 
 /// One weight that is dequantized: its output name and shape, and how.
@@ -140,6 +148,7 @@ struct Family {
 /// format: one line here.
 const FAMILIES: &[&Family] = &[
     &fp8::FAMILY,
+    &modelopt::FAMILY,
     &compressed_tensors::FAMILY,
     &gptq::FAMILY,
     &awq::FAMILY,
