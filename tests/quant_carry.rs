@@ -16,7 +16,8 @@ use std::path::{Path, PathBuf};
 
 use common::*;
 use modelconv::{
-    convert, export, ConvertConfig, ExportOptions, Quantize, Requantized, TargetDtype, WeightFile,
+    convert, export, ConvertConfig, ExportOptions, QuantType, Quantize, Requantized, TargetDtype,
+    WeightFile,
 };
 use safetensors::SafeTensors;
 
@@ -27,6 +28,7 @@ const V: &str = "model.layers.0.self_attn.v_proj.weight";
 const DOWN: &str = "model.layers.0.mlp.down_proj.weight";
 const GATE: &str = "model.layers.0.mlp.gate_proj.weight";
 const UP: &str = "model.layers.0.mlp.up_proj.weight";
+const F8: &str = "F8_E4M3 codes";
 
 /// A fixture, the weights carried, and those re-quantized with their reason.
 type Case = (
@@ -67,6 +69,17 @@ const CASES: &[Case] = &[
         &[UP],
         &[(K, "F8_E4M3 codes"), (V, "F8_E4M3 codes")],
     ),
+    // NVFP4 (ModelOpt's `weight_scale_2`, compressed-tensors' `weight_global_scale`
+    // as [1] and 0-dim) and compressed-tensors MXFP4, made by their own producers
+    // (make_fp4_fixtures.py): codes 2·E2M1 with half the group's scale. The 32 × 32
+    // attention weights are below the quantization threshold.
+    ("modelopt-nvfp4", &[DOWN, GATE, UP], &[]),
+    ("ct-nvfp4", &[DOWN, GATE, UP], &[]),
+    ("ct-nvfp4-0dim", &[DOWN, GATE, UP], &[]),
+    ("ct-mxfp4", &[DOWN, GATE, UP], &[]),
+    // MXFP8 codes are floats; ModelOpt MIXED_PRECISION's MLP here is FP8.
+    ("ct-mxfp8", &[], &[(DOWN, F8), (GATE, F8), (UP, F8)]),
+    ("modelopt-mixed", &[], &[(DOWN, F8), (GATE, F8), (UP, F8)]),
     (
         "gptq-4bit-desc-act",
         &[],
@@ -87,7 +100,8 @@ fn reference_file(name: &str) -> PathBuf {
     fixture("prequant").join(format!("{name}.reference.safetensors"))
 }
 
-/// The f32 tensors of a safetensors file, as bits.
+/// The f32 tensors of a safetensors file, as bits (both zeros as +0: a carried FP4
+/// code 8, −0 in compressed-tensors' reference, is the integer code 0).
 fn f32_bits(path: &Path) -> BTreeMap<String, Vec<u32>> {
     let bytes = std::fs::read(path).unwrap();
     let st = SafeTensors::deserialize(&bytes).unwrap();
@@ -99,6 +113,7 @@ fn f32_bits(path: &Path) -> BTreeMap<String, Vec<u32>> {
                 .data()
                 .chunks_exact(4)
                 .map(|b| u32::from_le_bytes(b.try_into().unwrap()))
+                .map(|v| if v == 0x8000_0000 { 0 } else { v })
                 .collect();
             (n, bits)
         })
@@ -284,7 +299,7 @@ fn lossless_refuses_what_cannot_be_carried_by_name_and_writes_nothing() {
     assert_eq!(o.status.code(), Some(2), "{}", text(&o.stderr));
     assert_eq!(
         text(&o.stderr),
-        "error: --lossless applies to --quantize int8 (without it nothing is quantized)\n"
+        "error: --lossless applies to --quantize int8 or int2 (without it nothing is quantized)\n"
     );
     assert!(!out.exists());
 }
@@ -317,6 +332,70 @@ fn lossless_carries_every_prequantized_weight_and_leaves_float_tensors_unquantiz
         );
         assert_verifies(&out, &model(name));
     }
+}
+
+#[test]
+fn two_bit_codes_are_carried_into_int2_and_wider_ones_are_named() {
+    let tmp = tempdir();
+    let int2 = |lossless: bool| {
+        ConvertConfig::builder()
+            .quantize(Some(Quantize::new(QuantType::Int2)))
+            .lossless(lossless)
+            .build()
+            .unwrap()
+    };
+    // GPTQ 2-bit: codes q − 2 in [−2, 1], its own groups, read back as the reference.
+    let out = tmp.path().join("gptq-2bit");
+    let r = convert(model("gptq-2bit"), &out, &int2(true)).unwrap();
+    let q = r.quantization.as_ref().unwrap();
+    assert_eq!(q.carried, [DOWN, Q]);
+    assert!(q.requantized.is_empty());
+    assert_eq!(q.model.sqnr_db, f64::INFINITY);
+    let wf = WeightFile::open(&out).unwrap();
+    for n in [DOWN, Q] {
+        assert_eq!(
+            wf.info(n).unwrap().quant.unwrap().kind,
+            QuantType::Int2,
+            "{n}"
+        );
+    }
+    let (weights, reference) = (out.join("weights.parquet"), reference_file("gptq-2bit"));
+    let text = python_script(
+        "seed_loader_carry.py",
+        &[s(&weights), s(&reference), DOWN, Q],
+    );
+    assert_eq!(
+        text.trim(),
+        "2 carried weights: the seed loader's values equal the reference bit for bit"
+    );
+    assert_reader_gives_the_reference("gptq-2bit", &out, &[DOWN, Q]);
+    assert_verifies(&out, &model("gptq-2bit"));
+    // 4-bit codes do not fit int2: quantized from their values, and named.
+    let out = tmp.path().join("gptq-4bit");
+    let r = convert(model("gptq-4bit"), &out, &int2(false)).unwrap();
+    let q = r.quantization.as_ref().unwrap();
+    assert!(q.carried.is_empty());
+    let why: Vec<(&str, &str)> = q
+        .requantized
+        .iter()
+        .map(|r| (r.name.as_str(), r.reason.as_str()))
+        .collect();
+    assert_eq!(
+        why,
+        [
+            (DOWN, "4-bit codes do not fit int2"),
+            (Q, "4-bit codes do not fit int2")
+        ]
+    );
+    let err = convert(model("gptq-4bit"), tmp.path().join("no"), &int2(true)).unwrap_err();
+    assert_eq!(
+        err.to_string(),
+        format!(
+            "{}: tensor `{DOWN}`: cannot quantize: --lossless, and its codes cannot be carried into V2 exactly: 4-bit codes do not fit int2",
+            model("gptq-4bit").join("model.safetensors").display()
+        )
+    );
+    assert!(!tmp.path().join("no").exists());
 }
 
 #[test]

@@ -351,7 +351,10 @@ fn carry_row(
             &mut *d_piece
         };
         let (scales, zero_points) = dequant::codes(source, d, spec.unit, first, q)?;
-        for (c, (&s, &z)) in q.chunks(spec.unit as usize).zip(scales.iter().zip(&zero_points)) {
+        for (c, (&s, &z)) in q
+            .chunks(spec.unit as usize)
+            .zip(scales.iter().zip(&zero_points))
+        {
             out.error.sum_x2 += c
                 .iter()
                 .map(|&b| (quant::dequantize(b, s, z) as f64).powi(2))

@@ -445,7 +445,11 @@ fn quant_spec(
     };
     let carry = carry.and_then(|c| match c.bits <= spec.kind.bits() {
         true => Ok(c),
-        false => Err(format!("{}-bit codes do not fit {}", c.bits, spec.kind.as_str())),
+        false => Err(format!(
+            "{}-bit codes do not fit {}",
+            c.bits,
+            spec.kind.as_str()
+        )),
     });
     match carry {
         Ok(c) => Ok((Some(c.spec(spec.kind, &src.shape)), None)),

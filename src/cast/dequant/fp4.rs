@@ -12,8 +12,9 @@
 
 use half::bf16;
 
-use super::{Bufs, Decode, Reader, Release};
+use super::{row_groups, Bufs, Decode, Reader, Release, Sink};
 use crate::error::Result;
+use crate::plan::Carry;
 use crate::source::scheme::{Fp4, Global};
 
 /// The FP4 E2M1 values by nibble (bit 3 the sign; code 8 is −0, as compressed-tensors
@@ -21,6 +22,9 @@ use crate::source::scheme::{Fp4, Global};
 const E2M1: [f32; 16] = [
     0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0, -0.0, -0.5, -1.0, -1.5, -2.0, -3.0, -4.0, -6.0,
 ];
+
+/// Twice the E2M1 values by nibble: the integer codes a carried weight is written with.
+const CODES2: [i32; 16] = [0, 1, 2, 3, 4, 6, 8, 12, 0, -1, -2, -3, -4, -6, -8, -12];
 
 impl Decode for Fp4 {
     fn fill(
@@ -46,6 +50,52 @@ impl Decode for Fp4 {
             let s = group_scale(s, self.global, global);
             let (lo, hi) = (first.max(k * g), end.min((k + 1) * g));
             decode_run(codes, lo - b0 * 2, hi - lo, s, out);
+        }
+        Ok(())
+    }
+
+    /// Carried as codes `2·E2M1` (in [−12, 12]: 5 bits) with half the group's scale:
+    /// `(2·E) × S/2` is `E × S` as a real number, so the seed loader's product rounds to
+    /// the reference's `fl(E × S)` bit for bit (−0, code 8, becomes +0).
+    fn carry(&self, _r: &Reader) -> std::result::Result<Carry, String> {
+        let group = row_groups(self.group, self.cols.max(1))?;
+        Ok(Carry { group, bits: 5 })
+    }
+
+    fn codes(
+        &self,
+        r: &Reader,
+        first: u64,
+        count: u64,
+        bufs: &mut Bufs,
+        sink: &mut Sink,
+    ) -> Result<()> {
+        let [qb, sb, _, _] = bufs;
+        let end = first + count;
+        let g = self.group;
+        let (g0, g1) = (first / g, (end - 1) / g + 1);
+        let global = self.global_value(r, sb)?;
+        let mut scales = Vec::with_capacity((g1 - g0) as usize);
+        r.scales(self.scale, g0, g1 - g0, sb, &mut scales)?;
+        let b0 = first / 2;
+        let codes = r.bytes(self.packed, b0, end.div_ceil(2) - b0, qb)?;
+        for (k, &s) in (g0..g1).zip(&scales) {
+            let s = group_scale(s, self.global, global);
+            let half = s * 0.5;
+            if half * 2.0 != s {
+                return Err(r.error(
+                    self.scale,
+                    format!(
+                        "group {k}'s scale {s:e} is below 2^-125: halved it is not exact, so its codes cannot be carried into V2"
+                    ),
+                ));
+            }
+            for i in first.max(k * g)..end.min((k + 1) * g) {
+                let at = i - b0 * 2;
+                let b = codes[(at / 2) as usize];
+                let nib = if at % 2 == 0 { b & 15 } else { b >> 4 };
+                sink.push(CODES2[nib as usize], half, 0.0);
+            }
         }
         Ok(())
     }
@@ -142,6 +192,13 @@ mod tests {
                 let got: Vec<u32> = out.iter().map(|v| v.to_bits()).collect();
                 assert_eq!(got, want, "at {at} n {n}");
             }
+        }
+    }
+
+    #[test]
+    fn carried_codes_are_twice_the_e2m1_values() {
+        for (c, &q) in CODES2.iter().enumerate() {
+            assert_eq!(q as f32, E2M1[c] * 2.0, "code {c}");
         }
     }
 
