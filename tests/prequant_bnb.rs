@@ -446,6 +446,40 @@ fn malformed_bitsandbytes_checkpoints_are_refused_by_name_and_leave_nothing() {
     let first = "model.layers.0.mlp.down_proj.weight.absmax";
     refused_with_error_line(&d, tmp.path(), &at(&f, first, why));
 
+    let (d, f) = case("type", "bnb-nf4");
+    edit_json(&d.join("config.json"), |c| {
+        c["quantization_config"]["bnb_4bit_quant_type"] = serde_json::json!("fp4")
+    });
+    let why = "the state's quant_type `nf4` contradicts config.json's `bnb_4bit_quant_type` `fp4`";
+    let first = "model.layers.0.mlp.down_proj.weight.quant_state.bitsandbytes__nf4";
+    refused_with_error_line(&d, tmp.path(), &at(&f, first, why));
+    let (d, f) = case("eight", "bnb-nf4");
+    edit_json(&d.join("config.json"), |c| {
+        c["quantization_config"]["load_in_4bit"] = serde_json::json!(false);
+        c["quantization_config"]["load_in_8bit"] = serde_json::json!(true);
+    });
+    let why = "a bitsandbytes 4-bit absmax, but config.json does not declare `load_in_4bit`";
+    let first = "model.layers.0.mlp.down_proj.weight.absmax";
+    refused_with_error_line(&d, tmp.path(), &at(&f, first, why));
+    let (d, f) = case("four", "bnb-int8");
+    edit_json(&d.join("config.json"), |c| {
+        c["quantization_config"]["load_in_4bit"] = serde_json::json!(true);
+        c["quantization_config"]["load_in_8bit"] = serde_json::json!(false);
+    });
+    let why = "a bitsandbytes LLM.int8 scale, but config.json does not declare `load_in_8bit`";
+    let first = "model.layers.0.mlp.down_proj.SCB";
+    refused_with_error_line(&d, tmp.path(), &at(&f, first, why));
+    // LLM.int8 codes without their scale, and a 4-bit weight without its absmax.
+    let (d, f) = case("no-scb", "bnb-int8");
+    edit(&f, |t| {
+        t.retain(|e| e.0 != "model.layers.0.self_attn.k_proj.SCB")
+    });
+    refused_with_error_line(&d, tmp.path(), &at(&f, k, "its `SCB` is missing"));
+    let (d, f) = case("no-absmax", "bnb-nf4");
+    edit(&f, |t| t.retain(|e| e.0 != format!("{k}.absmax")));
+    let why = "a bitsandbytes quant map (F32) that the declared scheme `bitsandbytes` does not explain; nothing is converted raw";
+    refused_with_error_line(&d, tmp.path(), &at(&f, &format!("{k}.quant_map"), why));
+
     // A bitsandbytes config over tensors that have none of its layout.
     let plain = tmp.path().join("plain");
     copy_dir(&fixture("tiny-llama-sharded-bf16"), &plain);
