@@ -155,22 +155,24 @@ fn four(
     let mut i = first;
     while i < end {
         let blk = i / bs;
+        // The block's 16 products `fl(LUT[q] × absmax)`: each nibble is one lookup.
         let s = absmax[(blk - b0) as usize];
+        let t = lut.map(|v| v * s);
         let stop = end.min((blk + 1) * bs);
         if i % 2 == 1 {
-            out.push(lut[(bytes[(i / 2 - y0) as usize] & 15) as usize] * s);
+            out.push(t[(bytes[(i / 2 - y0) as usize] & 15) as usize]);
             i += 1;
         }
         // Whole bytes: high nibble, then low.
         let pairs = (stop - i) / 2;
         let at = (i / 2 - y0) as usize;
         for &q in &bytes[at..at + pairs as usize] {
-            out.push(lut[(q >> 4) as usize] * s);
-            out.push(lut[(q & 15) as usize] * s);
+            out.push(t[(q >> 4) as usize]);
+            out.push(t[(q & 15) as usize]);
         }
         i += pairs * 2;
         if i < stop {
-            out.push(lut[(bytes[(i / 2 - y0) as usize] >> 4) as usize] * s);
+            out.push(t[(bytes[(i / 2 - y0) as usize] >> 4) as usize]);
             i += 1;
         }
     }
@@ -195,10 +197,22 @@ fn int8(
     r.scales(b.scb, o0, o1 - o0, sb, &mut scb)?;
     let q = r.bytes(b.weight, first, count, qb)?;
     let c = f32::from_bits(INT8_C);
-    out.extend(q.iter().zip(first..).map(|(&q, i)| {
-        let s = scb[(i / cols - o0) as usize];
-        (q as i8 as f32 * s) * c
-    }));
+    out.reserve(count as usize);
+    let mut at = 0usize;
+    for o in o0..o1 {
+        let n = ((o + 1) * cols).min(end) - (o * cols).max(first);
+        let s = scb[(o - o0) as usize];
+        let row = &q[at..at + n as usize];
+        at += n as usize;
+        if n >= 64 {
+            // The 256 values `fl(fl(q × s) × c)` once, then a lookup each (the same
+            // two products; tests/prequant_bnb.rs has rows of 45 and of 93 values).
+            let t: [f32; 256] = std::array::from_fn(|b| (b as u8 as i8 as f32 * s) * c);
+            out.extend(row.iter().map(|&b| t[b as usize]));
+        } else {
+            out.extend(row.iter().map(|&b| (b as i8 as f32 * s) * c));
+        }
+    }
     Ok(())
 }
 
