@@ -555,21 +555,12 @@ fn malformed_prequantized_inputs_are_refused_by_name_and_leave_nothing() {
     ));
 
     // Schemes that are not supported: refused by name, never converted raw.
-    let d = case("bnb", "fbgemm-fp8");
-    edit_json(
-        &d.join("config.json"),
-        |c| c["quantization_config"] = serde_json::json!({"quant_method": "bitsandbytes", "load_in_4bit": true, "bnb_4bit_quant_type": "nf4"}),
-    );
-    refused_with_error_line(&d, tmp.path(), &format!(
-        "{}: tensor `model.layers.0.self_attn.q_proj.weight_scale`: pre-quantized (bitsandbytes): bitsandbytes nf4 checkpoints are not supported (supported: fp8, fbgemm_fp8, modelopt (FP8, NVFP4, MXFP8, MIXED_PRECISION), compressed-tensors, gptq, awq, mxfp4); nothing is converted raw",
-        d.join("config.json").display()
-    ));
     let d = case("hqq", "fbgemm-fp8");
     edit_json(&d.join("config.json"), |c| {
         c["quantization_config"] = serde_json::json!({"quant_method": "hqq"})
     });
     refused_with_error_line(&d, tmp.path(), &format!(
-        "{}: tensor `model.layers.0.self_attn.q_proj.weight_scale`: pre-quantized (hqq): quant_method `hqq` is not supported (supported: fp8, fbgemm_fp8, modelopt (FP8, NVFP4, MXFP8, MIXED_PRECISION), compressed-tensors, gptq, awq, mxfp4); nothing is converted raw",
+        "{}: tensor `model.layers.0.self_attn.q_proj.weight_scale`: pre-quantized (hqq): quant_method `hqq` is not supported (supported: fp8, fbgemm_fp8, modelopt (FP8, NVFP4, MXFP8, MIXED_PRECISION), compressed-tensors, gptq, awq, mxfp4, bitsandbytes); nothing is converted raw",
         d.join("config.json").display()
     ));
 

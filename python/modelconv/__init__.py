@@ -74,7 +74,7 @@ class UnsafeCheckpointError(InputError):
 
 
 class PrequantizedError(InputError):
-    """A pre-quantized checkpoint (FP8, GPTQ, AWQ, MXFP4, compressed-tensors...) that
+    """A pre-quantized checkpoint (FP8, GPTQ, AWQ, MXFP4, compressed-tensors, bitsandbytes...) that
     cannot be dequantized as it stands: an unsupported scheme, a config that
     contradicts the tensors, a missing or malformed scale. Nothing was converted raw
     (``keep_quantized=True`` writes the stored tensors as they are)."""

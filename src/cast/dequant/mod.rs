@@ -17,7 +17,7 @@
 //!
 //! One file per kernel, mirroring `source/scheme/`: `grid` (FP8 and int8 codes on a
 //! grid of scales), `compressed_tensors` (`pack-quantized`), `gptq`, `awq`, `mxfp4`,
-//! `fp4` (NVFP4 and compressed-tensors' MXFP4);
+//! `fp4` (NVFP4 and compressed-tensors' MXFP4), `bitsandbytes` (NF4, FP4, LLM.int8);
 //! each implements [`Decode`] for its description, and [`decoder`] is the table from
 //! a [`Kernel`] to its decoder. `bits` holds the packed-integer helpers several of them
 //! share (the bitstream reader, the 4-bit row), `simd` the CPU checks and the 8 × 8
@@ -26,6 +26,7 @@
 
 mod awq;
 mod bits;
+mod bitsandbytes;
 mod compressed_tensors;
 mod fp4;
 mod gptq;
@@ -235,6 +236,7 @@ fn decoder(k: &Kernel) -> &dyn Decode {
         Kernel::Awq(a) => a,
         Kernel::Mxfp4(m) => m,
         Kernel::Fp4(f) => f,
+        Kernel::Bitsandbytes(b) => b,
     }
 }
 

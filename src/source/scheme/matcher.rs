@@ -120,6 +120,9 @@ pub(super) fn marker(name: &str, info: &TensorInfo, index: &Index) -> Option<&'s
         (".absmax", "a bitsandbytes absmax"),
         (".SCB", "a bitsandbytes int8 scale"),
         (".quant_map", "a bitsandbytes quant map"),
+        (".nested_absmax", "a bitsandbytes nested absmax"),
+        (".nested_quant_map", "a bitsandbytes nested quant map"),
+        (".weight_format", "a bitsandbytes int8 weight format"),
     ];
     for (suffix, what) in NAMES {
         if name.ends_with(suffix) {

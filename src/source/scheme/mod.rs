@@ -4,7 +4,8 @@
 //! channel or tensor scales (`fp8`, `fbgemm_fp8`, `modelopt`, compressed-tensors
 //! `float-quantized`), int8 with scales (`int-quantized`), packed int4/int8
 //! (compressed-tensors `pack-quantized`), GPTQ, AWQ and MXFP4; ModelOpt's NVFP4, MXFP8
-//! and MIXED_PRECISION, compressed-tensors' NVFP4, MXFP4 and MXFP8.
+//! and MIXED_PRECISION, compressed-tensors' NVFP4, MXFP4 and MXFP8; bitsandbytes (NF4,
+//! FP4, LLM.int8).
 //!
 //! The scheme is checked against the tensors both ways before anything is planned: a
 //! quantized weight without its scale, a scale of the wrong shape or dtype, packed
@@ -12,11 +13,11 @@
 //! declared scheme with none of its tensors, is an error naming the tensor. What comes
 //! out is a description (which tensors, which parameters, the output shape); the cast
 //! stage's dequantizers (`cast/dequant/`) compute the values from it. Schemes that
-//! are not supported (bitsandbytes, anything unknown) are refused by name: nothing is
+//! are not supported (anything unknown) are refused by name: nothing is
 //! ever converted raw unless the user asks for it (`--keep-quantized`).
 //!
 //! One file per scheme family (`fp8`, `modelopt`, `compressed_tensors`, `gptq`, `awq`,
-//! `mxfp4`), each a [`Family`] in [`FAMILIES`]: it recognises its weights and describes
+//! `mxfp4`, `bitsandbytes`), each a [`Family`] in [`FAMILIES`]: it recognises its weights and describes
 //! each one as a [`Kernel`] (the descriptions live with the family that makes them;
 //! `grid` is the one FP8, ModelOpt and compressed-tensors share, `fp4` the one ModelOpt
 //! and compressed-tensors share for NVFP4 and MXFP4). `config` reads the declaration,
@@ -25,6 +26,7 @@
 //! cast side, a file in `cast/dequant/` and a line in its table.
 
 mod awq;
+mod bitsandbytes;
 mod compressed_tensors;
 mod config;
 mod fp4;
@@ -41,6 +43,7 @@ use std::path::Path;
 use serde_json::Value;
 
 pub(crate) use awq::Awq;
+pub(crate) use bitsandbytes::{Bnb, Bnb4, BnbInt8};
 pub(crate) use compressed_tensors::Packed;
 use config::{declared, Declared};
 pub(crate) use fp4::{Fp4, Global};
@@ -85,6 +88,10 @@ pub(crate) enum Kernel {
     /// FP4 E2M1 codes `[R, C/2]`, low nibble first, one scale per group of a row:
     /// NVFP4 (ModelOpt, compressed-tensors) and compressed-tensors' MXFP4.
     Fp4(Fp4),
+    /// bitsandbytes: 4-bit NF4/FP4 blocks over the flattened tensor (high nibble
+    /// first, absmax per block, optionally double-quantized), or LLM.int8 rows with a
+    /// scale per row.
+    Bitsandbytes(Bnb),
 }
 
 /// One weight that is dequantized: its output name and shape, and how.
@@ -153,6 +160,7 @@ const FAMILIES: &[&Family] = &[
     &gptq::FAMILY,
     &awq::FAMILY,
     &mxfp4::FAMILY,
+    &bitsandbytes::FAMILY,
 ];
 
 /// Recognises the scheme of the checkpoint in `dir` with `shards` (already validated)
@@ -206,21 +214,7 @@ fn unsupported(decl: &Declared, index: &Index) -> Error {
         .all()
         .find(|(_, i)| marker(&i.name, i, index).is_some())
         .or_else(|| index.all().next());
-    let what = match decl.method.as_str() {
-        "bitsandbytes" => {
-            let c = &decl.config;
-            let kind = if c.get("load_in_4bit").and_then(Value::as_bool) == Some(true) {
-                c.get("bnb_4bit_quant_type")
-                    .and_then(Value::as_str)
-                    .unwrap_or("nf4")
-                    .to_string()
-            } else {
-                "int8".to_string()
-            };
-            format!("bitsandbytes {kind} checkpoints are not supported")
-        }
-        o => format!("quant_method `{}` is not supported", sanitize(o)),
-    };
+    let what = format!("quant_method `{}` is not supported", sanitize(&decl.method));
     let supported: Vec<&str> = FAMILIES.iter().map(|f| f.listed).collect();
     Error::Prequantized {
         path: decl.path.clone(),
