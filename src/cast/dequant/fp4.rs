@@ -93,7 +93,7 @@ impl Decode for Fp4 {
             for i in first.max(k * g)..end.min((k + 1) * g) {
                 let at = i - b0 * 2;
                 let b = codes[(at / 2) as usize];
-                let nib = if at % 2 == 0 { b & 15 } else { b >> 4 };
+                let nib = if at.is_multiple_of(2) { b & 15 } else { b >> 4 };
                 sink.push(CODES2[nib as usize], half, 0.0);
             }
         }
