@@ -29,6 +29,8 @@ const DOWN: &str = "model.layers.0.mlp.down_proj.weight";
 const GATE: &str = "model.layers.0.mlp.gate_proj.weight";
 const UP: &str = "model.layers.0.mlp.up_proj.weight";
 const F8: &str = "F8_E4M3 codes";
+const NF4: &str = "bitsandbytes NF4 codes (a table, not an integer grid)";
+const INT8: &str = "LLM.int8 codes (two products, q × SCB × 1/127)";
 
 /// A fixture, the weights carried, and those re-quantized with their reason.
 type Case = (
@@ -80,6 +82,9 @@ const CASES: &[Case] = &[
     // MXFP8 codes are floats; ModelOpt MIXED_PRECISION's MLP here is FP8.
     ("ct-mxfp8", &[], &[(DOWN, F8), (GATE, F8), (UP, F8)]),
     ("modelopt-mixed", &[], &[(DOWN, F8), (GATE, F8), (UP, F8)]),
+    // bitsandbytes (transformers + bitsandbytes, make_bnb_fixtures.py): never carried.
+    ("bnb-nf4", &[], &[(DOWN, NF4), (GATE, NF4), (UP, NF4)]),
+    ("bnb-int8", &[], &[(DOWN, INT8), (GATE, INT8), (UP, INT8)]),
     (
         "gptq-4bit-desc-act",
         &[],

@@ -67,6 +67,17 @@ fn lut(fp4: bool) -> [f32; 16] {
 }
 
 impl Decode for Bnb {
+    /// Never carried: NF4 and FP4 levels are a table no integer grid holds exactly,
+    /// and LLM.int8's value is two products, `fl(fl(q × SCB) × c)`, where V2 has one.
+    fn carry(&self, _r: &Reader) -> std::result::Result<crate::plan::Carry, String> {
+        Err(match self {
+            Bnb::Four(b) if b.fp4 => "bitsandbytes FP4 codes (a table, not an integer grid)",
+            Bnb::Four(_) => "bitsandbytes NF4 codes (a table, not an integer grid)",
+            Bnb::Int8(_) => "LLM.int8 codes (two products, q × SCB × 1/127)",
+        }
+        .into())
+    }
+
     fn fill(
         &self,
         r: &Reader,
