@@ -10,6 +10,7 @@ mod common;
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
+use common::prequant::{cfg, edit, int8, refused_with_error_line};
 use common::*;
 use half::{bf16, f16};
 use modelconv::{convert, ConvertConfig, QuantScheme, Quantize, TargetDtype, WeightFile};
@@ -98,10 +99,6 @@ fn round(x: &[f32], target: &str) -> Vec<u8> {
             .collect(),
         _ => x.iter().flat_map(|v| v.to_le_bytes()).collect(),
     }
-}
-
-fn cfg(dtype: TargetDtype) -> ConvertConfig {
-    ConvertConfig::builder().dtype(dtype).build().unwrap()
 }
 
 /// The stored tensors of `name` that are converted as they are.
@@ -197,24 +194,6 @@ fn verify_source_dequantizes_the_same_way_and_catches_a_changed_scale() {
         failed,
         ["model.layers.0.self_attn.kv_a_proj_with_mqa.weight"]
     );
-}
-
-/// Independent int8 quantization, per channel along axis 0 or per group of the
-/// flattened tensor: `scale = max|x| / 127` (1 for a zero unit), codes
-/// `round_ties_even(x / scale)` clamped; the seed quantizer's arithmetic in f32.
-fn int8(x: &[f32], unit: usize) -> (Vec<i8>, Vec<f32>) {
-    let mut codes = Vec::with_capacity(x.len());
-    let mut scales = Vec::new();
-    for u in x.chunks(unit) {
-        let amax = u.iter().fold(0f32, |m, v| m.max(v.abs()));
-        let s = if amax > 0.0 { amax / 127.0 } else { 1.0 };
-        scales.push(s);
-        codes.extend(
-            u.iter()
-                .map(|v| (v / s).round_ties_even().clamp(-128.0, 127.0) as i8),
-        );
-    }
-    (codes, scales)
 }
 
 #[test]
@@ -385,53 +364,6 @@ fn rewrite(path: &Path, mut f: impl FnMut(&str, &mut Vec<u8>)) {
             f(n, d);
         }
     });
-}
-
-type Entry = (String, String, Vec<u64>, Vec<u8>);
-
-/// Rewrites a safetensors file in place through `f` over `(name, dtype, shape, bytes)`.
-fn edit(path: &Path, f: impl FnOnce(&mut Vec<Entry>)) {
-    let bytes = std::fs::read(path).unwrap();
-    let st = SafeTensors::deserialize(&bytes).unwrap();
-    let mut tensors: Vec<Entry> = st
-        .tensors()
-        .into_iter()
-        .map(|(n, v)| {
-            let dtype = match v.dtype() {
-                safetensors::Dtype::F8_E4M3 => "F8_E4M3".to_string(),
-                safetensors::Dtype::F8_E5M2 => "F8_E5M2".to_string(),
-                d => format!("{d:?}"),
-            };
-            (
-                n,
-                dtype,
-                v.shape().iter().map(|&d| d as u64).collect(),
-                v.data().to_vec(),
-            )
-        })
-        .collect();
-    tensors.sort_by(|a, b| a.0.cmp(&b.0));
-    f(&mut tensors);
-    let refs: Vec<(&str, &str, Vec<u64>, Vec<u8>)> = tensors
-        .iter()
-        .map(|(n, d, s, b)| (n.as_str(), d.as_str(), s.clone(), b.clone()))
-        .collect();
-    write_safetensors(path, &refs);
-}
-
-/// Converts `input` through the binary and requires exit 1, `want` as the error line,
-/// and no output left behind.
-fn refused_with_error_line(input: &Path, tmp: &Path, want: &str) {
-    let out = tmp.join("out");
-    let o = modelconv(&["convert", s(input), "-o", s(&out)]);
-    let err = String::from_utf8_lossy(&o.stderr);
-    assert_eq!(o.status.code(), Some(1), "{err}");
-    let line = err
-        .lines()
-        .find(|l| l.starts_with("error: "))
-        .unwrap_or_default();
-    assert_eq!(line, format!("error: {want}"), "{err}");
-    assert!(!out.exists(), "output left behind for {want}");
 }
 
 #[test]

@@ -11,6 +11,7 @@ mod common;
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
+use common::prequant::{cfg, edit, int8, refused_with_error_line};
 use common::*;
 use half::{bf16, f16};
 use modelconv::{convert, ConvertConfig, QuantScheme, Quantize, TargetDtype, WeightFile};
@@ -88,10 +89,6 @@ fn positive_zeros(data: &[u8], es: usize) -> Vec<u8> {
             }
         })
         .collect()
-}
-
-fn cfg(dtype: TargetDtype) -> ConvertConfig {
-    ConvertConfig::builder().dtype(dtype).build().unwrap()
 }
 
 #[test]
@@ -203,23 +200,6 @@ fn keep_is_the_checkpoints_compute_dtype_and_metadata_names_the_components() {
     );
 }
 
-/// Independent int8 quantization, per row or per group of the flattened tensor:
-/// `scale = max|x| / 127` (1 for a zero unit), codes `round_ties_even(x / scale)`.
-fn int8(x: &[f32], unit: usize) -> (Vec<i8>, Vec<f32>) {
-    let mut codes = Vec::with_capacity(x.len());
-    let mut scales = Vec::new();
-    for u in x.chunks(unit) {
-        let amax = u.iter().fold(0f32, |m, v| m.max(v.abs()));
-        let s = if amax > 0.0 { amax / 127.0 } else { 1.0 };
-        scales.push(s);
-        codes.extend(
-            u.iter()
-                .map(|v| (v / s).round_ties_even().clamp(-128.0, 127.0) as i8),
-        );
-    }
-    (codes, scales)
-}
-
 #[test]
 fn int8_requantizes_the_dequantized_values() {
     let tmp = tempdir();
@@ -281,29 +261,6 @@ fn weights_split_over_many_rows_dequantize_the_same() {
     }
 }
 
-type Entry = (String, String, Vec<u64>, Vec<u8>);
-
-/// Rewrites a safetensors file in place through `f` over `(name, dtype, shape, bytes)`.
-fn edit(path: &Path, f: impl FnOnce(&mut Vec<Entry>)) {
-    let bytes = std::fs::read(path).unwrap();
-    let st = SafeTensors::deserialize(&bytes).unwrap();
-    let mut tensors: Vec<Entry> = st
-        .tensors()
-        .into_iter()
-        .map(|(n, v)| {
-            let shape = v.shape().iter().map(|&d| d as u64).collect();
-            (n, format!("{:?}", v.dtype()), shape, v.data().to_vec())
-        })
-        .collect();
-    tensors.sort_by(|a, b| a.0.cmp(&b.0));
-    f(&mut tensors);
-    let refs: Vec<(&str, &str, Vec<u64>, Vec<u8>)> = tensors
-        .iter()
-        .map(|(n, d, s, b)| (n.as_str(), d.as_str(), s.clone(), b.clone()))
-        .collect();
-    write_safetensors(path, &refs);
-}
-
 /// Sets tensor `name`'s bytes (and its 1-D shape, for a U8 state).
 fn set(path: &Path, name: &str, data: Vec<u8>) {
     edit(path, |t| {
@@ -321,22 +278,6 @@ fn edit_state(path: &Path, name: &str, f: impl FnOnce(&mut serde_json::Value)) {
     let mut j: serde_json::Value = serde_json::from_slice(&src[name].data).unwrap();
     f(&mut j);
     set(path, name, serde_json::to_vec(&j).unwrap());
-}
-
-/// Converts `input` through the binary and requires exit 1, `want` as the error line,
-/// and no output left behind.
-fn refused_with_error_line(input: &Path, tmp: &Path, want: &str) {
-    let out = tmp.join("out");
-    let o = modelconv(&["convert", s(input), "-o", s(&out)]);
-    let err = String::from_utf8_lossy(&o.stderr);
-    assert!(!err.contains("panicked"), "{err}");
-    assert_eq!(o.status.code(), Some(1), "{err}");
-    let line = err
-        .lines()
-        .find(|l| l.starts_with("error: "))
-        .unwrap_or_default();
-    assert_eq!(line, format!("error: {want}"), "{err}");
-    assert!(!out.exists(), "output left behind for {want}");
 }
 
 #[test]

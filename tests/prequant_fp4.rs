@@ -13,6 +13,7 @@ mod common;
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
+use common::prequant::{cfg, edit, int8, refused_with_error_line, Entry};
 use common::*;
 use half::{bf16, f16};
 use modelconv::{convert, ConvertConfig, QuantScheme, Quantize, TargetDtype, WeightFile};
@@ -90,10 +91,6 @@ fn plus_zero(b: &[u8], width: usize) -> Vec<u8> {
         }
     }
     out
-}
-
-fn cfg(dtype: TargetDtype) -> ConvertConfig {
-    ConvertConfig::builder().dtype(dtype).build().unwrap()
 }
 
 #[test]
@@ -213,24 +210,6 @@ fn the_schemes_are_recognised_with_their_summaries() {
     }
 }
 
-/// Independent int8 quantization per channel along axis 0: `scale = max|x| / 127`
-/// (1 for a zero row), codes `round_ties_even(x / scale)`; the seed quantizer's
-/// arithmetic in f32.
-fn int8(x: &[f32], unit: usize) -> (Vec<i8>, Vec<f32>) {
-    let mut codes = Vec::with_capacity(x.len());
-    let mut scales = Vec::new();
-    for u in x.chunks(unit) {
-        let amax = u.iter().fold(0f32, |m, v| m.max(v.abs()));
-        let s = if amax > 0.0 { amax / 127.0 } else { 1.0 };
-        scales.push(s);
-        codes.extend(
-            u.iter()
-                .map(|v| (v / s).round_ties_even().clamp(-128.0, 127.0) as i8),
-        );
-    }
-    (codes, scales)
-}
-
 #[test]
 fn int8_requantizes_the_dequantized_fp4_and_mx_values() {
     let tmp = tempdir();
@@ -268,51 +247,9 @@ fn int8_requantizes_the_dequantized_fp4_and_mx_values() {
     }
 }
 
-type Entry = (String, String, Vec<u64>, Vec<u8>);
-
-/// Rewrites a safetensors file in place through `f` over `(name, dtype, shape, bytes)`.
-fn edit(path: &Path, f: impl FnOnce(&mut Vec<Entry>)) {
-    let bytes = std::fs::read(path).unwrap();
-    let st = SafeTensors::deserialize(&bytes).unwrap();
-    let mut tensors: Vec<Entry> = st
-        .tensors()
-        .into_iter()
-        .map(|(n, v)| {
-            let dtype = match v.dtype() {
-                safetensors::Dtype::F8_E4M3 => "F8_E4M3".to_string(),
-                d => format!("{d:?}"),
-            };
-            let shape = v.shape().iter().map(|&d| d as u64).collect();
-            (n, dtype, shape, v.data().to_vec())
-        })
-        .collect();
-    tensors.sort_by(|a, b| a.0.cmp(&b.0));
-    f(&mut tensors);
-    let refs: Vec<(&str, &str, Vec<u64>, Vec<u8>)> = tensors
-        .iter()
-        .map(|(n, d, s, b)| (n.as_str(), d.as_str(), s.clone(), b.clone()))
-        .collect();
-    write_safetensors(path, &refs);
-}
-
 /// The entry named `name`.
 fn entry<'a>(t: &'a mut [Entry], name: &str) -> &'a mut Entry {
     t.iter_mut().find(|e| e.0 == name).unwrap()
-}
-
-/// Converts `input` through the binary and requires exit 1, `want` as the error line,
-/// and no output left behind.
-fn refused_with_error_line(input: &Path, tmp: &Path, want: &str) {
-    let out = tmp.join("out");
-    let o = modelconv(&["convert", s(input), "-o", s(&out)]);
-    let err = String::from_utf8_lossy(&o.stderr);
-    assert_eq!(o.status.code(), Some(1), "{err}");
-    let line = err
-        .lines()
-        .find(|l| l.starts_with("error: "))
-        .unwrap_or_default();
-    assert_eq!(line, format!("error: {want}"), "{err}");
-    assert!(!out.exists(), "output left behind for {want}");
 }
 
 /// A copy of fixture `from` under `tmp` as `name`, and its weights file.

@@ -12,6 +12,7 @@ use safetensors::{Dtype as StDtype, SafeTensors};
 
 pub mod files;
 pub mod hub;
+pub mod prequant;
 pub mod rounding;
 pub mod run;
 

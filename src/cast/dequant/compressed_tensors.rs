@@ -9,7 +9,7 @@ use super::bits::int4_row_avx2;
 use super::simd::avx2;
 use super::{
     bits::{bits_at, bitstream, words},
-    in_order, row_groups, Bufs, Decode, Reader, Release, Sink,
+    integer_carry, Bufs, Decode, Reader, Release, Sink,
 };
 use crate::error::Result;
 use crate::plan::Carry;
@@ -30,17 +30,8 @@ impl Decode for Packed {
 
     /// Codes of up to 8 bits in groups that tile the rows (a `g_idx` in input order).
     fn carry(&self, r: &Reader) -> std::result::Result<Carry, String> {
-        if let Some(g) = self.g_idx {
-            let gi = r
-                .groups(g, self.groups, &mut Vec::new())
-                .map_err(|e| e.to_string())?;
-            in_order(&gi, self.group)?;
-        }
-        let group = row_groups(self.group, self.cols.max(1))?;
-        Ok(Carry {
-            group,
-            bits: self.bits,
-        })
+        let groups = (self.groups, self.group);
+        integer_carry(r, self.g_idx, groups, self.cols, self.bits)
     }
 
     fn codes(

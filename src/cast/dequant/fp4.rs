@@ -37,17 +37,9 @@ impl Decode for Fp4 {
     ) -> Result<()> {
         out.clear();
         out.reserve(count as usize);
-        let [qb, sb, _, _] = bufs;
-        let end = first + count;
-        let g = self.group;
-        let (g0, g1) = (first / g, (end - 1) / g + 1);
-        let global = self.global_value(r, sb)?;
-        let mut scales = Vec::with_capacity((g1 - g0) as usize);
-        r.scales(self.scale, g0, g1 - g0, sb, &mut scales)?;
-        let b0 = first / 2;
-        let codes = r.bytes(self.packed, b0, end.div_ceil(2) - b0, qb)?;
-        for (k, &s) in (g0..g1).zip(&scales) {
-            let s = group_scale(s, self.global, global);
+        let (end, g, b0) = (first + count, self.group, first / 2);
+        let (scales, codes) = self.piece(r, first, end, bufs)?;
+        for (k, &s) in (first / g..).zip(&scales) {
             let (lo, hi) = (first.max(k * g), end.min((k + 1) * g));
             decode_run(codes, lo - b0 * 2, hi - lo, s, out);
         }
@@ -70,17 +62,9 @@ impl Decode for Fp4 {
         bufs: &mut Bufs,
         sink: &mut Sink,
     ) -> Result<()> {
-        let [qb, sb, _, _] = bufs;
-        let end = first + count;
-        let g = self.group;
-        let (g0, g1) = (first / g, (end - 1) / g + 1);
-        let global = self.global_value(r, sb)?;
-        let mut scales = Vec::with_capacity((g1 - g0) as usize);
-        r.scales(self.scale, g0, g1 - g0, sb, &mut scales)?;
-        let b0 = first / 2;
-        let codes = r.bytes(self.packed, b0, end.div_ceil(2) - b0, qb)?;
-        for (k, &s) in (g0..g1).zip(&scales) {
-            let s = group_scale(s, self.global, global);
+        let (end, g, b0) = (first + count, self.group, first / 2);
+        let (scales, codes) = self.piece(r, first, end, bufs)?;
+        for (k, &s) in (first / g..).zip(&scales) {
             let half = s * 0.5;
             if half * 2.0 != s {
                 return Err(r.error(
@@ -119,6 +103,29 @@ impl Decode for Fp4 {
 }
 
 impl Fp4 {
+    /// What the piece `[first, end)` reads: the scale `S` of each of its groups (the
+    /// global scale applied), from group `first / group` on, and its code bytes from
+    /// byte `first / 2` on.
+    fn piece<'a: 'b, 'b>(
+        &self,
+        r: &Reader<'a>,
+        first: u64,
+        end: u64,
+        bufs: &'b mut Bufs,
+    ) -> Result<(Vec<f32>, &'b [u8])> {
+        let [qb, sb, _, _] = bufs;
+        let (g0, g1) = (first / self.group, (end - 1) / self.group + 1);
+        let global = self.global_value(r, sb)?;
+        let mut scales = Vec::with_capacity((g1 - g0) as usize);
+        r.scales(self.scale, g0, g1 - g0, sb, &mut scales)?;
+        for s in &mut scales {
+            *s = group_scale(*s, self.global, global);
+        }
+        let b0 = first / 2;
+        let codes = r.bytes(self.packed, b0, end.div_ceil(2) - b0, qb)?;
+        Ok((scales, codes))
+    }
+
     /// The global scale's value (1 without one): finite and not 0, or an error naming
     /// it.
     fn global_value(&self, r: &Reader, buf: &mut Vec<u8>) -> Result<f32> {

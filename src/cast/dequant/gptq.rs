@@ -9,7 +9,7 @@ use super::bits::int4_row_avx2;
 use super::bits::{bitstream, words};
 #[cfg(target_arch = "x86_64")]
 use super::simd::{avx2, transpose8_avx2};
-use super::{in_order, row_groups, transposed, Bufs, Decode, Reader, Release, Sink};
+use super::{integer_carry, transposed, Bufs, Decode, Reader, Release, Sink};
 use crate::error::Result;
 use crate::plan::Carry;
 use crate::source::scheme::Gptq;
@@ -31,17 +31,8 @@ impl Decode for Gptq {
     /// Codes of 2 to 8 bits without a `g_idx` or with one in input order, in groups
     /// that tile the rows.
     fn carry(&self, r: &Reader) -> std::result::Result<Carry, String> {
-        if let Some(g) = self.g_idx {
-            let gi = r
-                .groups(g, self.groups, &mut Vec::new())
-                .map_err(|e| e.to_string())?;
-            in_order(&gi, self.group)?;
-        }
-        let group = row_groups(self.group, self.inputs.max(1))?;
-        Ok(Carry {
-            group,
-            bits: self.bits,
-        })
+        let groups = (self.groups, self.group);
+        integer_carry(r, self.g_idx, groups, self.inputs, self.bits)
     }
 
     /// Each output row from its own packed column, codes and zero points shifted by

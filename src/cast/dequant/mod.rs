@@ -167,6 +167,26 @@ fn row_groups(group: u64, len: u64) -> std::result::Result<u64, String> {
 /// (a scale and a zero point cost 8 bytes: at 16 elements, half a byte each).
 const MIN_CARRY_GROUP: u64 = 16;
 
+/// How integer codes of `bits` in groups of `group` inputs along rows of `row` are
+/// carried: their `g_idx` (of `groups` groups), if any, must be in input order, and
+/// the groups must tile the rows ([`row_groups`]). GPTQ and compressed-tensors share it.
+fn integer_carry(
+    r: &Reader,
+    g_idx: Option<TensorRef>,
+    (groups, group): (u64, u64),
+    row: u64,
+    bits: u32,
+) -> std::result::Result<Carry, String> {
+    if let Some(g) = g_idx {
+        let gi = r
+            .groups(g, groups, &mut Vec::new())
+            .map_err(|e| e.to_string())?;
+        in_order(&gi, group)?;
+    }
+    let group = row_groups(group, row.max(1))?;
+    Ok(Carry { group, bits })
+}
+
 /// Checks that `g_idx` entries `gi` are in input order (`gi[i] == i / group`).
 fn in_order(gi: &[u32], group: u64) -> std::result::Result<(), String> {
     match gi
