@@ -61,14 +61,19 @@ impl Decode for Awq {
             let shift = 4 * n as u32;
             let i0 = first.max(o * ins) - o * ins;
             let i1 = (first + count).min((o + 1) * ins) - o * ins;
-            for i in i0..i1 {
+            let mut i = i0;
+            while i < i1 {
+                // A run of one group.
                 let k = i / self.group;
-                if i == i0 || i % self.group == 0 {
-                    r.scales(self.scales, k * outs + o, 1, sb, &mut srow)?;
-                }
+                let ge = ((k + 1) * self.group).min(i1);
+                r.scales(self.scales, k * outs + o, 1, sb, &mut srow)?;
                 let z = (zall[(k * wpr + c) as usize] >> shift) & 15;
-                let q = (word(i * wpr + c) >> shift) & 15;
-                sink.push(q as i32 - 8, srow[0], (z as i32 - 8) as f32);
+                if let Some(q) = sink.run((ge - i) as usize, srow[0], (z as i32 - 8) as f32) {
+                    for (j, q) in (i..).zip(q.iter_mut()) {
+                        *q = (((word(j * wpr + c) >> shift) & 15) as i32 - 8) as i8 as u8;
+                    }
+                }
+                i = ge;
             }
         }
         Ok(())

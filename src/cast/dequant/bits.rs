@@ -63,6 +63,63 @@ pub(super) unsafe fn int4_row_avx2(w: &[u32], out: &mut [f32], s: &[f32], z: &[f
     }
 }
 
+/// Nibbles `[p, p + n)` of `src` (the low nibble of each byte first: 4-bit codes in
+/// little-endian words, or E2M1 pairs), each through `table`, into `out` (a byte
+/// each): carried codes. Sixteen bytes at a time by byte shuffles with AVX2.
+pub(super) fn nibble_codes(src: &[u8], mut p: usize, n: usize, table: &[u8; 16], out: &mut [u8]) {
+    let end = p + n;
+    let out = &mut out[..n];
+    let mut o = 0usize;
+    #[cfg(target_arch = "x86_64")]
+    if super::simd::avx2() {
+        if p % 2 == 1 && p < end {
+            out[0] = table[(src[p / 2] >> 4) as usize];
+            (p, o) = (p + 1, 1);
+        }
+        // SAFETY: the CPU has AVX2 (checked at run time).
+        let done = unsafe { nibble_codes_avx2(&src[p / 2..end / 2], table, &mut out[o..]) };
+        (p, o) = (p + 2 * done, o + 2 * done);
+    }
+    for (i, q) in out[o..].iter_mut().enumerate() {
+        let b = src[(p + i) / 2];
+        *q = table[(if (p + i).is_multiple_of(2) {
+            b & 15
+        } else {
+            b >> 4
+        }) as usize];
+    }
+}
+
+/// [`nibble_codes`] of whole bytes `src` from a low nibble on, sixteen bytes at a time;
+/// returns the bytes done.
+///
+/// # Safety
+///
+/// The CPU must support AVX2. Panics (before any store) when `out` is shorter than
+/// `2 · src.len()`.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2")]
+unsafe fn nibble_codes_avx2(src: &[u8], table: &[u8; 16], out: &mut [u8]) -> usize {
+    use std::arch::x86_64::*;
+    let full = src.len() / 16 * 16;
+    assert!(out.len() >= 2 * full);
+    // SAFETY: loads of 16 bytes at src[i..], stores of 32 bytes at out[2i..], i + 16
+    // <= full.
+    unsafe {
+        let t = _mm_loadu_si128(table.as_ptr().cast());
+        let nib = _mm_set1_epi8(0x0f);
+        for i in (0..full).step_by(16) {
+            let v = _mm_loadu_si128(src.as_ptr().add(i).cast());
+            let lo = _mm_shuffle_epi8(t, _mm_and_si128(v, nib));
+            let hi = _mm_shuffle_epi8(t, _mm_and_si128(_mm_srli_epi16::<4>(v), nib));
+            let at = out.as_mut_ptr().add(2 * i);
+            _mm_storeu_si128(at.cast(), _mm_unpacklo_epi8(lo, hi));
+            _mm_storeu_si128(at.add(16).cast(), _mm_unpackhi_epi8(lo, hi));
+        }
+    }
+    full
+}
+
 #[cfg(test)]
 mod tests {
     #[cfg(target_arch = "x86_64")]
@@ -124,6 +181,22 @@ mod tests {
         }
         for (i, v) in vals.iter().enumerate() {
             assert_eq!(bitstream(&w, i as u64, 3), *v, "{i}");
+        }
+    }
+
+    #[test]
+    fn nibble_codes_take_the_low_nibble_first_from_any_start() {
+        let src: Vec<u8> = (0..80u32).map(|i| (i * 37 + 11) as u8).collect();
+        let table: [u8; 16] = std::array::from_fn(|j| (j as u8).wrapping_mul(7) ^ 0x80);
+        for p in [0usize, 1, 2, 5, 31, 32, 33] {
+            for n in [0usize, 1, 2, 3, 31, 32, 33, 63, 64, 65, 100] {
+                let mut out = vec![0u8; n];
+                nibble_codes(&src, p, n, &table, &mut out);
+                let want: Vec<u8> = (p..p + n)
+                    .map(|k| table[((src[k / 2] >> (4 * (k % 2))) & 15) as usize])
+                    .collect();
+                assert_eq!(out, want, "p {p} n {n}");
+            }
         }
     }
 }

@@ -13,7 +13,10 @@
 //! `get_4bit_type` and the CPU build (CUDA gives −0.0). The description is
 //! `source/scheme/bitsandbytes.rs`'s [`Bnb`].
 
-use super::{Bufs, Decode, Reader, Release};
+use super::half::{int8_row, Codes, Half, Nibbles};
+use super::{with_bufs, Bufs, Decode, Reader, Release};
+use crate::cast::CastStats;
+use crate::dtype::Dtype;
 use crate::error::Result;
 use crate::source::scheme::{Bnb, Bnb4, BnbInt8};
 
@@ -93,6 +96,26 @@ impl Decode for Bnb {
         }
     }
 
+    /// Into f16 or bf16 directly: 4-bit blocks through a table of the block's 16
+    /// values, LLM.int8 rows eight products at a time ([`int8_half`]).
+    fn fill_half(
+        &self,
+        r: &Reader,
+        to: Dtype,
+        first: u64,
+        count: u64,
+        dst: &mut [u8],
+    ) -> Result<Option<CastStats>> {
+        let Some(to) = Half::of(to) else {
+            return Ok(None);
+        };
+        with_bufs(|bufs| match self {
+            Bnb::Four(b) => four_half(r, b, to, (first, count), bufs, dst),
+            Bnb::Int8(b) => int8_half(r, b, to, (first, count), bufs, dst),
+        })
+        .map(Some)
+    }
+
     /// The codes of the piece; the scales whole with the last piece.
     unsafe fn release(&self, p: &Release) {
         // SAFETY: forwarded to the caller.
@@ -119,18 +142,17 @@ impl Decode for Bnb {
     }
 }
 
-/// 4-bit elements `[first, first + count)`: the blocks' absmax (double-quantized
-/// ones decoded first), then one product per nibble.
-fn four(
-    r: &Reader,
+/// What the 4-bit piece `[first, end)` reads: the absmax of each of its blocks (a
+/// double-quantized one decoded first), from block `first / blocksize` on, and its
+/// packed bytes from byte `first / 2` on.
+fn four_piece<'a: 'b, 'b>(
+    r: &Reader<'a>,
     b: &Bnb4,
     first: u64,
-    count: u64,
-    bufs: &mut Bufs,
-    out: &mut Vec<f32>,
-) -> Result<()> {
+    end: u64,
+    bufs: &'b mut Bufs,
+) -> Result<(Vec<f32>, &'b [u8])> {
     let [qb, sb, zb, _] = bufs;
-    let end = first + count;
     let bs = b.blocksize;
     let (b0, b1) = (first / bs, (end - 1) / bs + 1);
     let mut absmax = Vec::new();
@@ -159,9 +181,27 @@ fn four(
             }
         }
     }
-    let lut = lut(b.fp4);
     let (y0, y1) = (first / 2, (end - 1) / 2 + 1);
     let bytes = r.bytes(b.packed, y0, y1 - y0, qb)?;
+    Ok((absmax, bytes))
+}
+
+/// 4-bit elements `[first, first + count)`: the blocks' absmax, then one product per
+/// nibble.
+fn four(
+    r: &Reader,
+    b: &Bnb4,
+    first: u64,
+    count: u64,
+    bufs: &mut Bufs,
+    out: &mut Vec<f32>,
+) -> Result<()> {
+    let end = first + count;
+    let bs = b.blocksize;
+    let b0 = first / bs;
+    let y0 = first / 2;
+    let (absmax, bytes) = four_piece(r, b, first, end, bufs)?;
+    let lut = lut(b.fp4);
     out.reserve(count as usize);
     let mut i = first;
     while i < end {
@@ -188,6 +228,31 @@ fn four(
         }
     }
     Ok(())
+}
+
+/// [`four`] straight into `to` bits ([`Nibbles`]: each block's 16 values rounded once).
+fn four_half(
+    r: &Reader,
+    b: &Bnb4,
+    to: Half,
+    (first, count): (u64, u64),
+    bufs: &mut Bufs,
+    dst: &mut [u8],
+) -> Result<CastStats> {
+    let (absmax, bytes) = four_piece(r, b, first, first + count, bufs)?;
+    let lut = lut(b.fp4);
+    let n = Nibbles {
+        lut: &lut,
+        to,
+        high_first: true,
+    };
+    let c = Codes {
+        codes: bytes,
+        nib0: first / 2 * 2,
+        group: b.blocksize,
+        scales: &absmax,
+    };
+    Ok(n.write(&c, first, count, dst))
 }
 
 /// LLM.int8 elements `[first, first + count)`: row `o`'s codes times `SCB[o]`, then
@@ -225,6 +290,40 @@ fn int8(
         }
     }
     Ok(())
+}
+
+/// [`int8`] straight into `to` bits ([`int8_row`] a row at a time).
+fn int8_half(
+    r: &Reader,
+    b: &BnbInt8,
+    to: Half,
+    (first, count): (u64, u64),
+    bufs: &mut Bufs,
+    dst: &mut [u8],
+) -> Result<CastStats> {
+    let [qb, sb, _, _] = bufs;
+    let cols = b.cols.max(1);
+    let end = first + count;
+    let (o0, o1) = (first / cols, (end - 1) / cols + 1);
+    let mut scb = Vec::new();
+    r.scales(b.scb, o0, o1 - o0, sb, &mut scb)?;
+    let q = r.bytes(b.weight, first, count, qb)?;
+    let c = f32::from_bits(INT8_C);
+    let mut stats = CastStats::default();
+    let mut at = 0usize;
+    for o in o0..o1 {
+        let n = (((o + 1) * cols).min(end) - (o * cols).max(first)) as usize;
+        let s = scb[(o - o0) as usize];
+        int8_row(
+            &q[at..at + n],
+            (s, c),
+            to,
+            &mut dst[2 * at..2 * (at + n)],
+            &mut stats,
+        );
+        at += n;
+    }
+    Ok(stats)
 }
 
 #[cfg(test)]

@@ -8,7 +8,7 @@ use super::bits::int4_row_avx2;
 #[cfg(target_arch = "x86_64")]
 use super::simd::avx2;
 use super::{
-    bits::{bits_at, bitstream, words},
+    bits::{bits_at, bitstream, nibble_codes, words},
     integer_carry, Bufs, Decode, Reader, Release, Sink,
 };
 use crate::error::Result;
@@ -74,6 +74,11 @@ impl Decode for Packed {
     }
 }
 
+/// The 4-bit offset-binary codes shifted into [−8, 7], as bytes, by code.
+pub(super) const INT4_CODES: [u8; 16] = [
+    0xf8, 0xf9, 0xfa, 0xfb, 0xfc, 0xfd, 0xfe, 0xff, 0, 1, 2, 3, 4, 5, 6, 7,
+];
+
 /// The codes of elements `[first, first + count)` into `sink`, offset-binary codes and
 /// zero points shifted by the same offset `2^(bits − 1)`.
 fn packed_codes(
@@ -106,14 +111,27 @@ fn packed_codes(
         let srow = &sv[((o - o0) * p.groups) as usize..((o - o0 + 1) * p.groups) as usize];
         let i0 = first.max(o * cols) - o * cols;
         let i1 = (first + count).min((o + 1) * cols) - o * cols;
-        for i in i0..i1 {
+        let rb = &wb[((o - o0) * p.row_words * 4) as usize..];
+        let mut i = i0;
+        while i < i1 {
+            // A run of one group.
             let g = (i / p.group) as usize;
+            let ge = ((g as u64 + 1) * p.group).min(i1);
             let z = match &zeros {
                 Some(zw) => bits_at(|k| zw.get(k * groups + g).copied().unwrap_or(0), o, p.bits),
                 None => offset as u32,
             };
-            let q = bitstream(row, i, p.bits) as i32;
-            sink.push(q - offset, srow[g], (z as i32 - offset) as f32);
+            let n = (ge - i) as usize;
+            if let Some(q) = sink.run(n, srow[g], (z as i32 - offset) as f32) {
+                if p.bits == 4 {
+                    nibble_codes(rb, i as usize, n, &INT4_CODES, q);
+                } else {
+                    for (k, q) in (i..).zip(q.iter_mut()) {
+                        *q = (bitstream(row, k, p.bits) as i32 - offset) as i8 as u8;
+                    }
+                }
+            }
+            i = ge;
         }
     }
     Ok(())

@@ -12,7 +12,11 @@
 
 use half::bf16;
 
-use super::{row_groups, Bufs, Decode, Reader, Release, Sink};
+use super::bits::nibble_codes;
+use super::half::{Codes, Half, Nibbles};
+use super::{row_groups, with_bufs, Bufs, Decode, Reader, Release, Sink};
+use crate::cast::CastStats;
+use crate::dtype::Dtype;
 use crate::error::Result;
 use crate::plan::Carry;
 use crate::source::scheme::{Fp4, Global};
@@ -24,7 +28,7 @@ const E2M1: [f32; 16] = [
 ];
 
 /// Twice the E2M1 values by nibble: the integer codes a carried weight is written with.
-const CODES2: [i32; 16] = [0, 1, 2, 3, 4, 6, 8, 12, 0, -1, -2, -3, -4, -6, -8, -12];
+const CODES2: [i8; 16] = [0, 1, 2, 3, 4, 6, 8, 12, 0, -1, -2, -3, -4, -6, -8, -12];
 
 impl Decode for Fp4 {
     fn fill(
@@ -44,6 +48,36 @@ impl Decode for Fp4 {
             decode_run(codes, lo - b0 * 2, hi - lo, s, out);
         }
         Ok(())
+    }
+
+    /// Into f16 or bf16 directly: each group's 16 values `fl(E2M1 × S)` rounded once,
+    /// then one lookup a nibble ([`Nibbles`]).
+    fn fill_half(
+        &self,
+        r: &Reader,
+        to: Dtype,
+        first: u64,
+        count: u64,
+        dst: &mut [u8],
+    ) -> Result<Option<CastStats>> {
+        let Some(to) = Half::of(to) else {
+            return Ok(None);
+        };
+        with_bufs(|bufs| {
+            let (scales, codes) = self.piece(r, first, first + count, bufs)?;
+            let n = Nibbles {
+                lut: &E2M1,
+                to,
+                high_first: false,
+            };
+            let c = Codes {
+                codes,
+                nib0: first / 2 * 2,
+                group: self.group,
+                scales: &scales,
+            };
+            Ok(Some(n.write(&c, first, count, dst)))
+        })
     }
 
     /// Carried as codes `2·E2M1` (in [−12, 12]: 5 bits) with half the group's scale:
@@ -74,11 +108,16 @@ impl Decode for Fp4 {
                     ),
                 ));
             }
-            for i in first.max(k * g)..end.min((k + 1) * g) {
-                let at = i - b0 * 2;
-                let b = codes[(at / 2) as usize];
-                let nib = if at.is_multiple_of(2) { b & 15 } else { b >> 4 };
-                sink.push(CODES2[nib as usize], half, 0.0);
+            let (lo, hi) = (first.max(k * g), end.min((k + 1) * g));
+            let n = (hi - lo) as usize;
+            if let Some(q) = sink.run(n, half, 0.0) {
+                nibble_codes(
+                    codes,
+                    (lo - b0 * 2) as usize,
+                    n,
+                    &CODES2.map(|c| c as u8),
+                    q,
+                );
             }
         }
         Ok(())

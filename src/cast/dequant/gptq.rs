@@ -6,7 +6,8 @@
 
 #[cfg(target_arch = "x86_64")]
 use super::bits::int4_row_avx2;
-use super::bits::{bitstream, words};
+use super::bits::{bitstream, nibble_codes, words};
+use super::compressed_tensors::INT4_CODES;
 #[cfg(target_arch = "x86_64")]
 use super::simd::{avx2, transpose8_avx2};
 use super::{integer_carry, transposed, Bufs, Decode, Reader, Release, Sink};
@@ -58,10 +59,24 @@ impl Decode for Gptq {
             let w = &wt[oo * packed..(oo + 1) * packed];
             let i0 = first.max(o * ins) - o * ins;
             let i1 = (first + count).min((o + 1) * ins) - o * ins;
-            for i in i0..i1 {
+            let mut i = i0;
+            while i < i1 {
+                // A run of one group.
                 let k = oo * groups + (i / self.group) as usize;
-                let q = bitstream(w, i, self.bits) as i32 - offset;
-                sink.push(q, scale[k], zero[k] - offset as f32);
+                let ge = ((i / self.group + 1) * self.group).min(i1);
+                let n = (ge - i) as usize;
+                if let Some(q) = sink.run(n, scale[k], zero[k] - offset as f32) {
+                    if self.bits == 4 && cfg!(target_endian = "little") {
+                        // The words' bytes in memory are their little-endian bytes.
+                        let wb: &[u8] = bytemuck::cast_slice(w);
+                        nibble_codes(wb, i as usize, n, &INT4_CODES, q);
+                    } else {
+                        for (j, q) in (i..).zip(q.iter_mut()) {
+                            *q = (bitstream(w, j, self.bits) as i32 - offset) as i8 as u8;
+                        }
+                    }
+                }
+                i = ge;
             }
         }
         Ok(())

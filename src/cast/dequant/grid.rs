@@ -81,8 +81,8 @@ impl Decode for Grid {
         sink: &mut Sink,
     ) -> Result<()> {
         grid_runs(r, self, first, count, bufs, |src, s, z| {
-            for &b in src {
-                sink.push(b as i8 as i32, s, z.unwrap_or(0.0));
+            if let Some(q) = sink.run(src.len(), s, z.unwrap_or(0.0)) {
+                q.copy_from_slice(src);
             }
         })
     }
@@ -187,14 +187,13 @@ fn grid_f16(
     bufs: &mut Bufs,
     dst: &mut [u8],
 ) -> Result<CastStats> {
-    let mut at = 0usize;
-    let mut special = false;
-    grid_runs(r, g, first, count, bufs, |src, s, _| {
-        let out = &mut dst[at..at + src.len() * 2];
-        // SAFETY: `fill_half` takes this path only where the CPU has AVX2 and F16C.
-        special |= unsafe { e4m3_f16_run(src, s, out) };
-        at += src.len() * 2;
-    })?;
+    // The runs of one scale first, then one call for the piece: short blocks (MXFP8's
+    // 32 codes) would otherwise pay a call each.
+    let (q, sv, _) = grid_piece(r, g, first, count, bufs)?;
+    let mut runs = Vec::new();
+    for_runs(g, first, count, |n, k| runs.push((n, sv[k])));
+    // SAFETY: `fill_half` takes this path only where the CPU has AVX2 and F16C.
+    let special = unsafe { e4m3_f16_runs(q, &runs, dst) };
     let mut stats = CastStats::default();
     if special {
         // A NaN code or an overflow somewhere: count them as the cast does, from the
@@ -232,26 +231,29 @@ fn grid_runs(
     bufs: &mut Bufs,
     mut run: impl FnMut(&[u8], f32, Option<f32>),
 ) -> Result<()> {
+    let (q, sv, zv) = grid_piece(r, g, first, count, bufs)?;
+    let mut qi = 0usize;
+    for_runs(g, first, count, |n, k| {
+        run(&q[qi..qi + n], sv[k], zv.get(k).copied());
+        qi += n;
+    });
+    Ok(())
+}
+
+/// What elements `[first, first + count)` of a grid read: their codes, and the scales
+/// (and zero points) of the grid cells from the first one's on.
+fn grid_piece<'a: 'b, 'b>(
+    r: &Reader<'a>,
+    g: &Grid,
+    first: u64,
+    count: u64,
+    bufs: &'b mut Bufs,
+) -> Result<(&'b [u8], Vec<f32>, Vec<f32>)> {
     let [qb, sb, zb, _] = bufs;
     let q = r.bytes(g.q, first, count, qb)?;
-    let (rows, cols) = (g.rows.max(1), g.cols.max(1));
-    let mat = rows * cols;
-    let (br, bc) = g.block;
-    let (gr, gc) = g.grid;
-    // The scale (and zero) entries the range needs: contiguous in the grid.
-    let cell = |e: u64| -> u64 {
-        if g.per_tensor {
-            0
-        } else {
-            let (b, rr) = (e / mat, (e % mat) / cols);
-            (b * gr + rr / br) * gc
-        }
-    };
-    let s0 = cell(first);
-    let s1 = if g.per_tensor {
-        1
-    } else {
-        cell(first + count - 1) + gc
+    let (s0, s1) = match g.per_tensor {
+        true => (0, 1),
+        false => (cell(g, first), cell(g, first + count - 1) + g.grid.1),
     };
     let mut sv = Vec::with_capacity((s1 - s0) as usize);
     r.scales(g.scale, s0, s1 - s0, sb, &mut sv)?;
@@ -259,29 +261,66 @@ fn grid_runs(
     if let Some(z) = g.zero {
         r.scales(z, s0, s1 - s0, zb, &mut zv)?;
     }
+    Ok((q, sv, zv))
+}
+
+/// The first scale entry of element `e`'s row of blocks (0 per tensor).
+fn cell(g: &Grid, e: u64) -> u64 {
+    if g.per_tensor {
+        return 0;
+    }
+    let (rows, cols) = (g.rows.max(1), g.cols.max(1));
+    let mat = rows * cols;
+    let (b, rr) = (e / mat, (e % mat) / cols);
+    (b * g.grid.0 + rr / g.block.0) * g.grid.1
+}
+
+/// Runs `run(n, k)` over elements `[first, first + count)` of a grid in order: `n`
+/// elements of one scale (to the end of its block or of the range), scale entry `k`
+/// counted from [`grid_piece`]'s first.
+fn for_runs(g: &Grid, first: u64, count: u64, mut run: impl FnMut(usize, usize)) {
+    let cols = g.cols.max(1);
+    let bc = g.block.1.max(1);
+    let s0 = cell(g, first);
     let mut e = first;
     let end = first + count;
-    let mut qi = 0usize;
     while e < end {
+        // A row at a time (its divisions once): the first run to the end of its
+        // block, then whole blocks, each the next scale.
         let c = e % cols;
         let row_end = end.min(e - c + cols);
-        let base = (cell(e) - s0) as usize;
-        let mut c0 = c;
-        while e < row_end {
-            // A run of one scale: to the end of the block or of the range.
-            let n = (bc - c0 % bc).min(row_end - e) as usize;
-            let k = if g.per_tensor {
-                0
-            } else {
-                base + (c0 / bc) as usize
-            };
-            run(&q[qi..qi + n], sv[k], zv.get(k).copied());
-            qi += n;
-            e += n as u64;
-            c0 += n as u64;
+        let mut k = (cell(g, e) - s0 + c / bc) as usize;
+        let mut n = (bc - c % bc).min(row_end - e);
+        loop {
+            run(n as usize, if g.per_tensor { 0 } else { k });
+            e += n;
+            if e >= row_end {
+                break;
+            }
+            k += 1;
+            n = bc.min(row_end - e);
         }
     }
-    Ok(())
+}
+
+/// [`e4m3_f16_run`] over consecutive runs `(codes, scale)` of `q`, into `out` in
+/// order. Returns true when some output is infinite or NaN.
+///
+/// # Safety
+///
+/// The CPU must support AVX2 and F16C. Panics when the runs pass the end of `q` or
+/// `out` is shorter than `2 · q.len()`.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,f16c")]
+unsafe fn e4m3_f16_runs(q: &[u8], runs: &[(usize, f32)], out: &mut [u8]) -> bool {
+    let mut at = 0usize;
+    let mut special = false;
+    for &(n, s) in runs {
+        // SAFETY: the caller's.
+        special |= unsafe { e4m3_f16_run(&q[at..at + n], s, &mut out[2 * at..2 * (at + n)]) };
+        at += n;
+    }
+    special
 }
 
 /// F8 E4M3 codes times `s`, as f16 bits into `out` (2 bytes a code), eight at a time:
@@ -296,6 +335,7 @@ fn grid_runs(
 /// q.len()`.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2,f16c")]
+#[inline]
 unsafe fn e4m3_f16_run(q: &[u8], s: f32, out: &mut [u8]) -> bool {
     use std::arch::x86_64::*;
     let out = &mut out[..q.len() * 2];

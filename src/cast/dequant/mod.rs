@@ -31,6 +31,7 @@ mod compressed_tensors;
 mod fp4;
 mod gptq;
 mod grid;
+mod half;
 mod mxfp4;
 mod simd;
 
@@ -129,18 +130,21 @@ pub(crate) struct Sink<'a> {
 }
 
 impl Sink<'_> {
-    /// The next element: code `q` (in [−128, 127]) of a group with scale `s` and zero
-    /// point `z`.
+    /// The next `n` elements, all of one stored group with scale `s` and zero point
+    /// `z`: records a scale and zero point for each V2 group they start, and returns
+    /// their code bytes for the caller to fill (codes in [−128, 127] as bytes). `None`
+    /// past the end of the codes asked for.
     #[inline]
-    fn push(&mut self, q: i32, s: f32, z: f32) {
-        if (self.first + self.at as u64).is_multiple_of(self.group) {
+    fn run(&mut self, n: usize, s: f32, z: f32) -> Option<&mut [u8]> {
+        let at = self.first + self.at as u64;
+        let g = self.group;
+        for _ in at.div_ceil(g)..(at + n as u64).div_ceil(g) {
             self.scales.push(s);
             self.zero_points.push(z);
         }
-        if let Some(o) = self.q.get_mut(self.at) {
-            *o = q as i8 as u8;
-        }
-        self.at += 1;
+        let out = self.q.get_mut(self.at..self.at + n);
+        self.at += n;
+        out
     }
 }
 

@@ -18,6 +18,7 @@ mod to_half;
 
 use std::ops::Range;
 
+use super::half::Half;
 use super::{transposed, with_bufs, Bufs, Decode, Reader, Release};
 use crate::cast::CastStats;
 use crate::dtype::Dtype;
@@ -26,7 +27,7 @@ use crate::source::scheme::Mxfp4;
 use crate::source::TensorRef;
 use slab::{drop_slab, slab_groups, Slab, Span, SLAB};
 use to_f32::group_f32;
-use to_half::{group_half, Half};
+use to_half::group_half;
 
 impl Decode for Mxfp4 {
     /// Whole groups of 32: a piece's output rows are columns of the stored blocks, so

@@ -10,12 +10,13 @@ use super::slab::{Slab, Span};
 use super::to_f32::{fp4, group_f32};
 #[cfg(target_arch = "x86_64")]
 use super::to_f32::{fp4_group, fp4_group_avx2};
-use super::to_half::{group_half, Half};
+use super::to_half::group_half;
 #[cfg(target_arch = "x86_64")]
 use super::to_half::{half_group, half_group_avx2};
 use super::*;
 #[cfg(target_arch = "x86_64")]
 use crate::cast::dequant::e8m0;
+use crate::cast::dequant::half::Half;
 
 /// The FP4 E2M1 values by nibble (transformers' `FP4_VALUES`, the OCP MX table): what
 /// [`fp4`] computes, checked by the tests.

@@ -3,8 +3,6 @@
 //! add (AVX2), other rows multiplied in f32 and rounded to nearest even, with the
 //! infinities counted as the cast counts them.
 
-use half::f16;
-
 use super::super::e8m0;
 #[cfg(target_arch = "x86_64")]
 use super::super::simd::avx2;
@@ -12,6 +10,7 @@ use super::to_f32::fp4;
 #[cfg(target_arch = "x86_64")]
 use super::to_f32::{FP4_BF16_HI, FP4_BF16_LO};
 use super::Group;
+use crate::cast::dequant::half::Half;
 use crate::cast::CastStats;
 
 /// The high bytes of FP4[n] as f16 (0.5 = 0x3800, 6 = 0x4600; every low byte is 0).
@@ -19,13 +18,6 @@ use crate::cast::CastStats;
 const FP4_F16_HI: [u8; 16] = [
     0x00, 0x38, 0x3C, 0x3E, 0x40, 0x42, 0x44, 0x46, 0x80, 0xB8, 0xBC, 0xBE, 0xC0, 0xC2, 0xC4, 0xC6,
 ];
-
-/// A 16-bit float type MXFP4 values are written as directly.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub(crate) enum Half {
-    F16,
-    Bf16,
-}
 
 impl Half {
     /// The type's mantissa bits, and the E8M0 codes `[lo, hi]` whose scale keeps every
@@ -35,14 +27,6 @@ impl Half {
         match self {
             Half::F16 => (10, 127 - 13, 127 + 13),
             Half::Bf16 => (7, 127 - 125, 127 + 125),
-        }
-    }
-
-    /// `v` rounded to nearest even, as the cast rounds it.
-    pub(super) fn round(self, v: f32) -> u16 {
-        match self {
-            Half::F16 => f16::from_f32(v).to_bits(),
-            Half::Bf16 => crate::cast::kernels::f32_to_bf16_bits(v.to_bits()),
         }
     }
 
