@@ -3,12 +3,14 @@
 # GPTQ 4-bit (group 128, F16 scales), compressed-tensors W4A16 (pack-quantized, group
 # 32, BF16 scales) and ModelOpt NVFP4 (E2M1 pairs, E4M3 scales per 16), each converted
 #
-#   f16    `convert` (the reference run beside it: the same checkpoint dequantized)
-#   int8   `convert --quantize int8 --lossless`: the codes carried, no second
-#          quantization (embeddings, norms and the LM head, not pre-quantized, stay f16)
+#   f16       `convert` (the reference run beside it: the same checkpoint dequantized)
+#   int8      `convert --quantize int8`, the command a user runs: the codes carried,
+#             the embeddings and the LM head (not pre-quantized) quantized from floats
+#   lossless  `convert --quantize int8 --lossless`: the codes carried, no quantization
+#             error anywhere (the embeddings, norms and the LM head stay f16)
 #
 # in alternating runs with the output on the RAM disk (removed before every run).
-# Prints medians of wall time, peak RSS and output bytes, and int8's ratios to f16.
+# Prints medians of wall time, peak RSS and output bytes, and each mode's ratios to f16.
 # Then the error column: the carried file's SQNR from its report (`exact` when the
 # seed loader's formula gives the source's values bit for bit) against the SQNR of
 # re-quantizing the same values as `--quantize int8` did before codes were carried
@@ -26,13 +28,15 @@ for s in "${schemes[@]}"; do
 done
 shm=/dev/shm/modelconv-carry
 declare -A wall rss size
+modes=(f16 int8 lossless)
 for r in $(seq 1 "$rounds"); do
   cat "$work"/*/*.safetensors >/dev/null
   for s in "${schemes[@]}"; do
-    for m in f16 int8; do
+    for m in "${modes[@]}"; do
       rm -rf "$shm"
       args=()
-      [ "$m" = int8 ] && args=(--quantize int8 --lossless)
+      [ "$m" = int8 ] && args=(--quantize int8)
+      [ "$m" = lossless ] && args=(--quantize int8 --lossless)
       read -r w k _ < <(secs "$bin" convert "$work/$s" -o "$shm" --threads 2 --quiet "${args[@]}")
       wall[$s-$m]="${wall[$s-$m]:-} $w"
       rss[$s-$m]="${rss[$s-$m]:-} $k"
@@ -42,13 +46,14 @@ for r in $(seq 1 "$rounds"); do
 done
 rm -rf "$shm"
 med() { tr ' ' '\n' | grep . | sort -g | awk '{a[NR]=$1} END {print a[int((NR+1)/2)]}'; }
-printf '%-6s %10s %10s %7s %9s %9s %7s %9s %9s %7s\n' scheme f16_s int8_s ratio f16_MiB int8_MiB ratio f16_MB int8_MB ratio
+printf '%-6s %-9s %8s %7s %8s %7s %9s %7s\n' scheme mode time_s ratio rss_MiB ratio out_MB ratio
 for s in "${schemes[@]}"; do
-  fw=$(echo "${wall[$s-f16]}" | med); iw=$(echo "${wall[$s-int8]}" | med)
-  fr=$(echo "${rss[$s-f16]}" | med); ir=$(echo "${rss[$s-int8]}" | med)
-  fs=${size[$s-f16]}; is=${size[$s-int8]}
-  printf '%-6s %10s %10s %7s %9s %9s %7s %9s %9s %7s\n' "$s" "$fw" "$iw" "$(ratio "$iw" "$fw")" \
-    "$((fr / 1024))" "$((ir / 1024))" "$(ratio "$ir" "$fr")" "$((fs / 1000000))" "$((is / 1000000))" "$(ratio "$is" "$fs")"
+  fw=$(echo "${wall[$s-f16]}" | med); fr=$(echo "${rss[$s-f16]}" | med); fs=${size[$s-f16]}
+  for m in "${modes[@]}"; do
+    w=$(echo "${wall[$s-$m]}" | med); k=$(echo "${rss[$s-$m]}" | med); b=${size[$s-$m]}
+    printf '%-6s %-9s %8s %7s %8s %7s %9s %7s\n' "$s" "$m" "$w" "$(ratio "$w" "$fw")" \
+      "$((k / 1024))" "$(ratio "$k" "$fr")" "$((b / 1000000))" "$(ratio "$b" "$fs")"
+  done
 done
 # The error column: carried against re-quantized.
 sqnr() { "$py" -c 'import json,sys; q=json.load(sys.stdin)["quantization"]; m=q["model"]; print("exact" if m["sqnr_db"] is None else "%.1f dB" % m["sqnr_db"], q["quantized_tensors"])'; }

@@ -6,7 +6,7 @@
 
 use std::sync::{Arc, Mutex};
 
-use arrow_array::builder::{Int32Builder, ListBuilder};
+use arrow_array::builder::{BinaryBuilder, Int32Builder, ListBuilder};
 use arrow_array::{ArrayRef, BinaryArray, Int32Array, Int64Array, StringArray, UInt64Array};
 use arrow_schema::SchemaRef;
 use parquet::arrow::arrow_writer::{compute_leaves, ArrowColumnChunk, ArrowRowGroupWriterFactory};
@@ -198,7 +198,8 @@ impl Encoder<'_> {
         }
         debug_assert!(rest.is_empty());
         let first = rows.first().map(|r| plan.tensors[r.tensor].name.as_str());
-        let data = self.data_chunk(first, values, pages)?;
+        let codes: Vec<bool> = quant.iter().map(Option::is_some).collect();
+        let data = self.data_chunk(first, values, (pages, &codes))?;
         let chunks = self.encode_columns(group, index, data, checksums, quant)?;
         Ok(Encoded {
             chunks,
@@ -208,13 +209,14 @@ impl Encoder<'_> {
     }
 
     /// The `data` column chunk of the pages laid out in `values` (each of `pages` is
-    /// header room, prefix and value): compressed into a pooled buffer, after which
-    /// `values` goes back to the pool; uncompressed, `values` is the chunk.
+    /// header room, prefix and value; `codes` says which hold V2 codes): compressed
+    /// into a pooled buffer, after which `values` goes back to the pool; uncompressed,
+    /// `values` is the chunk.
     fn data_chunk(
         &self,
         first: Option<&str>,
         values: Vec<u8>,
-        pages: Vec<std::ops::Range<usize>>,
+        (pages, codes): (Vec<std::ops::Range<usize>>, &[bool]),
     ) -> Result<DataChunk> {
         let perr = |e: parquet::errors::ParquetError| Error::parquet(self.out_path, first, e);
         let (descr, compression) = (self.data_descr.clone(), self.compression);
@@ -227,8 +229,8 @@ impl Encoder<'_> {
                 .map(|p| HEADER_ROOM + codec.bound(p.len() - HEADER_ROOM))
                 .sum();
             let mut chunk = DataChunkBuilder::new(descr, compression, self.pool.take_empty(cap));
-            for p in pages {
-                chunk.push(codec, &values[p.start + HEADER_ROOM..p.end])?;
+            for (p, &codes) in pages.iter().zip(codes) {
+                chunk.push(codec, &values[p.start + HEADER_ROOM..p.end], codes)?;
             }
             self.pool.give(values);
             Ok(chunk)
@@ -282,6 +284,9 @@ impl Encoder<'_> {
         if plan.quantize.is_some() {
             cols.extend(v2_columns(plan, rows, &quant).map(Some));
         }
+        // The scales are in their arrays now: their rows' copies go before the columns
+        // are encoded (for groups of 16, half a byte per code).
+        drop(quant);
         cols.push(Some(Arc::new(Int64Array::from_iter_values(
             rows.iter()
                 .map(|r| tensor(r).out_bytes(r.elem_start) as i64),
@@ -329,10 +334,40 @@ fn v2_columns(
     rows: &[crate::plan::RowPlan],
     quant: &[Option<RowQuant>],
 ) -> [ArrayRef; 5] {
-    let f32_bytes = |v: &[f32]| -> Vec<u8> { v.iter().flat_map(|x| x.to_le_bytes()).collect() };
+    // The scales and zero points as f32 bytes, each row one value, written once into
+    // the arrays' buffers.
+    let quantized: Vec<Option<&RowQuant>> = rows
+        .iter()
+        .zip(quant)
+        .map(|(r, q)| {
+            q.as_ref()
+                .filter(|_| plan.tensors[r.tensor].quant.is_some())
+        })
+        .collect();
+    let bytes = |f: fn(&RowQuant) -> &[f32]| {
+        let n = quantized
+            .iter()
+            .flatten()
+            .map(|q| f(q).len())
+            .sum::<usize>();
+        let mut b = BinaryBuilder::with_capacity(rows.len(), 4 * n);
+        for q in &quantized {
+            match q {
+                Some(q) => b.append_value(bytemuck::cast_slice::<f32, u8>(f(q))),
+                None => b.append_value([]),
+            }
+        }
+        b.finish()
+    };
+    let (scales, zeros) = match cfg!(target_endian = "little") {
+        // The values' bytes in memory are their little-endian bytes.
+        true => (bytes(|q| &q.scales), bytes(|q| &q.zero_points)),
+        false => (
+            le_bytes(&quantized, |q| &q.scales),
+            le_bytes(&quantized, |q| &q.zero_points),
+        ),
+    };
     let mut kind = Vec::with_capacity(rows.len());
-    let mut scales = Vec::with_capacity(rows.len());
-    let mut zeros = Vec::with_capacity(rows.len());
     let mut axis = Vec::with_capacity(rows.len());
     let mut group = Vec::with_capacity(rows.len());
     for (r, q) in rows.iter().zip(quant) {
@@ -340,8 +375,7 @@ fn v2_columns(
         match (t.quant, q) {
             (Some(spec), Some(q)) => {
                 kind.push(spec.kind.as_str());
-                scales.push(f32_bytes(&q.scales));
-                zeros.push(f32_bytes(&q.zero_points));
+                debug_assert!(!q.scales.is_empty());
                 axis.push(spec.axis);
                 // Checked to fit i32 when the options were built.
                 group.push(spec.group_size as i32);
@@ -352,8 +386,6 @@ fn v2_columns(
                 } else {
                     "fp32"
                 });
-                scales.push(Vec::new());
-                zeros.push(Vec::new());
                 axis.push(-1);
                 group.push(0);
             }
@@ -361,11 +393,21 @@ fn v2_columns(
     }
     [
         Arc::new(StringArray::from_iter_values(kind)),
-        Arc::new(BinaryArray::from_iter_values(scales)),
-        Arc::new(BinaryArray::from_iter_values(zeros)),
+        Arc::new(scales),
+        Arc::new(zeros),
         Arc::new(Int32Array::from(axis)),
         Arc::new(Int32Array::from(group)),
     ]
+}
+
+/// [`v2_columns`]' scales or zero points (`f` of each quantized row) as
+/// little-endian f32 bytes, on a big-endian machine.
+fn le_bytes(quant: &[Option<&RowQuant>], f: fn(&RowQuant) -> &[f32]) -> BinaryArray {
+    BinaryArray::from_iter_values(quant.iter().map(|q| {
+        q.map_or(Vec::new(), |q| {
+            f(q).iter().flat_map(|x| x.to_le_bytes()).collect()
+        })
+    }))
 }
 
 #[cfg(test)]

@@ -109,16 +109,12 @@ impl Decode for Fp4 {
                 ));
             }
             let (lo, hi) = (first.max(k * g), end.min((k + 1) * g));
-            let n = (hi - lo) as usize;
-            if let Some(q) = sink.run(n, half, 0.0) {
-                nibble_codes(
-                    codes,
-                    (lo - b0 * 2) as usize,
-                    n,
-                    &CODES2.map(|c| c as u8),
-                    q,
-                );
-            }
+            sink.mark((hi - lo) as usize, half, 0.0);
+        }
+        // The codes of the whole piece at once: they do not depend on the scales.
+        if let Some(q) = sink.take(count as usize) {
+            let table = CODES2.map(|c| c as u8);
+            nibble_codes(codes, (first - b0 * 2) as usize, count as usize, &table, q);
         }
         Ok(())
     }

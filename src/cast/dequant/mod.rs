@@ -122,6 +122,8 @@ pub(crate) struct Sink<'a> {
     q: &'a mut [u8],
     /// Codes written.
     at: usize,
+    /// Elements whose groups' scales are recorded.
+    marked: usize,
     /// The element `q[0]` is.
     first: u64,
     group: u64,
@@ -131,17 +133,32 @@ pub(crate) struct Sink<'a> {
 
 impl Sink<'_> {
     /// The next `n` elements, all of one stored group with scale `s` and zero point
-    /// `z`: records a scale and zero point for each V2 group they start, and returns
-    /// their code bytes for the caller to fill (codes in [−128, 127] as bytes). `None`
-    /// past the end of the codes asked for.
+    /// `z`: records their scale ([`Sink::mark`]), and returns their code bytes for the
+    /// caller to fill ([`Sink::take`]).
     #[inline]
     fn run(&mut self, n: usize, s: f32, z: f32) -> Option<&mut [u8]> {
-        let at = self.first + self.at as u64;
+        self.mark(n, s, z);
+        self.take(n)
+    }
+
+    /// The next `n` elements (counted apart from the codes) are all of one stored
+    /// group with scale `s` and zero point `z`: records them for each V2 group they
+    /// start.
+    #[inline]
+    fn mark(&mut self, n: usize, s: f32, z: f32) {
+        let at = self.first + self.marked as u64;
         let g = self.group;
         for _ in at.div_ceil(g)..(at + n as u64).div_ceil(g) {
             self.scales.push(s);
             self.zero_points.push(z);
         }
+        self.marked += n;
+    }
+
+    /// The code bytes of the next `n` elements, for the caller to fill (codes in
+    /// [−128, 127] as bytes); `None` past the end of the codes asked for.
+    #[inline]
+    fn take(&mut self, n: usize) -> Option<&mut [u8]> {
         let out = self.q.get_mut(self.at..self.at + n);
         self.at += n;
         out
@@ -230,6 +247,7 @@ pub(crate) fn codes(
     let mut sink = Sink {
         q,
         at: 0,
+        marked: 0,
         first,
         group: group.max(1),
         scales: &mut scales,
@@ -239,7 +257,11 @@ pub(crate) fn codes(
     with_bufs(|bufs| decoder(&d.kernel).codes(&r, first, count, bufs, &mut sink))?;
     let at = sink.at as u64;
     let groups = count.div_ceil(group.max(1)) as usize;
-    if at != count || scales.len() != groups || zero_points.len() != groups {
+    if at != count
+        || sink.marked as u64 != count
+        || scales.len() != groups
+        || zero_points.len() != groups
+    {
         return Err(Error::internal(format!(
             "`{}`: {at} codes and {} scales carried for {count} elements",
             crate::error::sanitize(&d.name),
