@@ -16,13 +16,16 @@
 # re-quantizing the same values as `--quantize int8` did before codes were carried
 # (the checkpoint dequantized to f32, exported, and quantized again).
 #
+# nvfp4-real is NVFP4 quantized from normal weights (make_prequant.py): its codes are
+# distributed as trained weights give them, where nvfp4's are uniform bytes.
+#
 #   scripts/bench/carry.sh [WORKDIR] [ROUNDS]
 set -euo pipefail
 root="$(cd "$(dirname "$0")/../.." && pwd)"
 . "$root/scripts/bench/lib.sh"
 bench_init "${1:-$root/.cache/bench-prequant}"
 rounds="${2:-3}"
-schemes=(gptq ct nvfp4)
+schemes=(gptq ct nvfp4 nvfp4-real)
 for s in "${schemes[@]}"; do
   [ -f "$work/$s/config.json" ] || "$py" "$root/scripts/bench/make_prequant.py" "$work/$s" 22 3 "$s"
 done

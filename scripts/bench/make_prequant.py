@@ -17,6 +17,11 @@ real key names) pre-quantized, for the dequantization bench: every linear layer 
   int8   bitsandbytes LLM.int8 (`weight` I8, `SCB` F32 per row, `weight_format` 0)
   nvfp4  NVIDIA ModelOpt NVFP4 (`weight` U8 E2M1 pairs, `weight_scale` F8_E4M3 per
          16, `weight_scale_2` F32)
+  nvfp4-real  the same format quantized from normal weights as ModelOpt's recipe does
+         (`weight_scale_2` = amax / (6·448), each block's E4M3 scale nearest to its
+         amax / 6 / `weight_scale_2`, each code the nearest E2M1 value): codes as
+         trained weights give them (small magnitudes more frequent), where `nvfp4`'s
+         are uniform bytes, the worst case for compression
   ct-nvfp4  compressed-tensors nvfp4-pack-quantized (`weight_packed`, `weight_scale`
          F8_E4M3 per 16, `weight_global_scale` F32 [1])
   ct-mxfp4  compressed-tensors mxfp4-pack-quantized (`weight_packed`, E8M0
@@ -54,6 +59,37 @@ NF4 = np.array([-1.0, -0.6961928009986877, -0.5250730514526367, -0.3949174880981
                 0.07958029955625534, 0.16093020141124725, 0.24611230194568634,
                 0.33791524171829224, 0.44070982933044434, 0.5626170039176941,
                 0.7229568362236023, 1.0], np.float32)
+
+
+def e4m3_values():
+    """The 127 non-negative finite F8_E4M3 values, ascending, by code 0..126."""
+    codes = np.arange(127)
+    e, m = codes >> 3, codes & 7
+    return np.where(e == 0, m / 8 * 2.0**-6, (1 + m / 8) * 2.0 ** (e - 7)).astype(np.float32)
+
+
+E2M1 = np.array([0, 0.5, 1, 1.5, 2, 3, 4, 6], np.float32)
+
+
+def nearest(table, x):
+    """Index of the nearest value of ascending `table` for each of `x` (>= 0)."""
+    mid = (table[1:] + table[:-1]) / 2
+    return np.searchsorted(mid, x)
+
+
+def nvfp4_from_normal(r, c):
+    """NVFP4 codes, E4M3 block scales and the global scale of a normal [r, c] weight,
+    by ModelOpt's recipe (nearest E4M3 scale, nearest E2M1 code)."""
+    w = rng.standard_normal((r, c), dtype=np.float32) * 0.02
+    g = np.float32(np.abs(w).max() / (6 * 448))
+    blocks = w.reshape(r, c // 16, 16)
+    amax = np.abs(blocks).max(axis=2)
+    e4 = e4m3_values()
+    sc = nearest(e4, amax / 6 / g).astype(np.uint8)
+    s = (e4[sc] * g)[..., None]
+    mag = nearest(E2M1, np.abs(blocks) / np.where(s > 0, s, 1)).astype(np.uint8)
+    nib = (mag | np.where(blocks < 0, 8, 0).astype(np.uint8)).reshape(r, c)
+    return (nib[:, 0::2] | (nib[:, 1::2] << 4)).astype(np.uint8), sc, g
 
 
 def e4m3_scales(shape):
@@ -138,6 +174,12 @@ def stored(name, shape):
             yield stem + ".weight_packed", "U8", codes.shape, codes.tobytes()
             yield stem + ".weight_scale", "F8_E4M3", (r, c // 16), e4m3_scales((r, c // 16)).tobytes()
             yield stem + ".weight_global_scale", "F32", (1,), np.float32(4000.0).tobytes()
+    elif scheme == "nvfp4-real":
+        codes, scale, global_scale = nvfp4_from_normal(r, c)
+        yield name, "U8", codes.shape, codes.tobytes()
+        yield stem + ".weight_scale", "F8_E4M3", scale.shape, scale.tobytes()
+        yield stem + ".weight_scale_2", "F32", (), np.float32(global_scale).tobytes()
+        yield stem + ".input_scale", "F32", (), np.float32(0.01).tobytes()
     elif scheme == "ct-mxfp4":
         yield stem + ".weight_packed", "U8", (r, c // 2), rng.integers(0, 256, size=(r, c // 2), dtype=np.uint8).tobytes()
         yield stem + ".weight_scale", "U8", (r, c // 32), rng.integers(118, 123, size=(r, c // 32), dtype=np.uint8).tobytes()
@@ -219,6 +261,8 @@ def main():
                   "llm_int8_has_fp16_weight": False},
          "nvfp4": {"quant_method": "modelopt", "quant_algo": "NVFP4", "group_size": 16,
                    "exclude_modules": ["lm_head"]},
+         "nvfp4-real": {"quant_method": "modelopt", "quant_algo": "NVFP4", "group_size": 16,
+                        "exclude_modules": ["lm_head"]},
          "ct-nvfp4": ct_float("nvfp4-pack-quantized", 4, "tensor_group", 16, "torch.float8_e4m3fn"),
          "ct-mxfp4": ct_float("mxfp4-pack-quantized", 4, "group", 32, "torch.uint8"),
          "mxfp8": ct_float("mxfp8-quantized", 8, "group", 32, "torch.uint8"),

@@ -84,6 +84,14 @@ impl PlannedTensor {
             None => elems * self.dtype.size() as u64,
         }
     }
+
+    /// The bytes `elems` elements of this tensor write: [`PlannedTensor::out_bytes`],
+    /// and for quantized ones their units' f32 scale and zero point (for groups of 16,
+    /// half a byte per code), which a row group holds beside its data.
+    pub(crate) fn written_bytes(&self, elems: u64) -> u64 {
+        let scales = self.quant.map_or(0, |q| 8 * elems.div_ceil(q.unit.max(1)));
+        self.out_bytes(elems) + scales
+    }
 }
 
 /// One row: a whole tensor, or a chunk of one.
@@ -296,8 +304,8 @@ fn part_rows(
     parts
 }
 
-/// Cuts rows `range` into consecutive groups of at most `group_bytes` output bytes (a
-/// row larger than that is a group of its own).
+/// Cuts rows `range` into consecutive groups of at most `group_bytes` written bytes
+/// ([`PlannedTensor::written_bytes`]; a row larger than that is a group of its own).
 fn group_rows(
     tensors: &[PlannedTensor],
     rows: &[RowPlan],
@@ -310,11 +318,14 @@ fn group_rows(
         out_bytes: 0,
         src_bytes: 0,
     };
+    let mut written = 0u64;
     for (r, row) in rows.iter().enumerate().take(range.end).skip(range.start) {
         let t = &tensors[row.tensor];
         let out = t.out_bytes(row.elems);
         let src = t.src_bytes(row.elems);
-        if !cur.rows.is_empty() && cur.out_bytes + out > group_bytes {
+        let w = t.written_bytes(row.elems);
+        if !cur.rows.is_empty() && written + w > group_bytes {
+            written = 0;
             let next = GroupPlan {
                 rows: r..r,
                 out_bytes: 0,
@@ -323,6 +334,7 @@ fn group_rows(
             groups.push(std::mem::replace(&mut cur, next));
         }
         cur.rows.end = r + 1;
+        written += w;
         cur.out_bytes += out;
         cur.src_bytes += src;
     }
@@ -593,5 +605,33 @@ mod tests {
         assert_eq!(next, r.len());
         // No rows: one empty part.
         assert_eq!(part_rows(&[], &[], 100 * kib), vec![0..0]);
+    }
+
+    /// Row groups count a quantized row's scales and zero points (8 bytes a unit)
+    /// beside its codes: int8 codes in groups of 16 write 1.5 bytes per element.
+    #[test]
+    fn row_groups_count_the_scales_beside_the_codes() {
+        let kib = 1u64 << 10;
+        // Four tensors of 16 Ki elements, one row each.
+        let (mut t, r) = planned(&[32 * kib; 4], 1 << 20);
+        // As f16: 32 KiB each, two to a 64 KiB group.
+        assert_eq!(group_rows(&t, &r, 0..4, 64 * kib).len(), 2);
+        for x in &mut t {
+            x.quant = Some(QuantSpec {
+                kind: QuantType::Int8,
+                scheme: QuantScheme::Symmetric,
+                unit: 16,
+                axis: -1,
+                group_size: 16,
+                carried: true,
+            });
+        }
+        // As int8 codes in groups of 16: 16 KiB of codes and 8 KiB of scales and zero
+        // points each, two to a 48 KiB group (codes alone would take three).
+        assert_eq!(t[0].written_bytes(16 * kib), 24 * kib);
+        let groups = group_rows(&t, &r, 0..4, 48 * kib);
+        let rows: Vec<_> = groups.iter().map(|g| g.rows.clone()).collect();
+        assert_eq!(rows, vec![0..2, 2..4]);
+        assert!(groups.iter().all(|g| g.out_bytes == 32 * kib));
     }
 }
