@@ -153,8 +153,15 @@ impl Fp4 {
         let global = self.global_value(r, sb)?;
         let mut scales = Vec::with_capacity((g1 - g0) as usize);
         r.scales(self.scale, g0, g1 - g0, sb, &mut scales)?;
-        for s in &mut scales {
-            *s = group_scale(*s, self.global, global);
+        // One loop per kind of global scale, which the compiler vectorizes (a division
+        // per group of 16 cost compressed-tensors' NVFP4 7 % of its CPU time).
+        match self.global {
+            Global::None => {}
+            Global::Mul(_) => scales.iter_mut().for_each(|s| *s *= global),
+            Global::Div(_) => scales.iter_mut().for_each(|s| *s /= global),
+            Global::DivBf16(_) => scales
+                .iter_mut()
+                .for_each(|s| *s = group_scale(*s, self.global, global)),
         }
         let b0 = first / 2;
         let codes = r.bytes(self.packed, b0, end.div_ceil(2) - b0, qb)?;

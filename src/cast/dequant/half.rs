@@ -123,9 +123,11 @@ impl Nibbles<'_> {
     #[cfg(target_arch = "x86_64")]
     #[target_feature(enable = "avx2,f16c")]
     unsafe fn write_avx2(&self, c: &Codes, first: u64, count: u64, out: &mut [u8]) -> CastStats {
+        let lut = self.lut;
+        let symmetric = (0..8).all(|j| lut[8 + j].to_bits() == lut[j].to_bits() ^ 0x8000_0000);
         self.groups(c, (first, count), out, |codes, p, n, s, dst| {
             // SAFETY: the caller's.
-            unsafe { self.run_avx2(codes, p, n, s, dst) }
+            unsafe { self.run_avx2(codes, (p, n), s, symmetric, dst) }
         })
     }
 
@@ -151,11 +153,15 @@ impl Nibbles<'_> {
         let (end, g) = (first + count, c.group.max(1));
         let mut at = 0usize;
         let mut lo = first;
+        // The end of the first group; each next one is `g` further (no division per
+        // group: for groups of 16 it cost more than their lookups).
+        let mut next = (first / g + 1) * g;
         for &s in c.scales {
             if lo >= end {
                 break;
             }
-            let hi = end.min((lo / g + 1) * g);
+            let hi = end.min(next);
+            next += g;
             let n = (hi - lo) as usize;
             let dst = &mut out[at..at + 2 * n];
             let p = (lo - c.nib0) as usize;
@@ -199,8 +205,10 @@ impl Nibbles<'_> {
     }
 
     /// Nibbles `[p, p + n)` times `s`, which keeps every value finite in the target,
-    /// with the group's table as the target's low and high bytes in two registers, and
-    /// sixteen or thirty-two nibbles per step through two byte shuffles.
+    /// with the group's table as the target's low and high bytes in two registers (for a
+    /// `symmetric` table, codes 8 to 15 the negatives of 0 to 7, from one product of
+    /// eight lanes), and sixteen or thirty-two nibbles per step through two byte
+    /// shuffles.
     ///
     /// # Safety
     ///
@@ -209,7 +217,14 @@ impl Nibbles<'_> {
     #[cfg(target_arch = "x86_64")]
     #[target_feature(enable = "avx2,f16c")]
     #[inline]
-    unsafe fn run_avx2(&self, codes: &[u8], mut p: usize, n: usize, s: f32, out: &mut [u8]) {
+    unsafe fn run_avx2(
+        &self,
+        codes: &[u8],
+        (mut p, n): (usize, usize),
+        s: f32,
+        symmetric: bool,
+        out: &mut [u8],
+    ) {
         use std::arch::x86_64::*;
         let end = p + n;
         assert!(out.len() >= 2 * n && codes.len() >= end / 2);
@@ -227,7 +242,7 @@ impl Nibbles<'_> {
         // SAFETY: the loads read 16 (or 8) bytes at codes[p / 2..], p / 2 + 16 <= end / 2;
         // the stores write 64 (or 32) bytes at out[o..], o + 64 <= 2n.
         unsafe {
-            let (tlo, thi) = table_avx2(self.lut, s, self.to);
+            let (tlo, thi) = table_avx2(self.lut, s, self.to, symmetric);
             let hf = self.high_first;
             while p + 32 <= end {
                 let (i0, i1) = order(_mm_loadu_si128(codes.as_ptr().add(p / 2).cast()), hf);
@@ -358,17 +373,28 @@ unsafe fn table_avx2(
     lut: &[f32; 16],
     s: f32,
     to: Half,
+    symmetric: bool,
 ) -> (std::arch::x86_64::__m128i, std::arch::x86_64::__m128i) {
     use std::arch::x86_64::*;
     // SAFETY: loads of 8 f32 at lut[0..8] and lut[8..16].
     unsafe {
         let sv = _mm256_set1_ps(s);
         let p0 = _mm256_mul_ps(_mm256_loadu_ps(lut.as_ptr()), sv);
-        let p1 = _mm256_mul_ps(_mm256_loadu_ps(lut.as_ptr().add(8)), sv);
-        let (h0, h1) = (halves_avx2(p0, to), halves_avx2(p1, to));
+        let h0 = halves_avx2(p0, to);
         // Each value's low byte into the first eight bytes, its high byte after.
         let split = _mm_setr_epi8(0, 2, 4, 6, 8, 10, 12, 14, 1, 3, 5, 7, 9, 11, 13, 15);
-        let (a, b) = (_mm_shuffle_epi8(h0, split), _mm_shuffle_epi8(h1, split));
+        let a = _mm_shuffle_epi8(h0, split);
+        if symmetric {
+            // Codes 8 to 15 are codes 0 to 7 negated, exactly (`fl(−v × s) = −fl(v ×
+            // s)`, and rounding to nearest even is symmetric): their sign bit flipped.
+            let sign = _mm_set_epi64x(0x8080_8080_8080_8080u64 as i64, 0);
+            return (
+                _mm_unpacklo_epi64(a, a),
+                _mm_xor_si128(_mm_unpackhi_epi64(a, a), sign),
+            );
+        }
+        let p1 = _mm256_mul_ps(_mm256_loadu_ps(lut.as_ptr().add(8)), sv);
+        let b = _mm_shuffle_epi8(halves_avx2(p1, to), split);
         (_mm_unpacklo_epi64(a, b), _mm_unpackhi_epi64(a, b))
     }
 }
