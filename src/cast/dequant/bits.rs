@@ -138,13 +138,7 @@ mod tests {
             eprintln!("skipped: no AVX2 on this CPU");
             return;
         }
-        let mut seed = 0x2545_F491_4F6C_DD1Du64;
-        let mut next = move || {
-            seed ^= seed << 13;
-            seed ^= seed >> 7;
-            seed ^= seed << 17;
-            seed
-        };
+        let mut next = crate::cast::dequant::xorshift(0x2545_F491_4F6C_DD1Du64);
         for (words, group) in [(16usize, 8usize), (40, 128), (3, 128), (24, 64)] {
             let w: Vec<u32> = (0..words).map(|_| next() as u32).collect();
             let groups = (words * 8).div_ceil(group);

@@ -255,6 +255,31 @@ fn four_half(
     Ok(n.write(&c, first, count, dst))
 }
 
+/// Runs `each(codes, scb)` over the rows of LLM.int8 elements `[first, first +
+/// count)`: each row's codes in the range, in order, and its `SCB`.
+fn int8_rows(
+    r: &Reader,
+    b: &BnbInt8,
+    (first, count): (u64, u64),
+    bufs: &mut Bufs,
+    mut each: impl FnMut(&[u8], f32),
+) -> Result<()> {
+    let [qb, sb, _, _] = bufs;
+    let cols = b.cols.max(1);
+    let end = first + count;
+    let (o0, o1) = (first / cols, (end - 1) / cols + 1);
+    let mut scb = Vec::new();
+    r.scales(b.scb, o0, o1 - o0, sb, &mut scb)?;
+    let q = r.bytes(b.weight, first, count, qb)?;
+    let mut at = 0usize;
+    for o in o0..o1 {
+        let n = (((o + 1) * cols).min(end) - (o * cols).max(first)) as usize;
+        each(&q[at..at + n], scb[(o - o0) as usize]);
+        at += n;
+    }
+    Ok(())
+}
+
 /// LLM.int8 elements `[first, first + count)`: row `o`'s codes times `SCB[o]`, then
 /// times `c`.
 fn int8(
@@ -265,22 +290,10 @@ fn int8(
     bufs: &mut Bufs,
     out: &mut Vec<f32>,
 ) -> Result<()> {
-    let [qb, sb, _, _] = bufs;
-    let cols = b.cols.max(1);
-    let end = first + count;
-    let (o0, o1) = (first / cols, (end - 1) / cols + 1);
-    let mut scb = Vec::new();
-    r.scales(b.scb, o0, o1 - o0, sb, &mut scb)?;
-    let q = r.bytes(b.weight, first, count, qb)?;
     let c = f32::from_bits(INT8_C);
     out.reserve(count as usize);
-    let mut at = 0usize;
-    for o in o0..o1 {
-        let n = ((o + 1) * cols).min(end) - (o * cols).max(first);
-        let s = scb[(o - o0) as usize];
-        let row = &q[at..at + n as usize];
-        at += n as usize;
-        if n >= 64 {
+    int8_rows(r, b, (first, count), bufs, |row, s| {
+        if row.len() >= 64 {
             // The 256 values `fl(fl(q × s) × c)` once, then a lookup each (the same
             // two products; tests/prequant_bnb.rs has rows of 45 and of 93 values).
             let t: [f32; 256] = std::array::from_fn(|b| (b as u8 as i8 as f32 * s) * c);
@@ -288,8 +301,7 @@ fn int8(
         } else {
             out.extend(row.iter().map(|&b| (b as i8 as f32 * s) * c));
         }
-    }
-    Ok(())
+    })
 }
 
 /// [`int8`] straight into `to` bits ([`int8_row`] a row at a time).
@@ -301,28 +313,14 @@ fn int8_half(
     bufs: &mut Bufs,
     dst: &mut [u8],
 ) -> Result<CastStats> {
-    let [qb, sb, _, _] = bufs;
-    let cols = b.cols.max(1);
-    let end = first + count;
-    let (o0, o1) = (first / cols, (end - 1) / cols + 1);
-    let mut scb = Vec::new();
-    r.scales(b.scb, o0, o1 - o0, sb, &mut scb)?;
-    let q = r.bytes(b.weight, first, count, qb)?;
     let c = f32::from_bits(INT8_C);
     let mut stats = CastStats::default();
     let mut at = 0usize;
-    for o in o0..o1 {
-        let n = (((o + 1) * cols).min(end) - (o * cols).max(first)) as usize;
-        let s = scb[(o - o0) as usize];
-        int8_row(
-            &q[at..at + n],
-            (s, c),
-            to,
-            &mut dst[2 * at..2 * (at + n)],
-            &mut stats,
-        );
+    int8_rows(r, b, (first, count), bufs, |row, s| {
+        let n = row.len();
+        int8_row(row, (s, c), to, &mut dst[2 * at..2 * (at + n)], &mut stats);
         at += n;
-    }
+    })?;
     Ok(stats)
 }
 

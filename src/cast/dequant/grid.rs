@@ -9,6 +9,8 @@ use std::sync::OnceLock;
 use half::f16;
 
 #[cfg(target_arch = "x86_64")]
+use super::half::{count as count_special, Half};
+#[cfg(target_arch = "x86_64")]
 use super::simd::f16c;
 #[cfg(target_arch = "x86_64")]
 use super::with_bufs;
@@ -202,18 +204,8 @@ fn grid_f16(
         let mut i = 0usize;
         grid_runs(r, g, first, count, bufs, |src, s, _| {
             for &b in src {
-                let v = lut[b as usize] * s;
                 let h = u16::from_le_bytes([dst[2 * i], dst[2 * i + 1]]);
-                if h & 0x7c00 == 0x7c00 {
-                    if h & 0x03ff != 0 {
-                        stats.nan += 1;
-                    } else if v.is_finite() {
-                        stats.overflow += 1;
-                        stats.max_overflow = stats.max_overflow.max(v.abs() as f64);
-                    } else {
-                        stats.inf += 1;
-                    }
-                }
+                count_special(lut[b as usize] * s, h, Half::F16, &mut stats);
                 i += 1;
             }
         })?;

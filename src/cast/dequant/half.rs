@@ -446,19 +446,17 @@ mod tests {
         (out, stats)
     }
 
-    /// Every start and length over a few groups, both nibble orders, both targets,
-    /// scales that overflow f16 and bf16 (and one infinite), against the values
+    /// Every start and length over a few groups, both nibble orders, both targets, a
+    /// table with codes 8–15 the negatives of 0–7 (E2M1's) and one without, scales
+    /// that are negative, overflow f16 and bf16 (and one infinite), against the values
     /// rounded one by one.
     #[test]
     fn tables_write_what_rounding_each_value_gives() {
-        let mut seed = 0x9E37_79B9_7F4A_7C15u64;
-        let mut next = move || {
-            seed ^= seed << 13;
-            seed ^= seed >> 7;
-            seed ^= seed << 17;
-            seed
-        };
-        let lut: [f32; 16] = std::array::from_fn(|j| (j as f32 - 7.3) * 0.173);
+        let mut next = crate::cast::dequant::xorshift(0x9E37_79B9_7F4A_7C15u64);
+        let skewed: [f32; 16] = std::array::from_fn(|j| (j as f32 - 7.3) * 0.173);
+        let e2m1 = [
+            0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0, -0.0, -0.5, -1.0, -1.5, -2.0, -3.0, -4.0, -6.0,
+        ];
         let codes: Vec<u8> = (0..200).map(|_| next() as u8).collect();
         for group in [16u64, 32, 64, 48] {
             let mut scales: Vec<f32> = (0..400 / group + 2)
@@ -467,48 +465,55 @@ mod tests {
             scales[1] = 40_000.0;
             scales[2] = 3.0e38;
             scales[3] = f32::INFINITY;
-            for (to, high_first) in [
-                (Half::F16, true),
-                (Half::F16, false),
-                (Half::Bf16, true),
-                (Half::Bf16, false),
+            scales[4] = -0.37;
+            for (lut, to, high_first) in [
+                (&skewed, Half::F16, true),
+                (&skewed, Half::F16, false),
+                (&skewed, Half::Bf16, true),
+                (&e2m1, Half::Bf16, false),
+                (&e2m1, Half::F16, false),
+                (&e2m1, Half::F16, true),
             ] {
                 let n = Nibbles {
-                    lut: &lut,
+                    lut,
                     to,
                     high_first,
                 };
                 for nib0 in [0u64, 6] {
-                    let c = Codes {
-                        codes: &codes,
-                        nib0,
-                        group,
-                        scales: &scales,
+                    check(&n, &codes, nib0, group, &scales);
+                }
+            }
+        }
+    }
+
+    /// [`Nibbles::write`] and [`Nibbles::write_scalar`] against [`reference`] from a
+    /// few starts, every length class.
+    fn check(n: &Nibbles, codes: &[u8], nib0: u64, group: u64, scales: &[f32]) {
+        for first in [nib0, nib0 + 1, nib0 + 7, nib0 + 33] {
+            for count in [1u64, 2, 15, 16, 17, 31, 32, 33, 95, 300] {
+                let c = Codes {
+                    codes,
+                    nib0,
+                    group,
+                    scales: &scales[(first / group) as usize..],
+                };
+                let (want, ws) = reference(n, &c, first, count);
+                for simd in [true, false] {
+                    let mut got = vec![0u8; 2 * count as usize];
+                    let gs = match simd {
+                        true => n.write(&c, first, count, &mut got),
+                        false => n.write_scalar(&c, first, count, &mut got),
                     };
-                    for first in [nib0, nib0 + 1, nib0 + 7, nib0 + 33] {
-                        for count in [1u64, 2, 15, 16, 17, 31, 32, 33, 95, 300] {
-                            let first_g = first / group * group;
-                            let c = Codes {
-                                scales: &scales[(first_g / group) as usize..],
-                                ..c
-                            };
-                            let (want, ws) = reference(&n, &c, first, count);
-                            for simd in [true, false] {
-                                let mut got = vec![0u8; 2 * count as usize];
-                                let gs = match simd {
-                                    true => n.write(&c, first, count, &mut got),
-                                    false => n.write_scalar(&c, first, count, &mut got),
-                                };
-                                let at = format!("{to:?} high {high_first} group {group} first {first} count {count} simd {simd}");
-                                assert_eq!(got, want, "{at}");
-                                assert_eq!(
-                                    (gs.nan, gs.inf, gs.overflow, gs.max_overflow),
-                                    (ws.nan, ws.inf, ws.overflow, ws.max_overflow),
-                                    "{at}"
-                                );
-                            }
-                        }
-                    }
+                    let at = format!(
+                        "{:?} high {} lut[1] {} group {group} first {first} count {count} simd {simd}",
+                        n.to, n.high_first, n.lut[1]
+                    );
+                    assert_eq!(got, want, "{at}");
+                    assert_eq!(
+                        (gs.nan, gs.inf, gs.overflow, gs.max_overflow),
+                        (ws.nan, ws.inf, ws.overflow, ws.max_overflow),
+                        "{at}"
+                    );
                 }
             }
         }

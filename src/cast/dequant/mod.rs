@@ -577,6 +577,18 @@ pub(crate) unsafe fn release(source: &Source, d: &Dequantized, first: u64, count
     unsafe { decoder(&d.kernel).release(&p) }
 }
 
+/// A xorshift64 generator from `seed`: the kernels' tests draw their codes and scales
+/// from it.
+#[cfg(test)]
+fn xorshift(mut seed: u64) -> impl FnMut() -> u64 {
+    move || {
+        seed ^= seed << 13;
+        seed ^= seed >> 7;
+        seed ^= seed << 17;
+        seed
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -110,13 +110,7 @@ struct Experts {
 
 /// `experts` experts of `rows` stored rows of `g` groups, from a fixed seed.
 fn stored(rows: u64, g: u64, experts: u64) -> Experts {
-    let mut seed = 0x9E37_79B9_7F4A_7C15u64;
-    let mut next = move || {
-        seed ^= seed << 13;
-        seed ^= seed >> 7;
-        seed ^= seed << 17;
-        seed
-    };
+    let mut next = crate::cast::dequant::xorshift(0x9E37_79B9_7F4A_7C15u64);
     let blocks: Vec<Vec<u8>> = (0..experts)
         .map(|_| (0..rows * g * 16).map(|_| next() as u8).collect())
         .collect();
