@@ -14,9 +14,8 @@
 //! `source/scheme/bitsandbytes.rs`'s [`Bnb`].
 
 use super::half::{int8_row, Codes, Half, Nibbles};
-use super::{with_bufs, Bufs, Decode, Reader, Release};
+use super::{Bufs, Decode, Reader, Release};
 use crate::cast::CastStats;
-use crate::dtype::Dtype;
 use crate::error::Result;
 use crate::source::scheme::{Bnb, Bnb4, BnbInt8};
 
@@ -101,18 +100,15 @@ impl Decode for Bnb {
     fn fill_half(
         &self,
         r: &Reader,
-        to: Dtype,
-        first: u64,
-        count: u64,
+        to: Half,
+        (first, count): (u64, u64),
+        bufs: &mut Bufs,
         dst: &mut [u8],
     ) -> Result<Option<CastStats>> {
-        let Some(to) = Half::of(to) else {
-            return Ok(None);
-        };
-        with_bufs(|bufs| match self {
+        match self {
             Bnb::Four(b) => four_half(r, b, to, (first, count), bufs, dst),
             Bnb::Int8(b) => int8_half(r, b, to, (first, count), bufs, dst),
-        })
+        }
         .map(Some)
     }
 

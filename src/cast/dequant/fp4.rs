@@ -14,9 +14,8 @@ use half::bf16;
 
 use super::bits::nibble_codes;
 use super::half::{Codes, Half, Nibbles};
-use super::{row_groups, with_bufs, Bufs, Decode, Reader, Release, Sink};
+use super::{row_groups, Bufs, Decode, Reader, Release, Sink};
 use crate::cast::CastStats;
-use crate::dtype::Dtype;
 use crate::error::Result;
 use crate::plan::Carry;
 use crate::source::scheme::{Fp4, Global};
@@ -55,29 +54,24 @@ impl Decode for Fp4 {
     fn fill_half(
         &self,
         r: &Reader,
-        to: Dtype,
-        first: u64,
-        count: u64,
+        to: Half,
+        (first, count): (u64, u64),
+        bufs: &mut Bufs,
         dst: &mut [u8],
     ) -> Result<Option<CastStats>> {
-        let Some(to) = Half::of(to) else {
-            return Ok(None);
+        let (scales, codes) = self.piece(r, first, first + count, bufs)?;
+        let n = Nibbles {
+            lut: &E2M1,
+            to,
+            high_first: false,
         };
-        with_bufs(|bufs| {
-            let (scales, codes) = self.piece(r, first, first + count, bufs)?;
-            let n = Nibbles {
-                lut: &E2M1,
-                to,
-                high_first: false,
-            };
-            let c = Codes {
-                codes,
-                nib0: first / 2 * 2,
-                group: self.group,
-                scales: &scales,
-            };
-            Ok(Some(n.write(&c, first, count, dst)))
-        })
+        let c = Codes {
+            codes,
+            nib0: first / 2 * 2,
+            group: self.group,
+            scales: &scales,
+        };
+        Ok(Some(n.write(&c, first, count, dst)))
     }
 
     /// Carried as codes `2·E2M1` (in [−12, 12]: 5 bits) with half the group's scale:

@@ -9,11 +9,10 @@ use std::sync::OnceLock;
 use half::f16;
 
 #[cfg(target_arch = "x86_64")]
-use super::half::{count as count_special, Half};
+use super::half::count as count_special;
+use super::half::Half;
 #[cfg(target_arch = "x86_64")]
 use super::simd::f16c;
-#[cfg(target_arch = "x86_64")]
-use super::with_bufs;
 use super::{row_groups, Bufs, Decode, Reader, Release, Sink};
 use crate::cast::CastStats;
 use crate::dtype::Dtype;
@@ -39,21 +38,18 @@ impl Decode for Grid {
     fn fill_half(
         &self,
         r: &Reader,
-        to: Dtype,
-        first: u64,
-        count: u64,
+        to: Half,
+        (first, count): (u64, u64),
+        bufs: &mut Bufs,
         dst: &mut [u8],
     ) -> Result<Option<CastStats>> {
         #[cfg(target_arch = "x86_64")]
-        if to == Dtype::F16
-            && self.zero.is_none()
-            && r.info(self.q).dtype == Dtype::F8E4M3
-            && f16c()
+        if to == Half::F16 && self.zero.is_none() && r.info(self.q).dtype == Dtype::F8E4M3 && f16c()
         {
-            return with_bufs(|bufs| grid_f16(r, self, first, count, bufs, dst)).map(Some);
+            return grid_f16(r, self, first, count, bufs, dst).map(Some);
         }
         #[cfg(not(target_arch = "x86_64"))]
-        let _ = (r, to, first, count, dst);
+        let _ = (r, to, first, count, bufs, dst);
         Ok(None)
     }
 

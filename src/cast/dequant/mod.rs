@@ -37,6 +37,7 @@ mod simd;
 
 use std::cell::RefCell;
 
+use self::half::Half;
 use crate::cast::CastStats;
 use crate::dtype::Dtype;
 use crate::error::{Error, Result};
@@ -72,9 +73,9 @@ trait Decode {
     fn fill_half(
         &self,
         _r: &Reader,
-        _to: Dtype,
-        _first: u64,
-        _count: u64,
+        _to: Half,
+        _range: (u64, u64),
+        _bufs: &mut Bufs,
         _dst: &mut [u8],
     ) -> Result<Option<CastStats>> {
         Ok(None)
@@ -476,8 +477,11 @@ pub(crate) fn fill_half(
     if count == 0 || dst.len() as u64 != count * 2 {
         return Ok(None);
     }
+    let Some(to) = Half::of(to) else {
+        return Ok(None);
+    };
     let r = Reader { source, d };
-    decoder(&d.kernel).fill_half(&r, to, first, count, dst)
+    with_bufs(|bufs| decoder(&d.kernel).fill_half(&r, to, (first, count), bufs, dst))
 }
 
 /// Runs `f` with this worker's read buffers (fresh ones if `f` re-enters).

@@ -19,9 +19,8 @@ mod to_half;
 use std::ops::Range;
 
 use super::half::Half;
-use super::{transposed, with_bufs, Bufs, Decode, Reader, Release};
+use super::{transposed, Bufs, Decode, Reader, Release};
 use crate::cast::CastStats;
-use crate::dtype::Dtype;
 use crate::error::{Error, Result};
 use crate::source::scheme::Mxfp4;
 use crate::source::TensorRef;
@@ -56,22 +55,17 @@ impl Decode for Mxfp4 {
     fn fill_half(
         &self,
         r: &Reader,
-        to: Dtype,
-        first: u64,
-        count: u64,
+        to: Half,
+        (first, count): (u64, u64),
+        bufs: &mut Bufs,
         dst: &mut [u8],
     ) -> Result<Option<CastStats>> {
-        let half = match to {
-            Dtype::F16 => Half::F16,
-            Dtype::Bf16 => Half::Bf16,
-            _ => return Ok(None),
-        };
         let row = self.rows.max(1);
         if !first.is_multiple_of(row) || !count.is_multiple_of(row) {
             return Ok(None);
         }
         let rows = first / row..(first + count) / row;
-        with_bufs(|bufs| mxfp4_half(r, self, rows, bufs, half, dst)).map(Some)
+        mxfp4_half(r, self, rows, bufs, to, dst).map(Some)
     }
 
     /// gpt-oss stores E2M1 codes with E8M0 scales along the output of its `[in, out]`
