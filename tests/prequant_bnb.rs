@@ -9,13 +9,13 @@
 mod common;
 
 use std::collections::BTreeMap;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 
-use common::prequant::{cfg, edit, int8, refused_with_error_line};
+use common::prequant::{
+    cfg, edit, int8, model, plus_zero, reference, refused_with_error_line, round,
+};
 use common::*;
-use half::{bf16, f16};
 use modelconv::{convert, ConvertConfig, QuantScheme, Quantize, TargetDtype, WeightFile};
-use safetensors::SafeTensors;
 
 /// Every bitsandbytes fixture.
 const FIXTURES: &[&str] = &[
@@ -43,54 +43,6 @@ fn is_component(n: &str) -> bool {
         || n.contains(".quant_state.")
 }
 
-fn model(name: &str) -> PathBuf {
-    fixture("prequant").join(name)
-}
-
-/// The fixture's reference: every dequantized weight as f32 values, with its shape.
-fn reference(name: &str) -> BTreeMap<String, (Vec<f32>, Vec<u64>)> {
-    let bytes =
-        std::fs::read(fixture("prequant").join(format!("{name}.reference.safetensors"))).unwrap();
-    let st = SafeTensors::deserialize(&bytes).unwrap();
-    st.tensors()
-        .into_iter()
-        .map(|(n, v)| {
-            assert_eq!(v.dtype(), safetensors::Dtype::F32);
-            let vals = v
-                .data()
-                .chunks_exact(4)
-                .map(|b| f32::from_le_bytes(b.try_into().unwrap()))
-                .collect();
-            (n, (vals, v.shape().iter().map(|&d| d as u64).collect()))
-        })
-        .collect()
-}
-
-/// `x` rounded once to `target`, as bytes, every zero positive (bitsandbytes' FP4 code
-/// 8 is +0.0 on the CPU and −0.0 on CUDA: the two are compared as equal).
-fn round(x: &[f32], target: &str) -> Vec<u8> {
-    let x = x.iter().map(|v| if *v == 0.0 { 0.0 } else { *v });
-    match target {
-        "f16" => x.flat_map(|v| f16::from_f32(v).to_le_bytes()).collect(),
-        "bf16" => x.flat_map(|v| bf16::from_f32(v).to_le_bytes()).collect(),
-        _ => x.flat_map(|v| v.to_le_bytes()).collect(),
-    }
-}
-
-/// `data` (elements of `es` bytes) with every negative zero made positive.
-fn positive_zeros(data: &[u8], es: usize) -> Vec<u8> {
-    data.chunks_exact(es)
-        .flat_map(|c| {
-            let neg_zero = c[..es - 1].iter().all(|&b| b == 0) && c[es - 1] == 0x80;
-            if neg_zero {
-                vec![0; es]
-            } else {
-                c.to_vec()
-            }
-        })
-        .collect()
-}
-
 #[test]
 fn every_fixture_dequantizes_to_bitsandbytes_reference_rounded_once_bit_for_bit() {
     let tmp = tempdir();
@@ -110,12 +62,12 @@ fn every_fixture_dequantizes_to_bitsandbytes_reference_rounded_once_bit_for_bit(
             let r = convert(model(name), &out, &cfg(dtype)).unwrap();
             assert_eq!(r.tensors, refs.len() + plain.len(), "{name}: tensor count");
             let wf = WeightFile::open(&out).unwrap();
-            for (n, (x, shape)) in &refs {
+            for (n, (shape, x)) in &refs {
                 let t = wf.tensor(n).unwrap_or_else(|e| panic!("{name} {n}: {e}"));
                 assert_eq!(t.dtype.torch_name(), torch, "{name} {n}");
                 assert_eq!(&t.shape, shape, "{name} {n}: shape");
                 assert!(
-                    positive_zeros(&t.data, es) == round(x, target),
+                    plus_zero(&t.data, es) == round(x, target),
                     "{name} {n}: values differ from the reference in {target}"
                 );
             }
@@ -172,10 +124,10 @@ fn keep_is_the_checkpoints_compute_dtype_and_metadata_names_the_components() {
     let out = tmp.path().join("o");
     convert(model("bnb-nf4-dq"), &out, &cfg(TargetDtype::Keep)).unwrap();
     let wf = WeightFile::open(&out).unwrap();
-    for (n, (x, _)) in reference("bnb-nf4-dq") {
+    for (n, (_, x)) in reference("bnb-nf4-dq") {
         let t = wf.tensor(&n).unwrap();
         assert_eq!(t.dtype.torch_name(), "torch.bfloat16", "{n}");
-        assert!(positive_zeros(&t.data, 2) == round(&x, "bf16"), "{n}");
+        assert!(plus_zero(&t.data, 2) == round(&x, "bf16"), "{n}");
     }
     let m = metadata(&out);
     let q = &m["source_quantization"];
@@ -215,7 +167,7 @@ fn int8_requantizes_the_dequantized_values() {
             convert(model(name), &out, &c).unwrap();
             let wf = WeightFile::open(&out).unwrap();
             let mut checked = 0;
-            for (n, (x, shape)) in reference(name) {
+            for (n, (shape, x)) in reference(name) {
                 if x.len() < modelconv::MIN_QUANT_ELEMENTS as usize {
                     continue;
                 }
@@ -252,9 +204,9 @@ fn weights_split_over_many_rows_dequantize_the_same() {
         convert(model(name), &out, &c).unwrap();
         let wf = WeightFile::open(&out).unwrap();
         let mut split = 0;
-        for (n, (x, _)) in reference(name) {
+        for (n, (_, x)) in reference(name) {
             let t = wf.tensor(&n).unwrap();
-            assert!(positive_zeros(&t.data, 2) == round(&x, "f16"), "{name} {n}");
+            assert!(plus_zero(&t.data, 2) == round(&x, "f16"), "{name} {n}");
             split += (wf.info(&n).unwrap().rows > 1) as usize;
         }
         assert!(split > 0, "{name}: nothing was split");

@@ -13,11 +13,11 @@ mod common;
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
-use common::prequant::{cfg, edit, int8, refused_with_error_line, Entry};
+use common::prequant::{
+    cfg, edit, int8, model, plus_zero, reference, refused_with_error_line, round, Entry,
+};
 use common::*;
-use half::{bf16, f16};
 use modelconv::{convert, ConvertConfig, QuantScheme, Quantize, TargetDtype, WeightFile};
-use safetensors::SafeTensors;
 
 /// Every fixture, with the fixture whose reference it has.
 const FIXTURES: &[(&str, &str)] = &[
@@ -41,57 +41,6 @@ const COMPONENTS: &[&str] = &[
     ".input_global_scale",
     ".input_scale",
 ];
-
-fn model(name: &str) -> PathBuf {
-    fixture("prequant").join(name)
-}
-
-/// The fixture's reference: every dequantized weight as f32 values, with its shape.
-fn reference(name: &str) -> BTreeMap<String, (Vec<u64>, Vec<f32>)> {
-    let bytes =
-        std::fs::read(fixture("prequant").join(format!("{name}.reference.safetensors"))).unwrap();
-    let st = SafeTensors::deserialize(&bytes).unwrap();
-    st.tensors()
-        .into_iter()
-        .map(|(n, v)| {
-            assert_eq!(v.dtype(), safetensors::Dtype::F32);
-            let vals = v
-                .data()
-                .chunks_exact(4)
-                .map(|b| f32::from_le_bytes(b.try_into().unwrap()))
-                .collect();
-            (n, (v.shape().iter().map(|&d| d as u64).collect(), vals))
-        })
-        .collect()
-}
-
-/// `x` rounded once to `target`, as bytes, every zero +0 (see the module's note).
-fn round(x: &[f32], target: &str) -> Vec<u8> {
-    let b: Vec<u8> = match target {
-        "f16" => x
-            .iter()
-            .flat_map(|v| f16::from_f32(*v).to_le_bytes())
-            .collect(),
-        "bf16" => x
-            .iter()
-            .flat_map(|v| bf16::from_f32(*v).to_le_bytes())
-            .collect(),
-        _ => x.iter().flat_map(|v| v.to_le_bytes()).collect(),
-    };
-    plus_zero(&b, if target == "f32" { 4 } else { 2 })
-}
-
-/// `b` (little-endian values of `width` bytes) with every −0 made +0.
-fn plus_zero(b: &[u8], width: usize) -> Vec<u8> {
-    let mut out = b.to_vec();
-    for v in out.chunks_exact_mut(width) {
-        let top = width - 1;
-        if v[top] == 0x80 && v[..top].iter().all(|&x| x == 0) {
-            v[top] = 0;
-        }
-    }
-    out
-}
 
 #[test]
 fn every_fp4_and_mx_fixture_dequantizes_to_the_reference_rounded_once() {

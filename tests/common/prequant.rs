@@ -1,13 +1,79 @@
-//! What the pre-quantized checkpoint tests share (`tests/prequant*.rs`): the plain
+//! What the pre-quantized checkpoint tests share (`tests/prequant*.rs`): the fixtures
+//! and their references, the rounding the references are compared after, the plain
 //! conversion config, an independent int8 quantizer, editing a fixture's tensors, and
 //! a refusal through the real binary.
 
-use std::path::Path;
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
 
+use half::{bf16, f16};
 use modelconv::{ConvertConfig, TargetDtype};
 use safetensors::SafeTensors;
 
-use super::{modelconv, s, write_safetensors};
+use super::{fixture, modelconv, s, write_safetensors};
+
+/// The pre-quantized fixture `name`.
+pub fn model(name: &str) -> PathBuf {
+    fixture("prequant").join(name)
+}
+
+/// The fixture's reference (`NAME.reference.safetensors`, written by its producer's
+/// own dequantizer): every dequantized weight's shape and f32 values.
+pub fn reference(name: &str) -> BTreeMap<String, (Vec<u64>, Vec<f32>)> {
+    let bytes =
+        std::fs::read(fixture("prequant").join(format!("{name}.reference.safetensors"))).unwrap();
+    let st = SafeTensors::deserialize(&bytes).unwrap();
+    st.tensors()
+        .into_iter()
+        .map(|(n, v)| {
+            assert_eq!(v.dtype(), safetensors::Dtype::F32);
+            let vals = v
+                .data()
+                .chunks_exact(4)
+                .map(|b| f32::from_le_bytes(b.try_into().unwrap()))
+                .collect();
+            (n, (v.shape().iter().map(|&d| d as u64).collect(), vals))
+        })
+        .collect()
+}
+
+/// `x` rounded once to `target` (`f16`, `bf16`, else f32), as bytes, every zero +0:
+/// the producers disagree on the sign of a zero code (bitsandbytes' FP4 code 8 is +0
+/// on the CPU and −0 on CUDA; E2M1's code 8 is −0 for compressed-tensors and +0 for
+/// ModelOpt), so ±0 are compared as equal, through [`plus_zero`] on both sides.
+pub fn round(x: &[f32], target: &str) -> Vec<u8> {
+    let b: Vec<u8> = match target {
+        "f16" => x
+            .iter()
+            .flat_map(|v| f16::from_f32(*v).to_le_bytes())
+            .collect(),
+        "bf16" => x
+            .iter()
+            .flat_map(|v| bf16::from_f32(*v).to_le_bytes())
+            .collect(),
+        _ => x.iter().flat_map(|v| v.to_le_bytes()).collect(),
+    };
+    plus_zero(
+        &b,
+        if target == "f16" || target == "bf16" {
+            2
+        } else {
+            4
+        },
+    )
+}
+
+/// `b` (little-endian values of `width` bytes) with every −0 made +0.
+pub fn plus_zero(b: &[u8], width: usize) -> Vec<u8> {
+    let mut out = b.to_vec();
+    for v in out.chunks_exact_mut(width) {
+        let top = width - 1;
+        if v[top] == 0x80 && v[..top].iter().all(|&x| x == 0) {
+            v[top] = 0;
+        }
+    }
+    out
+}
 
 /// A conversion to `dtype` with every other option at its default.
 pub fn cfg(dtype: TargetDtype) -> ConvertConfig {

@@ -6,30 +6,14 @@ compressed-tensors, never by modelconv) bit for bit, +0 and -0 counted equal.
 
 usage: seed_loader_carry.py WEIGHTS.parquet REFERENCE.safetensors NAME...
 """
-import json
-import struct
 import sys
 
 import numpy as np
 import pyarrow.parquet as pq
 
 from seed_loader_int2 import seed_int2
+from seed_loader_prequant import read_reference
 from seed_loader_v2 import seed_dequantize
-
-
-def read_reference(path):
-    raw = open(path, "rb").read()
-    n = struct.unpack("<Q", raw[:8])[0]
-    header = json.loads(raw[8:8 + n])
-    data = raw[8 + n:]
-    out = {}
-    for name, info in header.items():
-        if name == "__metadata__":
-            continue
-        assert info["dtype"] == "F32", name
-        b, e = info["data_offsets"]
-        out[name] = np.frombuffer(data[b:e], np.float32).reshape(info["shape"])
-    return out
 
 
 def main():

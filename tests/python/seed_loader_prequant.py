@@ -51,4 +51,5 @@ def main():
     print(f"{len(rows)} rows read with the seed's dtype table; {len(ref)} dequantized weights equal the reference")
 
 
-main()
+if __name__ == "__main__":
+    main()

@@ -74,6 +74,41 @@ impl Decode for Packed {
     }
 }
 
+/// What rows `[o0, o1)` of a packed weight read ([`rows`]).
+struct Rows<'b> {
+    /// The rows' words as stored (little-endian bytes), and as words.
+    wb: &'b [u8],
+    w: Vec<u32>,
+    /// The rows' groups' scales, row after row.
+    sv: Vec<f32>,
+    /// The zero points, whole: packed along the output, column g's bitstream over the
+    /// rows.
+    zeros: Option<Vec<u32>>,
+}
+
+/// Reads rows `[o0, o1)` of `p` with the buffers for its codes, scales and zero points.
+fn rows<'a: 'b, 'b>(
+    r: &Reader<'a>,
+    p: &Packed,
+    (o0, o1): (u64, u64),
+    [qb, sb, zb]: [&'b mut Vec<u8>; 3],
+) -> Result<Rows<'b>> {
+    let wb = r.bytes(
+        p.packed,
+        o0 * p.row_words * 4,
+        (o1 - o0) * p.row_words * 4,
+        qb,
+    )?;
+    let w: Vec<u32> = words(wb).collect();
+    let mut sv = Vec::new();
+    r.scales(p.scale, o0 * p.groups, (o1 - o0) * p.groups, sb, &mut sv)?;
+    let zeros = match p.zero {
+        Some(z) => Some(words(r.bytes(z, 0, r.info(z).len, zb)?).collect()),
+        None => None,
+    };
+    Ok(Rows { wb, w, sv, zeros })
+}
+
 /// The 4-bit offset-binary codes shifted into [−8, 7], as bytes, by code.
 pub(super) const INT4_CODES: [u8; 16] = [
     0xf8, 0xf9, 0xfa, 0xfb, 0xfc, 0xfd, 0xfe, 0xff, 0, 1, 2, 3, 4, 5, 6, 7,
@@ -91,20 +126,8 @@ fn packed_codes(
     let [qb, sb, zb, _] = bufs;
     let cols = p.cols.max(1);
     let (o0, o1) = (first / cols, (first + count).div_ceil(cols));
-    let wb = r.bytes(
-        p.packed,
-        o0 * p.row_words * 4,
-        (o1 - o0) * p.row_words * 4,
-        qb,
-    )?;
-    let w: Vec<u32> = words(wb).collect();
-    let mut sv = Vec::new();
-    r.scales(p.scale, o0 * p.groups, (o1 - o0) * p.groups, sb, &mut sv)?;
+    let Rows { wb, w, sv, zeros } = rows(r, p, (o0, o1), [qb, sb, zb])?;
     let offset = 1i32 << (p.bits - 1);
-    let zeros: Option<Vec<u32>> = match p.zero {
-        Some(z) => Some(words(r.bytes(z, 0, r.info(z).len, zb)?).collect()),
-        None => None,
-    };
     let groups = p.groups as usize;
     for o in o0..o1 {
         let row = &w[((o - o0) * p.row_words) as usize..((o - o0 + 1) * p.row_words) as usize];
@@ -151,24 +174,8 @@ fn packed(
     let [qb, sb, zb, gb] = bufs;
     let cols = p.cols.max(1);
     let (o0, o1) = (first / cols, (first + count).div_ceil(cols));
-    let wb = r.bytes(
-        p.packed,
-        o0 * p.row_words * 4,
-        (o1 - o0) * p.row_words * 4,
-        qb,
-    )?;
-    let w: Vec<u32> = words(wb).collect();
-    let mut sv = Vec::new();
-    r.scales(p.scale, o0 * p.groups, (o1 - o0) * p.groups, sb, &mut sv)?;
+    let Rows { w, sv, zeros, .. } = rows(r, p, (o0, o1), [qb, sb, zb])?;
     let offset = 1u32 << (p.bits - 1);
-    // Zero points: packed along the output, column g's bitstream over the rows.
-    let zeros: Option<Vec<u32>> = match p.zero {
-        Some(z) => {
-            let t = r.info(z);
-            Some(words(r.bytes(z, 0, t.len, zb)?).collect())
-        }
-        None => None,
-    };
     let gi = match p.g_idx {
         Some(g) => Some(r.groups(g, p.groups, gb)?),
         None => None,
