@@ -172,6 +172,7 @@ impl Nibbles<'_> {
             }
             (at, lo) = (at + 2 * n, hi);
         }
+        debug_assert_eq!(at as u64, 2 * count, "scales for every group of the range");
         stats
     }
 
@@ -433,16 +434,26 @@ pub(super) unsafe fn halves_avx2(
 mod tests {
     use super::*;
 
+    /// The f32 values of elements `[first, first + count)` (each byte's nibbles taken
+    /// apart here, in the table's order), through the cast itself: its bytes and its
+    /// counts.
     fn reference(n: &Nibbles, c: &Codes, first: u64, count: u64) -> (Vec<u8>, CastStats) {
-        let mut out = Vec::new();
-        let mut stats = CastStats::default();
-        for e in first..first + count {
-            let v = n.lut[n.nibble(c.codes, (e - c.nib0) as usize)]
-                * c.scales[(e / c.group - first / c.group) as usize];
-            let h = n.to.round(v);
-            super::count(v, h, n.to, &mut stats);
-            out.extend_from_slice(&h.to_le_bytes());
-        }
+        let values: Vec<u8> = (first..first + count)
+            .flat_map(|e| {
+                let p = (e - c.nib0) as usize;
+                let (hi, lo) = (c.codes[p / 2] >> 4, c.codes[p / 2] & 15);
+                let (one, two) = if n.high_first { (hi, lo) } else { (lo, hi) };
+                let code = if p.is_multiple_of(2) { one } else { two };
+                let s = c.scales[(e / c.group - first / c.group) as usize];
+                (n.lut[code as usize] * s).to_le_bytes()
+            })
+            .collect();
+        let to = match n.to {
+            Half::F16 => Dtype::F16,
+            Half::Bf16 => Dtype::Bf16,
+        };
+        let mut out = vec![0u8; 2 * count as usize];
+        let stats = crate::cast::cast_into(Dtype::F32, to, &values, &mut out).unwrap();
         (out, stats)
     }
 
@@ -528,13 +539,18 @@ mod tests {
         for s in [0.0f32, 1.7e-3, 0.37, 513.25, 65504.0, 7.0e4, 2.9e38, -3.1] {
             for to in [Half::F16, Half::Bf16] {
                 for len in [0usize, 7, 8, 9, 256, 261] {
-                    let (mut want, mut ws) = (Vec::new(), CastStats::default());
-                    for &b in &q[..len] {
-                        let v = (b as i8 as f32 * s) * c;
-                        let h = to.round(v);
-                        count(v, h, to, &mut ws);
-                        want.extend_from_slice(&h.to_le_bytes());
-                    }
+                    // The two products in f32, then the cast itself.
+                    let values: Vec<u8> = q[..len]
+                        .iter()
+                        .flat_map(|&b| ((b as i8 as f32 * s) * c).to_le_bytes())
+                        .collect();
+                    let dt = if to == Half::F16 {
+                        Dtype::F16
+                    } else {
+                        Dtype::Bf16
+                    };
+                    let mut want = vec![0u8; 2 * len];
+                    let ws = crate::cast::cast_into(Dtype::F32, dt, &values, &mut want).unwrap();
                     let (mut got, mut gs) = (vec![0u8; 2 * len], CastStats::default());
                     int8_row(&q[..len], (s, c), to, &mut got, &mut gs);
                     assert_eq!(got, want, "{to:?} s {s} len {len}");

@@ -7,9 +7,10 @@
 //! where there is one. The cast stage then rounds these values once to the target
 //! dtype with the usual policy (RNE, overflow checked), or quantizes them to int8.
 //! Nothing holds a whole tensor in f32: a piece is about 1 MiB of values. Where a
-//! kernel can write the target type itself ([`fill_half`]: MXFP4 into f16 or bf16, an
-//! FP8 E4M3 grid into f16), it does, bit for bit what the f32 values and the cast give,
-//! with what the cast would have counted.
+//! kernel can write the target type itself ([`fill_half`]: bitsandbytes, NVFP4, both
+//! MXFP4s and LLM.int8 into f16 or bf16, an FP8 E4M3 grid into f16), it does, bit for
+//! bit what the f32 values and the cast give, with what the cast would have counted.
+//! Where a weight's codes go into V2 unchanged ([`carry`]), [`codes`] writes them.
 //!
 //! A scale that is NaN or infinite (an E8M0 255, a corrupt f32), and a `g_idx` past
 //! the group count, are errors naming the tensor: the value they would make is not the
@@ -20,8 +21,9 @@
 //! `fp4` (NVFP4 and compressed-tensors' MXFP4), `bitsandbytes` (NF4, FP4, LLM.int8);
 //! each implements [`Decode`] for its description, and [`decoder`] is the table from
 //! a [`Kernel`] to its decoder. `bits` holds the packed-integer helpers several of them
-//! share (the bitstream reader, the 4-bit row), `simd` the CPU checks and the 8 × 8
-//! transpose. This file drives them: the reader of a weight's components, the
+//! share (the bitstream reader, the 4-bit row, 4-bit codes as carried bytes), `half`
+//! the direct f16/bf16 writers (a group's 16 values as a table of the target's bits,
+//! LLM.int8 rows), `simd` the CPU checks and the 8 × 8 transpose. This file drives them: the reader of a weight's components, the
 //! per-worker buffers, the transposed kernels' rows, the release of what a piece read.
 
 mod awq;
@@ -458,7 +460,8 @@ pub(crate) fn fill(
 }
 
 /// Fills `dst` with elements `[first, first + count)` of `d` cast to `to`, where the
-/// kernel writes that type directly (MXFP4 into f16 or bf16, in whole output rows; an
+/// kernel writes that type directly (bitsandbytes, NVFP4, compressed-tensors MXFP4 and
+/// LLM.int8 into f16 or bf16; gpt-oss MXFP4 into f16 or bf16, in whole output rows; an
 /// F8 E4M3 grid without zero points into f16), bit for bit what [`fill`] and the cast
 /// give, and returns what the cast would have seen; `None` (nothing written) where it
 /// does not.
