@@ -8,13 +8,12 @@
 mod common;
 
 use std::collections::BTreeMap;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 
-use common::prequant::{cfg, edit, int8, refused_with_error_line};
+use common::prequant::{self, cfg, edit, int8, model, refused_with_error_line};
 use common::*;
 use half::{bf16, f16};
 use modelconv::{convert, ConvertConfig, QuantScheme, Quantize, TargetDtype, WeightFile};
-use safetensors::SafeTensors;
 
 /// Every scheme fixture.
 const SCHEMES: &[&str] = &[
@@ -53,36 +52,19 @@ const COMPONENTS: &[&str] = &[
     "_scales",
 ];
 
-fn model(name: &str) -> PathBuf {
-    fixture("prequant").join(name)
-}
-
 /// The fixture's reference: every dequantized weight as f32 values.
 fn reference(name: &str) -> BTreeMap<String, Vec<f32>> {
-    let bytes =
-        std::fs::read(fixture("prequant").join(format!("{name}.reference.safetensors"))).unwrap();
-    let st = SafeTensors::deserialize(&bytes).unwrap();
-    st.tensors()
+    prequant::reference(name)
         .into_iter()
-        .map(|(n, v)| {
-            assert_eq!(v.dtype(), safetensors::Dtype::F32);
-            let vals = v
-                .data()
-                .chunks_exact(4)
-                .map(|b| f32::from_le_bytes(b.try_into().unwrap()))
-                .collect();
-            (n, vals)
-        })
+        .map(|(n, (_, x))| (n, x))
         .collect()
 }
 
+/// The fixture's reference shapes.
 fn reference_shapes(name: &str) -> BTreeMap<String, Vec<u64>> {
-    let bytes =
-        std::fs::read(fixture("prequant").join(format!("{name}.reference.safetensors"))).unwrap();
-    let st = SafeTensors::deserialize(&bytes).unwrap();
-    st.tensors()
+    prequant::reference(name)
         .into_iter()
-        .map(|(n, v)| (n, v.shape().iter().map(|&d| d as u64).collect()))
+        .map(|(n, (shape, _))| (n, shape))
         .collect()
 }
 
