@@ -10,9 +10,8 @@ mod common;
 use std::collections::BTreeMap;
 use std::path::Path;
 
-use common::prequant::{self, cfg, edit, int8, model, refused_with_error_line};
+use common::prequant::{self, cfg, edit, int8, model, refused_with_error_line, round_exact};
 use common::*;
-use half::{bf16, f16};
 use modelconv::{convert, ConvertConfig, QuantScheme, Quantize, TargetDtype, WeightFile};
 
 /// Every scheme fixture.
@@ -68,21 +67,6 @@ fn reference_shapes(name: &str) -> BTreeMap<String, Vec<u64>> {
         .collect()
 }
 
-/// `x` rounded once to `target`, as bytes.
-fn round(x: &[f32], target: &str) -> Vec<u8> {
-    match target {
-        "f16" => x
-            .iter()
-            .flat_map(|v| f16::from_f32(*v).to_le_bytes())
-            .collect(),
-        "bf16" => x
-            .iter()
-            .flat_map(|v| bf16::from_f32(*v).to_le_bytes())
-            .collect(),
-        _ => x.iter().flat_map(|v| v.to_le_bytes()).collect(),
-    }
-}
-
 /// The stored tensors of `name` that are converted as they are.
 fn plain_tensors(name: &str) -> BTreeMap<String, Src> {
     let refs = reference(name);
@@ -113,7 +97,7 @@ fn every_scheme_dequantizes_to_the_reference_rounded_once_bit_for_bit() {
                 assert_eq!(t.dtype.torch_name(), torch, "{name} {n}");
                 assert_eq!(t.shape, shapes[n], "{name} {n}: shape");
                 assert!(
-                    t.data == round(x, target),
+                    t.data == round_exact(x, target),
                     "{name} {n}: values differ from the reference in {target}"
                 );
             }
@@ -143,7 +127,7 @@ fn keep_is_the_checkpoints_compute_dtype() {
         for (n, x) in reference(name) {
             let t = wf.tensor(&n).unwrap();
             assert_eq!(t.dtype.torch_name(), torch, "{name} {n}");
-            assert!(t.data == round(&x, target), "{name} {n}");
+            assert!(t.data == round_exact(&x, target), "{name} {n}");
         }
         assert_verifies(&out, &model(name));
     }
@@ -528,7 +512,7 @@ fn weights_split_over_many_rows_dequantize_the_same() {
         let mut split = 0;
         for (n, x) in reference(name) {
             let t = wf.tensor(&n).unwrap();
-            assert!(t.data == round(&x, "f16"), "{name} {n}");
+            assert!(t.data == round_exact(&x, "f16"), "{name} {n}");
             split += (wf.info(&n).unwrap().rows > 1) as usize;
         }
         assert!(split > 0, "{name}: nothing was split");

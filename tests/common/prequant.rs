@@ -37,12 +37,10 @@ pub fn reference(name: &str) -> BTreeMap<String, (Vec<u64>, Vec<f32>)> {
         .collect()
 }
 
-/// `x` rounded once to `target` (`f16`, `bf16`, else f32), as bytes, every zero +0:
-/// the producers disagree on the sign of a zero code (bitsandbytes' FP4 code 8 is +0
-/// on the CPU and −0 on CUDA; E2M1's code 8 is −0 for compressed-tensors and +0 for
-/// ModelOpt), so ±0 are compared as equal, through [`plus_zero`] on both sides.
-pub fn round(x: &[f32], target: &str) -> Vec<u8> {
-    let b: Vec<u8> = match target {
+/// `x` rounded once to `target` (`f16`, `bf16`, else f32), as bytes, every sign of
+/// zero kept.
+pub fn round_exact(x: &[f32], target: &str) -> Vec<u8> {
+    match target {
         "f16" => x
             .iter()
             .flat_map(|v| f16::from_f32(*v).to_le_bytes())
@@ -52,15 +50,20 @@ pub fn round(x: &[f32], target: &str) -> Vec<u8> {
             .flat_map(|v| bf16::from_f32(*v).to_le_bytes())
             .collect(),
         _ => x.iter().flat_map(|v| v.to_le_bytes()).collect(),
+    }
+}
+
+/// [`round_exact`] with every zero +0: the producers disagree on the sign of a zero
+/// code (bitsandbytes' FP4 code 8 is +0 on the CPU and −0 on CUDA; E2M1's code 8 is −0
+/// for compressed-tensors and +0 for ModelOpt), so ±0 are compared as equal, through
+/// [`plus_zero`] on both sides.
+pub fn round(x: &[f32], target: &str) -> Vec<u8> {
+    let width = if target == "f16" || target == "bf16" {
+        2
+    } else {
+        4
     };
-    plus_zero(
-        &b,
-        if target == "f16" || target == "bf16" {
-            2
-        } else {
-            4
-        },
-    )
+    plus_zero(&round_exact(x, target), width)
 }
 
 /// `b` (little-endian values of `width` bytes) with every −0 made +0.
