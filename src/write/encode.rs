@@ -7,7 +7,7 @@
 use std::sync::{Arc, Mutex};
 
 use arrow_array::builder::{BinaryBuilder, Int32Builder, ListBuilder};
-use arrow_array::{ArrayRef, BinaryArray, Int32Array, Int64Array, StringArray, UInt64Array};
+use arrow_array::{ArrayRef, Int32Array, Int64Array, StringArray, UInt64Array};
 use arrow_schema::SchemaRef;
 use parquet::arrow::arrow_writer::{compute_leaves, ArrowColumnChunk, ArrowRowGroupWriterFactory};
 use parquet::basic::Compression;
@@ -359,14 +359,9 @@ fn v2_columns(
         }
         b.finish()
     };
-    let (scales, zeros) = match cfg!(target_endian = "little") {
-        // The values' bytes in memory are their little-endian bytes.
-        true => (bytes(|q| &q.scales), bytes(|q| &q.zero_points)),
-        false => (
-            le_bytes(&quantized, |q| &q.scales),
-            le_bytes(&quantized, |q| &q.zero_points),
-        ),
-    };
+    // The values' bytes in memory are their little-endian bytes (a big-endian host is
+    // refused when the source opens).
+    let (scales, zeros) = (bytes(|q| &q.scales), bytes(|q| &q.zero_points));
     let mut kind = Vec::with_capacity(rows.len());
     let mut axis = Vec::with_capacity(rows.len());
     let mut group = Vec::with_capacity(rows.len());
@@ -398,16 +393,6 @@ fn v2_columns(
         Arc::new(Int32Array::from(axis)),
         Arc::new(Int32Array::from(group)),
     ]
-}
-
-/// [`v2_columns`]' scales or zero points (`f` of each quantized row) as
-/// little-endian f32 bytes, on a big-endian machine.
-fn le_bytes(quant: &[Option<&RowQuant>], f: fn(&RowQuant) -> &[f32]) -> BinaryArray {
-    BinaryArray::from_iter_values(quant.iter().map(|q| {
-        q.map_or(Vec::new(), |q| {
-            f(q).iter().flat_map(|x| x.to_le_bytes()).collect()
-        })
-    }))
 }
 
 #[cfg(test)]

@@ -66,8 +66,9 @@ impl Decode for Gptq {
                 let ge = ((i / self.group + 1) * self.group).min(i1);
                 let n = (ge - i) as usize;
                 if let Some(q) = sink.run(n, scale[k], zero[k] - offset as f32) {
-                    if self.bits == 4 && cfg!(target_endian = "little") {
-                        // The words' bytes in memory are their little-endian bytes.
+                    if self.bits == 4 {
+                        // The words' bytes in memory are their little-endian bytes (a
+                        // big-endian host is refused when the source opens).
                         let wb: &[u8] = bytemuck::cast_slice(w);
                         nibble_codes(wb, i as usize, n, &INT4_CODES, q);
                     } else {
